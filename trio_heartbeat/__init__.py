@@ -1,0 +1,40 @@
+"""trio-heartbeat: keep long-lived Trio connections honest.
+
+THB/1 framing and heartbeats, failure detection, a server with a liveness
+registry, and a reconnecting client, built on Trio's structured concurrency.
+The sans-IO protocol core (:class:`HeartbeatProtocol` and the codec) imports
+nothing from Trio and can drive any I/O layer.
+"""
+
+from __future__ import annotations
+
+from ._detectors import FailureDetector as FailureDetector
+from ._detectors import FixedTimeout as FixedTimeout
+from ._errors import BrokenConnection as BrokenConnection
+from ._errors import ConnectionClosed as ConnectionClosed
+from ._errors import ConnectionRejected as ConnectionRejected
+from ._errors import HeartbeatError as HeartbeatError
+from ._errors import HeartbeatTimeout as HeartbeatTimeout
+from ._errors import LocalProtocolError as LocalProtocolError
+from ._errors import ProtocolError as ProtocolError
+from ._errors import RemoteProtocolError as RemoteProtocolError
+from ._frames import CloseCode as CloseCode
+from ._frames import Frame as Frame
+from ._frames import FrameDecoder as FrameDecoder
+from ._frames import FrameType as FrameType
+from ._frames import HealthStatus as HealthStatus
+from ._frames import Hello as Hello
+from ._frames import Role as Role
+from ._protocol import NEED_DATA as NEED_DATA
+from ._protocol import Config as Config
+from ._protocol import ConnectionEnded as ConnectionEnded
+from ._protocol import DataReceived as DataReceived
+from ._protocol import Event as Event
+from ._protocol import HandshakeComplete as HandshakeComplete
+from ._protocol import HeartbeatProtocol as HeartbeatProtocol
+from ._protocol import PeerHealthChanged as PeerHealthChanged
+from ._protocol import PingReceived as PingReceived
+from ._protocol import PongReceived as PongReceived
+from ._protocol import State as State
+
+__version__ = "0.1.0"

@@ -1,0 +1,112 @@
+"""The exception vocabulary of trio-heartbeat.
+
+Two families, kept apart on purpose:
+
+* :class:`ProtocolError` and its subclasses come from the sans-IO core. A
+  :class:`RemoteProtocolError` means the peer broke THB/1; it carries the CLOSE
+  code that the core has already queued for the peer. A :class:`LocalProtocolError`
+  means our own caller asked for something the protocol forbids (sending DATA
+  before the handshake, say); nothing is sent and the connection is unchanged.
+* :class:`ConnectionClosed` and its subclasses come from the Trio runtime and
+  describe how a connection ended, again with the close code and reason. Transport
+  failures from the operating system are translated into them at the I/O edge,
+  with the original exception chained as ``__cause__``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BrokenConnection",
+    "ConnectionClosed",
+    "ConnectionRejected",
+    "HeartbeatError",
+    "HeartbeatTimeout",
+    "LocalProtocolError",
+    "ProtocolError",
+    "RemoteProtocolError",
+]
+
+
+class HeartbeatError(Exception):
+    """Base class of every exception that trio-heartbeat raises on purpose."""
+
+
+class ProtocolError(HeartbeatError):
+    """A THB/1 rule was broken.
+
+    ``code`` is the CLOSE code that fits the violation (PROTOCOL.md §5), for
+    example 1002 for a malformed frame or 1009 for a frame over the limit.
+    """
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (str(self), self.code))
+
+
+class LocalProtocolError(ProtocolError):
+    """Our side tried to do something THB/1 does not allow (a usage error)."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent something THB/1 does not allow.
+
+    By the time this is raised the sans-IO core is in its sticky ``ERROR``
+    state and has queued a CLOSE frame with :attr:`code` for the peer.
+    """
+
+
+class ConnectionClosed(HeartbeatError):
+    """The connection has ended; ``code`` and ``reason`` say how.
+
+    ``code`` is a THB/1 close code (PROTOCOL.md §5), or 1006 when the
+    connection ended without any CLOSE frame (the transport was lost).
+    ``by_peer`` is true when the peer sent the first CLOSE.
+    """
+
+    def __init__(self, code: int, reason: str = "", *, by_peer: bool = False) -> None:
+        super().__init__(code, reason)
+        self.code = code
+        self.reason = reason
+        self.by_peer = by_peer
+
+    def __str__(self) -> str:
+        who = "peer" if self.by_peer else "local side"
+        text = f"connection closed with code {self.code}"
+        if self.reason:
+            text += f" ({self.reason})"
+        return f"{text}, initiated by the {who}"
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild_closed, (type(self), self.code, self.reason, self.by_peer))
+
+
+def _rebuild_closed(
+    cls: type[ConnectionClosed], code: int, reason: str, by_peer: bool
+) -> ConnectionClosed:
+    return cls(code, reason, by_peer=by_peer)
+
+
+class HeartbeatTimeout(ConnectionClosed):
+    """The peer was silent for longer than the failure detector allows (1011).
+
+    Also raised when the handshake does not finish within its timeout, and when
+    a write makes no progress for the write timeout (a peer that stopped reading).
+    """
+
+
+class BrokenConnection(ConnectionClosed):
+    """The transport failed under us: reset, EOF without CLOSE, or an OS error.
+
+    The underlying exception, if there was one, is chained as ``__cause__``.
+    """
+
+
+class ConnectionRejected(ConnectionClosed):
+    """The server refused the connection during the handshake.
+
+    Typical codes: 1013 (at capacity, retry later) and 1008 (authentication
+    failed or HELLO values refused).
+    """
