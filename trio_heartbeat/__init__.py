@@ -8,6 +8,12 @@ nothing from Trio and can drive any I/O layer.
 
 from __future__ import annotations
 
+from ._client import open_connection as open_connection
+from ._connection import Connection as Connection
+from ._connection import ConnectionOptions as ConnectionOptions
+from ._connection import ConnectionStatistics as ConnectionStatistics
+from ._connection import EventListener as EventListener
+from ._connection import open_stream_connection as open_stream_connection
 from ._detectors import FailureDetector as FailureDetector
 from ._detectors import FixedTimeout as FixedTimeout
 from ._errors import BrokenConnection as BrokenConnection
@@ -25,6 +31,11 @@ from ._frames import FrameType as FrameType
 from ._frames import HealthStatus as HealthStatus
 from ._frames import Hello as Hello
 from ._frames import Role as Role
+from ._keepalive import KeepaliveOptions as KeepaliveOptions
+from ._keepalive import apply_keepalive as apply_keepalive
+from ._keepalive import read_keepalive as read_keepalive
+from ._liveness import LivenessRegistry as LivenessRegistry
+from ._liveness import PeerInfo as PeerInfo
 from ._protocol import NEED_DATA as NEED_DATA
 from ._protocol import Config as Config
 from ._protocol import ConnectionEnded as ConnectionEnded
@@ -36,5 +47,10 @@ from ._protocol import PeerHealthChanged as PeerHealthChanged
 from ._protocol import PingReceived as PingReceived
 from ._protocol import PongReceived as PongReceived
 from ._protocol import State as State
+from ._protocol import compute_auth as compute_auth
+from ._server import Handler as Handler
+from ._server import Server as Server
+from ._server import ServerStatistics as ServerStatistics
+from ._server import serve_tcp as serve_tcp
 
 __version__ = "0.1.0"

@@ -201,7 +201,7 @@ class FrameDecoder:
         """How many received bytes are waiting to become a frame."""
         return len(self._buffer) - self._position
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray) -> None:
         """Add bytes from the transport; no frame is decoded until :meth:`next_frame`."""
         if not data:
             return

@@ -458,7 +458,7 @@ class HeartbeatProtocol:
 
     # -- receiving ------------------------------------------------------------
 
-    def receive_data(self, data: bytes, now: float) -> None:
+    def receive_data(self, data: bytes | bytearray, now: float) -> None:
         """Feed bytes from the transport, received at ``now``; ``b""`` means end-of-file.
 
         Decoding happens in :meth:`next_event`. Bytes arriving after the

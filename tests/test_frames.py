@@ -1,0 +1,549 @@
+"""Tests for the THB/1 frame codec (trio_heartbeat._frames).
+
+The test vectors of PROTOCOL.md §7 are checked byte for byte in both
+directions, every input is fed whole, one byte at a time and in random
+splits, and the decoder is fuzzed: whatever arrives, the only outcomes are
+frames or a RemoteProtocolError carrying 1002 or 1009.
+"""
+
+from __future__ import annotations
+
+import doctest
+from collections.abc import Iterator, Sequence
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from trio_heartbeat import LocalProtocolError, RemoteProtocolError
+from trio_heartbeat import _frames
+from trio_heartbeat._frames import (
+    HANDSHAKE_MAX_FRAME,
+    HEADER_SIZE,
+    MAX_CLOSE_REASON,
+    MIN_MAX_FRAME,
+    CloseCode,
+    Frame,
+    FrameDecoder,
+    FrameType,
+    HealthStatus,
+    Hello,
+    Role,
+    decode_close,
+    decode_hello,
+    decode_ping,
+    decode_status,
+    encode_close,
+    encode_data,
+    encode_frame,
+    encode_hello,
+    encode_ping,
+    encode_pong,
+    truncate_reason,
+)
+from trio_heartbeat._protocol import compute_auth
+
+# -- PROTOCOL.md §7 ------------------------------------------------------------
+
+SERVER_NONCE = bytes(range(0x00, 0x10))
+CLIENT_NONCE = bytes(range(0x10, 0x20))
+KEY = b"secret"
+OPAQUE = bytes(range(8))
+
+SERVER_HELLO = bytes.fromhex(
+    "01 00 00 00 00 24 54 48 42 31 00 00 00 00 03 e8 00 00 0b b8 00 10 00 00"
+    "00 01 02 03 04 05 06 07 08 09 0a 0b 0c 0d 0e 0f 00 00"
+)
+CLIENT_HELLO = bytes.fromhex(
+    "01 00 00 00 00 4a 54 48 42 31 01 00 00 00 01 f4 00 00 05 dc 00 01 00 00"
+    "10 11 12 13 14 15 16 17 18 19 1a 1b 1c 1d 1e 1f 06 6e 6f 64 65 2d 31 20"
+    "9c 33 6e 76 c7 3b f2 d9 c7 82 17 14 0a 66 b0 c6 1d d1 5c bb c7 a1 26 08"
+    "2c 60 30 c2 67 ac 70 52"
+)
+CLIENT_AUTH = CLIENT_HELLO[-32:]
+PING = bytes.fromhex("03 00 00 00 00 09 00 01 02 03 04 05 06 07 00")
+PONG = bytes.fromhex("04 00 00 00 00 09 00 01 02 03 04 05 06 07 02")
+DATA_HI = bytes.fromhex("02 00 00 00 00 02 68 69")
+CLOSE_1011 = bytes.fromhex(
+    "05 00 00 00 00 13 03 f3 68 65 61 72 74 62 65 61 74 20 74 69 6d 65 6f 75 74"
+)
+
+SERVER_HELLO_VALUES = Hello(
+    role=Role.SERVER,
+    status=HealthStatus.SERVING,
+    interval_ms=1000,
+    timeout_ms=3000,
+    max_frame=1048576,
+    nonce=SERVER_NONCE,
+)
+CLIENT_HELLO_VALUES = Hello(
+    role=Role.CLIENT,
+    status=HealthStatus.SERVING,
+    interval_ms=500,
+    timeout_ms=1500,
+    max_frame=65536,
+    nonce=CLIENT_NONCE,
+    instance_id="node-1",
+    auth=CLIENT_AUTH,
+)
+
+#: Every vector: its bytes, how to build them, and the frame they decode to.
+VECTORS: dict[str, tuple[bytes, bytes, FrameType]] = {
+    "server-hello": (SERVER_HELLO, encode_hello(SERVER_HELLO_VALUES), FrameType.HELLO),
+    "client-hello": (
+        CLIENT_HELLO,
+        encode_hello(
+            Hello(
+                role=Role.CLIENT,
+                status=HealthStatus.SERVING,
+                interval_ms=500,
+                timeout_ms=1500,
+                max_frame=65536,
+                nonce=CLIENT_NONCE,
+                instance_id="node-1",
+                auth=compute_auth(KEY, SERVER_NONCE, CLIENT_NONCE, "node-1"),
+            )
+        ),
+        FrameType.HELLO,
+    ),
+    "ping": (PING, encode_ping(OPAQUE, HealthStatus.SERVING), FrameType.PING),
+    "pong": (PONG, encode_pong(OPAQUE, HealthStatus.NOT_SERVING), FrameType.PONG),
+    "data": (DATA_HI, encode_data(b"hi"), FrameType.DATA),
+    "close": (CLOSE_1011, encode_close(1011, "heartbeat timeout"), FrameType.CLOSE),
+}
+
+
+def split_at(data: bytes, cuts: Sequence[int]) -> list[bytes]:
+    """Cut ``data`` at the given offsets (any order, duplicates allowed)."""
+    points = sorted({0, len(data), *(cut % (len(data) + 1) for cut in cuts)})
+    return [data[a:b] for a, b in zip(points, points[1:])]
+
+
+def chunkings(data: bytes) -> Iterator[tuple[str, list[bytes]]]:
+    """The fixed ways every input is fed: whole and one byte at a time."""
+    yield "whole", [data]
+    yield "bytewise", [data[i : i + 1] for i in range(len(data))]
+
+
+def decode_all(chunks: Sequence[bytes], max_frame: int = 0xFFFFFFFF) -> list[Frame]:
+    """Feed ``chunks`` one by one, draining frames after each; no bytes may be left over."""
+    decoder = FrameDecoder(max_frame)
+    frames: list[Frame] = []
+    for chunk in chunks:
+        decoder.receive_data(chunk)
+        while (frame := decoder.next_frame()) is not None:
+            frames.append(frame)
+    assert decoder.buffered == 0
+    return frames
+
+
+# -- the vectors, both ways ----------------------------------------------------
+
+
+@pytest.mark.parametrize("name", VECTORS)
+def test_vector_encodes_to_its_bytes(name: str) -> None:
+    expected, encoded, _ = VECTORS[name]
+    assert encoded == expected
+
+
+def test_client_auth_vector_is_the_hmac_of_the_nonces_and_id() -> None:
+    assert compute_auth(KEY, SERVER_NONCE, CLIENT_NONCE, "node-1") == CLIENT_AUTH
+    assert compute_auth(KEY, CLIENT_NONCE, SERVER_NONCE, "node-1") != CLIENT_AUTH
+
+
+@pytest.mark.parametrize("name", VECTORS)
+@pytest.mark.parametrize("how", ["whole", "bytewise"])
+def test_vector_decodes_to_one_frame(name: str, how: str) -> None:
+    data, _, frame_type = VECTORS[name]
+    chunks = dict(chunkings(data))[how]
+    assert decode_all(chunks) == [Frame(frame_type, data[HEADER_SIZE:])]
+
+
+def test_vectors_decode_to_their_values() -> None:
+    assert decode_hello(SERVER_HELLO[HEADER_SIZE:]) == SERVER_HELLO_VALUES
+    assert decode_hello(CLIENT_HELLO[HEADER_SIZE:]) == CLIENT_HELLO_VALUES
+    assert decode_ping(PING[HEADER_SIZE:]) == (OPAQUE, HealthStatus.SERVING)
+    assert decode_ping(PONG[HEADER_SIZE:]) == (OPAQUE, HealthStatus.NOT_SERVING)
+    assert DATA_HI[HEADER_SIZE:] == b"hi"
+    code, reason = decode_close(CLOSE_1011[HEADER_SIZE:])
+    assert (code, reason) == (CloseCode.HEARTBEAT_TIMEOUT, "heartbeat timeout")
+    assert type(code) is CloseCode
+
+
+@settings(max_examples=100)
+@given(cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=12))
+def test_all_vectors_back_to_back_in_random_splits(cuts: list[int]) -> None:
+    stream = b"".join(data for data, _, _ in VECTORS.values())
+    expected = [Frame(t, data[HEADER_SIZE:]) for data, _, t in VECTORS.values()]
+    assert decode_all(split_at(stream, cuts)) == expected
+
+
+# -- round trips of random frame sequences --------------------------------------
+
+statuses = st.sampled_from(HealthStatus)
+opaques = st.binary(min_size=8, max_size=8)
+#: At most 16 characters of at most 4 UTF-8 bytes each: always within the 64-byte limit.
+short_ids = st.text(max_size=16)
+
+hellos = st.builds(
+    Hello,
+    role=st.sampled_from(Role),
+    status=statuses,
+    interval_ms=st.integers(1, 0xFFFFFFFF),
+    timeout_ms=st.integers(1, 0xFFFFFFFF),
+    max_frame=st.integers(MIN_MAX_FRAME, 0xFFFFFFFF),
+    nonce=st.binary(min_size=16, max_size=16),
+    instance_id=short_ids,
+    auth=st.one_of(st.just(b""), st.binary(min_size=32, max_size=32)),
+)
+
+#: (encoded frame, expected type, the values its payload must decode to)
+EncodedFrame = tuple[bytes, FrameType, object]
+
+
+@st.composite
+def encoded_frames(draw: st.DrawFn) -> EncodedFrame:
+    kind = draw(st.sampled_from(FrameType))
+    if kind is FrameType.HELLO:
+        hello = draw(hellos)
+        return encode_hello(hello), kind, hello
+    if kind is FrameType.DATA:
+        payload = draw(st.binary(max_size=300))
+        return encode_data(payload), kind, payload
+    if kind is FrameType.CLOSE:
+        code = draw(st.integers(0, 0xFFFF))
+        reason = draw(st.text(max_size=80))
+        expected_reason = truncate_reason(reason).decode("utf-8")
+        return encode_close(code, reason), kind, (code, expected_reason)
+    opaque, status = draw(opaques), draw(statuses)
+    encode = encode_ping if kind is FrameType.PING else encode_pong
+    return encode(opaque, status), kind, (opaque, status)
+
+
+def decoded_value(frame: Frame) -> object:
+    if frame.type is FrameType.HELLO:
+        return decode_hello(frame.payload)
+    if frame.type is FrameType.DATA:
+        return frame.payload
+    if frame.type is FrameType.CLOSE:
+        return decode_close(frame.payload)
+    return decode_ping(frame.payload)
+
+
+@settings(max_examples=200)
+@given(
+    sequence=st.lists(encoded_frames(), max_size=8),
+    cuts=st.lists(st.integers(min_value=0, max_value=4000), max_size=16),
+)
+def test_random_frames_round_trip_in_random_splits(
+    sequence: list[EncodedFrame], cuts: list[int]
+) -> None:
+    stream = b"".join(encoded for encoded, _, _ in sequence)
+    frames = decode_all(split_at(stream, cuts))
+    assert [frame.type for frame in frames] == [kind for _, kind, _ in sequence]
+    assert [decoded_value(frame) for frame in frames] == [value for _, _, value in sequence]
+    # The fixed chunkings agree with the random one.
+    for _, chunks in chunkings(stream):
+        assert decode_all(chunks) == frames
+
+
+# -- fuzzing --------------------------------------------------------------------
+
+
+def fuzz_decoder(data: bytes, cuts: Sequence[int], max_frame: int) -> list[Frame]:
+    """Feed ``data``; only frames or a 1002/1009 RemoteProtocolError may come out."""
+    decoder = FrameDecoder(max_frame)
+    frames: list[Frame] = []
+    for chunk in split_at(data, cuts):
+        decoder.receive_data(chunk)
+        try:
+            while (frame := decoder.next_frame()) is not None:
+                frames.append(frame)
+        except RemoteProtocolError as exc:
+            assert exc.code in (CloseCode.PROTOCOL_ERROR, CloseCode.TOO_BIG)
+            with pytest.raises(RemoteProtocolError) as again:
+                decoder.next_frame()
+            assert again.value is exc
+            return frames
+        # Drained: at most one incomplete frame is held, and never a big one.
+        assert decoder.buffered < HEADER_SIZE + max_frame
+    return frames
+
+
+limits = st.sampled_from([HANDSHAKE_MAX_FRAME, MIN_MAX_FRAME, 3000])
+byte_cuts = st.lists(st.integers(min_value=0, max_value=5000), max_size=10)
+
+
+@settings(max_examples=300)
+@given(data=st.binary(max_size=2000), cuts=byte_cuts, max_frame=limits)
+def test_fuzz_decoder_with_arbitrary_bytes(data: bytes, cuts: list[int], max_frame: int) -> None:
+    fuzz_decoder(data, cuts, max_frame)
+
+
+@settings(max_examples=300)
+@given(
+    prefix=st.lists(encoded_frames(), max_size=4),
+    garbage=st.binary(max_size=600),
+    cuts=byte_cuts,
+    max_frame=limits,
+)
+def test_fuzz_decoder_with_arbitrary_bytes_after_valid_frames(
+    prefix: list[EncodedFrame], garbage: bytes, cuts: list[int], max_frame: int
+) -> None:
+    valid = b"".join(encoded for encoded, _, _ in prefix)
+    frames = fuzz_decoder(valid + garbage, cuts, 0xFFFFFFFF)
+    assert [frame.type for frame in frames[: len(prefix)]] == [kind for _, kind, _ in prefix]
+    fuzz_decoder(valid + garbage, cuts, max_frame)
+
+
+@settings(max_examples=300)
+@given(payload=st.binary(max_size=200))
+def test_fuzz_payload_decoders(payload: bytes) -> None:
+    """The payload parsers raise nothing but RemoteProtocolError(1002) on bytes of legal size."""
+    for parse in (decode_hello, decode_close, decode_ping):
+        if parse is decode_close and not 2 <= len(payload) <= 125:
+            continue  # the decoder refuses these sizes from the header
+        if parse is decode_ping and len(payload) != 9:
+            continue
+        try:
+            parse(payload)
+        except RemoteProtocolError as exc:
+            assert exc.code == CloseCode.PROTOCOL_ERROR
+
+
+# -- header errors --------------------------------------------------------------
+
+
+def header(frame_type: int, length: int, flags: int = 0) -> bytes:
+    return bytes((frame_type, flags)) + length.to_bytes(4, "big")
+
+
+@pytest.mark.parametrize(
+    ("raw", "code", "message"),
+    [
+        (header(0x00, 0), 1002, "unknown frame type 0x00"),
+        (header(0x06, 0), 1002, "unknown frame type 0x06"),
+        (header(0xFF, 0), 1002, "unknown frame type 0xff"),
+        (header(0x02, 0, flags=0x01), 1002, "reserved flags"),
+        (header(0x03, 0, flags=0x80), 1002, "reserved flags"),
+        (header(0x03, 8), 1002, "PING payload must be 9 bytes"),
+        (header(0x03, 10), 1002, "PING payload must be 9 bytes"),
+        (header(0x03, 0xFFFFFFFF), 1002, "PING payload must be 9 bytes"),
+        (header(0x04, 0), 1002, "PONG payload must be 9 bytes"),
+        (header(0x05, 0), 1002, "CLOSE payload must be 2 to 125 bytes"),
+        (header(0x05, 1), 1002, "CLOSE payload must be 2 to 125 bytes"),
+        (header(0x05, 126), 1002, "CLOSE payload must be 2 to 125 bytes"),
+        (header(0x01, 35), 1002, "shorter than 36"),
+        (header(0x01, 0), 1002, "shorter than 36"),
+        (header(0x01, 513), 1009, "exceeds the limit of 512"),
+        (header(0x02, 513), 1009, "exceeds the limit of 512"),
+        (header(0x05, 600), 1009, "exceeds the limit of 512"),
+        (header(0x02, 0xFFFFFFFF), 1009, "exceeds the limit of 512"),
+    ],
+)
+def test_header_errors_from_the_six_header_bytes_alone(raw: bytes, code: int, message: str) -> None:
+    for _, chunks in chunkings(raw):
+        decoder = FrameDecoder()
+        for chunk in chunks[:-1]:
+            decoder.receive_data(chunk)
+            assert decoder.next_frame() is None
+        decoder.receive_data(chunks[-1])
+        with pytest.raises(RemoteProtocolError, match=message) as info:
+            decoder.next_frame()
+        assert info.value.code == code
+        # Sticky: the same error again, whatever arrives next.
+        decoder.receive_data(DATA_HI)
+        with pytest.raises(RemoteProtocolError) as again:
+            decoder.next_frame()
+        assert again.value is info.value
+
+
+def test_limit_is_inclusive_and_follows_max_frame() -> None:
+    decoder = FrameDecoder()
+    assert decoder.max_frame == HANDSHAKE_MAX_FRAME
+    decoder.receive_data(header(0x02, 512))
+    assert decoder.next_frame() is None  # legal header, payload still to come
+    decoder.receive_data(bytes(512))
+    assert decoder.next_frame() == Frame(FrameType.DATA, bytes(512))
+
+    decoder.max_frame = 2048
+    decoder.receive_data(encode_data(bytes(2048)))
+    assert decoder.next_frame() == Frame(FrameType.DATA, bytes(2048))
+    decoder.receive_data(header(0x02, 2049))
+    with pytest.raises(RemoteProtocolError) as info:
+        decoder.next_frame()
+    assert info.value.code == CloseCode.TOO_BIG
+
+
+def test_decoder_buffers_partial_frames_and_keeps_leftovers() -> None:
+    decoder = FrameDecoder()
+    decoder.receive_data(b"")
+    assert decoder.buffered == 0
+    assert decoder.next_frame() is None
+    decoder.receive_data(DATA_HI + PING[:3])
+    assert decoder.buffered == len(DATA_HI) + 3
+    assert decoder.next_frame() == Frame(FrameType.DATA, b"hi")
+    assert decoder.buffered == 3
+    assert decoder.next_frame() is None
+    decoder.receive_data(PING[3:10])
+    assert decoder.next_frame() is None
+    assert decoder.buffered == 10
+    decoder.receive_data(PING[10:] + DATA_HI)
+    assert decoder.next_frame() == Frame(FrameType.PING, PING[HEADER_SIZE:])
+    assert decoder.next_frame() == Frame(FrameType.DATA, b"hi")
+    assert decoder.next_frame() is None
+    assert decoder.buffered == 0
+
+
+def test_empty_data_frame() -> None:
+    assert encode_data(b"") == header(0x02, 0)
+    assert decode_all([encode_data(b"")]) == [Frame(FrameType.DATA, b"")]
+
+
+# -- payload codecs -------------------------------------------------------------
+
+
+def hello_payload(**changes: object) -> bytes:
+    """The server vector's payload with named fields overwritten (raw bytes)."""
+    payload = bytearray(SERVER_HELLO[HEADER_SIZE:])
+    offsets = {"magic": (0, 4), "role": (4, 5), "status": (5, 6), "interval": (6, 10)}
+    offsets |= {"timeout": (10, 14), "max_frame": (14, 18), "id_len": (34, 35)}
+    offsets |= {"auth_len": (35, 36)}
+    for name, value in changes.items():
+        start, end = offsets[name]
+        assert isinstance(value, bytes)
+        assert len(value) == end - start
+        payload[start:end] = value
+    return bytes(payload)
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        (SERVER_HELLO[HEADER_SIZE:-1], "too short"),
+        (hello_payload(magic=b"THB2"), "bad HELLO magic"),
+        (hello_payload(magic=b"\0\0\0\0"), "bad HELLO magic"),
+        (hello_payload(role=b"\x02"), "unknown HELLO role 2"),
+        (hello_payload(status=b"\x03"), "unknown health status 3"),
+        (hello_payload(interval=bytes(4)), "at least 1 ms"),
+        (hello_payload(timeout=bytes(4)), "at least 1 ms"),
+        (hello_payload(max_frame=(1023).to_bytes(4, "big")), "below 1024"),
+        (hello_payload(max_frame=bytes(4)), "below 1024"),
+        (hello_payload(id_len=b"\x41"), "id length 65 is over 64"),
+        (hello_payload(id_len=b"\x01"), "shorter than its id length"),
+        (hello_payload(id_len=b"\x02") + b"x", "shorter than its id length"),
+        (hello_payload(auth_len=b"\x01") + b"x", "auth length must be 0 or 32"),
+        (hello_payload(auth_len=b"\x20"), "does not match"),
+        (hello_payload(auth_len=b"\x20") + bytes(31), "does not match"),
+        (hello_payload(auth_len=b"\x20") + bytes(33), "does not match"),
+        (hello_payload() + b"\0", "does not match"),
+        (hello_payload(id_len=b"\x01")[:-1] + b"\xff\x00", "id is not valid UTF-8"),
+    ],
+)
+def test_bad_hello_is_a_protocol_error(payload: bytes, message: str) -> None:
+    with pytest.raises(RemoteProtocolError, match=message) as info:
+        decode_hello(payload)
+    assert info.value.code == CloseCode.PROTOCOL_ERROR
+
+
+def test_hello_extremes_round_trip() -> None:
+    hello = Hello(
+        role=Role.CLIENT,
+        status=HealthStatus.DEGRADED,
+        interval_ms=1,
+        timeout_ms=0xFFFFFFFF,
+        max_frame=MIN_MAX_FRAME,
+        nonce=bytes(16),
+        instance_id="é" * 32,
+        auth=bytes(range(32)),
+    )
+    encoded = encode_hello(hello)
+    assert len(encoded) == HEADER_SIZE + 36 + 64 + 32
+    assert decode_hello(encoded[HEADER_SIZE:]) == hello
+
+
+@pytest.mark.parametrize(
+    ("hello", "message"),
+    [
+        (Hello(Role.SERVER, HealthStatus.SERVING, 1, 1, 1024, bytes(16), "x" * 65), "limit is 64"),
+        (Hello(Role.SERVER, HealthStatus.SERVING, 1, 1, 1024, bytes(15)), "nonce must be 16"),
+        (Hello(Role.SERVER, HealthStatus.SERVING, 1, 1, 1024, bytes(16), "", b"a"), "auth must"),
+    ],
+)
+def test_encode_hello_refuses_what_it_cannot_encode(hello: Hello, message: str) -> None:
+    with pytest.raises(LocalProtocolError, match=message):
+        encode_hello(hello)
+
+
+@pytest.mark.parametrize("status", list(HealthStatus))
+def test_health_status_bytes(status: HealthStatus) -> None:
+    assert decode_status(status.value) is status
+    assert encode_ping(OPAQUE, status)[-1] == status.value
+    assert decode_ping(encode_pong(OPAQUE, status)[HEADER_SIZE:]) == (OPAQUE, status)
+
+
+@pytest.mark.parametrize("raw", [3, 4, 0x80, 0xFF])
+def test_unknown_health_status_is_a_protocol_error(raw: int) -> None:
+    with pytest.raises(RemoteProtocolError, match="unknown health status") as info:
+        decode_status(raw)
+    assert info.value.code == CloseCode.PROTOCOL_ERROR
+    with pytest.raises(RemoteProtocolError):
+        decode_ping(OPAQUE + bytes((raw,)))
+
+
+@pytest.mark.parametrize("opaque", [b"", bytes(7), bytes(9)])
+def test_ping_and_pong_need_eight_opaque_bytes(opaque: bytes) -> None:
+    with pytest.raises(LocalProtocolError, match="8 bytes"):
+        encode_ping(opaque, HealthStatus.SERVING)
+    with pytest.raises(LocalProtocolError, match="8 bytes"):
+        encode_pong(opaque, HealthStatus.SERVING)
+
+
+def test_close_codes_known_and_unknown() -> None:
+    assert encode_close(1000) == bytes.fromhex("05 00 00 00 00 02 03 e8")
+    code, reason = decode_close(encode_close(4001, "app")[HEADER_SIZE:])
+    assert (code, reason) == (4001, "app")
+    assert type(code) is int
+    code, _ = decode_close(encode_close(0)[HEADER_SIZE:])
+    assert code == 0
+    code, _ = decode_close(encode_close(0xFFFF)[HEADER_SIZE:])
+    assert code == 0xFFFF
+    code, _ = decode_close(encode_close(CloseCode.REPLACED)[HEADER_SIZE:])
+    assert code is CloseCode.REPLACED
+
+
+@pytest.mark.parametrize("code", [-1, 0x10000])
+def test_close_code_must_fit_sixteen_bits(code: int) -> None:
+    with pytest.raises(LocalProtocolError, match="16 bits"):
+        encode_close(code)
+
+
+def test_close_reason_is_truncated_at_a_character_boundary() -> None:
+    assert truncate_reason("a" * MAX_CLOSE_REASON) == b"a" * MAX_CLOSE_REASON
+    assert truncate_reason("a" * 200) == b"a" * MAX_CLOSE_REASON
+    # 'é' is two bytes: 61 of them fit in 123 bytes, the 62nd would be cut in half.
+    assert truncate_reason("é" * 70) == ("é" * 61).encode("utf-8")
+    # A four-byte character straddling the limit is dropped whole.
+    assert truncate_reason("a" * 121 + "😀") == b"a" * 121
+    frame = encode_close(1000, "é" * 70)
+    assert len(frame) == HEADER_SIZE + 2 + 122
+    assert decode_all([frame], HANDSHAKE_MAX_FRAME) == [Frame(FrameType.CLOSE, frame[6:])]
+
+
+def test_close_reason_that_is_not_utf8_is_a_protocol_error() -> None:
+    with pytest.raises(RemoteProtocolError, match="not valid UTF-8") as info:
+        decode_close(b"\x03\xe8\xc3\x28")
+    assert info.value.code == CloseCode.PROTOCOL_ERROR
+
+
+def test_encode_frame_is_the_generic_encoder() -> None:
+    assert encode_frame(FrameType.DATA, b"hi") == DATA_HI
+    assert encode_frame(FrameType.HELLO, SERVER_HELLO[HEADER_SIZE:]) == SERVER_HELLO
+    assert encode_frame(FrameType.PING, PING[HEADER_SIZE:]) == PING
+    assert encode_frame(FrameType.DATA) == header(0x02, 0)
+
+
+def test_doctests() -> None:
+    results = doctest.testmod(_frames)
+    assert results.attempted > 0
+    assert results.failed == 0

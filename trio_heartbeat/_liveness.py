@@ -1,0 +1,151 @@
+"""The liveness registry: who is connected to a server, and how they are doing.
+
+Entries are live views, not copies: :class:`PeerInfo` snapshots are built on
+demand from each connection's own counters, so keeping the registry current
+costs nothing per frame. Only membership and health changes bump the
+registry's :attr:`~LivenessRegistry.version` and wake waiters; "last seen"
+moves with every frame and is read, not pushed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, final
+
+import trio
+
+from ._frames import HealthStatus, Role
+from ._protocol import State
+
+if TYPE_CHECKING:
+    from ._connection import Connection
+
+__all__ = ["LivenessRegistry", "PeerInfo"]
+
+
+@dataclass(frozen=True, slots=True)
+class PeerInfo:
+    """One open peer, as the server sees it at the moment of the snapshot.
+
+    Times are ``trio.current_time()`` values; ``rtt`` is the smoothed round
+    trip in seconds (``None`` until the first PONG).
+    """
+
+    peer_id: str
+    address: str | None
+    connected_since: float
+    last_seen: float | None
+    rtt: float | None
+    health: HealthStatus | None
+    state: State
+    frames_in: int
+    frames_out: int
+    bytes_in: int
+    bytes_out: int
+
+
+def _snapshot(conn: Connection) -> PeerInfo:
+    stats = conn.statistics()
+    assert stats.opened_at is not None
+    return PeerInfo(
+        peer_id=stats.peer_id or "",
+        address=conn.remote_address,
+        connected_since=stats.opened_at,
+        last_seen=stats.last_received,
+        rtt=stats.srtt,
+        health=stats.peer_health,
+        state=stats.state,
+        frames_in=stats.frames_in,
+        frames_out=stats.frames_out,
+        bytes_in=stats.bytes_in,
+        bytes_out=stats.bytes_out,
+    )
+
+
+@final
+class LivenessRegistry:
+    """Every open connection of a server, queryable and awaitable.
+
+    >>> async def report(server: "Server") -> None:  # doctest: +SKIP
+    ...     for peer in server.registry:
+    ...         print(peer.peer_id, peer.address, peer.rtt, peer.health)
+    ...     await server.registry.wait_changed()  # someone joined, left or changed health
+
+    A connection is listed from the moment its handshake completes until it
+    ends, however it ends; once every connection is gone the registry is empty.
+    """
+
+    def __init__(self) -> None:
+        self._connections: dict[Connection, None] = {}
+        self._by_id: dict[str, Connection] = {}
+        self._changed = trio.Event()
+        self.version = 0
+
+    def __len__(self) -> int:
+        return len(self._connections)
+
+    def __iter__(self) -> Iterator[PeerInfo]:
+        return iter(self.snapshot())
+
+    def __contains__(self, peer_id: object) -> bool:
+        return peer_id in self._by_id
+
+    def snapshot(self) -> list[PeerInfo]:
+        """A :class:`PeerInfo` for every open connection, in order of arrival."""
+        return [_snapshot(conn) for conn in self._connections]
+
+    def get(self, peer_id: str) -> PeerInfo | None:
+        """The peer with this non-empty instance id, if connected."""
+        conn = self._by_id.get(peer_id)
+        return None if conn is None else _snapshot(conn)
+
+    def connection(self, peer_id: str) -> Connection | None:
+        """The live :class:`Connection` of the peer with this instance id, to send to it."""
+        return self._by_id.get(peer_id)
+
+    def connections(self) -> list[Connection]:
+        """Every live connection, in order of arrival."""
+        return list(self._connections)
+
+    async def wait_changed(self) -> None:
+        """Wait until a peer joins, leaves or reports a different health status."""
+        await self._changed.wait()
+
+    async def wait_until(self, predicate: Callable[[LivenessRegistry], bool]) -> None:
+        """Wait until ``predicate(registry)`` is true; checked after every change.
+
+        >>> await registry.wait_until(lambda r: len(r) == 0)  # doctest: +SKIP
+        """
+        while not predicate(self):
+            await self.wait_changed()
+
+    # -- maintained by the server ------------------------------------------------
+
+    def _bump(self) -> None:
+        self.version += 1
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def _add(self, conn: Connection) -> Connection | None:
+        """List ``conn``; return the older connection with the same id, which it replaces."""
+        self._connections[conn] = None
+        replaced = None
+        peer_id = conn.peer_id
+        if peer_id and conn.role is Role.SERVER:
+            replaced = self._by_id.get(peer_id)
+            self._by_id[peer_id] = conn
+        self._bump()
+        return replaced
+
+    def _remove(self, conn: Connection) -> None:
+        if conn in self._connections:
+            del self._connections[conn]
+            peer_id = conn.peer_id
+            if peer_id and self._by_id.get(peer_id) is conn:
+                del self._by_id[peer_id]
+            self._bump()
+
+    def _health_changed(self, conn: Connection) -> None:
+        if conn in self._connections:
+            self._bump()

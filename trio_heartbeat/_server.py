@@ -1,0 +1,377 @@
+"""Serving THB/1: accepting, limits, the liveness registry and graceful drain.
+
+Theory of operation
+-------------------
+A :class:`Server` owns two cancel scopes inside its nursery: one around the
+accept loops and one, the nursery's own, around every connection. Each
+accepted stream becomes one task that runs :func:`open_stream_connection` with
+the user's handler inside, so everything a connection owns (its reader, writer,
+the handler, the socket, its registry entry) lives and dies in that one task.
+
+Limits apply before a peer can cost us much: a connection counts against
+``max_connections`` from the moment it is accepted, not from the end of its
+handshake, so a crowd of clients that never say HELLO cannot crowd out the
+rest; at capacity a newcomer gets CLOSE 1013 instead of HELLO. The handshake
+timeout, frame limits, HELLO ranges and PING strikes are the protocol core's,
+enforced per connection.
+
+:meth:`Server.drain` stops accepting, sends CLOSE 1001 to every peer at once
+(ahead of any queued DATA), waits for the connections to end up to a bound, and
+then cancels whatever is left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import logging
+import ssl
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Final, final
+
+import trio
+
+from ._connection import Connection, ConnectionOptions, EventListener, open_stream_connection
+from ._errors import ConnectionClosed
+from ._frames import CloseCode, HealthStatus, Role, encode_close
+from ._keepalive import KeepaliveOptions, apply_keepalive
+from ._liveness import LivenessRegistry
+from ._protocol import Config, ConnectionEnded, Event, HandshakeComplete, PeerHealthChanged
+
+__all__ = ["Handler", "Server", "ServerStatistics", "serve_tcp"]
+
+logger = logging.getLogger("trio_heartbeat.server")
+
+#: What a server runs for each connection once its handshake is done.
+Handler = Callable[[Connection], Awaitable[object]]
+
+_ACCEPT_CAPACITY_ERRNOS: Final = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+)
+#: How long to keep trying to tell a refused client why, before closing on it.
+_REFUSAL_SECONDS: Final = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class ServerStatistics:
+    """Counters of a :class:`Server` since it started."""
+
+    active: int
+    handshaking: int
+    accepted: int
+    refused: int
+    completed_handshakes: int
+    closed_by_code: dict[int, int]
+
+
+def _describe_address(stream: trio.abc.Stream) -> str | None:
+    socket = getattr(stream, "socket", None)
+    if socket is None:
+        return None
+    try:
+        peer = socket.getpeername()
+    except OSError:
+        return None
+    if isinstance(peer, tuple):
+        host, port = peer[0], peer[1]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return str(peer)
+
+
+@final
+class Server:
+    """A THB/1 server: runs ``handler(conn)`` for every client that completes the handshake.
+
+    >>> async def echo(conn: Connection) -> None:
+    ...     async for message in conn:
+    ...         await conn.send(message)
+    >>> async def main() -> None:  # doctest: +SKIP
+    ...     async with trio.open_nursery() as nursery:
+    ...         server = await nursery.start(serve_tcp, echo, 9000)
+    ...         print(len(server.registry), "peers")
+
+    ``config`` is the server's THB/1 side (interval, timeout, limits, secret);
+    ``options`` the runtime settings of each connection. ``keepalive`` sets TCP
+    keepalive on accepted sockets (derived from the heartbeat settings by
+    default; ``None`` leaves the OS defaults). ``ssl_context`` turns on TLS;
+    require client certificates in it for mutual TLS.
+
+    A handler's exception is logged and ends its own connection with CLOSE
+    1001; it never affects other connections or the server.
+    """
+
+    def __init__(
+        self,
+        handler: Handler,
+        *,
+        config: Config | None = None,
+        options: ConnectionOptions | None = None,
+        max_connections: int = 4096,
+        drain_timeout: float = 10.0,
+        ssl_context: ssl.SSLContext | None = None,
+        keepalive: KeepaliveOptions | bool | None = True,
+        listeners: list[EventListener] | None = None,
+    ) -> None:
+        if max_connections < 1:
+            raise ValueError("max_connections must be at least 1")
+        self.handler = handler
+        self.config = config if config is not None else Config()
+        self.options = options if options is not None else ConnectionOptions()
+        self.max_connections = max_connections
+        self.drain_timeout = drain_timeout
+        self.ssl_context = ssl_context
+        if keepalive is True:
+            keepalive = KeepaliveOptions.from_heartbeat(self.config.interval, self.config.timeout)
+        self.keepalive: KeepaliveOptions | None = keepalive or None
+        self.registry = LivenessRegistry()
+        self.listeners: list[trio.SocketListener] = []
+        self._event_listeners = [self._on_event, *(listeners or ())]
+        self._accept_scope = trio.CancelScope()
+        self._connections_scope: trio.CancelScope | None = None
+        self._draining = False
+        self._active = 0
+        self._handshaking = 0
+        self._idle = trio.Event()
+        self._idle.set()
+        self._accepted = 0
+        self._refused = 0
+        self._completed = 0
+        self._closed_by_code: Counter[int] = Counter()
+
+    # -- facts ------------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        """The first listener's port (useful after asking for port 0)."""
+        if not self.listeners:
+            raise RuntimeError("the server is not listening on TCP")
+        port: int = self.listeners[0].socket.getsockname()[1]
+        return port
+
+    @property
+    def draining(self) -> bool:
+        """True once :meth:`drain` has begun."""
+        return self._draining
+
+    def statistics(self) -> ServerStatistics:
+        """Counters since the server started; see :class:`ServerStatistics`."""
+        return ServerStatistics(
+            active=self._active,
+            handshaking=self._handshaking,
+            accepted=self._accepted,
+            refused=self._refused,
+            completed_handshakes=self._completed,
+            closed_by_code=dict(self._closed_by_code),
+        )
+
+    def set_health(self, status: HealthStatus) -> None:
+        """Report ``status`` to every connected peer now, and to every later one in its HELLO."""
+        self.config = dataclasses.replace(self.config, status=HealthStatus(status))
+        for conn in self.registry.connections():
+            conn.set_health(status)
+
+    # -- serving ----------------------------------------------------------------
+
+    async def serve_tcp(
+        self,
+        port: int,
+        host: str | None = None,
+        *,
+        backlog: int | None = None,
+        task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Listen on ``host:port`` (all interfaces by default) and serve until drained or cancelled."""
+        listeners = await trio.open_tcp_listeners(port, host=host, backlog=backlog)
+        await self.serve_listeners(listeners, task_status=task_status)
+
+    async def serve_listeners(
+        self,
+        listeners: list[trio.SocketListener],
+        *,
+        task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve on listeners you opened; they are closed when this returns.
+
+        Returns after :meth:`drain` has finished; cancelling it instead tears
+        every connection down at once (each still sends CLOSE 1001 if it can).
+        """
+        self.listeners = listeners
+        try:
+            async with trio.open_nursery() as connections:
+                self._connections_scope = connections.cancel_scope
+                with self._accept_scope:
+                    async with trio.open_nursery() as accepting:
+                        for listener in listeners:
+                            accepting.start_soon(self._accept_loop, listener, connections)
+                        task_status.started(self)
+        finally:
+            with trio.CancelScope(shield=True):
+                for listener in listeners:
+                    await trio.aclose_forcefully(listener)
+
+    async def _accept_loop(self, listener: trio.SocketListener, connections: trio.Nursery) -> None:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                # Out of file descriptors or memory: back off instead of spinning;
+                # connections that end meanwhile free what we need.
+                logger.error("accept failed (%s); retrying in 100 ms", errno.errorcode[exc.errno])
+                await trio.sleep(0.1)
+                continue
+            if self.keepalive is not None:
+                try:
+                    apply_keepalive(stream.socket, self.keepalive)
+                except OSError as exc:
+                    logger.warning("could not set TCP keepalive: %s", exc)
+            connections.start_soon(self.handle_stream, stream)
+
+    async def handle_stream(self, stream: trio.abc.Stream, address: str | None = None) -> None:
+        """Serve one already-accepted stream to its end (for custom transports and tests).
+
+        Applies the capacity limit, TLS, the handshake, the id takeover rule,
+        and runs the handler; never raises for anything the peer or the handler did.
+        """
+        self._accepted += 1
+        address = address if address is not None else _describe_address(stream)
+        if self._draining:
+            await self._refuse(stream, CloseCode.GOING_AWAY, "server draining", address)
+            return
+        if self._active >= self.max_connections:
+            await self._refuse(stream, CloseCode.TRY_AGAIN_LATER, "server at capacity", address)
+            return
+        if self.ssl_context is not None:
+            stream = trio.SSLStream(stream, self.ssl_context, server_side=True)
+        self._active += 1
+        self._handshaking += 1
+        self._idle = trio.Event() if self._idle.is_set() else self._idle
+        handshaking = True
+        conn: Connection | None = None
+        try:
+            async with open_stream_connection(
+                stream,
+                role=Role.SERVER,
+                config=self.config,
+                options=self.options,
+                listeners=self._event_listeners,
+                remote_address=address,
+            ) as conn:
+                handshaking = False
+                self._handshaking -= 1
+                self._completed += 1
+                replaced = self.registry._add(conn)
+                if replaced is not None:
+                    logger.info(
+                        "%s: id %r taken over by %s", replaced.remote_address, conn.peer_id, address
+                    )
+                    replaced.close_nowait(
+                        CloseCode.REPLACED, "replaced by a newer connection", flush=False
+                    )
+                if self.draining:  # drain() began during the handshake
+                    conn.close_nowait(CloseCode.GOING_AWAY, "server draining", flush=False)
+                await self.handler(conn)
+        except ConnectionClosed as exc:
+            self._closed_by_code[exc.code] += 1
+            logger.info("%s: %s", address, exc)
+        except Exception:
+            logger.exception("%s: handler failed", address)
+        else:
+            if conn is not None and conn.closed is not None:
+                self._closed_by_code[conn.closed.code] += 1
+        finally:
+            if handshaking:
+                self._handshaking -= 1
+            if conn is not None:
+                self.registry._remove(conn)
+            self._active -= 1
+            if self._active == 0:
+                self._idle.set()
+
+    async def _refuse(
+        self, stream: trio.abc.Stream, code: int, reason: str, address: str | None
+    ) -> None:
+        self._refused += 1
+        logger.info("%s: refused with %d (%s)", address, code, reason)
+        with trio.move_on_after(_REFUSAL_SECONDS):
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                await stream.send_all(encode_close(code, reason))
+        await trio.aclose_forcefully(stream)
+
+    def _on_event(self, conn: Connection, event: Event) -> None:
+        if type(event) is PeerHealthChanged:
+            logger.info(
+                "%s: peer %r health %s -> %s",
+                conn.remote_address,
+                conn.peer_id,
+                event.previous.name,
+                event.status.name,
+            )
+            self.registry._health_changed(conn)
+        elif type(event) is HandshakeComplete:
+            logger.info("%s: connected, id %r", conn.remote_address, event.peer.instance_id)
+        elif type(event) is ConnectionEnded:
+            logger.info("%s: ended with %d %s", conn.remote_address, event.code, event.reason)
+
+    # -- draining ---------------------------------------------------------------
+
+    async def drain(self, grace: float | None = None) -> None:
+        """Stop accepting, say GOING_AWAY (1001) to every peer, and wait for them to go.
+
+        Waits up to ``grace`` seconds (default: ``drain_timeout``) for every
+        connection to end, then cancels whatever is left. Returns once the
+        server holds no connection at all. Safe to call more than once.
+        """
+        self._draining = True
+        self._accept_scope.cancel()
+        for conn in self.registry.connections():
+            conn.close_nowait(CloseCode.GOING_AWAY, "server draining", flush=False)
+        with trio.move_on_after(self.drain_timeout if grace is None else grace):
+            await self._idle.wait()
+            return
+        if self._connections_scope is not None:
+            logger.warning(
+                "drain timed out with %d connection(s) left; cancelling them", self._active
+            )
+            self._connections_scope.cancel()
+        await self._idle.wait()
+
+
+async def serve_tcp(
+    handler: Handler,
+    port: int,
+    *,
+    host: str | None = None,
+    config: Config | None = None,
+    options: ConnectionOptions | None = None,
+    max_connections: int = 4096,
+    drain_timeout: float = 10.0,
+    ssl_context: ssl.SSLContext | None = None,
+    keepalive: KeepaliveOptions | bool | None = True,
+    listeners: list[EventListener] | None = None,
+    task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve THB/1 on a TCP port; with ``nursery.start`` you get the :class:`Server` back.
+
+    >>> async def main() -> None:  # doctest: +SKIP
+    ...     async with trio.open_nursery() as nursery:
+    ...         server = await nursery.start(serve_tcp, echo, 0)
+    ...         print("listening on", server.port)
+
+    All keyword arguments are those of :class:`Server`.
+    """
+    server = Server(
+        handler,
+        config=config,
+        options=options,
+        max_connections=max_connections,
+        drain_timeout=drain_timeout,
+        ssl_context=ssl_context,
+        keepalive=keepalive,
+        listeners=listeners,
+    )
+    await server.serve_tcp(port, host, task_status=task_status)
