@@ -62,7 +62,7 @@ def test_codec_benchmark_reports_every_field() -> None:
             continue
         assert result.baseline is first_of_case
         assert result.ratio == result.rate / first_of_case.rate
-        if result.case.startswith("decode"):
+        if result.case.startswith("decode") and "chunks" in result.subject:
             assert result.target == DECODE_TARGET
             assert result.passed is (result.ratio >= DECODE_TARGET)
             assert result.verdict == f">= 0.50 {'PASS' if result.passed else 'FAIL'}"
@@ -123,8 +123,8 @@ def test_command_line_prints_machine_command_and_tables(capsys: pytest.CaptureFi
         "codec: encode 4 KiB DATA frames (5 frames, 0.0 MB per sample, best of 2)",
     ]
     verdicts = [line for line in lines if line.endswith((" PASS", " FAIL"))]
-    assert len(verdicts) == 4
-    assert any(line.startswith("targets met: ") and line.endswith(" of 4") for line in lines)
+    assert len(verdicts) == 2
+    assert any(line.startswith("targets met: ") and line.endswith(" of 2") for line in lines)
 
 
 def test_an_unknown_benchmark_is_refused(capsys: pytest.CaptureFixture[str]) -> None:

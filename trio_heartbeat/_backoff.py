@@ -74,7 +74,9 @@ class _BackoffPolicy(ABC):
     seed: int | random.Random | None = None
 
     def __post_init__(self) -> None:
-        # No super() here: slots=True rebuilds the class, which breaks it.
+        # Subclasses check their own fields in _validate() rather than by
+        # overriding this and calling super(): slots=True rebuilds the class,
+        # and zero-argument super() does not survive that on older Pythons.
         if self.max_attempts is not None:
             if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int):
                 raise TypeError(f"max_attempts must be an int or None, not {self.max_attempts!r}")
@@ -182,8 +184,7 @@ class FullJitterBackoff(_BackoffPolicy):
         _check_envelope(self.base, self.factor, self.cap)
 
     def _delays(self, rng: random.Random) -> Iterator[float]:
-        for envelope in _envelope(self.base, self.factor, self.cap):
-            yield _uniform(rng, 0.0, envelope)
+        return (_uniform(rng, 0.0, top) for top in _envelope(self.base, self.factor, self.cap))
 
 
 @final
@@ -211,8 +212,7 @@ class EqualJitterBackoff(_BackoffPolicy):
         _check_envelope(self.base, self.factor, self.cap)
 
     def _delays(self, rng: random.Random) -> Iterator[float]:
-        for envelope in _envelope(self.base, self.factor, self.cap):
-            yield _uniform(rng, envelope / 2, envelope)
+        return (_uniform(rng, top / 2, top) for top in _envelope(self.base, self.factor, self.cap))
 
 
 @final
@@ -249,8 +249,11 @@ class ExponentialBackoff(_BackoffPolicy):
             raise ValueError(f"cap * (1 + jitter) overflows a float: cap={self.cap!r}")
 
     def _delays(self, rng: random.Random) -> Iterator[float]:
-        for envelope in _envelope(self.base, self.factor, self.cap):
-            yield _uniform(rng, envelope * (1 - self.jitter), envelope * (1 + self.jitter))
+        low, high = 1 - self.jitter, 1 + self.jitter
+        return (
+            _uniform(rng, middle * low, middle * high)
+            for middle in _envelope(self.base, self.factor, self.cap)
+        )
 
 
 @final

@@ -145,6 +145,15 @@ class Frame(NamedTuple):
     payload: bytes
 
 
+# Enum attribute lookups cost tens of nanoseconds each; the per-frame paths
+# use these module constants instead.
+_DATA: Final = FrameType.DATA
+_HELLO: Final = FrameType.HELLO
+_PING: Final = FrameType.PING
+_PONG: Final = FrameType.PONG
+_CLOSE: Final = FrameType.CLOSE
+
+
 @dataclass(frozen=True, slots=True)
 class Hello:
     """The values of a HELLO frame (PROTOCOL.md §3), times in milliseconds as on the wire."""
@@ -218,35 +227,67 @@ class FrameDecoder:
         Raises :class:`RemoteProtocolError` (sticky) for a malformed header,
         and with code 1009 for a length over ``max_frame``.
         """
+        frames = self._decode(1)
+        if not frames:
+            return None
+        frame_type, payload = frames[0]
+        return Frame(frame_type, payload)
+
+    def frames(self) -> list[tuple[FrameType, bytes]]:
+        """Every whole frame buffered so far, as ``(type, payload)`` pairs, in order.
+
+        An empty list means more bytes are needed. Frames that precede a
+        malformed header are returned first; the :class:`RemoteProtocolError`
+        is raised by the next call, and by every call after it. This batch
+        form is the fast path the protocol core uses.
+        """
+        return self._decode(0)
+
+    def _decode(self, most: int) -> list[tuple[FrameType, bytes]]:
+        # ``most`` is 0 for "all of them", else a count; kept out of the loop's
+        # condition so that the batch path pays nothing for it.
         if self._error is not None:
             raise self._error
         buffer = self._buffer
         position = self._position
-        if len(buffer) - position < HEADER_SIZE:
-            return None
-        raw_type, flags, length = _unpack_header(buffer, position)
-        frame_type = _TYPES.get(raw_type)
-        if (
-            frame_type is None
-            or flags
-            or length > self.max_frame
-            or not _size_ok(frame_type, length)
-        ):
-            self._error = _header_error(raw_type, flags, length, self.max_frame)
+        last_header = len(buffer) - HEADER_SIZE
+        limit = self.max_frame
+        out: list[tuple[FrameType, bytes]] = []
+        append = out.append
+        while position <= last_header:
+            raw_type, flags, length = _unpack_header(buffer, position)
+            if raw_type == 2 and not flags and length <= limit:
+                frame_type = _DATA  # the common case, decided with the fewest operations
+            else:
+                found = _TYPES.get(raw_type)
+                if found is None or flags or length > limit or not _size_ok(found, length):
+                    self._error = _header_error(raw_type, flags, length, limit)
+                    break
+                frame_type = found
+                if found is _HELLO:
+                    # The limit in force changes once a HELLO is handled: decode
+                    # nothing past it until the caller has seen it.
+                    most = len(out) + 1
+            start = position + HEADER_SIZE
+            end = start + length
+            if end > last_header + HEADER_SIZE:
+                break
+            append((frame_type, buffer[start:end]))
+            position = end
+            if most and len(out) == most:
+                break
+        self._position = position
+        if not out and self._error is not None:
             raise self._error
-        end = position + HEADER_SIZE + length
-        if end > len(buffer):
-            return None
-        self._position = end
-        return Frame(frame_type, buffer[position + HEADER_SIZE : end])
+        return out
 
 
 def _size_ok(frame_type: FrameType, length: int) -> bool:
-    if frame_type is FrameType.DATA:
+    if frame_type is _DATA:
         return True
-    if frame_type is FrameType.PING or frame_type is FrameType.PONG:
+    if frame_type is _PING or frame_type is _PONG:
         return length == PING_SIZE
-    if frame_type is FrameType.CLOSE:
+    if frame_type is _CLOSE:
         return 2 <= length <= 2 + MAX_CLOSE_REASON
     return length >= HELLO_FIXED_SIZE
 
@@ -285,7 +326,7 @@ def encode_frame(frame_type: FrameType, payload: bytes = b"") -> bytes:
 
 def encode_data(payload: bytes) -> bytes:
     """Encode a DATA frame."""
-    return _pack_header(FrameType.DATA, 0, len(payload)) + payload
+    return _pack_header(2, 0, len(payload)) + payload  # 2: DATA, without an enum lookup
 
 
 def encode_ping(opaque: bytes, status: HealthStatus) -> bytes:

@@ -11,11 +11,11 @@ after the last data received).
 While the heartbeats flow, the connection is never silent for ``idle`` and no
 probe is ever sent. The probes start only when the peer has gone quiet, and by
 then the application-level detector has normally declared it dead already.
-Keepalive is the net under that detector: it tears down connections that no
-heartbeat watches (a task that stopped reading, an event loop that is blocked,
-a socket that is not yet or no longer speaking THB/1), and ``TCP_USER_TIMEOUT``
-cuts the kernel's default of about 15 minutes of retransmissions to a vanished
-host. What keepalive cannot see is a peer process that is stopped or hung while
+Keepalive is the net under that detector: the kernel tears down a connection
+to a vanished host or a broken path even where no heartbeat is watching (an
+event loop that is blocked, a socket that is not yet or no longer speaking
+THB/1), and ``TCP_USER_TIMEOUT`` cuts the kernel's default of about 15 minutes
+of retransmissions to such a host, closed sockets' unsent data included. What keepalive cannot see is a peer process that is stopped or hung while
 its kernel is up: the peer's kernel answers the probes itself. Catching that is
 the heartbeat's job.
 
@@ -41,8 +41,8 @@ __all__ = [
     "read_keepalive",
 ]
 
-# Linux's limits (MAX_TCP_KEEPIDLE, MAX_TCP_KEEPINTVL, MAX_TCP_KEEPCNT); the other
-# systems accept at least these ranges, so derived values stay inside them.
+# Linux's limits (MAX_TCP_KEEPIDLE, MAX_TCP_KEEPINTVL, MAX_TCP_KEEPCNT): derived
+# values stay inside them so that the one platform with every option accepts them.
 _MAX_IDLE = 32767
 _MAX_INTERVAL = 32767
 _MAX_COUNT = 127
@@ -127,8 +127,9 @@ class KeepaliveOptions:
           data is given twice as long as the detector gives silence. On Linux
           this is also the keepalive deadline, matching the ``count`` rule.
 
-        The kernel therefore gives up no sooner than ``timeout`` (at twice it
-        where the units allow) and no later than about four times it. Every
+        Whichever rule the platform uses, the kernel therefore gives up no
+        sooner than twice ``timeout`` after the last data received, and no
+        later than four times ``timeout`` rounded up to whole seconds. Every
         value is already a whole number of the kernel's units, so
         :func:`read_keepalive` gives back exactly these options once applied.
 

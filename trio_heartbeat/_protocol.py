@@ -353,6 +353,9 @@ class HeartbeatProtocol:
 
         self._state = State.HANDSHAKE
         self._decoder = FrameDecoder(HANDSHAKE_MAX_FRAME)
+        # Frames decoded in one batch and not yet turned into events.
+        self._inbox: list[tuple[FrameType, bytes]] = []
+        self._inbox_position = 0
         self._control: list[bytes] = []
         self._data: list[bytes] = []
         self._eof = False
@@ -489,25 +492,33 @@ class HeartbeatProtocol:
         if self._state in _TERMINAL:
             return NEED_DATA
         try:
-            frame = self._decoder.next_frame()
-            if frame is None:
-                if self._eof:
-                    self._end_by_eof()
-                    return self._report_end()
-                return NEED_DATA
-            return self._handle_frame(frame.type, frame.payload, self._now)
+            while True:
+                inbox = self._inbox
+                if self._inbox_position == len(inbox):
+                    inbox = self._inbox = self._decoder.frames()
+                    self._inbox_position = 0
+                    if not inbox:
+                        if self._eof:
+                            self._end_by_eof()
+                            return self._report_end()
+                        return NEED_DATA
+                frame_type, payload = inbox[self._inbox_position]
+                self._inbox_position += 1
+                produced = self._handle_frame(frame_type, payload, self._now)
+                if produced is not None:
+                    return produced
         except RemoteProtocolError as exc:
             self._fail(exc)
             raise
 
-    def _handle_frame(self, frame_type: FrameType, payload: bytes, now: float) -> Event:
+    def _handle_frame(self, frame_type: FrameType, payload: bytes, now: float) -> Event | None:
         counters = self.counters
         counters.frames_in += 1
         self.last_received = now
         self.detector.record(now)
         state = self._state
         if frame_type is FrameType.DATA:
-            if state is State.HANDSHAKE:
+            if state is not State.OPEN and not self._peer_may_be_open():
                 raise RemoteProtocolError(
                     "DATA before the handshake completed", CloseCode.PROTOCOL_ERROR
                 )
@@ -517,10 +528,10 @@ class HeartbeatProtocol:
         if frame_type is FrameType.CLOSE:
             return self._on_close(payload, now)
         if frame_type is FrameType.HELLO:
-            if state is not State.HANDSHAKE or self.peer is not None:
+            if self.peer is not None:
                 raise RemoteProtocolError("unexpected second HELLO", CloseCode.PROTOCOL_ERROR)
             return self._on_hello(decode_hello(payload), now)
-        if state is State.HANDSHAKE:
+        if state is not State.OPEN and not self._peer_may_be_open():
             raise RemoteProtocolError(
                 f"{frame_type.name} before the handshake completed", CloseCode.PROTOCOL_ERROR
             )
@@ -552,6 +563,11 @@ class HeartbeatProtocol:
         self._pending = then
         return PeerHealthChanged(status, previous)
 
+    def _peer_may_be_open(self) -> bool:
+        # Only HELLO and CLOSE are valid from a peer that is not OPEN, and it
+        # cannot be OPEN before both HELLOs crossed (even if our CLOSE followed).
+        return self._hello_sent and self.peer is not None
+
     def _on_ping(self, opaque: bytes, now: float) -> None:
         last = self._last_ping_received
         self._last_ping_received = now
@@ -578,6 +594,9 @@ class HeartbeatProtocol:
                 clean=True,
             )
         else:
+            # As in close(): DATA already queued stays ahead of our last frame.
+            self._control.extend(self._data)
+            self._data.clear()
             self._queue_control(encode_close(code, reason), now)
             self.close_code, self.close_reason, self.closed_by_peer = code, reason, True
             self._transition(Trigger.REMOTE_CLOSE)
@@ -585,7 +604,7 @@ class HeartbeatProtocol:
         self._ended_reported = True
         return self._ended_event
 
-    def _on_hello(self, hello: Hello, now: float) -> Event:
+    def _on_hello(self, hello: Hello, now: float) -> Event | None:
         expected = Role.SERVER if self.role is Role.CLIENT else Role.CLIENT
         if hello.role is not expected:
             raise RemoteProtocolError(
@@ -615,6 +634,13 @@ class HeartbeatProtocol:
         self.peer_health = hello.status
         self._send_interval = min(config.interval_ms, hello.timeout_ms / 2) / 1000
         self._peer_send_interval = min(hello.interval_ms, config.timeout_ms / 2) / 1000
+        if self._state is State.CLOSING:
+            # Our CLOSE crossed the peer's HELLO. If our HELLO went out first, the
+            # peer is OPEN and may have DATA (up to our max_frame) and PINGs in
+            # flight, which we keep reading until its CLOSE. We send nothing more.
+            if self._hello_sent:
+                self._decoder.max_frame = config.max_frame
+            return None
         if self.role is Role.CLIENT:
             auth = b""
             if config.secret is not None:
@@ -702,7 +728,8 @@ class HeartbeatProtocol:
         if status is self.health:
             return
         self.health = status
-        if self._state is State.OPEN:
+        # Before our HELLO is sent, the HELLO itself will carry the new status.
+        if self._hello_sent and self._state in (State.HANDSHAKE, State.OPEN):
             self._health_ping_due = True
             self._health_changed_at = now
 
