@@ -8,6 +8,14 @@ nothing from Trio and can drive any I/O layer.
 
 from __future__ import annotations
 
+from ._backoff import DEFAULT_BACKOFF as DEFAULT_BACKOFF
+from ._backoff import GRPC_BACKOFF as GRPC_BACKOFF
+from ._backoff import GRPC_MIN_CONNECT_TIMEOUT as GRPC_MIN_CONNECT_TIMEOUT
+from ._backoff import ConstantBackoff as ConstantBackoff
+from ._backoff import DecorrelatedJitterBackoff as DecorrelatedJitterBackoff
+from ._backoff import EqualJitterBackoff as EqualJitterBackoff
+from ._backoff import ExponentialBackoff as ExponentialBackoff
+from ._backoff import FullJitterBackoff as FullJitterBackoff
 from ._client import open_connection as open_connection
 from ._connection import Connection as Connection
 from ._connection import ConnectionOptions as ConnectionOptions
@@ -52,5 +60,19 @@ from ._server import Handler as Handler
 from ._server import Server as Server
 from ._server import ServerStatistics as ServerStatistics
 from ._server import serve_tcp as serve_tcp
+from ._supervisor import AttemptFailed as AttemptFailed
+from ._supervisor import AttemptStarted as AttemptStarted
+from ._supervisor import BackingOff as BackingOff
+from ._supervisor import Connected as Connected
+from ._supervisor import Connector as Connector
+from ._supervisor import Disconnected as Disconnected
+from ._supervisor import Endpoint as Endpoint
+from ._supervisor import EndpointSource as EndpointSource
+from ._supervisor import ReconnectFailed as ReconnectFailed
+from ._supervisor import ReconnectingClient as ReconnectingClient
+from ._supervisor import Stopped as Stopped
+from ._supervisor import SupervisorEvent as SupervisorEvent
+from ._supervisor import SupervisorState as SupervisorState
+from ._supervisor import open_reconnecting_client as open_reconnecting_client
 
 __version__ = "0.1.0"

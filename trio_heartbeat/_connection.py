@@ -35,16 +35,12 @@ exception, never an ExceptionGroup.
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from typing import Final, final
 
 import trio
-
-if sys.version_info < (3, 11):  # pragma: no cover - exercised on 3.10 only
-    from exceptiongroup import BaseExceptionGroup
 
 from ._detectors import FailureDetector
 from ._errors import (
@@ -56,6 +52,7 @@ from ._errors import (
     RemoteProtocolError,
 )
 from ._frames import CloseCode, HealthStatus, Hello, Role
+from ._groups import BaseExceptionGroup, single_exception
 from ._protocol import (
     NEED_DATA,
     Config,
@@ -698,7 +695,8 @@ async def open_stream_connection(
                     await conn.aclose()
                     nursery.cancel_scope.cancel()
             except BaseExceptionGroup as group:
-                raise _single(group) from None
+                leaf = single_exception(group)
+                raise leaf from leaf.__cause__  # keep the leaf's own cause, hide the group
         if conn._outcome is None and conn._watchdog.cancelled_caught:
             conn._on_watchdog_expired()
     finally:
@@ -708,22 +706,3 @@ async def open_stream_connection(
     assert outcome is not None
     if outcome.failure and body_error is None:
         raise outcome.exception()
-
-
-def _single(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The one exception a nursery group stands for; our own tasks never raise, so
-    anything here came from the caller's block (or is Cancelled)."""
-    leaves = _leaves(group)
-    if len(leaves) == 1:
-        return leaves[0]
-    return group
-
-
-def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
-    out: list[BaseException] = []
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            out.extend(_leaves(exc))
-        else:
-            out.append(exc)
-    return out

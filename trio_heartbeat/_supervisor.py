@@ -1,0 +1,693 @@
+"""The reconnect supervisor: a client that keeps coming back, without stampeding.
+
+Theory of operation
+-------------------
+:func:`open_reconnecting_client` runs one task, the *supervisor loop*, beside
+the caller's ``async with`` block. The loop picks an endpoint, connects with
+:func:`open_connection` under an attempt deadline, and while the connection
+lives it runs two helpers inside the connection's own scope: a *pump* that
+moves messages from the supervisor's send buffer into the connection, and a
+*forwarder* that moves received messages into the supervisor's inbound
+channel. When the connection ends, its scope takes both helpers with it; the
+loop classifies the ending by its close code and either stops or waits out the
+next backoff delay and starts over.
+
+The caller talks only to :class:`ReconnectingClient`, never to a particular
+connection, so its ``send`` and ``receive`` carry on across reconnects:
+
+* ``send`` appends to one bounded buffer, and only the pump takes from it, in
+  order. A message the pump could not hand to a connection stays at the head
+  of the buffer for the next one, so nothing accepted by ``send`` while
+  disconnected is lost or reordered. (A message already handed to a connection
+  that then dies may be lost with it: THB/1 has no acknowledgements.)
+* ``receive`` reads one bounded channel that every connection's forwarder
+  feeds in turn.
+
+The backoff iterator restarts only after a connection has stayed up for
+``healthy_after`` seconds, so a server that accepts and dies at once gets an
+ever slower client, not a tight loop. :meth:`ReconnectingClient.nudge` cuts the
+current wait short. Every step is reported to listeners as a
+:class:`SupervisorEvent` and logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections import deque
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Sequence,
+)
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass, field
+from enum import Enum
+from math import inf
+from typing import Any, Final, Literal, final
+
+import trio
+
+from ._backoff import DEFAULT_BACKOFF
+from ._client import open_connection
+from ._connection import Connection, ConnectionOptions, EventListener, open_stream_connection
+from ._errors import BrokenConnection, ConnectionClosed, HeartbeatError, HeartbeatTimeout
+from ._frames import CloseCode
+from ._groups import BaseExceptionGroup, single_exception
+from ._keepalive import KeepaliveOptions
+from ._protocol import Config
+
+__all__ = [
+    "AttemptFailed",
+    "AttemptStarted",
+    "BackingOff",
+    "Connected",
+    "Connector",
+    "Disconnected",
+    "Endpoint",
+    "EndpointSource",
+    "ReconnectFailed",
+    "ReconnectingClient",
+    "Stopped",
+    "SupervisorEvent",
+    "SupervisorState",
+    "open_reconnecting_client",
+]
+
+logger = logging.getLogger("trio_heartbeat.supervisor")
+
+#: A server address: ``(host, port)``, or ``"host:port"``.
+Endpoint = tuple[str, int] | str
+#: Where endpoints come from: a fixed list, a function called for a fresh list
+#: whenever the last one is used up (sync or async), or an async iterable that
+#: yields the next endpoint to try each time (service discovery).
+EndpointSource = (
+    Sequence[Endpoint]
+    | Callable[[], Sequence[Endpoint] | Awaitable[Sequence[Endpoint]]]
+    | AsyncIterable[Endpoint]
+)
+
+#: Close codes after which the supervisor stops instead of reconnecting
+#: (PROTOCOL.md §5): refused credentials or policy, and replacement by a newer
+#: connection with the same id.
+DEFAULT_STOP_CODES: Final = frozenset({CloseCode.POLICY_VIOLATION, CloseCode.REPLACED})
+
+
+class SupervisorState(Enum):
+    """What the supervisor is doing."""
+
+    #: Not connected, and not yet trying (before the first attempt).
+    DISCONNECTED = "disconnected"
+    #: An attempt is under way.
+    CONNECTING = "connecting"
+    #: A connection is open.
+    CONNECTED = "connected"
+    #: Waiting out a backoff delay before the next attempt.
+    BACKING_OFF = "backing off"
+    #: Stopped for good: closed by the caller, or given up.
+    CLOSED = "closed"
+
+
+class ReconnectFailed(HeartbeatError):
+    """The supervisor stopped reconnecting.
+
+    Either a connection ended with a close code it does not retry (1008 or
+    4000 by default), or the backoff policy ran out of delays. ``last_error``
+    is the :class:`ConnectionClosed` of the last connection or attempt.
+    """
+
+    def __init__(self, message: str, last_error: ConnectionClosed | None, attempts: int) -> None:
+        super().__init__(message)
+        self.last_error = last_error
+        self.attempts = attempts
+
+
+# -- events ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SupervisorEvent:
+    """Base class of everything the supervisor reports."""
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptStarted(SupervisorEvent):
+    """Attempt number ``attempt`` (from 1, counted since the last healthy connection)."""
+
+    attempt: int
+    endpoint: str
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptFailed(SupervisorEvent):
+    """An attempt did not reach OPEN."""
+
+    attempt: int
+    endpoint: str
+    error: ConnectionClosed
+
+
+@dataclass(frozen=True, slots=True)
+class Connected(SupervisorEvent):
+    """An attempt succeeded: the connection is OPEN."""
+
+    attempt: int
+    endpoint: str
+    connection: Connection = field(compare=False, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Disconnected(SupervisorEvent):
+    """A connection that was OPEN ended, after ``uptime`` seconds."""
+
+    endpoint: str
+    error: ConnectionClosed
+    uptime: float
+
+
+@dataclass(frozen=True, slots=True)
+class BackingOff(SupervisorEvent):
+    """Waiting ``delay`` seconds before attempt ``attempt``."""
+
+    attempt: int
+    delay: float
+
+
+@dataclass(frozen=True, slots=True)
+class Stopped(SupervisorEvent):
+    """The supervisor stopped for good; ``error`` is ``None`` when the caller closed it."""
+
+    error: ReconnectFailed | None
+
+
+SupervisorListener = Callable[[SupervisorEvent], None]
+#: Opens the transport to ``(host, port)``; replaces TCP, e.g. with in-memory
+#: streams in virtual-time tests (see :mod:`trio_heartbeat.testing`).
+Connector = Callable[[str, int], Awaitable[trio.abc.Stream]]
+
+
+@asynccontextmanager
+async def _open_with_connector(
+    connector: Connector, host: str, port: int, endpoint: str, **kwargs: Any
+) -> AsyncIterator[Connection]:
+    try:
+        stream = await connector(host, port)
+    except (OSError, trio.BrokenResourceError) as exc:
+        raise BrokenConnection(
+            CloseCode.ABNORMAL_CLOSURE, f"cannot connect to {endpoint}: {exc}"
+        ) from exc
+    async with open_stream_connection(stream, remote_address=endpoint, **kwargs) as conn:
+        yield conn
+
+
+def _parse_endpoint(endpoint: Endpoint) -> tuple[str, int]:
+    if isinstance(endpoint, tuple):
+        return endpoint
+    host, sep, port = endpoint.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"endpoint must be 'host:port' or (host, port), not {endpoint!r}")
+    return host.strip("[]"), int(port)
+
+
+def _format_endpoint(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class _Endpoints:
+    """Turns any :data:`EndpointSource` into "the next endpoint to try"."""
+
+    def __init__(self, source: EndpointSource) -> None:
+        self._source = source
+        self._pending: deque[Endpoint] = deque()
+        self._iterator: AsyncIterator[Endpoint] | None = None
+        if isinstance(source, str | tuple):
+            raise TypeError(
+                "endpoints must be a list of endpoints, a callable or an async iterable"
+            )
+        if isinstance(source, AsyncIterable):
+            self._iterator = aiter(source)
+        elif not callable(source) and not source:
+            raise ValueError("at least one endpoint is needed")
+
+    async def next(self) -> tuple[str, int]:
+        if self._iterator is not None:
+            try:
+                return _parse_endpoint(await anext(self._iterator))
+            except StopAsyncIteration:
+                raise ReconnectFailed("the endpoint source ran dry", None, 0) from None
+        if not self._pending:
+            source = self._source
+            if callable(source):
+                listed = source()
+                if isinstance(listed, Awaitable):
+                    listed = await listed
+            else:
+                assert isinstance(source, Sequence)
+                listed = source
+            self._pending.extend(listed)
+            if not self._pending:
+                raise ReconnectFailed("the endpoint source returned no endpoints", None, 0)
+        return _parse_endpoint(self._pending[0])
+
+    def failed(self) -> None:
+        """Move on from the endpoint just tried (it failed)."""
+        if not self._pending:
+            return
+        if callable(self._source):
+            self._pending.popleft()  # the next call to the source refreshes the list
+        else:
+            self._pending.rotate(-1)
+
+
+@final
+class ReconnectingClient:
+    """A THB/1 client that reconnects until you leave its ``async with`` block.
+
+    Get one from :func:`open_reconnecting_client`. ``send`` and ``receive``
+    work across reconnects; ``state``, :meth:`wait_state` and
+    :meth:`wait_connected` say where it stands.
+    """
+
+    def __init__(
+        self,
+        endpoints: EndpointSource,
+        *,
+        config: Config | None,
+        options: ConnectionOptions | None,
+        backoff: Iterable[float],
+        connect_timeout: float,
+        healthy_after: float,
+        buffer_size: int,
+        when_full: Literal["wait", "fail"],
+        receive_buffer: int,
+        stop_codes: frozenset[int],
+        ssl_context: ssl.SSLContext | None,
+        server_hostname: str | None,
+        keepalive: KeepaliveOptions | bool | None,
+        connection_listeners: list[EventListener] | None,
+        listeners: list[SupervisorListener] | None,
+        connector: Connector | None = None,
+    ) -> None:
+        if buffer_size < 1 or receive_buffer < 1:
+            raise ValueError("buffer_size and receive_buffer must be at least 1")
+        if connect_timeout <= 0 or healthy_after < 0:
+            raise ValueError("connect_timeout must be positive and healthy_after not negative")
+        if when_full not in ("wait", "fail"):
+            raise ValueError("when_full must be 'wait' or 'fail'")
+        self._endpoints = _Endpoints(endpoints)
+        self.config = config if config is not None else Config()
+        self._options = options
+        self._backoff = backoff
+        self.connect_timeout = connect_timeout
+        self.healthy_after = healthy_after
+        self._buffer: deque[bytes] = deque()
+        self._buffer_size = buffer_size
+        self._when_full = when_full
+        self._buffer_changed = trio.Event()
+        self._inbound_send, self._inbound_receive = trio.open_memory_channel[bytes](receive_buffer)
+        self._stop_codes = stop_codes
+        self._ssl_context = ssl_context
+        self._server_hostname = server_hostname
+        self._keepalive = keepalive
+        self._connection_listeners = connection_listeners
+        self._listeners = list(listeners or ())
+        self._connector = connector
+        self._state = SupervisorState.DISCONNECTED
+        self._state_changed = trio.Event()
+        self._connection: Connection | None = None
+        self._nudge_scope: trio.CancelScope | None = None
+        self._nudged = False
+        self._error: ReconnectFailed | None = None
+        self._closing = False
+        self.attempts = 0
+        self.connections = 0
+
+    # -- facts -------------------------------------------------------------------
+
+    @property
+    def state(self) -> SupervisorState:
+        """The current :class:`SupervisorState`."""
+        return self._state
+
+    @property
+    def connection(self) -> Connection | None:
+        """The open connection, if there is one right now."""
+        return self._connection if self._state is SupervisorState.CONNECTED else None
+
+    @property
+    def error(self) -> ReconnectFailed | None:
+        """Why the supervisor gave up, once it has."""
+        return self._error
+
+    @property
+    def buffered(self) -> int:
+        """Messages accepted by :meth:`send` and not yet handed to a connection."""
+        return len(self._buffer)
+
+    def add_listener(self, listener: SupervisorListener) -> None:
+        """Call ``listener(event)`` for every :class:`SupervisorEvent` from now on."""
+        self._listeners.append(listener)
+
+    # -- waiting -------------------------------------------------------------------
+
+    async def wait_state(self, *states: SupervisorState) -> SupervisorState:
+        """Wait until the state is one of ``states``; returns it."""
+        while self._state not in states:
+            await self._state_changed.wait()
+        return self._state
+
+    async def wait_connected(self) -> Connection:
+        """Wait for an open connection and return it.
+
+        Raises :class:`ReconnectFailed` if the supervisor gives up first.
+        """
+        while True:
+            state = await self.wait_state(SupervisorState.CONNECTED, SupervisorState.CLOSED)
+            if state is SupervisorState.CLOSED:
+                raise self._stopped_error()
+            assert self._connection is not None
+            return self._connection
+
+    # -- sending and receiving ----------------------------------------------------------
+
+    async def send(self, data: bytes) -> None:
+        """Send ``data`` now, or as soon as a connection is open, in order.
+
+        While disconnected the message waits in a buffer of ``buffer_size``
+        messages; when that is full, ``send`` waits (``when_full="wait"``) or
+        raises :class:`trio.WouldBlock` (``"fail"``). Raises
+        :class:`ReconnectFailed` once the supervisor has stopped.
+        """
+        while len(self._buffer) >= self._buffer_size:
+            if self._state is SupervisorState.CLOSED:
+                raise self._stopped_error()
+            if self._when_full == "fail":
+                raise trio.WouldBlock
+            await self._buffer_changed.wait()
+        if self._state is SupervisorState.CLOSED:
+            raise self._stopped_error()
+        self._buffer.append(data)
+        self._notify_buffer()
+        await trio.lowlevel.checkpoint()
+
+    async def receive(self) -> bytes:
+        """The next message from whichever connection is open; waits across reconnects.
+
+        Raises :class:`ReconnectFailed` once the supervisor has stopped and
+        every message received before is delivered.
+        """
+        try:
+            return await self._inbound_receive.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            raise self._stopped_error() from None
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[bytes]:
+        while True:
+            try:
+                message = await self.receive()
+            except ReconnectFailed:
+                if self._error is None:
+                    return  # closed by the caller
+                raise
+            yield message
+
+    def nudge(self) -> None:
+        """Skip the rest of the current backoff wait and try again now."""
+        self._nudged = True
+        if self._nudge_scope is not None:
+            self._nudge_scope.cancel()
+
+    def _stopped_error(self) -> ReconnectFailed:
+        if self._error is not None:
+            return self._error
+        return ReconnectFailed("the reconnecting client is closed", None, self.attempts)
+
+    def _notify_buffer(self) -> None:
+        self._buffer_changed.set()
+        self._buffer_changed = trio.Event()
+
+    # -- the loop ----------------------------------------------------------------------
+
+    def _set_state(self, state: SupervisorState) -> None:
+        if state is not self._state:
+            self._state = state
+            self._state_changed.set()
+            self._state_changed = trio.Event()
+
+    def _emit(self, event: SupervisorEvent) -> None:
+        logger.info("%s", _describe(event))
+        for listener in self._listeners:
+            try:
+                listener(event)
+            except Exception:
+                logger.exception("supervisor listener %r failed on %r", listener, event)
+
+    async def _run(self) -> None:
+        delays: Iterator[float] = iter(self._backoff)
+        attempt = 0
+        wait_first = False  # the first attempt ever goes at once
+        last_error: ConnectionClosed | None = None
+        try:
+            while True:
+                if wait_first:
+                    delay = next(delays, None)
+                    if delay is None:
+                        raise ReconnectFailed(
+                            f"gave up after {attempt} attempt(s): the backoff policy ran out",
+                            last_error,
+                            attempt,
+                        )
+                    await self._back_off(attempt + 1, delay)
+                wait_first = True
+                attempt += 1
+                self.attempts += 1
+                host, port = await self._endpoints.next()
+                endpoint = _format_endpoint(host, port)
+                self._set_state(SupervisorState.CONNECTING)
+                self._emit(AttemptStarted(attempt, endpoint))
+                error, uptime = await self._attempt(host, port, endpoint, attempt)
+                last_error = error
+                if self._closing:
+                    return
+                if uptime is None:
+                    self._endpoints.failed()
+                    self._emit(AttemptFailed(attempt, endpoint, error))
+                else:
+                    self._emit(Disconnected(endpoint, error, uptime))
+                    if uptime >= self.healthy_after:
+                        delays = iter(self._backoff)
+                        attempt = 0
+                if error.code in self._stop_codes:
+                    raise ReconnectFailed(
+                        f"not reconnecting after close code {error.code} ({error.reason})",
+                        error,
+                        attempt,
+                    )
+                if error.code == CloseCode.GOING_AWAY and uptime is not None:
+                    wait_first = False  # the server asked us to come back at once
+                    self._endpoints.failed()  # ...perhaps elsewhere
+        except ReconnectFailed as exc:
+            self._error = exc
+            self._finish(exc)
+            raise
+
+    async def _back_off(self, attempt: int, delay: float) -> None:
+        if self._nudged:
+            self._nudged = False
+            return
+        self._set_state(SupervisorState.BACKING_OFF)
+        self._emit(BackingOff(attempt, delay))
+        with trio.CancelScope() as self._nudge_scope:
+            await trio.sleep(delay)
+        self._nudge_scope = None
+        self._nudged = False
+
+    async def _attempt(
+        self, host: str, port: int, endpoint: str, attempt: int
+    ) -> tuple[ConnectionClosed, float | None]:
+        """One attempt and, if it opens, the connection's whole life.
+
+        Returns how it ended and, if it reached OPEN, for how long it was up.
+        """
+        connected_at: float | None = None
+        try:
+            with trio.CancelScope(deadline=trio.current_time() + self.connect_timeout) as deadline:
+                async with self._open(host, port, endpoint) as conn:
+                    deadline.deadline = inf
+                    connected_at = trio.current_time()
+                    self.connections += 1
+                    self._connection = conn
+                    self._set_state(SupervisorState.CONNECTED)
+                    self._emit(Connected(attempt, endpoint, conn))
+                    async with trio.open_nursery() as helpers:
+                        helpers.start_soon(self._pump, conn)
+                        helpers.start_soon(self._forward, conn)
+                        closed = await conn.wait_closed()
+                        helpers.cancel_scope.cancel()
+                    return closed, trio.current_time() - connected_at
+            return (
+                HeartbeatTimeout(
+                    CloseCode.HEARTBEAT_TIMEOUT,
+                    f"no connection to {endpoint} within {self.connect_timeout} s",
+                ),
+                None,
+            )
+        except ConnectionClosed as exc:
+            uptime = None if connected_at is None else trio.current_time() - connected_at
+            return exc, uptime
+        finally:
+            self._connection = None
+
+    def _open(self, host: str, port: int, endpoint: str) -> AbstractAsyncContextManager[Connection]:
+        if self._connector is not None:
+            return _open_with_connector(
+                self._connector,
+                host,
+                port,
+                endpoint,
+                config=self.config,
+                options=self._options,
+                listeners=self._connection_listeners,
+            )
+        return open_connection(
+            host,
+            port,
+            config=self.config,
+            options=self._options,
+            ssl_context=self._ssl_context,
+            server_hostname=self._server_hostname,
+            connect_timeout=self.connect_timeout,
+            keepalive=self._keepalive,
+            listeners=self._connection_listeners,
+        )
+
+    async def _pump(self, conn: Connection) -> None:
+        buffer = self._buffer
+        while True:
+            while buffer:
+                try:
+                    await conn.send(buffer[0])
+                except ConnectionClosed:
+                    return  # the message stays at the head of the buffer for the next connection
+                buffer.popleft()
+                self._notify_buffer()
+            await self._buffer_changed.wait()
+
+    async def _forward(self, conn: Connection) -> None:
+        try:
+            while True:
+                message = await conn.receive()
+                await self._inbound_send.send(message)
+        except ConnectionClosed:
+            return
+
+    def _finish(self, error: ReconnectFailed | None) -> None:
+        self._set_state(SupervisorState.CLOSED)
+        self._inbound_send.close()
+        self._notify_buffer()
+        self._emit(Stopped(error))
+
+    async def aclose(self) -> None:
+        """Close the open connection gracefully (CLOSE 1000) and stop reconnecting."""
+        self._closing = True
+        conn = self._connection
+        if conn is not None:
+            await conn.aclose()
+
+
+def _describe(event: SupervisorEvent) -> str:
+    if isinstance(event, AttemptStarted):
+        return f"attempt {event.attempt}: connecting to {event.endpoint}"
+    if isinstance(event, AttemptFailed):
+        return f"attempt {event.attempt} to {event.endpoint} failed: {event.error}"
+    if isinstance(event, Connected):
+        return f"connected to {event.endpoint} (attempt {event.attempt})"
+    if isinstance(event, Disconnected):
+        return f"disconnected from {event.endpoint} after {event.uptime:.3f} s: {event.error}"
+    if isinstance(event, BackingOff):
+        return f"backing off {event.delay:.3f} s before attempt {event.attempt}"
+    assert isinstance(event, Stopped)
+    return f"stopped: {event.error}" if event.error else "stopped"
+
+
+@asynccontextmanager
+async def open_reconnecting_client(
+    endpoints: EndpointSource,
+    *,
+    config: Config | None = None,
+    options: ConnectionOptions | None = None,
+    backoff: Iterable[float] = DEFAULT_BACKOFF,
+    connect_timeout: float = 10.0,
+    healthy_after: float = 10.0,
+    buffer_size: int = 1024,
+    when_full: Literal["wait", "fail"] = "wait",
+    receive_buffer: int = 64,
+    stop_codes: Iterable[int] = DEFAULT_STOP_CODES,
+    ssl_context: ssl.SSLContext | None = None,
+    server_hostname: str | None = None,
+    keepalive: KeepaliveOptions | bool | None = True,
+    connection_listeners: list[EventListener] | None = None,
+    listeners: list[SupervisorListener] | None = None,
+    connector: Connector | None = None,
+) -> AsyncIterator[ReconnectingClient]:
+    """Keep a THB/1 client connected for as long as the ``async with`` block runs.
+
+    >>> async def main() -> None:  # doctest: +SKIP
+    ...     async with open_reconnecting_client(["10.0.0.1:9000", "10.0.0.2:9000"]) as client:
+    ...         await client.send(b"hello")         # buffered until connected
+    ...         async for message in client:        # carries on across reconnects
+    ...             print(message)
+
+    Connects at once, then after every ending worth retrying waits the next
+    delay of ``backoff`` (any iterable of seconds; the default is full-jitter
+    exponential, 0-2 s growing to a 30 s cap) and connects again, moving to the
+    next endpoint after a failure. ``connect_timeout`` bounds each attempt
+    (TCP, TLS and the THB/1 handshake together). The backoff starts over only
+    once a connection has stayed up ``healthy_after`` seconds.
+
+    Close codes steer it (PROTOCOL.md §5): after 1001 it reconnects at once, to
+    the next endpoint; after a code in ``stop_codes`` (1008 and 4000 by
+    default) it stops. When it stops, or the backoff runs out, the block is
+    cancelled and :class:`ReconnectFailed` is raised. Leaving the block closes
+    the open connection with CLOSE 1000.
+
+    ``connector`` replaces TCP (and TLS and keepalive) with your own transport:
+    an async function ``(host, port) -> trio.abc.Stream``.
+    """
+    client = ReconnectingClient(
+        endpoints,
+        config=config,
+        options=options,
+        backoff=backoff,
+        connect_timeout=connect_timeout,
+        healthy_after=healthy_after,
+        buffer_size=buffer_size,
+        when_full=when_full,
+        receive_buffer=receive_buffer,
+        stop_codes=frozenset(stop_codes),
+        ssl_context=ssl_context,
+        server_hostname=server_hostname,
+        keepalive=keepalive,
+        connection_listeners=connection_listeners,
+        listeners=listeners,
+        connector=connector,
+    )
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client._run)
+            yield client
+            await client.aclose()
+            nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        leaf = single_exception(group)
+        raise leaf from leaf.__cause__  # keep the leaf's own cause, hide the group
+    finally:
+        if client._state is not SupervisorState.CLOSED:
+            client._finish(None)
