@@ -52,7 +52,7 @@ from ._errors import (
     RemoteProtocolError,
 )
 from ._frames import CloseCode, HealthStatus, Hello, Role
-from ._groups import BaseExceptionGroup, single_exception
+from ._groups import BaseExceptionGroup, only_cancelled, single_exception
 from ._protocol import (
     NEED_DATA,
     Config,
@@ -542,6 +542,10 @@ class Connection:
                     else:
                         self._wake.set()  # more queued than one batch: go round again
                     self._rearm()
+                # Woken just before a cancel (say the reader hit a protocol error
+                # right after waking us): stop here, so that the CLOSE stays in
+                # the core for _teardown instead of dying in a cancelled send_all.
+                await trio.lowlevel.checkpoint_if_cancelled()
                 data = core.data_to_send()
                 if data:
                     self._send_broken = True
@@ -686,11 +690,10 @@ async def open_stream_connection(
                     await conn._opened.wait()
                     try:
                         yield conn
-                    except trio.Cancelled:
-                        raise
                     except BaseException as exc:
-                        body_error = exc
-                        conn.close_nowait(CloseCode.GOING_AWAY, type(exc).__name__, flush=False)
+                        if not only_cancelled(exc):
+                            body_error = exc
+                            conn.close_nowait(CloseCode.GOING_AWAY, type(exc).__name__, flush=False)
                         raise
                     await conn.aclose()
                     nursery.cancel_scope.cancel()

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import sys
 
+import trio
+
 if sys.version_info >= (3, 11):
     from builtins import BaseExceptionGroup
 else:  # pragma: no cover - exercised on 3.10 only
     from exceptiongroup import BaseExceptionGroup
 
-__all__ = ["BaseExceptionGroup", "single_exception"]
+__all__ = ["BaseExceptionGroup", "only_cancelled", "single_exception"]
 
 
 def single_exception(group: BaseExceptionGroup[BaseException]) -> BaseException:
@@ -30,3 +32,14 @@ def single_exception(group: BaseExceptionGroup[BaseException]) -> BaseException:
         else:
             leaves.append(exc)
     return leaves[0] if len(leaves) == 1 else group
+
+
+def only_cancelled(exc: BaseException) -> bool:
+    """True for :class:`trio.Cancelled`, or a group holding nothing else.
+
+    A block cancelled from outside raises one of these; it is a cancellation
+    to let through, not an error of the block's own.
+    """
+    if isinstance(exc, BaseExceptionGroup):
+        return all(only_cancelled(inner) for inner in exc.exceptions)
+    return isinstance(exc, trio.Cancelled)

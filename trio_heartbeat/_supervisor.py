@@ -323,6 +323,7 @@ class ReconnectingClient:
         self._nudged = False
         self._error: ReconnectFailed | None = None
         self._closing = False
+        self._run_scope = trio.CancelScope()
         self.attempts = 0
         self.connections = 0
 
@@ -450,53 +451,59 @@ class ReconnectingClient:
                 logger.exception("supervisor listener %r failed on %r", listener, event)
 
     async def _run(self) -> None:
+        try:
+            with self._run_scope:
+                await self._loop()
+        except ReconnectFailed as exc:
+            self._error = exc
+            raise
+        finally:
+            if self._state is not SupervisorState.CLOSED:
+                self._finish(self._error)
+
+    async def _loop(self) -> None:
         delays: Iterator[float] = iter(self._backoff)
         attempt = 0
         wait_first = False  # the first attempt ever goes at once
         last_error: ConnectionClosed | None = None
-        try:
-            while True:
-                if wait_first:
-                    delay = next(delays, None)
-                    if delay is None:
-                        raise ReconnectFailed(
-                            f"gave up after {attempt} attempt(s): the backoff policy ran out",
-                            last_error,
-                            attempt,
-                        )
-                    await self._back_off(attempt + 1, delay)
-                wait_first = True
-                attempt += 1
-                self.attempts += 1
-                host, port = await self._endpoints.next()
-                endpoint = _format_endpoint(host, port)
-                self._set_state(SupervisorState.CONNECTING)
-                self._emit(AttemptStarted(attempt, endpoint))
-                error, uptime = await self._attempt(host, port, endpoint, attempt)
-                last_error = error
-                if self._closing:
-                    return
-                if uptime is None:
-                    self._endpoints.failed()
-                    self._emit(AttemptFailed(attempt, endpoint, error))
-                else:
-                    self._emit(Disconnected(endpoint, error, uptime))
-                    if uptime >= self.healthy_after:
-                        delays = iter(self._backoff)
-                        attempt = 0
-                if error.code in self._stop_codes:
+        while True:
+            if wait_first:
+                delay = next(delays, None)
+                if delay is None:
                     raise ReconnectFailed(
-                        f"not reconnecting after close code {error.code} ({error.reason})",
-                        error,
+                        f"gave up after {attempt} attempt(s): the backoff policy ran out",
+                        last_error,
                         attempt,
                     )
-                if error.code == CloseCode.GOING_AWAY and uptime is not None:
-                    wait_first = False  # the server asked us to come back at once
-                    self._endpoints.failed()  # ...perhaps elsewhere
-        except ReconnectFailed as exc:
-            self._error = exc
-            self._finish(exc)
-            raise
+                await self._back_off(attempt + 1, delay)
+            wait_first = True
+            attempt += 1
+            self.attempts += 1
+            host, port = await self._endpoints.next()
+            endpoint = _format_endpoint(host, port)
+            self._set_state(SupervisorState.CONNECTING)
+            self._emit(AttemptStarted(attempt, endpoint))
+            error, uptime = await self._attempt(host, port, endpoint, attempt)
+            last_error = error
+            if self._closing:
+                return
+            if uptime is None:
+                self._endpoints.failed()
+                self._emit(AttemptFailed(attempt, endpoint, error))
+            else:
+                self._emit(Disconnected(endpoint, error, uptime))
+                if uptime >= self.healthy_after:
+                    delays = iter(self._backoff)
+                    attempt = 0
+            if error.code in self._stop_codes:
+                raise ReconnectFailed(
+                    f"not reconnecting after close code {error.code} ({error.reason})",
+                    error,
+                    attempt,
+                )
+            if error.code == CloseCode.GOING_AWAY and uptime is not None:
+                wait_first = False  # the server asked us to come back at once
+                self._endpoints.failed()  # ...perhaps elsewhere
 
     async def _back_off(self, attempt: int, delay: float) -> None:
         if self._nudged:
@@ -596,10 +603,13 @@ class ReconnectingClient:
 
     async def aclose(self) -> None:
         """Close the open connection gracefully (CLOSE 1000) and stop reconnecting."""
+        if self._state is SupervisorState.CLOSED:
+            return
         self._closing = True
         conn = self._connection
         if conn is not None:
             await conn.aclose()
+        self._run_scope.cancel()
 
 
 def _describe(event: SupervisorEvent) -> str:

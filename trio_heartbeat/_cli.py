@@ -1,0 +1,343 @@
+"""``python -m trio_heartbeat``: serve, connect, demo.
+
+stdout carries only what a script would want to parse (``listening on HOST:PORT``
+from ``serve``; received messages from ``connect``); everything a person reads
+as it happens (connections, close codes, round trips, reconnect attempts) goes
+to stderr, one line per event.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+import trio
+
+from ._backoff import FullJitterBackoff
+from ._connection import Connection
+from ._protocol import (
+    Config,
+    ConnectionEnded,
+    Event,
+    HandshakeComplete,
+    PeerHealthChanged,
+    PongReceived,
+)
+from ._server import Server
+from ._supervisor import ReconnectFailed, open_reconnecting_client
+
+__all__ = ["main"]
+
+DEFAULT_PORT: Final = 7400
+logger = logging.getLogger("trio_heartbeat.cli")
+
+
+class UsageError(Exception):
+    """A bad command line value; printed without a traceback."""
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return value
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("heartbeat")
+    group.add_argument(
+        "--interval",
+        type=_positive,
+        default=1.0,
+        metavar="S",
+        help="heartbeat interval when idle, seconds (default: 1)",
+    )
+    group.add_argument(
+        "--timeout",
+        type=_positive,
+        default=3.0,
+        metavar="S",
+        help="silence after which the peer is declared dead, seconds (default: 3)",
+    )
+    group.add_argument(
+        "--handshake-timeout",
+        type=_positive,
+        default=10.0,
+        metavar="S",
+        help="time allowed for the THB/1 handshake, seconds (default: 10)",
+    )
+    group.add_argument(
+        "--secret-file",
+        type=Path,
+        metavar="F",
+        help="file holding the pre-shared HMAC key (PROTOCOL.md §6)",
+    )
+    group.add_argument("--id", default="", metavar="NAME", help="this instance's id, sent in HELLO")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every heartbeat too")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m trio_heartbeat`` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="python -m trio_heartbeat",
+        description="THB/1 heartbeats over TCP: an echo server, a reconnecting client, a demo.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser(
+        "serve",
+        help="run an echo server",
+        description="Echo every DATA frame back. Ctrl-C or SIGTERM drains.",
+    )
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)"
+    )
+    serve.add_argument(
+        "--port",
+        type=int,
+        default=DEFAULT_PORT,
+        help=f"port to listen on; 0 picks a free one (default: {DEFAULT_PORT})",
+    )
+    serve.add_argument(
+        "--max-connections",
+        type=int,
+        default=4096,
+        metavar="N",
+        help="refuse clients beyond N with CLOSE 1013 (default: 4096)",
+    )
+    serve.add_argument(
+        "--drain-timeout",
+        type=_positive,
+        default=10.0,
+        metavar="S",
+        help="how long a drain waits for peers to close (default: 10)",
+    )
+    _add_common(serve)
+
+    connect = commands.add_parser(
+        "connect",
+        help="connect and reconnect; stdin lines go out, messages come in",
+        description="Send each stdin line as DATA and print each DATA received. Reconnects with "
+        "full-jitter backoff until interrupted.",
+    )
+    connect.add_argument(
+        "endpoints", nargs="+", metavar="HOST:PORT", help="server(s) to connect to"
+    )
+    connect.add_argument(
+        "--backoff-cap",
+        type=_positive,
+        default=30.0,
+        metavar="S",
+        help="longest wait between attempts (default: 30)",
+    )
+    connect.add_argument(
+        "--rtt-every",
+        type=_positive,
+        default=5.0,
+        metavar="S",
+        help="report the round trip at most this often (default: 5)",
+    )
+    _add_common(connect)
+
+    demo = commands.add_parser(
+        "demo", help="watch failure detection and reconnection, in one process"
+    )
+    demo.add_argument("--fast", action="store_true", help="shorter pauses (for tests)")
+    return parser
+
+
+def _config(args: argparse.Namespace) -> Config:
+    secret = None
+    if args.secret_file is not None:
+        try:
+            secret = args.secret_file.read_bytes().strip()
+        except OSError as exc:
+            raise UsageError(f"cannot read --secret-file: {exc}") from exc
+        if not secret:
+            raise UsageError("--secret-file is empty")
+    if args.timeout <= args.interval:
+        raise UsageError("--timeout must be longer than --interval")
+    try:
+        return Config(
+            interval=args.interval,
+            timeout=args.timeout,
+            handshake_timeout=args.handshake_timeout,
+            instance_id=args.id,
+            secret=secret,
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def _setup_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s.%(msecs)03d %(message)s", "%H:%M:%S"))
+    root = logging.getLogger("trio_heartbeat")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    root.propagate = False
+
+
+# -- serve -----------------------------------------------------------------------
+
+
+async def _echo(conn: Connection) -> None:
+    async for message in conn:
+        await conn.send(message)
+
+
+async def _drain_on_signal(server: Server, nursery: trio.Nursery) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            name = signal.Signals(signum).name
+            if server.draining:
+                logger.warning("second %s: stopping now", name)
+                nursery.cancel_scope.cancel()
+                return
+            logger.info("%s: draining %d connection(s)", name, len(server.registry))
+            # In the background, so that a second signal can cut the drain short.
+            nursery.start_soon(server.drain)
+
+
+async def serve(args: argparse.Namespace) -> int:
+    """Run the echo server until drained (Ctrl-C / SIGTERM), or stopped by a second signal."""
+    config = _config(args)
+    server = Server(
+        _echo, config=config, max_connections=args.max_connections, drain_timeout=args.drain_timeout
+    )
+    try:
+        listeners = await trio.open_tcp_listeners(args.port, host=args.host)
+    except OSError as exc:
+        raise UsageError(f"cannot listen on {args.host}:{args.port}: {exc}") from exc
+
+    async def run_until_drained(task_status: trio.TaskStatus[Server]) -> None:
+        await server.serve_listeners(listeners, task_status=task_status)
+        nursery.cancel_scope.cancel()  # drained: stop watching for signals
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(run_until_drained)
+        host, port = listeners[0].socket.getsockname()[:2]
+        print(f"listening on {host}:{port}", flush=True)
+        nursery.start_soon(_drain_on_signal, server, nursery)
+    stats = server.statistics()
+    logger.info("stopped: %d accepted, %d refused", stats.accepted, stats.refused)
+    return 0
+
+
+# -- connect -----------------------------------------------------------------------
+
+
+@dataclass
+class _RttReporter:
+    every: float
+    last_report: float = float("-inf")
+
+    def __call__(self, conn: Connection, event: Event) -> None:
+        if isinstance(event, PongReceived) and event.rtt is not None:
+            now = trio.current_time()
+            if now - self.last_report >= self.every:
+                self.last_report = now
+                srtt = conn.srtt if conn.srtt is not None else event.rtt
+                logger.info("rtt %.3f ms (smoothed %.3f ms)", event.rtt * 1000, srtt * 1000)
+        elif isinstance(event, PeerHealthChanged):
+            logger.info("peer health %s -> %s", event.previous.name, event.status.name)
+        elif isinstance(event, HandshakeComplete):
+            logger.info(
+                "handshake done: peer id %r, pinging every %.3f s",
+                event.peer.instance_id,
+                event.send_interval,
+            )
+        elif isinstance(event, ConnectionEnded):
+            logger.debug("connection ended with %d %s", event.code, event.reason)
+
+
+async def _read_stdin_lines(send: trio.MemorySendChannel[bytes]) -> None:
+    async with send:
+        while True:
+            # A thread, abandoned on cancel: stdin stays blocking for the terminal.
+            line = await trio.to_thread.run_sync(sys.stdin.buffer.readline, abandon_on_cancel=True)
+            if not line:
+                return
+            await send.send(line.rstrip(b"\r\n"))
+
+
+async def connect(args: argparse.Namespace) -> int:
+    """Connect, reconnecting until interrupted; stdin lines out, DATA in."""
+    config = _config(args)
+    backoff = FullJitterBackoff(base=2.0, factor=2.0, cap=args.backoff_cap)
+    out = sys.stdout.buffer
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def stop_on_signal() -> None:
+                async for signum in signals:
+                    logger.info("%s: closing", signal.Signals(signum).name)
+                    nursery.cancel_scope.cancel()
+                    return
+
+            nursery.start_soon(stop_on_signal)
+            lines_in, lines_out = trio.open_memory_channel[bytes](16)
+            nursery.start_soon(_read_stdin_lines, lines_in)
+            try:
+                async with open_reconnecting_client(
+                    args.endpoints,
+                    config=config,
+                    backoff=backoff,
+                    connection_listeners=[_RttReporter(args.rtt_every)],
+                ) as client:
+
+                    async def pump_stdin() -> None:
+                        async for line in lines_out:
+                            await client.send(line)
+                        logger.info("end of input: closing")
+                        await client.aclose()
+
+                    async with trio.open_nursery() as inner:
+                        inner.start_soon(pump_stdin)
+                        async for message in client:
+                            out.write(message + b"\n")
+                            out.flush()
+                        inner.cancel_scope.cancel()
+                nursery.cancel_scope.cancel()
+            except ReconnectFailed as exc:
+                logger.error("giving up: %s", exc)
+                return 1
+            except ValueError as exc:
+                raise UsageError(str(exc)) from exc
+    return 0
+
+
+# -- entry point ----------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    if args.command != "demo":
+        _setup_logging(args.verbose)
+    try:
+        if args.command == "serve":
+            return trio.run(serve, args)
+        if args.command == "connect":
+            return trio.run(connect, args)
+        from ._demo import run_demo
+
+        return trio.run(run_demo, args.fast)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
