@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import doctest
 from collections.abc import Iterator, Sequence
+from itertools import pairwise
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trio_heartbeat import LocalProtocolError, RemoteProtocolError
-from trio_heartbeat import _frames
+from trio_heartbeat import LocalProtocolError, RemoteProtocolError, _frames
 from trio_heartbeat._frames import (
     HANDSHAKE_MAX_FRAME,
     HEADER_SIZE,
@@ -45,7 +45,7 @@ from trio_heartbeat._protocol import compute_auth
 
 # -- PROTOCOL.md §7 ------------------------------------------------------------
 
-SERVER_NONCE = bytes(range(0x00, 0x10))
+SERVER_NONCE = bytes(range(0x10))
 CLIENT_NONCE = bytes(range(0x10, 0x20))
 KEY = b"secret"
 OPAQUE = bytes(range(8))
@@ -116,7 +116,7 @@ VECTORS: dict[str, tuple[bytes, bytes, FrameType]] = {
 def split_at(data: bytes, cuts: Sequence[int]) -> list[bytes]:
     """Cut ``data`` at the given offsets (any order, duplicates allowed)."""
     points = sorted({0, len(data), *(cut % (len(data) + 1) for cut in cuts)})
-    return [data[a:b] for a, b in zip(points, points[1:])]
+    return [data[a:b] for a, b in pairwise(points)]
 
 
 def chunkings(data: bytes) -> Iterator[tuple[str, list[bytes]]]:
@@ -125,14 +125,25 @@ def chunkings(data: bytes) -> Iterator[tuple[str, list[bytes]]]:
     yield "bytewise", [data[i : i + 1] for i in range(len(data))]
 
 
-def decode_all(chunks: Sequence[bytes], max_frame: int = 0xFFFFFFFF) -> list[Frame]:
+def drain(decoder: FrameDecoder, batch: bool) -> list[Frame]:
+    """Every whole frame buffered, one at a time or with the batch ``frames()``."""
+    if batch:
+        out: list[Frame] = []
+        while found := decoder.frames():
+            out += [Frame(frame_type, payload) for frame_type, payload in found]
+        return out
+    return list(iter(decoder.next_frame, None))
+
+
+def decode_all(
+    chunks: Sequence[bytes], max_frame: int = 0xFFFFFFFF, *, batch: bool = False
+) -> list[Frame]:
     """Feed ``chunks`` one by one, draining frames after each; no bytes may be left over."""
     decoder = FrameDecoder(max_frame)
     frames: list[Frame] = []
     for chunk in chunks:
         decoder.receive_data(chunk)
-        while (frame := decoder.next_frame()) is not None:
-            frames.append(frame)
+        frames += drain(decoder, batch)
     assert decoder.buffered == 0
     return frames
 
@@ -176,6 +187,7 @@ def test_all_vectors_back_to_back_in_random_splits(cuts: list[int]) -> None:
     stream = b"".join(data for data, _, _ in VECTORS.values())
     expected = [Frame(t, data[HEADER_SIZE:]) for data, _, t in VECTORS.values()]
     assert decode_all(split_at(stream, cuts)) == expected
+    assert decode_all(split_at(stream, cuts), batch=True) == expected
 
 
 # -- round trips of random frame sequences --------------------------------------
@@ -242,32 +254,48 @@ def test_random_frames_round_trip_in_random_splits(
     frames = decode_all(split_at(stream, cuts))
     assert [frame.type for frame in frames] == [kind for _, kind, _ in sequence]
     assert [decoded_value(frame) for frame in frames] == [value for _, _, value in sequence]
-    # The fixed chunkings agree with the random one.
+    # The batch path and the fixed chunkings agree with the random one.
+    assert decode_all(split_at(stream, cuts), batch=True) == frames
     for _, chunks in chunkings(stream):
         assert decode_all(chunks) == frames
+        assert decode_all(chunks, batch=True) == frames
 
 
 # -- fuzzing --------------------------------------------------------------------
 
 
-def fuzz_decoder(data: bytes, cuts: Sequence[int], max_frame: int) -> list[Frame]:
+def fuzz_decoder(
+    data: bytes, cuts: Sequence[int], max_frame: int, *, batch: bool = False
+) -> list[Frame]:
     """Feed ``data``; only frames or a 1002/1009 RemoteProtocolError may come out."""
     decoder = FrameDecoder(max_frame)
     frames: list[Frame] = []
     for chunk in split_at(data, cuts):
         decoder.receive_data(chunk)
         try:
-            while (frame := decoder.next_frame()) is not None:
-                frames.append(frame)
+            if batch:
+                while found := decoder.frames():
+                    frames += [Frame(frame_type, payload) for frame_type, payload in found]
+            else:
+                while (frame := decoder.next_frame()) is not None:
+                    frames.append(frame)
         except RemoteProtocolError as exc:
             assert exc.code in (CloseCode.PROTOCOL_ERROR, CloseCode.TOO_BIG)
-            with pytest.raises(RemoteProtocolError) as again:
-                decoder.next_frame()
-            assert again.value is exc
+            for again in (decoder.next_frame, decoder.frames):
+                with pytest.raises(RemoteProtocolError) as info:
+                    again()
+                assert info.value is exc
             return frames
         # Drained: at most one incomplete frame is held, and never a big one.
         assert decoder.buffered < HEADER_SIZE + max_frame
     return frames
+
+
+def fuzz_both_ways(data: bytes, cuts: Sequence[int], max_frame: int) -> list[Frame]:
+    """The one-at-a-time and the batch paths see the same frames and the same end."""
+    one_by_one = fuzz_decoder(data, cuts, max_frame)
+    assert fuzz_decoder(data, cuts, max_frame, batch=True) == one_by_one
+    return one_by_one
 
 
 limits = st.sampled_from([HANDSHAKE_MAX_FRAME, MIN_MAX_FRAME, 3000])
@@ -277,7 +305,7 @@ byte_cuts = st.lists(st.integers(min_value=0, max_value=5000), max_size=10)
 @settings(max_examples=300)
 @given(data=st.binary(max_size=2000), cuts=byte_cuts, max_frame=limits)
 def test_fuzz_decoder_with_arbitrary_bytes(data: bytes, cuts: list[int], max_frame: int) -> None:
-    fuzz_decoder(data, cuts, max_frame)
+    fuzz_both_ways(data, cuts, max_frame)
 
 
 @settings(max_examples=300)
@@ -291,9 +319,9 @@ def test_fuzz_decoder_with_arbitrary_bytes_after_valid_frames(
     prefix: list[EncodedFrame], garbage: bytes, cuts: list[int], max_frame: int
 ) -> None:
     valid = b"".join(encoded for encoded, _, _ in prefix)
-    frames = fuzz_decoder(valid + garbage, cuts, 0xFFFFFFFF)
+    frames = fuzz_both_ways(valid + garbage, cuts, 0xFFFFFFFF)
     assert [frame.type for frame in frames[: len(prefix)]] == [kind for _, kind, _ in prefix]
-    fuzz_decoder(valid + garbage, cuts, max_frame)
+    fuzz_both_ways(valid + garbage, cuts, max_frame)
 
 
 @settings(max_examples=300)
@@ -393,6 +421,43 @@ def test_decoder_buffers_partial_frames_and_keeps_leftovers() -> None:
     assert decoder.next_frame() == Frame(FrameType.DATA, b"hi")
     assert decoder.next_frame() is None
     assert decoder.buffered == 0
+
+
+def test_batch_returns_the_frames_before_an_error_then_the_error() -> None:
+    decoder = FrameDecoder()
+    decoder.receive_data(DATA_HI + PING + header(0x09, 0) + DATA_HI)
+    assert decoder.frames() == [(FrameType.DATA, b"hi"), (FrameType.PING, PING[HEADER_SIZE:])]
+    with pytest.raises(RemoteProtocolError, match="unknown frame type 0x09") as info:
+        decoder.frames()
+    with pytest.raises(RemoteProtocolError) as again:
+        decoder.next_frame()
+    assert again.value is info.value
+    # The same through next_frame: one frame per call, then the error.
+    decoder = FrameDecoder()
+    decoder.receive_data(DATA_HI + header(0x02, 513))
+    assert decoder.next_frame() == Frame(FrameType.DATA, b"hi")
+    with pytest.raises(RemoteProtocolError) as info:
+        decoder.next_frame()
+    assert info.value.code == CloseCode.TOO_BIG
+
+
+def test_batch_stops_after_a_hello_so_the_limit_can_change() -> None:
+    decoder = FrameDecoder()
+    decoder.receive_data(DATA_HI + SERVER_HELLO + encode_data(bytes(1000)) + DATA_HI)
+    assert decoder.frames() == [
+        (FrameType.DATA, b"hi"),
+        (FrameType.HELLO, SERVER_HELLO[HEADER_SIZE:]),
+    ]
+    decoder.max_frame = 1024  # what the protocol does once it has seen the HELLO
+    assert decoder.frames() == [(FrameType.DATA, bytes(1000)), (FrameType.DATA, b"hi")]
+    assert decoder.frames() == []
+    assert decoder.buffered == 0
+
+
+def test_decoder_accepts_bytearray() -> None:
+    decoder = FrameDecoder()
+    decoder.receive_data(bytearray(DATA_HI))
+    assert decoder.next_frame() == Frame(FrameType.DATA, b"hi")
 
 
 def test_empty_data_frame() -> None:
