@@ -47,7 +47,7 @@ def typecheck(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def docs(session: nox.Session) -> None:
-    """Build the docs with warnings as errors; doctest the examples in the docstrings."""
+    """Build the docs with warnings as errors; run the examples in the pages and docstrings."""
     session.install("-e", ".[docs]")
     session.run("sphinx-build", "-W", "-b", "html", "docs", "docs/_build/html")
     session.run("sphinx-build", "-W", "-b", "doctest", "docs", "docs/_build/doctest")

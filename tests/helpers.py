@@ -1,36 +1,34 @@
-"""Shared test helpers: a raw THB/1 peer, stream wrappers, task accounting.
+"""Shared test helpers: a raw THB/1 peer that speaks bytes, servers on loopback, resource counts.
 
-Additive module: several test files use it, so extend it rather than change
-what is here.
+The raw peer has no runtime behind it: it reads and writes frames built with
+the codec's own encoders, so a test can say exactly what goes on the wire (a
+flood of PINGs, a header with no payload, silence) and read exactly what the
+server answers.
 
-* :class:`RawPeer` plays the far end of a stream frame by frame, with the
-  codec from ``trio_heartbeat._frames`` and no state machine, so a test says
-  exactly what the peer sends and when, and sees every frame we send with the
-  virtual time it arrived.
-* :class:`WrappedStream` wraps any Trio stream to record ``aclose``, delay
-  delivery, inject checkpoints, or break the transport on demand.
-* :func:`connection_pair` runs both ends of a connection with the real runtime.
-* :func:`count_tasks` counts the live tasks, to prove none was left behind.
+For connection tests there is also :class:`ScriptedPeer`, a raw peer of either
+role that records the virtual time each frame arrives, :class:`WrappedStream`
+(record ``aclose``, delay delivery, inject checkpoints, break on demand) and
+:func:`connection_pair`, both ends of a connection over memory streams.
 """
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 import trio
 import trio.testing
 
-from trio_heartbeat._connection import (
-    Connection,
-    ConnectionOptions,
-    EventListener,
-    open_stream_connection,
-)
+from trio_heartbeat import Connection, Server, serve_tcp
+from trio_heartbeat._connection import ConnectionOptions, EventListener, open_stream_connection
 from trio_heartbeat._frames import (
     CloseCode,
+    Frame,
     FrameDecoder,
     FrameType,
     HealthStatus,
@@ -45,17 +43,193 @@ from trio_heartbeat._frames import (
     encode_ping,
     encode_pong,
 )
-from trio_heartbeat._protocol import Config
+from trio_heartbeat._protocol import Config, compute_auth
 
-__all__ = [
-    "RawPeer",
-    "TimedFrame",
-    "WrappedStream",
-    "connection_pair",
-    "count_tasks",
-    "hello_frame",
-    "opaque",
-]
+LOOPBACK = "127.0.0.1"
+#: The nonce every raw client puts in its HELLO.
+CLIENT_NONCE = bytes(range(16, 32))
+
+
+def client_hello(
+    *,
+    interval_ms: int = 1000,
+    timeout_ms: int = 3000,
+    max_frame: int = 1 << 20,
+    instance_id: str = "",
+    auth: bytes = b"",
+    status: HealthStatus = HealthStatus.SERVING,
+    nonce: bytes = CLIENT_NONCE,
+) -> bytes:
+    """A whole client HELLO frame, header included."""
+    return encode_hello(
+        Hello(
+            role=Role.CLIENT,
+            status=status,
+            interval_ms=interval_ms,
+            timeout_ms=timeout_ms,
+            max_frame=max_frame,
+            nonce=nonce,
+            instance_id=instance_id,
+            auth=auth,
+        )
+    )
+
+
+class RawPeer:
+    """A THB/1 client made of bytes over any Trio stream; it does only what the test says.
+
+    Every frame it receives is kept in :attr:`frames`. A transport that ends
+    or resets shows up as ``None`` from :meth:`receive_frame`, never as an
+    exception, so a test can assert on what arrived before the end.
+    """
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.frames: list[Frame] = []
+        self.server_hello: Hello | None = None
+        self.close_reason = ""
+        self._decoder = FrameDecoder(max_frame=0xFFFFFFFF)
+
+    async def send(self, data: bytes) -> None:
+        await self.stream.send_all(data)
+
+    async def receive_frame(self) -> Frame | None:
+        """The next whole frame, or ``None`` once the stream has ended (EOF or reset)."""
+        while True:
+            frame = self._decoder.next_frame()
+            if frame is not None:
+                self.frames.append(frame)
+                return frame
+            try:
+                data = await self.stream.receive_some(65536)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return None
+            if not data:
+                return None
+            self._decoder.receive_data(data)
+
+    async def read_hello(self) -> Hello:
+        """Read the server's HELLO; fails the test if anything else comes first."""
+        frame = await self.receive_frame()
+        assert frame is not None, "stream ended before the server's HELLO"
+        assert frame.type is FrameType.HELLO, frame
+        self.server_hello = decode_hello(frame.payload)
+        return self.server_hello
+
+    async def handshake(
+        self,
+        *,
+        instance_id: str = "",
+        secret: bytes | None = None,
+        interval_ms: int = 1000,
+        timeout_ms: int = 3000,
+        status: HealthStatus = HealthStatus.SERVING,
+    ) -> Hello:
+        """Read the server's HELLO and answer with ours (signed when ``secret`` is given)."""
+        hello = await self.read_hello()
+        auth = b""
+        if secret is not None:
+            auth = compute_auth(secret, hello.nonce, CLIENT_NONCE, instance_id)
+        await self.send(
+            client_hello(
+                interval_ms=interval_ms,
+                timeout_ms=timeout_ms,
+                instance_id=instance_id,
+                auth=auth,
+                status=status,
+            )
+        )
+        return hello
+
+    async def read_close(self, *, answer_pings: bool = True) -> int:
+        """Read frames until a CLOSE and return its code (its reason goes to :attr:`close_reason`).
+
+        With ``answer_pings`` every PING on the way gets its PONG, so the
+        server keeps hearing from us; without, we are a silent peer.
+        """
+        while True:
+            frame = await self.receive_frame()
+            assert frame is not None, f"stream ended without a CLOSE after {self.frames}"
+            if frame.type is FrameType.CLOSE:
+                code, self.close_reason = decode_close(frame.payload)
+                return code
+            if frame.type is FrameType.PING and answer_pings:
+                # The server may have hung up meanwhile; its CLOSE may still be buffered.
+                with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await self.send(encode_pong(frame.payload[:8], HealthStatus.SERVING))
+
+    async def read_until_end(self) -> list[Frame]:
+        """Read until the stream ends; return the frames that arrived meanwhile."""
+        start = len(self.frames)
+        while await self.receive_frame() is not None:
+            pass
+        return self.frames[start:]
+
+    async def aclose(self) -> None:
+        await trio.aclose_forcefully(self.stream)
+
+
+@asynccontextmanager
+async def open_raw_peer(port: int) -> AsyncIterator[RawPeer]:
+    """A :class:`RawPeer` over a fresh loopback TCP connection, closed on the way out."""
+    stream = await trio.open_tcp_stream(LOOPBACK, port)
+    peer = RawPeer(stream)
+    try:
+        yield peer
+    finally:
+        await peer.aclose()
+
+
+async def echo(conn: Connection) -> None:
+    """Send every message back. ``b"close"`` ends the handler (so the server closes
+    with 1000) and ``b"raise"`` makes it fail (so the server closes with 1001)."""
+    async for message in conn:
+        if message == b"close":
+            return
+        if message == b"raise":
+            raise RuntimeError("the handler was asked to fail")
+        await conn.send(message)
+
+
+async def assert_echo(conn: Connection, payload: bytes = b"still served") -> None:
+    """One round trip through an :func:`echo` server, with a generous bound."""
+    await conn.send(payload)
+    with trio.fail_after(10):
+        assert await conn.receive() == payload
+
+
+@asynccontextmanager
+async def serving(handler: Any = echo, **kwargs: Any) -> AsyncIterator[Server]:
+    """Run :func:`serve_tcp` on a free loopback port for the block; cancelled on the way out."""
+    async with trio.open_nursery() as nursery:
+        server: Server = await nursery.start(
+            partial(serve_tcp, handler, 0, host=LOOPBACK, **kwargs)
+        )
+        yield server
+        nursery.cancel_scope.cancel()
+
+
+async def wait_empty(server: Server, bound: float = 10) -> None:
+    """Wait (within a generous bound) until the server holds no connection at all."""
+    with trio.fail_after(bound):
+        await server.registry.wait_until(lambda registry: len(registry) == 0)
+        # A connection still in its handshake is counted but never listed, and
+        # nothing signals its end: poll for it.
+        while server.statistics().active:  # noqa: ASYNC110
+            await trio.sleep(0.001)
+
+
+def open_fds() -> int:
+    """How many file descriptors this process has open (Linux)."""
+    return len(os.listdir("/proc/self/fd"))
+
+
+def living_tasks() -> int:
+    """How many Trio tasks exist right now."""
+    return trio.lowlevel.current_statistics().tasks_living
+
+
+# -- scripted peers, wrapped streams, connection pairs (connection tests) ------
 
 
 def opaque(number: int) -> bytes:
@@ -123,7 +297,7 @@ class TimedFrame:
         return decode_hello(self.payload)
 
 
-class RawPeer:
+class ScriptedPeer:
     """The far end of a stream, driven by hand with the frame codec.
 
     ``role`` is the role the peer plays (the opposite of the connection under
@@ -131,7 +305,7 @@ class RawPeer:
     time; end-of-file, or a transport that fails, sets :attr:`eof_at`.
 
     >>> async def scenario(stream: trio.abc.Stream) -> None:  # doctest: +SKIP
-    ...     peer = RawPeer(stream)
+    ...     peer = ScriptedPeer(stream)
     ...     await peer.handshake()
     ...     await peer.send_data(b"hi")
     ...     frames = await peer.drain()
@@ -157,12 +331,14 @@ class RawPeer:
         self.eof_at: float | None = None
         self._decoder = FrameDecoder(max_frame=0xFFFFFFFF)
         self._next_opaque = 0
+        self._send_lock = trio.StrictFIFOLock()
 
     # -- sending ------------------------------------------------------------
 
     async def send(self, data: bytes) -> None:
-        """Write raw bytes."""
-        await self.stream.send_all(data)
+        """Write raw bytes; safe to call from several tasks (say a script and :meth:`serve`)."""
+        async with self._send_lock:
+            await self.stream.send_all(data)
 
     async def send_hello(self, **overrides: object) -> None:
         values: dict[str, object] = {
@@ -177,7 +353,9 @@ class RawPeer:
     async def send_data(self, payload: bytes) -> None:
         await self.send(encode_data(payload))
 
-    async def send_ping(self, data: bytes | None = None, status: HealthStatus | None = None) -> bytes:
+    async def send_ping(
+        self, data: bytes | None = None, status: HealthStatus | None = None
+    ) -> bytes:
         """Send a PING and return its opaque bytes (numbered 1, 2, ... by default)."""
         if data is None:
             self._next_opaque += 1
@@ -236,18 +414,25 @@ class RawPeer:
 
     async def serve(self) -> None:
         """Behave like a minimal well-mannered peer until the stream ends:
-        echo DATA, answer PING with PONG, answer CLOSE with CLOSE."""
+        echo DATA, answer PING with PONG, answer CLOSE with CLOSE. Once a
+        write fails, it only reads, to the end."""
         closing = False
         while (frame := await self.receive_frame()) is not None:
             if closing:
                 continue
+            answer = b""
             if frame.type is FrameType.DATA:
-                await self.send_data(frame.payload)
+                answer = encode_data(frame.payload)
             elif frame.type is FrameType.PING:
-                await self.send_pong(frame.opaque)
+                answer = encode_pong(frame.opaque, self.status)
             elif frame.type is FrameType.CLOSE:
                 closing = True
-                await self.send_close(frame.close_code, frame.close_reason)
+                answer = encode_close(frame.close_code, frame.close_reason)
+            if answer:
+                try:
+                    await self.send(answer)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    closing = True  # the other side hung up: read what is left
 
     def of_type(self, frame_type: FrameType) -> list[TimedFrame]:
         """The frames received so far of one type."""
@@ -284,7 +469,6 @@ class WrappedStream(trio.abc.Stream):
         self.send_interrupted = False
         self.sent = bytearray()
         self._broken = False
-        self._pending = trio.CancelScope()
         self._scopes: set[trio.CancelScope] = set()
 
     @property
@@ -317,14 +501,14 @@ class WrappedStream(trio.abc.Stream):
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         async def operation() -> None:
-            try:
-                await self.inner.send_all(data)
-            except trio.Cancelled:
-                self.send_interrupted = True
-                raise
+            await self.inner.send_all(data)
             self.sent += data
 
-        await self._run(operation)
+        try:
+            await self._run(operation)
+        except trio.Cancelled:
+            self.send_interrupted = True
+            raise
 
     async def wait_send_all_might_not_block(self) -> None:
         await self.inner.wait_send_all_might_not_block()
@@ -345,18 +529,7 @@ class WrappedStream(trio.abc.Stream):
         await self.inner.aclose()
 
 
-def count_tasks() -> int:
-    """How many tasks are alive in this run, the caller and the test harness included."""
-
-    def walk(task: trio.lowlevel.Task) -> int:
-        return 1 + sum(
-            walk(child) for nursery in task.child_nurseries for child in nursery.child_tasks
-        )
-
-    return walk(trio.lowlevel.current_root_task())
-
-
-@dataclass
+@dataclass(slots=True)
 class Pair:
     """Both ends of a :func:`connection_pair`."""
 
@@ -364,7 +537,6 @@ class Pair:
     server: Connection
     client_stream: WrappedStream
     server_stream: WrappedStream
-    server_events: list[object] = field(default_factory=list)
 
 
 @asynccontextmanager

@@ -312,10 +312,10 @@ class ConstantBackoff(_BackoffPolicy):
         return repeat(float(self.delay))
 
 
-#: The default for reconnecting clients: full jitter, 1 s base, doubling, 30 s
+#: The default for reconnecting clients: full jitter, 2 s base, doubling, 30 s
 #: cap. No limit on attempts or time: a supervisor keeps trying until cancelled.
 #: docs/backoff.md explains the numbers.
-DEFAULT_BACKOFF: Final = FullJitterBackoff(base=1.0, factor=2.0, cap=30.0)
+DEFAULT_BACKOFF: Final = FullJitterBackoff(base=2.0, factor=2.0, cap=30.0)
 
 #: gRPC's connection backoff (grpc/grpc doc/connection-backoff.md): 1 s
 #: initial backoff, multiplier 1.6, jitter of 20% either way, 120 s maximum

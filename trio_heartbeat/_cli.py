@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -30,7 +31,7 @@ from ._protocol import (
     PongReceived,
 )
 from ._server import Server
-from ._supervisor import ReconnectFailed, open_reconnecting_client
+from ._supervisor import ReconnectFailed, _parse_endpoint, open_reconnecting_client
 
 __all__ = ["main"]
 
@@ -49,6 +50,27 @@ def _positive(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return value
+
+
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    # Checked here: the socket layer would silently take the port modulo 65536.
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= value <= 0xFFFF:
+        raise argparse.ArgumentTypeError(f"must be 0 to 65535: {text!r}")
     return value
 
 
@@ -103,13 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--port",
-        type=int,
+        type=_port,
         default=DEFAULT_PORT,
         help=f"port to listen on; 0 picks a free one (default: {DEFAULT_PORT})",
     )
     serve.add_argument(
         "--max-connections",
-        type=int,
+        type=_at_least_one,
         default=4096,
         metavar="N",
         help="refuse clients beyond N with CLOSE 1013 (default: 4096)",
@@ -145,6 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=5.0,
         metavar="S",
         help="report the round trip at most this often (default: 5)",
+    )
+    connect.add_argument(
+        "--linger",
+        type=_positive,
+        default=1.0,
+        metavar="S",
+        help="at the end of input, close once no message has come for S seconds (default: 1)",
     )
     _add_common(connect)
 
@@ -261,20 +290,42 @@ class _RttReporter:
 
 
 async def _read_stdin_lines(send: trio.MemorySendChannel[bytes]) -> None:
+    # os.read in a thread, abandoned on cancel: stdin stays blocking for the
+    # terminal, and an abandoned os.read holds no lock of sys.stdin's that the
+    # interpreter would need at exit (a blocked readline aborts the process).
+    fd = sys.stdin.fileno()
+    pending = b""
     async with send:
         while True:
-            # A thread, abandoned on cancel: stdin stays blocking for the terminal.
-            line = await trio.to_thread.run_sync(sys.stdin.buffer.readline, abandon_on_cancel=True)
-            if not line:
-                return
-            await send.send(line.rstrip(b"\r\n"))
+            chunk = await trio.to_thread.run_sync(os.read, fd, 65536, abandon_on_cancel=True)
+            if not chunk:
+                break
+            *lines, pending = (pending + chunk).split(b"\n")
+            for line in lines:
+                await send.send(line.rstrip(b"\r"))
+        if pending:
+            await send.send(pending.rstrip(b"\r"))
 
 
 async def connect(args: argparse.Namespace) -> int:
-    """Connect, reconnecting until interrupted; stdin lines out, DATA in."""
+    """Connect, reconnecting until interrupted; stdin lines out, DATA in.
+
+    At the end of input it waits until no message has come for ``--linger``
+    seconds (the replies to the last lines may still be on their way), closes
+    with CLOSE 1000 and returns 0. Returns 1 if the client gives up (close
+    code 1008 or 4000); a malformed endpoint is a :class:`UsageError`.
+    """
     config = _config(args)
+    for endpoint in args.endpoints:
+        try:
+            _, port = _parse_endpoint(endpoint)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        if not 1 <= port <= 0xFFFF:
+            raise UsageError(f"port must be 1 to 65535 in {endpoint!r}")
     backoff = FullJitterBackoff(base=2.0, factor=2.0, cap=args.backoff_cap)
     out = sys.stdout.buffer
+    status = 0
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
 
@@ -294,26 +345,31 @@ async def connect(args: argparse.Namespace) -> int:
                     backoff=backoff,
                     connection_listeners=[_RttReporter(args.rtt_every)],
                 ) as client:
+                    last_message = trio.current_time()
 
                     async def pump_stdin() -> None:
                         async for line in lines_out:
                             await client.send(line)
-                        logger.info("end of input: closing")
+                        logger.info("end of input: closing after %g s of quiet", args.linger)
+                        quiet_until = trio.current_time() + args.linger
+                        while trio.current_time() < quiet_until:
+                            await trio.sleep_until(quiet_until)
+                            quiet_until = max(quiet_until, last_message + args.linger)
                         await client.aclose()
 
                     async with trio.open_nursery() as inner:
                         inner.start_soon(pump_stdin)
                         async for message in client:
+                            last_message = trio.current_time()
                             out.write(message + b"\n")
                             out.flush()
                         inner.cancel_scope.cancel()
-                nursery.cancel_scope.cancel()
             except ReconnectFailed as exc:
                 logger.error("giving up: %s", exc)
-                return 1
-            except ValueError as exc:
-                raise UsageError(str(exc)) from exc
-    return 0
+                status = 1
+            # The signal watcher and the stdin reader never end by themselves.
+            nursery.cancel_scope.cancel()
+    return status
 
 
 # -- entry point ----------------------------------------------------------------------

@@ -338,23 +338,23 @@ class Connection:
         except (trio.EndOfChannel, trio.ClosedResourceError):
             raise self._closed_error() from None
 
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        return self._iterate()
+    def __aiter__(self) -> Connection:
+        return self
 
-    async def _iterate(self) -> AsyncIterator[bytes]:
+    async def __anext__(self) -> bytes:
+        # Not an async generator: leaving ``async for`` early (return, break,
+        # an exception) must leave nothing behind to finalize.
         # Iteration ends quietly on an orderly close (1000, 1001), as with
         # websockets; anything else raises so that it cannot go unnoticed.
-        while True:
-            try:
-                message = await self.receive()
-            except ConnectionClosed as exc:
-                if not isinstance(exc, (HeartbeatTimeout, BrokenConnection)) and exc.code in (
-                    CloseCode.NORMAL,
-                    CloseCode.GOING_AWAY,
-                ):
-                    return
-                raise
-            yield message
+        try:
+            return await self.receive()
+        except ConnectionClosed as exc:
+            if not isinstance(exc, (HeartbeatTimeout, BrokenConnection)) and exc.code in (
+                CloseCode.NORMAL,
+                CloseCode.GOING_AWAY,
+            ):
+                raise StopAsyncIteration from None
+            raise
 
     async def ping(self) -> float:
         """Send a PING now (or as soon as the rate rule allows) and return its round trip.
@@ -443,6 +443,10 @@ class Connection:
                             )
                         )
                     return
+                # Bytes that come back in the same tick as the watchdog's
+                # deadline are too late: fed to the core, they would move its
+                # deadline and leave a cancelled block with no verdict.
+                await trio.lowlevel.checkpoint_if_cancelled()
                 core.receive_data(data, trio.current_time())
                 if await self._dispatch_events():
                     return
@@ -450,7 +454,7 @@ class Connection:
                 if core._control:
                     self._wake.set()
         except RemoteProtocolError as exc:
-            logger.info(
+            logger.debug(
                 "protocol error from peer %s: %s (close %d)", self.remote_address, exc, exc.code
             )
             self._finish(_Outcome(ConnectionClosed, exc.code, str(exc), False, True, exc))
@@ -501,7 +505,15 @@ class Connection:
 
     def _on_ended(self, event: ConnectionEnded) -> None:
         if self._core.state is State.CLOSED:
-            if event.by_peer and self.opened_at is None:
+            # A client is OPEN once it has sent its HELLO, before the server
+            # has judged it: a refusal code as the server's first frame after
+            # its HELLO is the verdict on ours (bad credentials, say).
+            judged = (
+                self.role is Role.CLIENT
+                and self._core.counters.frames_in == 2
+                and event.code in (CloseCode.POLICY_VIOLATION, CloseCode.TRY_AGAIN_LATER)
+            )
+            if event.by_peer and (self.opened_at is None or judged):
                 kind: type[ConnectionClosed] = ConnectionRejected
             else:
                 kind = ConnectionClosed
@@ -509,6 +521,9 @@ class Connection:
             self._finish(
                 _Outcome(kind, event.code, event.reason, event.by_peer, failure), cancel=failure
             )
+            # CLOSED has no deadline: a stale liveness or close deadline must
+            # not cancel the caller's block after an orderly close.
+            self._rearm()
             self._wake.set()  # the writer flushes our answering CLOSE, then closes the stream
         elif event.code == CloseCode.HEARTBEAT_TIMEOUT:
             self._finish(_Outcome(HeartbeatTimeout, event.code, event.reason, False, True))
@@ -537,6 +552,8 @@ class Connection:
                             if self._close_request is not None:
                                 self._apply_close(now)
                             break
+                        except trio.EndOfChannel:
+                            break  # _finish() ran since we woke (a failure): its cancel is due
                         core.send_data(message, now)
                         batch += len(message)
                     else:
@@ -549,9 +566,16 @@ class Connection:
                 data = core.data_to_send()
                 if data:
                     self._send_broken = True
+                    # Last words (our answer to the peer's CLOSE) must not die
+                    # in a send cancelled by the block ending at the same
+                    # moment: they go out shielded, for a short while at most.
+                    last_words = core.state in (State.CLOSED, State.ERROR)
                     with trio.move_on_after(self._write_timeout) as write_scope:
-                        await stream.send_all(data)
-                        self._send_broken = False
+                        with trio.CancelScope(shield=last_words) as words_scope:
+                            if last_words:
+                                words_scope.deadline = trio.current_time() + _BEST_EFFORT_SECONDS
+                            await stream.send_all(data)
+                            self._send_broken = False
                     if write_scope.cancelled_caught:
                         self._finish(
                             _Outcome(
@@ -601,6 +625,10 @@ class Connection:
             self._outcome = outcome
         self._out_send.close()
         self._in_send.close()
+        # No PONG can come any more: a ping() waiting for one must raise now,
+        # not when the block is left (an orderly close does not cancel it).
+        for waiter in self._ping_waiters.values():
+            waiter.set()
         self._ended.set()
         if outcome.failure if cancel is None else cancel:
             self._watchdog.cancel()
@@ -696,9 +724,24 @@ async def open_stream_connection(
                             conn.close_nowait(CloseCode.GOING_AWAY, type(exc).__name__, flush=False)
                         raise
                     await conn.aclose()
-                    nursery.cancel_scope.cancel()
+                    # Both tasks end by themselves once the close is done; a
+                    # cancel now could cut off the CLOSE the writer is still
+                    # sending in answer to the peer's, so it only comes late.
+                    nursery.cancel_scope.deadline = trio.current_time() + _BEST_EFFORT_SECONDS
             except BaseExceptionGroup as group:
-                leaf = single_exception(group)
+                # The watchdog may have cancelled the reader while the block
+                # raised an error of its own: that error is the news. A
+                # cancellation dropped here is raised again at the next checkpoint.
+                errors = group.split(trio.Cancelled)[1]
+                if errors is None:
+                    # Nothing but cancellations (a scope outside reached the
+                    # block and both tasks at once): one Cancelled stands for
+                    # all, so the caller's scope never sees a group.
+                    leaf: BaseException = group
+                    while isinstance(leaf, BaseExceptionGroup):
+                        leaf = leaf.exceptions[0]
+                else:
+                    leaf = single_exception(errors)
                 raise leaf from leaf.__cause__  # keep the leaf's own cause, hide the group
         if conn._outcome is None and conn._watchdog.cancelled_caught:
             conn._on_watchdog_expired()

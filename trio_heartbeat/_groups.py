@@ -22,14 +22,19 @@ __all__ = ["BaseExceptionGroup", "only_cancelled", "single_exception"]
 
 
 def single_exception(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The group's only leaf exception, or the group itself if it has several."""
+    """The group's only leaf exception, or the group itself if it has several.
+
+    One exception object raised by two tasks counts once: a supervisor task
+    that fails and a caller's ``receive`` that re-raises that same failure
+    report one thing.
+    """
     leaves: list[BaseException] = []
     pending: list[BaseException] = [group]
     while pending:
         exc = pending.pop()
         if isinstance(exc, BaseExceptionGroup):
             pending.extend(exc.exceptions)
-        else:
+        elif not any(exc is leaf for leaf in leaves):
             leaves.append(exc)
     return leaves[0] if len(leaves) == 1 else group
 

@@ -39,7 +39,7 @@ from ._errors import ConnectionClosed
 from ._frames import CloseCode, HealthStatus, Role, encode_close
 from ._keepalive import KeepaliveOptions, apply_keepalive
 from ._liveness import LivenessRegistry
-from ._protocol import Config, ConnectionEnded, Event, HandshakeComplete, PeerHealthChanged
+from ._protocol import Config, Event, HandshakeComplete, PeerHealthChanged
 
 __all__ = ["Handler", "Server", "ServerStatistics", "serve_tcp"]
 
@@ -79,6 +79,12 @@ def _describe_address(stream: trio.abc.Stream) -> str | None:
         host, port = peer[0], peer[1]
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     return str(peer)
+
+
+def _describe_ending(ending: ConnectionClosed) -> str:
+    reason = f" ({ending.reason})" if ending.reason else ""
+    who = "the peer" if ending.by_peer else "us"
+    return f"ended with {ending.code}{reason}, {type(ending).__name__}, closed by {who}"
 
 
 @final
@@ -128,9 +134,13 @@ class Server:
         self.keepalive: KeepaliveOptions | None = keepalive or None
         self.registry = LivenessRegistry()
         self.listeners: list[trio.SocketListener] = []
+        self._port: int | None = None
         self._event_listeners = [self._on_event, *(listeners or ())]
         self._accept_scope = trio.CancelScope()
         self._connections_scope: trio.CancelScope | None = None
+        # One per handle_stream call, so that drain() can cancel streams that
+        # custom transports and tests serve outside our nursery too.
+        self._stream_scopes: set[trio.CancelScope] = set()
         self._draining = False
         self._active = 0
         self._handshaking = 0
@@ -146,10 +156,9 @@ class Server:
     @property
     def port(self) -> int:
         """The first listener's port (useful after asking for port 0)."""
-        if not self.listeners:
+        if self._port is None:
             raise RuntimeError("the server is not listening on TCP")
-        port: int = self.listeners[0].socket.getsockname()[1]
-        return port
+        return self._port
 
     @property
     def draining(self) -> bool:
@@ -199,18 +208,23 @@ class Server:
         every connection down at once (each still sends CLOSE 1001 if it can).
         """
         self.listeners = listeners
-        try:
-            async with trio.open_nursery() as connections:
-                self._connections_scope = connections.cancel_scope
+        if listeners:
+            self._port = listeners[0].socket.getsockname()[1]
+        async with trio.open_nursery() as connections:
+            self._connections_scope = connections.cancel_scope
+            try:
                 with self._accept_scope:
                     async with trio.open_nursery() as accepting:
                         for listener in listeners:
                             accepting.start_soon(self._accept_loop, listener, connections)
                         task_status.started(self)
-        finally:
-            with trio.CancelScope(shield=True):
-                for listener in listeners:
-                    await trio.aclose_forcefully(listener)
+            finally:
+                # Closed as soon as accepting stops, not when the last
+                # connection is gone: during a drain, a newcomer is refused
+                # by the kernel at once rather than left waiting for a HELLO.
+                with trio.CancelScope(shield=True):
+                    for listener in listeners:
+                        await trio.aclose_forcefully(listener)
 
     async def _accept_loop(self, listener: trio.SocketListener, connections: trio.Nursery) -> None:
         while True:
@@ -236,7 +250,16 @@ class Server:
 
         Applies the capacity limit, TLS, the handshake, the id takeover rule,
         and runs the handler; never raises for anything the peer or the handler did.
+        :meth:`drain` cancels it at its bound, whichever nursery runs it.
         """
+        with trio.CancelScope() as scope:
+            self._stream_scopes.add(scope)
+            try:
+                await self._serve_stream(stream, address)
+            finally:
+                self._stream_scopes.discard(scope)
+
+    async def _serve_stream(self, stream: trio.abc.Stream, address: str | None) -> None:
         self._accepted += 1
         address = address if address is not None else _describe_address(stream)
         if self._draining:
@@ -252,6 +275,7 @@ class Server:
         self._idle = trio.Event() if self._idle.is_set() else self._idle
         handshaking = True
         conn: Connection | None = None
+        ending: ConnectionClosed | None = None
         try:
             async with open_stream_connection(
                 stream,
@@ -276,14 +300,16 @@ class Server:
                     conn.close_nowait(CloseCode.GOING_AWAY, "server draining", flush=False)
                 await self.handler(conn)
         except ConnectionClosed as exc:
-            self._closed_by_code[exc.code] += 1
-            logger.info("%s: %s", address, exc)
+            ending = exc
         except Exception:
             logger.exception("%s: handler failed", address)
-        else:
-            if conn is not None and conn.closed is not None:
-                self._closed_by_code[conn.closed.code] += 1
         finally:
+            if ending is None and conn is not None:
+                ending = conn.closed
+            if ending is not None:
+                # One line per connection, however it ended.
+                self._closed_by_code[ending.code] += 1
+                logger.info("%s: %s", address, _describe_ending(ending))
             if handshaking:
                 self._handshaking -= 1
             if conn is not None:
@@ -314,8 +340,6 @@ class Server:
             self.registry._health_changed(conn)
         elif type(event) is HandshakeComplete:
             logger.info("%s: connected, id %r", conn.remote_address, event.peer.instance_id)
-        elif type(event) is ConnectionEnded:
-            logger.info("%s: ended with %d %s", conn.remote_address, event.code, event.reason)
 
     # -- draining ---------------------------------------------------------------
 
@@ -333,10 +357,10 @@ class Server:
         with trio.move_on_after(self.drain_timeout if grace is None else grace):
             await self._idle.wait()
             return
+        logger.warning("drain timed out with %d connection(s) left; cancelling them", self._active)
+        for scope in self._stream_scopes:
+            scope.cancel()
         if self._connections_scope is not None:
-            logger.warning(
-                "drain timed out with %d connection(s) left; cancelling them", self._active
-            )
             self._connections_scope.cancel()
         await self._idle.wait()
 

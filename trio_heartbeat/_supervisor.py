@@ -420,7 +420,13 @@ class ReconnectingClient:
             yield message
 
     def nudge(self) -> None:
-        """Skip the rest of the current backoff wait and try again now."""
+        """Skip the rest of the current backoff wait and try again now.
+
+        During an attempt, skips the wait after it if it fails; while
+        connected, does nothing (a later drop still backs off).
+        """
+        if self._state is SupervisorState.CONNECTED:
+            return
         self._nudged = True
         if self._nudge_scope is not None:
             self._nudge_scope.cancel()
@@ -533,11 +539,16 @@ class ReconnectingClient:
                     self._connection = conn
                     self._set_state(SupervisorState.CONNECTED)
                     self._emit(Connected(attempt, endpoint, conn))
+                    self._nudged = False  # a nudge skips a wait under way, not the next one
                     async with trio.open_nursery() as helpers:
-                        helpers.start_soon(self._pump, conn)
+                        # Not cancelled with the pump: the forwarder ends once
+                        # it has handed on every message that arrived before
+                        # an orderly CLOSE, so none of them is dropped.
                         helpers.start_soon(self._forward, conn)
-                        closed = await conn.wait_closed()
-                        helpers.cancel_scope.cancel()
+                        async with trio.open_nursery() as pumping:
+                            pumping.start_soon(self._pump, conn)
+                            closed = await conn.wait_closed()
+                            pumping.cancel_scope.cancel()
                     return closed, trio.current_time() - connected_at
             return (
                 HeartbeatTimeout(

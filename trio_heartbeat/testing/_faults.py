@@ -537,10 +537,10 @@ class _Link:
     async def send(self, data: bytes | bytearray | memoryview) -> None:
         """Queue data, waiting for room as needed.
 
-        If cancelled after some but not all of data went in, the link is
-        truncated: later sends raise BrokenResourceError, and the receiver gets
-        the bytes that went in, then BrokenResourceError. A cancelled send can
-        therefore never be mistaken for a complete one.
+        If cancelled (or closed) after some but not all of data went in, the
+        link is truncated: later sends raise BrokenResourceError, and the
+        receiver gets the bytes that went in, then BrokenResourceError. A cut
+        send can therefore never be mistaken for a complete one.
         """
         await trio.lowlevel.checkpoint()
         payload = bytes(data)
@@ -564,16 +564,17 @@ class _Link:
                 if offset == len(payload):
                     return
                 await self._wait()
-        except trio.Cancelled:
-            if offset:
+        except BaseException:
+            # Cancelled, or the stream closed under us, halfway through.
+            if 0 < offset < len(payload):
                 self._truncate()
             raise
 
     def _truncate(self) -> None:
         self._sender_fate = _SenderFate.BROKEN
+        self._end_broken = True  # even after an EOF: the stream was cut short
         if self._end_at is None:
             self._end_at = max(trio.current_time(), self._last_deliver_at)
-            self._end_broken = True
         self.wake()
 
     async def wait_writable(self) -> None:
@@ -716,6 +717,12 @@ class _Wire:
         else:
             survivor_sends.set_fates(_SenderFate.SWALLOW, _ReceiverFate.BROKEN)
             survivor_receives.set_fates(_SenderFate.BROKEN, _ReceiverFate.BLOCK)
+
+    def discard(self) -> None:
+        """Tear-down: count the bytes still in flight as dropped."""
+        for link in (self.outbound, self.inbound):
+            link._discard()
+            link.wake()
 
     def transport_failed(self) -> None:
         """The real stream under one end broke: the whole connection is reset."""
@@ -1014,6 +1021,7 @@ async def _open_faulty_stream(
                 yield stream
             finally:
                 stream._close()
+                wire.discard()
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         # The pumps raise nothing, so a group here holds the block's own

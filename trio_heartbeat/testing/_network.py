@@ -224,8 +224,9 @@ class MemoryNetwork:
         ``server`` is a :class:`Server` or a handler, for which
         ``Server(handler, **server_kwargs)`` is made. ``faults`` are the
         controls shared by every connection to this host (a fresh
-        :class:`Faults` by default). Raises :exc:`OSError` (``EADDRINUSE``) if
-        the address is taken.
+        :class:`Faults` by default; give two hosts the same one and a
+        :meth:`MemoryHost.kill` of either resets both). Raises :exc:`OSError`
+        (``EADDRINUSE``) if the address is taken.
         """
         built = _as_server(server, server_kwargs)
         return self._add(endpoint, built.handle_stream, built, faults)

@@ -36,7 +36,7 @@ class ProxyStatistics:
 
     #: Client connections accepted.
     connections_accepted: int
-    #: Connections currently being proxied.
+    #: Connections accepted and not yet ended (including any still dialling the target).
     connections_active: int
     #: Accepted connections dropped because the target could not be reached.
     connections_failed: int
@@ -196,8 +196,9 @@ class FaultProxy:
                     )
         finally:
             self._port = None
-            for listener in listeners:
-                await trio.aclose_forcefully(listener)
+            with trio.CancelScope(shield=True):  # close every one, even when cancelled
+                for listener in listeners:
+                    await trio.aclose_forcefully(listener)
 
     async def _accept_loop(
         self,
@@ -212,6 +213,15 @@ class FaultProxy:
             nursery.start_soon(self._proxy, client, target_host, target_port)
 
     async def _proxy(self, client: trio.SocketStream, target_host: str, target_port: int) -> None:
+        # Registered before the target is dialled: once the target has
+        # accepted, faults aimed at "every current connection" reach this one.
+        wire = _Wire(self._faults, self._buffer_size)
+        try:
+            host, port = client.socket.getpeername()[:2]
+        except OSError:  # the client is already gone; the pumps will notice
+            host, port = "", 0
+        connection = ProxyConnection(wire, (host, port))
+        self._connections[connection] = None
         try:
             try:
                 target = await trio.open_tcp_stream(target_host, target_port)
@@ -219,21 +229,15 @@ class FaultProxy:
                 self._failed += 1
                 await abort_stream(client)
                 return
-            wire = _Wire(self._faults, self._buffer_size)
-            try:
-                host, port = client.socket.getpeername()[:2]
-            except OSError:  # the client is already gone; the pumps will notice
-                host, port = "", 0
-            connection = ProxyConnection(wire, (host, port))
-            self._connections[connection] = None
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(splice, client, wire.outbound, wire.inbound, wire)
                     nursery.start_soon(splice, target, wire.inbound, wire.outbound, wire)
             finally:
-                del self._connections[connection]
-                if wire.was_reset:
-                    self._reset += 1
                 await trio.aclose_forcefully(target)
         finally:
+            wire.discard()
+            del self._connections[connection]
+            if wire.was_reset:
+                self._reset += 1
             await trio.aclose_forcefully(client)

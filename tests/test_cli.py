@@ -1,0 +1,271 @@
+"""The command line, in-process through ``main([...])``: parsing, usage errors, exit codes.
+
+Bad values that argparse can judge alone end in ``SystemExit(2)`` with
+argparse's usage message; values judged later (a timeout that is not longer
+than the interval, an unreadable ``--secret-file``, a port already taken, a
+malformed endpoint) make ``main`` print one ``error: ...`` line and return 2,
+with no traceback. Serving and connecting for real are covered through the
+subprocess in ``test_conformance.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+import pytest
+import trio
+
+from trio_heartbeat._cli import DEFAULT_PORT, _config, build_parser, main
+
+
+@pytest.fixture(autouse=True)
+def restore_library_logging() -> Iterator[None]:
+    """``main`` points the library's logger at the stderr of the moment; undo that."""
+    library = logging.getLogger("trio_heartbeat")
+    saved = library.handlers[:], library.level, library.propagate
+    yield
+    library.handlers[:], library.level, library.propagate = saved
+
+
+@contextmanager
+def sigterm_after(seconds: float) -> Iterator[None]:
+    """Bound a ``main`` that would run on: ``serve`` and ``connect`` both stop on SIGTERM.
+
+    A signal that comes too late to matter finds a do-nothing handler.
+    """
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    timer = threading.Timer(seconds, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+        timer.join()
+        signal.signal(signal.SIGTERM, previous)
+
+
+def usage_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    """Run ``main`` on arguments argparse refuses; return its complaint."""
+    with pytest.raises(SystemExit) as exit_info, sigterm_after(10):
+        main(argv)
+    assert exit_info.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("usage: python -m trio_heartbeat")
+    complaint = err.splitlines()[-1]
+    assert "error: " in complaint
+    return complaint
+
+
+def test_help_lists_the_three_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("serve", "connect", "demo"):
+        assert command in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ([], "the following arguments are required: COMMAND"),
+        (["listen"], "invalid choice: 'listen'"),
+        (["serve", "--interval", "0"], "argument --interval: must be positive: '0'"),
+        (["serve", "--timeout", "-1"], "argument --timeout: must be positive: '-1'"),
+        (["serve", "--drain-timeout", "nan"], "argument --drain-timeout: must be positive: 'nan'"),
+        (["serve", "--handshake-timeout", "soon"], "not a number: 'soon'"),
+        (["serve", "--port", "65536"], "argument --port: must be 0 to 65535: '65536'"),
+        (["serve", "--port", "-1"], "argument --port: must be 0 to 65535: '-1'"),
+        (["serve", "--port", "http"], "argument --port: not a port number: 'http'"),
+        (["serve", "--max-connections", "0"], "argument --max-connections: must be at least 1"),
+        (["serve", "--max-connections", "1.5"], "not a whole number: '1.5'"),
+        (["serve", "--verbose", "--quiet"], "unrecognized arguments: --quiet"),
+        (["connect"], "the following arguments are required: HOST:PORT"),
+        (["connect", "--linger", "0", "127.0.0.1:7400"], "argument --linger: must be positive"),
+        (["connect", "--backoff-cap", "x", "127.0.0.1:7400"], "not a number: 'x'"),
+        (["demo", "--slow"], "unrecognized arguments: --slow"),
+    ],
+)
+def test_argparse_refuses_bad_values(
+    capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    assert message in usage_error(capsys, argv)
+
+
+def run_for_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    """Run ``main`` on arguments it refuses after parsing; return its one stderr line."""
+    with sigterm_after(10):
+        assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    lines = err.splitlines()
+    assert len(lines) == 1, err  # no traceback, no log noise
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", [["serve"], ["connect", "127.0.0.1:7400"]])
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--interval", "2", "--timeout", "1"], "error: --timeout must be longer than --interval"),
+        (["--interval", "1", "--timeout", "1"], "error: --timeout must be longer than --interval"),
+        (["--interval", "0.0001"], "error: interval must be between 1 ms and about 49 days"),
+        (["--id", "é" * 33], "error: instance_id must be at most 64 bytes in UTF-8"),
+    ],
+)
+def test_settings_the_protocol_cannot_honour_are_usage_errors(
+    capsys: pytest.CaptureFixture[str], command: list[str], options: list[str], message: str
+) -> None:
+    assert run_for_error(capsys, [*command, *options]).startswith(message)
+
+
+@pytest.mark.parametrize("command", [["serve"], ["connect", "127.0.0.1:7400"]])
+def test_secret_file_that_cannot_be_read(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, command: list[str]
+) -> None:
+    missing = tmp_path / "missing"
+    line = run_for_error(capsys, [*command, "--secret-file", str(missing)])
+    assert line.startswith("error: cannot read --secret-file: ")
+    assert str(missing) in line
+    line = run_for_error(capsys, [*command, "--secret-file", str(tmp_path)])
+    assert line.startswith("error: cannot read --secret-file: ")
+
+
+@pytest.mark.parametrize("content", [b"", b" \n\t\r\n"])
+def test_secret_file_with_no_key_in_it(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, content: bytes
+) -> None:
+    secret = tmp_path / "secret"
+    secret.write_bytes(content)
+    assert run_for_error(capsys, ["serve", "--secret-file", str(secret)]) == (
+        "error: --secret-file is empty"
+    )
+
+
+def test_secret_file_key_is_stripped_of_surrounding_whitespace(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"  s3cret key\n")
+    args = build_parser().parse_args(["serve", "--secret-file", str(secret)])
+    assert _config(args).secret == b"s3cret key"
+
+
+def test_options_reach_the_protocol_config(tmp_path: Path) -> None:
+    args = build_parser().parse_args(
+        [
+            "connect",
+            "--interval",
+            "0.25",
+            "--timeout",
+            "0.75",
+            "--handshake-timeout",
+            "2",
+            "--id",
+            "node-7",
+            "--linger",
+            "0.5",
+            "h1:1",
+            "h2:2",
+        ]
+    )
+    config = _config(args)
+    assert (config.interval_ms, config.timeout_ms, config.handshake_timeout) == (250, 750, 2.0)
+    assert config.instance_id == "node-7"
+    assert config.secret is None
+    assert args.endpoints == ["h1:1", "h2:2"]
+    assert args.linger == 0.5
+
+    defaults = build_parser().parse_args(["serve"])
+    assert (defaults.host, defaults.port, defaults.max_connections) == (
+        "127.0.0.1",
+        DEFAULT_PORT,
+        4096,
+    )
+    assert (defaults.interval, defaults.timeout, defaults.id) == (1.0, 3.0, "")
+
+
+def test_serve_on_a_port_already_taken(capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        line = run_for_error(capsys, ["serve", "--host", "127.0.0.1", "--port", str(port)])
+    assert line.startswith(f"error: cannot listen on 127.0.0.1:{port}: ")
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "message"),
+    [
+        ("localhost", "error: endpoint must be 'host:port' or (host, port), not 'localhost'"),
+        ("127.0.0.1:http", "error: endpoint must be 'host:port'"),
+        ("127.0.0.1:0", "error: port must be 1 to 65535 in '127.0.0.1:0'"),
+        ("127.0.0.1:65536", "error: port must be 1 to 65535 in '127.0.0.1:65536'"),
+    ],
+)
+def test_connect_to_a_malformed_endpoint(
+    capsys: pytest.CaptureFixture[str], endpoint: str, message: str
+) -> None:
+    assert run_for_error(capsys, ["connect", "127.0.0.1:7400", endpoint]).startswith(message)
+
+
+def test_keyboard_interrupt_exits_130(monkeypatch: pytest.MonkeyPatch) -> None:
+    def interrupted(*args: object) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trio, "run", interrupted)
+    assert main(["serve"]) == 130
+
+
+# -- connect gives up with status 1 -------------------------------------------------------
+
+
+@contextmanager
+def refusing_server(code: int, reason: bytes) -> Iterator[int]:
+    """A loopback listener that answers one client with CLOSE ``code`` instead of HELLO."""
+    close = struct.pack(">BBIH", 0x05, 0, 2 + len(reason), code) + reason
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(5)
+
+    def answer_one() -> None:
+        with suppress(OSError):
+            peer, _ = listener.accept()
+            with peer:
+                peer.settimeout(5)
+                peer.sendall(close)
+                while peer.recv(4096):
+                    pass
+
+    thread = threading.Thread(target=answer_one, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        listener.close()
+        thread.join(5)
+
+
+def test_connect_exits_1_when_refused_with_a_code_it_does_not_retry(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    stdin_path = tmp_path / "stdin"
+    stdin_path.write_bytes(b"never sent\n")
+    with stdin_path.open("rb") as stdin, refusing_server(1008, b"who are you") as port:
+        monkeypatch.setattr("sys.stdin", stdin)
+        started = time.monotonic()
+        with sigterm_after(10):
+            status = main(["connect", "--linger", "30", f"127.0.0.1:{port}"])
+        elapsed = time.monotonic() - started
+    assert status == 1
+    assert elapsed < 5  # it gave up at once: neither the linger nor the SIGTERM ended it
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert "giving up: not reconnecting after close code 1008 (who are you)" in err
+    assert "Traceback" not in err
