@@ -223,24 +223,27 @@ async def test_a_late_frame_pushes_the_deadline(autojump_clock: MockClock) -> No
     assert peer.frames[-1].at == 5.5
 
 
-async def test_a_frame_in_the_same_tick_as_the_deadline_is_too_late(
+async def test_a_frame_waiting_at_the_deadline_is_honoured(
     autojump_clock: MockClock,
 ) -> None:
-    """A loaded event loop (here: a clock jump) can wake the reader with data
-    and pass the watchdog's deadline before the reader runs. The verdict
-    stands: the block was cancelled, so the caller must hear why."""
+    """A loaded event loop (here: a clock jump) can pass the watchdog's deadline
+    while a frame the peer sent in time waits for our reader. The local-stall
+    guard lets the reader take it in first: the peer is alive, and the
+    silence clock restarts from when we read it."""
     stream, peer = stream_and_peer()
     body_cancelled_at: list[float] = []
 
     async def script() -> None:
         await peer.handshake()
         await trio.sleep_until(2.5)
-        await peer.send_data(b"just in time?")
-        autojump_clock.jump(0.5)  # the clock passes 3.0 before our reader runs
+        await peer.send_data(b"just in time")
+        autojump_clock.jump(0.5)  # the clock reaches 3.0 before our reader runs
         await peer.drain()
 
     async def body(conn: Connection) -> None:
         try:
+            assert await conn.receive() == b"just in time"
+            assert trio.current_time() == 3.0
             await trio.sleep_forever()
         finally:
             body_cancelled_at.append(trio.current_time())
@@ -249,7 +252,7 @@ async def test_a_frame_in_the_same_tick_as_the_deadline_is_too_late(
         nursery.start_soon(script)
         with pytest.raises(HeartbeatTimeout):
             await run_body(stream, body, config=CONFIG)
-    assert body_cancelled_at == [3.0]
+    assert body_cancelled_at == [6.0]  # read at 3.0, then silent for the 3 s timeout
     assert peer.frames[-1].close_code == CloseCode.HEARTBEAT_TIMEOUT
 
 
@@ -1235,3 +1238,58 @@ async def test_a_ping_from_another_task_ends_with_the_connection(
     assert [(type(exc), exc.code) for exc in results] == [  # type: ignore[attr-defined]
         (ConnectionClosed, CloseCode.GOING_AWAY)
     ]
+
+
+# -- the watchdog records its verdict before it cancels ----------------------------
+
+
+async def test_the_verdict_is_visible_while_the_block_unwinds(autojump_clock: MockClock) -> None:
+    stream, peer = stream_and_peer()
+    seen: list[object] = []
+
+    async def body(conn: Connection) -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            seen.append(conn.closed)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(handshake_then_drain, peer)
+        with pytest.raises(HeartbeatTimeout):
+            await run_body(stream, body, config=CONFIG)
+    [verdict] = seen
+    assert isinstance(verdict, HeartbeatTimeout)
+    assert verdict.code == CloseCode.HEARTBEAT_TIMEOUT
+
+
+async def test_code_after_aclose_runs_when_the_close_times_out(autojump_clock: MockClock) -> None:
+    stream, peer = stream_and_peer()
+    after_close: list[float] = []
+
+    async def body(conn: Connection) -> None:
+        await trio.sleep(1.0)
+        await conn.aclose()  # the peer never answers: the close timeout ends the wait
+        after_close.append(trio.current_time())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(handshake_then_drain, peer)
+        await run_body(stream, body, config=Config(interval=1.0, timeout=3.0, close_timeout=0.5))
+    assert after_close == [1.5]
+    assert stream.closed
+
+
+async def test_a_client_block_starts_only_once_its_hello_is_written(
+    autojump_clock: MockClock,
+) -> None:
+    stream, peer = stream_and_peer(role=Role.SERVER)
+
+    async def body(conn: Connection) -> None:
+        raise KeyError("at once")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(handshake_then_drain, peer)
+        with pytest.raises(KeyError):
+            await run_body(stream, body, role=Role.CLIENT, config=CONFIG)
+    types = [frame.type for frame in peer.frames]
+    assert types[:1] == [FrameType.HELLO]
+    assert peer.frames[-1].close_code == CloseCode.GOING_AWAY

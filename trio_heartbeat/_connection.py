@@ -190,7 +190,11 @@ class Connection:
         self._out_send, self._out_receive = trio.open_memory_channel[bytes](options.send_queue)
         self._in_send, self._in_receive = trio.open_memory_channel[bytes](options.receive_queue)
         self._wake = trio.Event()
-        self._watchdog = trio.CancelScope(deadline=protocol.abort_deadline)
+        # The scope around the whole connection (tasks and the caller's block):
+        # cancelled on failure. The watchdog task's timer is a scope of its own
+        # whose deadline the reader moves with every frame.
+        self._scope = trio.CancelScope()
+        self._timer = trio.CancelScope(deadline=protocol.abort_deadline)
         self._opened = trio.Event()
         self._ended = trio.Event()
         self._outcome: _Outcome | None = None
@@ -255,8 +259,13 @@ class Connection:
 
     @property
     def watchdog_deadline(self) -> float:
-        """The deadline of the watchdog cancel scope: when the connection is given up."""
-        return self._watchdog.deadline
+        """When the watchdog gives up on the connection if nothing arrives before.
+
+        The handshake deadline, then the failure detector's verdict on a silent
+        peer (``inf`` while our application holds the reader up), then the
+        close timeout.
+        """
+        return self._timer.deadline
 
     @property
     def closed(self) -> ConnectionClosed | None:
@@ -421,7 +430,44 @@ class Connection:
     # -- the tasks --------------------------------------------------------------
 
     def _rearm(self) -> None:
-        self._watchdog.deadline = self._core.abort_deadline
+        self._timer.deadline = self._core.abort_deadline
+
+    async def _watchdog(self) -> None:
+        """Sleep until the core's abort deadline; if it still stands then, act on it.
+
+        The reader moves the timer's deadline with every frame, so the sleep
+        only ends when the peer really has been silent that long (or the
+        handshake or close took too long). The verdict is recorded *before*
+        the connection's scope is cancelled, so everything that unwinds, the
+        caller's block included, can already see why.
+        """
+        core = self._core
+        while not self._ended.is_set():
+            self._timer = trio.CancelScope(deadline=core.abort_deadline)
+            with self._timer:
+                await trio.sleep_forever()
+            if self._ended.is_set():
+                return  # ended meanwhile: _finish() woke us to leave
+            if trio.current_time() < core.abort_deadline:
+                continue  # moved by a frame that arrived in the same tick
+            # The local-stall guard: before a verdict, let the reader take in
+            # whatever already arrived. A frame waiting in our buffer proves
+            # the peer alive; only our own lateness (a busy or stalled event
+            # loop) kept it from us. Two rounds: one for Trio to notice the
+            # input and wake the reader, one for the reader to run.
+            await trio.lowlevel.checkpoint()
+            await trio.lowlevel.checkpoint()
+            now = trio.current_time()
+            if now < core.abort_deadline:
+                continue
+            core.handle_timeout(now)
+            while (event := core.next_event()) is not NEED_DATA:
+                if type(event) is ConnectionEnded:
+                    self._notify(event)
+                    self._on_ended(event)
+            if core.state in (State.CLOSED, State.ERROR):
+                self._wake.set()  # the writer sends any last CLOSE, then closes the stream
+                return
 
     async def _reader(self) -> None:
         core = self._core
@@ -443,10 +489,6 @@ class Connection:
                             )
                         )
                     return
-                # Bytes that come back in the same tick as the watchdog's
-                # deadline are too late: fed to the core, they would move its
-                # deadline and leave a cancelled block with no verdict.
-                await trio.lowlevel.checkpoint_if_cancelled()
                 core.receive_data(data, trio.current_time())
                 if await self._dispatch_events():
                     return
@@ -483,8 +525,7 @@ class Connection:
                     self._ping_results[event.opaque] = event.rtt
                     waiter.set()
             elif type(event) is HandshakeComplete:
-                self._opened.set()
-                self._wake.set()
+                self._wake.set()  # the writer sends our HELLO (client) and opens the block
             elif type(event) is ConnectionEnded:
                 self._on_ended(event)
                 return True
@@ -541,8 +582,10 @@ class Connection:
                 self._wake = trio.Event()
                 now = trio.current_time()
                 if core.state is State.OPEN:
-                    # Only the watchdog convicts; the writer just keeps the PINGs going.
-                    if now >= core.ping_deadline:
+                    # Only the watchdog convicts; the writer just keeps the PINGs
+                    # going, and sends none once the peer is due to be convicted
+                    # (a send cut short by the verdict would cost us the CLOSE).
+                    if core.ping_deadline <= now < core.abort_deadline:
                         core.send_ping(now)
                     batch = 0
                     while batch < _BATCH_BYTES and core.state is State.OPEN:
@@ -587,6 +630,10 @@ class Connection:
                             )
                         )
                         return
+                if core.state is State.OPEN and not self._opened.is_set():
+                    # Our HELLO (a client's) is on the wire: the caller's block
+                    # may start, and whatever it does, the peer has heard us.
+                    self._opened.set()
                 if core.state in (State.CLOSED, State.ERROR) and not core._control:
                     with trio.CancelScope(
                         shield=True, deadline=trio.current_time() + _BEST_EFFORT_SECONDS
@@ -620,9 +667,15 @@ class Connection:
                 logger.exception("event listener %r failed on %r", listener, event)
 
     def _finish(self, outcome: _Outcome, *, cancel: bool | None = None) -> None:
-        """Record how the connection ended (the first word wins); failures cancel everything."""
-        if self._outcome is None:
-            self._outcome = outcome
+        """Record how the connection ended; failures cancel everything.
+
+        The first word wins: a later one (a write failing after an orderly
+        close, say) neither replaces it nor cancels the caller's block.
+        """
+        if self._outcome is not None:
+            return
+        self._outcome = outcome
+        self._timer.cancel()  # nothing left to watch: the watchdog task returns
         self._out_send.close()
         self._in_send.close()
         # No PONG can come any more: a ping() waiting for one must raise now,
@@ -631,20 +684,7 @@ class Connection:
             waiter.set()
         self._ended.set()
         if outcome.failure if cancel is None else cancel:
-            self._watchdog.cancel()
-
-    def _on_watchdog_expired(self) -> None:
-        """The watchdog's deadline passed: let the core decide what that means."""
-        core = self._core
-        core.handle_timeout(trio.current_time())
-        while True:
-            event = core.next_event()
-            if event is NEED_DATA:
-                break
-            if type(event) is ConnectionEnded:
-                self._notify(event)
-                self._on_ended(event)
-                break
+            self._scope.cancel()
 
     def _wrap_up(self) -> None:
         if self._outcome is None:
@@ -709,11 +749,12 @@ async def open_stream_connection(
     conn = Connection(stream, core, options, list(listeners or ()), remote_address)
     body_error: BaseException | None = None
     try:
-        with conn._watchdog:
+        with conn._scope:
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(conn._reader)
                     nursery.start_soon(conn._writer)
+                    nursery.start_soon(conn._watchdog)
                     conn._wake.set()  # a server's HELLO is already queued
                     await conn._opened.wait()
                     try:
@@ -743,8 +784,6 @@ async def open_stream_connection(
                 else:
                     leaf = single_exception(errors)
                 raise leaf from leaf.__cause__  # keep the leaf's own cause, hide the group
-        if conn._outcome is None and conn._watchdog.cancelled_caught:
-            conn._on_watchdog_expired()
     finally:
         conn._wrap_up()
         await conn._teardown()
