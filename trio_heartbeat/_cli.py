@@ -28,6 +28,7 @@ from ._protocol import (
     Event,
     HandshakeComplete,
     PeerHealthChanged,
+    PingReceived,
     PongReceived,
 )
 from ._server import Server
@@ -104,7 +105,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         help="file holding the pre-shared HMAC key (PROTOCOL.md §6)",
     )
     group.add_argument("--id", default="", metavar="NAME", help="this instance's id, sent in HELLO")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log every heartbeat too")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="also log every PING and PONG (debug level)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -271,6 +274,10 @@ class _RttReporter:
     last_report: float = float("-inf")
 
     def __call__(self, conn: Connection, event: Event) -> None:
+        if isinstance(event, (PingReceived, PongReceived)):
+            logger.debug(
+                "%s %s, peer %s", type(event).__name__, event.opaque.hex(), event.status.name
+            )
         if isinstance(event, PongReceived) and event.rtt is not None:
             now = trio.current_time()
             if now - self.last_report >= self.every:
