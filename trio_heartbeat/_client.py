@@ -12,7 +12,7 @@ import trio
 from ._connection import Connection, ConnectionOptions, EventListener, open_stream_connection
 from ._errors import BrokenConnection, HeartbeatTimeout
 from ._frames import CloseCode, Role
-from ._keepalive import KeepaliveOptions, apply_keepalive
+from ._keepalive import KeepaliveOptions, resolve_keepalive, try_apply_keepalive
 from ._protocol import Config
 
 __all__ = ["open_connection"]
@@ -62,13 +62,7 @@ async def open_connection(
         raise HeartbeatTimeout(
             CloseCode.HEARTBEAT_TIMEOUT, f"connecting to {address} took over {connect_timeout} s"
         )
-    if keepalive is True:
-        keepalive = KeepaliveOptions.from_heartbeat(config.interval, config.timeout)
-    if keepalive:
-        try:
-            apply_keepalive(tcp.socket, keepalive)
-        except OSError as exc:
-            logger.warning("could not set TCP keepalive: %s", exc)
+    try_apply_keepalive(tcp.socket, resolve_keepalive(keepalive, config.interval, config.timeout))
     stream: trio.abc.Stream = tcp
     if ssl_context is not None:
         stream = trio.SSLStream(tcp, ssl_context, server_hostname=server_hostname or host)

@@ -685,6 +685,11 @@ class Connection:
         self._ended.set()
         if outcome.failure if cancel is None else cancel:
             self._scope.cancel()
+        elif self.opened_at is not None:
+            # An orderly end right after the handshake (a CLOSE that came with
+            # the peer's HELLO): the writer may never get to open the block,
+            # so open it here; the caller finds the connection closed.
+            self._opened.set()
 
     def _wrap_up(self) -> None:
         if self._outcome is None:

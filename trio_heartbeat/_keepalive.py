@@ -25,6 +25,7 @@ Everything here is synchronous socket-option plumbing; nothing blocks.
 from __future__ import annotations
 
 import errno
+import logging
 import math
 import socket
 from dataclasses import dataclass
@@ -325,3 +326,36 @@ def _get(sock: SupportsSockopt, level: int, option: _Option | None) -> int | Non
         return sock.getsockopt(level, option.number)
     except OSError as exc:
         raise OSError(exc.errno, f"could not read {option.name}: {exc.strerror}") from exc
+
+
+_logger = logging.getLogger("trio_heartbeat")
+
+
+def resolve_keepalive(
+    setting: KeepaliveOptions | bool | None, interval: float, timeout: float
+) -> KeepaliveOptions | None:
+    """What a ``keepalive=`` argument means: ``True`` derives the options from
+    the heartbeat settings, ``False`` or ``None`` leaves the OS defaults.
+
+    Heartbeat settings too long for the kernel's keepalive fields (a timeout
+    of more than about 12 days) leave the OS defaults too, with a warning:
+    keepalive is a backstop, not a reason to refuse a configuration.
+    """
+    if setting is True:
+        try:
+            return KeepaliveOptions.from_heartbeat(interval, timeout)
+        except ValueError as exc:
+            _logger.warning("TCP keepalive left at the OS defaults: %s", exc)
+            return None
+    return setting or None
+
+
+def try_apply_keepalive(sock: SupportsSockopt, options: KeepaliveOptions | None) -> None:
+    """:func:`apply_keepalive`, logging instead of raising if the OS refuses:
+    a connection is worth more than its keepalive backstop."""
+    if options is None:
+        return
+    try:
+        apply_keepalive(sock, options)
+    except (OSError, ValueError) as exc:
+        _logger.warning("could not set TCP keepalive: %s", exc)

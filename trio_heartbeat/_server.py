@@ -37,7 +37,7 @@ import trio
 from ._connection import Connection, ConnectionOptions, EventListener, open_stream_connection
 from ._errors import ConnectionClosed
 from ._frames import CloseCode, HealthStatus, Role, encode_close
-from ._keepalive import KeepaliveOptions, apply_keepalive
+from ._keepalive import KeepaliveOptions, resolve_keepalive, try_apply_keepalive
 from ._liveness import LivenessRegistry
 from ._protocol import Config, Event, HandshakeComplete, PeerHealthChanged
 
@@ -129,9 +129,7 @@ class Server:
         self.max_connections = max_connections
         self.drain_timeout = drain_timeout
         self.ssl_context = ssl_context
-        if keepalive is True:
-            keepalive = KeepaliveOptions.from_heartbeat(self.config.interval, self.config.timeout)
-        self.keepalive: KeepaliveOptions | None = keepalive or None
+        self.keepalive = resolve_keepalive(keepalive, self.config.interval, self.config.timeout)
         self.registry = LivenessRegistry()
         self.listeners: list[trio.SocketListener] = []
         self._port: int | None = None
@@ -239,10 +237,7 @@ class Server:
                 await trio.sleep(0.1)
                 continue
             if self.keepalive is not None:
-                try:
-                    apply_keepalive(stream.socket, self.keepalive)
-                except OSError as exc:
-                    logger.warning("could not set TCP keepalive: %s", exc)
+                try_apply_keepalive(stream.socket, self.keepalive)
             connections.start_soon(self.handle_stream, stream)
 
     async def handle_stream(self, stream: trio.abc.Stream, address: str | None = None) -> None:

@@ -406,18 +406,18 @@ class ReconnectingClient:
         except (trio.EndOfChannel, trio.ClosedResourceError):
             raise self._stopped_error() from None
 
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        return self._iterate()
+    def __aiter__(self) -> ReconnectingClient:
+        return self
 
-    async def _iterate(self) -> AsyncIterator[bytes]:
-        while True:
-            try:
-                message = await self.receive()
-            except ReconnectFailed:
-                if self._error is None:
-                    return  # closed by the caller
-                raise
-            yield message
+    async def __anext__(self) -> bytes:
+        # Not an async generator: leaving ``async for`` early must leave
+        # nothing behind to finalize.
+        try:
+            return await self.receive()
+        except ReconnectFailed:
+            if self._error is None:
+                raise StopAsyncIteration from None  # closed by the caller
+            raise
 
     def nudge(self) -> None:
         """Skip the rest of the current backoff wait and try again now.

@@ -1,0 +1,238 @@
+"""The liveness registry, watched through a real server in virtual time.
+
+Raw peers over memory streams decide every frame and every moment, so the
+registry's view (when a peer connected, when it was last heard, its round
+trip, its health) can be checked to the exact virtual second.
+"""
+
+from __future__ import annotations
+
+import trio
+import trio.testing
+from helpers import RawPeer, client_hello, connection_pair, echo
+
+from trio_heartbeat import (
+    CloseCode,
+    Config,
+    Connection,
+    FrameType,
+    HealthStatus,
+    LivenessRegistry,
+    Server,
+    State,
+)
+from trio_heartbeat._frames import encode_close, encode_data, encode_ping, encode_pong
+
+CONFIG = Config(interval=1.0, timeout=3.0, handshake_timeout=2.0, close_timeout=1.0)
+
+
+def attach(nursery: trio.Nursery, server: Server, address: str) -> RawPeer:
+    client_end, server_end = trio.testing.memory_stream_pair()
+    nursery.start_soon(server.handle_stream, server_end, address)
+    return RawPeer(client_end)
+
+
+async def next_frame_of(peer: RawPeer, frame_type: FrameType) -> bytes:
+    frame = await peer.receive_frame()
+    assert frame is not None
+    assert frame.type is frame_type, frame
+    return frame.payload
+
+
+async def test_a_peer_is_listed_from_handshake_to_end_with_live_facts(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    server = Server(echo, config=CONFIG)
+    registry = server.registry
+    changes: list[tuple[int, float, int]] = []
+
+    async def watch() -> None:
+        while True:
+            await registry.wait_changed()
+            changes.append((registry.version, trio.current_time(), len(registry)))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch)
+        await trio.sleep(0.5)
+        alpha = attach(nursery, server, "memory:alpha")
+        await alpha.handshake(instance_id="alpha")
+        await registry.wait_until(lambda r: "alpha" in r)
+        info = registry.get("alpha")
+        assert info is not None
+        assert (info.peer_id, info.address, info.state) == ("alpha", "memory:alpha", State.OPEN)
+        assert (info.connected_since, info.last_seen) == (0.5, 0.5)
+        assert (info.rtt, info.health) == (None, HealthStatus.SERVING)
+        assert (info.frames_in, info.frames_out) == (1, 1)  # the two HELLOs
+
+        # Last seen moves with every frame, without a version bump.
+        await trio.sleep(0.25)
+        await alpha.send(encode_data(b"x"))
+        assert await next_frame_of(alpha, FrameType.DATA) == b"x"
+        info = registry.get("alpha")
+        assert info is not None
+        assert info.last_seen == 0.75
+        assert (info.frames_in, info.bytes_in) == (2, alpha_hello_size() + 7)
+        assert registry.version == 1
+
+        # Round trip: the server pings after one idle interval; we answer late.
+        ping = await next_frame_of(alpha, FrameType.PING)
+        assert trio.current_time() == 1.75
+        await trio.sleep(0.25)
+        await alpha.send(encode_pong(ping[:8], HealthStatus.SERVING))
+        await trio.testing.wait_all_tasks_blocked()  # the server has read it
+        info = registry.get("alpha")
+        assert info is not None
+        assert (info.rtt, info.last_seen) == (0.25, 2.0)
+
+        # A health change bumps the version and wakes waiters at once.
+        await trio.sleep(0.5)
+        await alpha.send(encode_ping(bytes(8), HealthStatus.DEGRADED))
+        await registry.wait_changed()
+        assert trio.current_time() == 2.5
+        await trio.testing.wait_all_tasks_blocked()  # let the watcher record it too
+        info = registry.get("alpha")
+        assert info is not None
+        assert info.health is HealthStatus.DEGRADED
+        assert changes[-1] == (2, 2.5, 1)
+
+        beta = attach(nursery, server, "memory:beta")
+        await beta.handshake(instance_id="beta")
+        await registry.wait_until(lambda r: len(r) == 2)
+        assert [peer.peer_id for peer in registry] == ["alpha", "beta"]
+        assert [peer.peer_id for peer in registry.snapshot()] == ["alpha", "beta"]
+        assert "beta" in registry
+        assert "gamma" not in registry
+        assert registry.get("gamma") is None
+        assert registry.connection("gamma") is None
+        conn = registry.connection("beta")
+        assert isinstance(conn, Connection)
+        assert registry.connections()[1] is conn
+
+        await alpha.send(encode_close(CloseCode.NORMAL))
+        await beta.send(encode_close(CloseCode.NORMAL))
+        await registry.wait_until(lambda r: len(r) == 0)
+        assert trio.current_time() == 2.5
+        assert registry.get("alpha") is None
+        assert registry.snapshot() == []
+        nursery.cancel_scope.cancel()
+    assert [version for version, _, _ in changes] == [1, 2, 3, 4, 5]
+    assert [(at, size) for _, at, size in changes] == [
+        (0.5, 1),  # alpha joined
+        (2.5, 1),  # alpha is DEGRADED
+        (2.5, 2),  # beta joined
+        (2.5, 1),
+        (2.5, 0),
+    ]
+
+
+def alpha_hello_size() -> int:
+    return len(client_hello(instance_id="alpha"))
+
+
+async def test_health_reported_before_listing_shows_in_the_entry_without_a_bump(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    server = Server(echo, config=CONFIG)
+    async with trio.open_nursery() as nursery:
+        peer = attach(nursery, server, "memory:early")
+        await peer.read_hello()
+        # HELLO and a PING with new health in one read: the health change is
+        # seen before the server lists the connection.
+        await peer.send(
+            client_hello(instance_id="early") + encode_ping(bytes(8), HealthStatus.NOT_SERVING)
+        )
+        await server.registry.wait_until(lambda r: "early" in r)
+        info = server.registry.get("early")
+        assert info is not None
+        assert info.health is HealthStatus.NOT_SERVING
+        assert server.registry.version == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_wait_until_returns_the_moment_the_predicate_holds(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    server = Server(echo, config=CONFIG)
+    registry = server.registry
+    await registry.wait_until(lambda r: len(r) == 0)  # already true: no wait
+    assert trio.current_time() == 0
+
+    async def join_later(nursery: trio.Nursery, delay: float, name: str) -> None:
+        await trio.sleep(delay)
+        peer = attach(nursery, server, f"memory:{name}")
+        await peer.handshake(instance_id=name)
+        await read_until_close(peer)
+
+    async with trio.open_nursery() as nursery:
+        for delay, name in [(1.0, "a"), (2.0, "b"), (3.0, "c")]:
+            nursery.start_soon(join_later, nursery, delay, name)
+        await registry.wait_until(lambda r: len(r) == 3)
+        assert trio.current_time() == 3.0
+        assert {peer.peer_id for peer in registry} == {"a", "b", "c"}
+        nursery.cancel_scope.cancel()
+    assert len(registry) == 0
+
+
+async def read_until_close(peer: RawPeer) -> None:
+    await peer.read_close()
+
+
+async def test_the_registry_is_empty_after_every_kind_of_ending(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    server = Server(echo, config=CONFIG)
+    registry = server.registry
+
+    async def orderly(peer: RawPeer) -> None:
+        await peer.send(encode_close(CloseCode.NORMAL))
+
+    async def silent(peer: RawPeer) -> None:
+        await trio.sleep_forever()  # cut off at the timeout
+
+    async def garbage(peer: RawPeer) -> None:
+        await peer.send(b"\xff" * 6)
+
+    async def vanished(peer: RawPeer) -> None:
+        await peer.aclose()
+
+    endings = {"orderly": orderly, "silent": silent, "garbage": garbage, "vanished": vanished}
+    async with trio.open_nursery() as nursery:
+        peers = {name: attach(nursery, server, f"memory:{name}") for name in endings}
+        for name, peer in peers.items():
+            await peer.handshake(instance_id=name)
+        await registry.wait_until(lambda r: len(r) == 4)
+        for name, ending in endings.items():
+            nursery.start_soon(ending, peers[name])
+        await registry.wait_until(lambda r: len(r) == 1)
+        assert [peer.peer_id for peer in registry] == ["silent"]
+        await registry.wait_until(lambda r: len(r) == 0)
+        assert trio.current_time() == CONFIG.timeout
+        nursery.cancel_scope.cancel()
+    assert server.statistics().active == 0
+    assert server.statistics().closed_by_code == {
+        CloseCode.NORMAL: 1,
+        CloseCode.HEARTBEAT_TIMEOUT: 1,
+        CloseCode.PROTOCOL_ERROR: 1,
+        CloseCode.ABNORMAL_CLOSURE: 1,
+    }
+
+
+async def test_registry_bookkeeping_on_its_own(autojump_clock: trio.testing.MockClock) -> None:
+    registry = LivenessRegistry()
+    client_config = Config(instance_id="client-side")
+    async with connection_pair(client_config=client_config) as pair:
+        assert registry._add(pair.server) is None
+        # A client-role connection is listed but never indexed by id.
+        assert registry._add(pair.client) is None
+        assert len(registry) == 2
+        assert "client-side" in registry
+        assert registry.connection("client-side") is pair.server
+        registry._health_changed(pair.client)
+        assert registry.version == 3
+        registry._remove(pair.server)
+        registry._remove(pair.server)  # a second removal changes nothing
+        assert registry.version == 4
+        assert "client-side" not in registry
+        registry._health_changed(pair.server)  # no longer listed: no bump
+        assert registry.version == 4
+        assert [info.peer_id for info in registry] == [""]

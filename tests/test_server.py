@@ -1,0 +1,606 @@
+"""The server in virtual time: ``Server.handle_stream`` over memory streams.
+
+Every peer here is either the real client runtime or a :class:`RawPeer` that
+does exactly what the test says, so every ending (capacity, handshake timeout,
+a silent peer, a peer that stops reading, drain, takeover) happens at a moment
+we can assert exactly. Real sockets are in ``test_tcp.py``.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections.abc import Awaitable, Callable
+from contextlib import suppress
+from types import SimpleNamespace
+from typing import Any, cast
+
+import pytest
+import trio
+import trio.testing
+from helpers import RawPeer, client_hello, echo
+
+from trio_heartbeat import (
+    CloseCode,
+    Config,
+    Connection,
+    ConnectionOptions,
+    Event,
+    FrameType,
+    HandshakeComplete,
+    HealthStatus,
+    KeepaliveOptions,
+    Role,
+    Server,
+    open_stream_connection,
+)
+from trio_heartbeat._frames import (
+    decode_close,
+    decode_ping,
+    encode_close,
+    encode_data,
+    encode_ping,
+)
+from trio_heartbeat._server import _describe_address
+
+#: One second between heartbeats, three of silence; handshakes and closes get
+#: bounds of their own so that each ending has its own moment.
+CONFIG = Config(interval=1.0, timeout=3.0, handshake_timeout=2.0, close_timeout=1.0)
+
+
+def attach(
+    nursery: trio.Nursery,
+    server: Server,
+    address: str | None = None,
+    ended: list[float] | None = None,
+    *,
+    pair: Callable[[], tuple[trio.abc.Stream, trio.abc.Stream]] = trio.testing.memory_stream_pair,
+) -> trio.abc.Stream:
+    """Serve one end of a fresh stream pair; return the other. ``ended`` gets the
+    time ``handle_stream`` returned."""
+    client_end, server_end = pair()
+
+    async def serve() -> None:
+        await server.handle_stream(server_end, address)
+        if ended is not None:
+            ended.append(trio.current_time())
+
+    nursery.start_soon(serve)
+    return client_end
+
+
+def close_codes(peer: RawPeer) -> list[int]:
+    return [decode_close(f.payload)[0] for f in peer.frames if f.type is FrameType.CLOSE]
+
+
+def frame_types(peer: RawPeer) -> list[FrameType]:
+    return [frame.type for frame in peer.frames]
+
+
+# -- the happy path and the counters ------------------------------------------------
+
+
+async def test_handle_stream_serves_a_client_and_counts_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    server = Server(echo, config=CONFIG)
+    ended: list[float] = []
+    async with trio.open_nursery() as nursery:
+        stream = attach(nursery, server, "memory:1", ended)
+        async with open_stream_connection(stream, role=Role.CLIENT) as conn:
+            await conn.send(b"hello")
+            assert await conn.receive() == b"hello"
+            stats = server.statistics()
+            assert (stats.active, stats.handshaking, stats.accepted) == (1, 0, 1)
+            assert stats.completed_handshakes == 1
+            assert [peer.address for peer in server.registry] == ["memory:1"]
+            await trio.sleep(5)  # heartbeats keep an idle connection alive
+            await conn.send(b"later")
+            assert await conn.receive() == b"later"
+    assert ended == [5.0]
+    stats = server.statistics()
+    assert (stats.active, stats.refused) == (0, 0)
+    assert stats.closed_by_code == {CloseCode.NORMAL: 1}
+    assert len(server.registry) == 0
+
+
+async def test_handler_that_returns_closes_with_1000(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async def greet_and_leave(conn: Connection) -> None:
+        await conn.send(b"bye")
+
+    server = Server(greet_and_leave, config=CONFIG)
+    async with trio.open_nursery() as nursery:
+        peer = RawPeer(attach(nursery, server))
+        await peer.handshake()
+        assert await peer.read_close() == CloseCode.NORMAL
+        assert frame_types(peer) == [FrameType.HELLO, FrameType.DATA, FrameType.CLOSE]
+        await peer.send(encode_close(CloseCode.NORMAL))
+        assert await peer.read_until_end() == []
+    assert server.statistics().closed_by_code == {CloseCode.NORMAL: 1}
+    assert trio.current_time() == 0
+
+
+async def test_a_failing_handler_closes_its_own_connection_with_1001_only(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = Server(echo, config=CONFIG)
+    async with trio.open_nursery() as nursery:
+        bystander_stream = attach(nursery, server, "memory:bystander")
+        async with open_stream_connection(bystander_stream, role=Role.CLIENT) as bystander:
+            peer = RawPeer(attach(nursery, server, "memory:failing"))
+            await peer.handshake()
+            await peer.send(encode_data(b"raise"))
+            assert await peer.read_close() == CloseCode.GOING_AWAY
+            await bystander.send(b"unharmed")
+            assert await bystander.receive() == b"unharmed"
+            # Gone at once: a failed handler does not wait for the peer's answer.
+            await server.registry.wait_until(lambda registry: len(registry) == 1)
+            assert [info.address for info in server.registry] == ["memory:bystander"]
+            assert trio.current_time() == 0
+    assert "memory:failing: handler failed" in caplog.text
+    assert server.statistics().closed_by_code == {CloseCode.GOING_AWAY: 1, CloseCode.NORMAL: 1}
+
+
+async def test_event_listeners_see_every_connection(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    seen: list[tuple[str | None, str]] = []
+
+    def listener(conn: Connection, event: Event) -> None:
+        seen.append((conn.remote_address, type(event).__name__))
+
+    server = Server(echo, config=CONFIG, listeners=[listener])
+    async with trio.open_nursery() as nursery:
+        stream = attach(nursery, server, "memory:1")
+        async with open_stream_connection(stream, role=Role.CLIENT):
+            pass
+    assert seen == [("memory:1", "HandshakeComplete"), ("memory:1", "ConnectionEnded")]
+
+
+# -- limits --------------------------------------------------------------------------
+
+
+async def test_at_capacity_a_newcomer_gets_1013_instead_of_hello(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    server = Server(echo, config=CONFIG, max_connections=1)
+    async with trio.open_nursery() as nursery:
+        first = RawPeer(attach(nursery, server))
+        await first.read_hello()  # counted from accept on, before its HELLO
+        assert server.statistics().handshaking == 1
+        refused = RawPeer(attach(nursery, server))
+        assert await refused.read_until_end() != []
+        assert close_codes(refused) == [CloseCode.TRY_AGAIN_LATER]
+        assert frame_types(refused) == [FrameType.CLOSE]
+        assert decode_close(refused.frames[0].payload)[1] == "server at capacity"
+        stats = server.statistics()
+        assert (stats.accepted, stats.refused, stats.active) == (2, 1, 1)
+        await first.send(client_hello())
+        await first.send(encode_close(CloseCode.NORMAL))
+        assert await first.read_close() == CloseCode.NORMAL
+    # The slot is free again.
+    async with trio.open_nursery() as nursery:
+        again = RawPeer(attach(nursery, server))
+        hello = await again.read_hello()
+        assert hello.role is Role.SERVER
+        await again.aclose()
+    assert server.statistics().active == 0
+
+
+async def test_a_refusal_nobody_reads_is_abandoned_after_one_second(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    server = Server(echo, config=CONFIG, max_connections=1)
+    ended: list[float] = []
+    async with trio.open_nursery() as nursery:
+        first = RawPeer(attach(nursery, server))
+        await first.read_hello()
+        # Lockstep: send_all waits for a reader that never comes.
+        attach(nursery, server, ended=ended, pair=trio.testing.lockstep_stream_pair)
+        await trio.sleep(5)
+        assert ended == [1.0]
+        assert server.statistics().refused == 1
+        nursery.cancel_scope.cancel()
+    assert server.statistics().active == 0
+
+
+async def test_handshake_timeout_closes_with_1011_at_the_bound(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    server = Server(echo, config=CONFIG)
+    ended: list[float] = []
+    async with trio.open_nursery() as nursery:
+        peer = RawPeer(attach(nursery, server, ended=ended))
+        await peer.read_hello()
+        assert await peer.read_close(answer_pings=False) == CloseCode.HEARTBEAT_TIMEOUT
+        assert trio.current_time() == CONFIG.handshake_timeout
+        assert peer.close_reason == "handshake timeout"
+        assert await peer.read_until_end() == []
+    assert ended == [2.0]
+    stats = server.statistics()
+    assert (stats.active, stats.handshaking, stats.completed_handshakes) == (0, 0, 0)
+    assert stats.closed_by_code == {CloseCode.HEARTBEAT_TIMEOUT: 1}
+
+
+# -- peers that stop taking part ----------------------------------------------------------
+
+
+async def test_a_blackholed_peer_is_cut_off_at_the_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    server = Server(echo, config=CONFIG)
+    ended: list[float] = []
+    async with trio.open_nursery() as nursery:
+        peer = RawPeer(attach(nursery, server, ended=ended))
+        await peer.handshake()
+        # From here on the peer neither reads nor writes, and never closes.
+        await server.registry.wait_until(lambda registry: len(registry) == 1)
+        await server.registry.wait_until(lambda registry: len(registry) == 0)
+        assert trio.current_time() == CONFIG.timeout
+    assert ended == [3.0]
+    frames = await peer.read_until_end()
+    # Our PINGs went out at the send interval until the peer was given up.
+    assert [frame.type for frame in frames] == [FrameType.PING] * 2 + [FrameType.CLOSE]
+    assert close_codes(peer) == [CloseCode.HEARTBEAT_TIMEOUT]
+    assert server.statistics().closed_by_code == {CloseCode.HEARTBEAT_TIMEOUT: 1}
+
+
+@pytest.mark.parametrize(("write_timeout", "cut_at"), [(None, 3.5), (0.25, 0.75)])
+async def test_a_peer_that_pings_but_never_reads_is_cut_off_by_the_write_timeout(
+    autojump_clock: trio.testing.MockClock, write_timeout: float | None, cut_at: float
+) -> None:
+    server = Server(echo, config=CONFIG, options=ConnectionOptions(write_timeout=write_timeout))
+    ended: list[float] = []
+
+    async def ping_forever(peer: RawPeer) -> None:
+        # One PING every 0.5 s: as often as the rate rule allows, so the peer
+        # is never silent and never misbehaves; it only stops reading.
+        with trio.move_on_after(10):
+            while True:
+                await trio.sleep(0.5)
+                await peer.send(encode_ping(bytes(8), HealthStatus.SERVING))
+
+    async with trio.open_nursery() as nursery:
+        peer = RawPeer(attach(nursery, server, ended=ended, pair=trio.testing.lockstep_stream_pair))
+        await peer.handshake()
+        with suppress(trio.BrokenResourceError):  # the server hung up on us
+            await ping_forever(peer)
+    # The first PONG (for the PING at 0.5) never got through.
+    assert ended == [cut_at]
+    assert len(server.registry) == 0
+    stats = server.statistics()
+    assert stats.active == 0
+    assert stats.closed_by_code == {CloseCode.HEARTBEAT_TIMEOUT: 1}
+
+
+async def test_a_peer_that_floods_data_but_never_reads_does_not_pin_the_server(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    server = Server(echo, config=CONFIG)
+    ended: list[float] = []
+    async with trio.open_nursery() as nursery:
+        peer = RawPeer(attach(nursery, server, ended=ended, pair=trio.testing.lockstep_stream_pair))
+        await peer.handshake()
+        flood = encode_data(b"x" * 1000) * 1000
+        with pytest.raises(trio.BrokenResourceError):
+            await peer.send(flood)
+        # The echo handler's first reply blocked at once; nothing else could
+        # move: the inbound queue filled, reading stopped, and the write
+        # timeout alone ended it.
+        assert trio.current_time() == CONFIG.timeout
+    assert ended == [CONFIG.timeout]
+    assert server.statistics().active == 0
+    assert len(server.registry) == 0
+
+
+# -- identity and health ---------------------------------------------------------------------
+
+
+async def test_a_second_connection_with_the_same_id_replaces_the_first_with_4000(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    server = Server(echo, config=CONFIG)
+    async with trio.open_nursery() as nursery:
+        older = RawPeer(attach(nursery, server, "memory:older"))
+        await older.handshake(instance_id="node-1")
+        await server.registry.wait_until(lambda registry: "node-1" in registry)
+        await trio.sleep(0.5)
+        newer_stream = attach(nursery, server, "memory:newer")
+        config = Config(instance_id="node-1")
+        async with open_stream_connection(newer_stream, role=Role.CLIENT, config=config) as newer:
+            assert await older.read_close() == CloseCode.REPLACED
+            assert trio.current_time() == 0.5
+            assert older.close_reason == "replaced by a newer connection"
+            info = server.registry.get("node-1")
+            assert info is not None
+            assert info.address == "memory:newer"
+            # The older one answers and goes; the newer keeps the id.
+            await older.send(encode_close(CloseCode.REPLACED))
+            assert await older.read_until_end() == []
+            await server.registry.wait_until(lambda registry: len(registry) == 1)
+            assert server.registry.connection("node-1") is not None
+            info = server.registry.get("node-1")
+            assert info is not None
+            assert info.address == "memory:newer"
+            await newer.send(b"mine now")
+            assert await newer.receive() == b"mine now"
+    assert server.statistics().closed_by_code == {CloseCode.REPLACED: 1, CloseCode.NORMAL: 1}
+
+
+async def test_empty_ids_never_replace_each_other(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    server = Server(echo, config=CONFIG)
+    async with trio.open_nursery() as nursery:
+        first = RawPeer(attach(nursery, server))
+        second = RawPeer(attach(nursery, server))
+        await first.handshake()
+        await second.handshake()
+        await server.registry.wait_until(lambda registry: len(registry) == 2)
+        assert "" not in server.registry
+        nursery.cancel_scope.cancel()
+    assert close_codes(first) == close_codes(second) == []
+
+
+async def test_set_health_reaches_connected_peers_at_once_and_later_ones_in_hello(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    server = Server(echo, config=CONFIG)
+    async with trio.open_nursery() as nursery:
+        peer = RawPeer(attach(nursery, server))
+        hello = await peer.handshake()
+        assert hello.status is HealthStatus.SERVING
+        await trio.sleep(0.25)
+        server.set_health(HealthStatus.DEGRADED)
+        frame = await peer.receive_frame()
+        assert frame is not None
+        assert frame.type is FrameType.PING
+        assert decode_ping(frame.payload)[1] is HealthStatus.DEGRADED
+        assert trio.current_time() == 0.25
+        later = RawPeer(attach(nursery, server))
+        assert (await later.read_hello()).status is HealthStatus.DEGRADED
+        nursery.cancel_scope.cancel()
+
+
+# -- draining ----------------------------------------------------------------------------
+
+
+async def test_drain_says_1001_to_everyone_and_cancels_a_peer_that_never_answers(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    server = Server(echo, config=CONFIG)
+    seen: list[tuple[int, float]] = []
+
+    async def client(stream: trio.abc.Stream) -> None:
+        async with open_stream_connection(stream, role=Role.CLIENT) as conn:
+            async for _ in conn:
+                pass  # iteration ends quietly on 1001
+            closed = conn.closed
+            assert closed is not None
+            seen.append((closed.code, trio.current_time()))
+
+    async with trio.open_nursery() as nursery:
+        for number in range(3):
+            nursery.start_soon(client, attach(nursery, server, f"memory:{number}"))
+        silent = RawPeer(attach(nursery, server, "memory:silent"))
+        await silent.handshake()
+        await server.registry.wait_until(lambda registry: len(registry) == 4)
+        await trio.sleep(1)
+        await server.drain(grace=0.5)
+        # The well-behaved clients left at once; the silent one was cancelled
+        # at the drain bound, well before its own close timeout (1 s).
+        assert trio.current_time() == 1.5
+        assert server.statistics().active == 0
+        assert len(server.registry) == 0
+    assert seen == [(CloseCode.GOING_AWAY, 1.0)] * 3
+    frames = await silent.read_until_end()
+    assert close_codes(silent) == [CloseCode.GOING_AWAY]
+    assert frames[-1].type is FrameType.CLOSE
+    assert server.draining
+
+
+async def test_after_drain_a_new_stream_is_refused_with_1001(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    server = Server(echo, config=CONFIG)
+    await server.drain()
+    assert trio.current_time() == 0  # nothing to wait for
+    await server.drain()  # safe to repeat
+    async with trio.open_nursery() as nursery:
+        peer = RawPeer(attach(nursery, server))
+        await peer.read_until_end()
+    assert close_codes(peer) == [CloseCode.GOING_AWAY]
+    assert frame_types(peer) == [FrameType.CLOSE]
+    assert server.statistics().refused == 1
+
+
+async def test_a_handshake_that_completes_during_drain_is_closed_with_1001(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    server = Server(echo, config=CONFIG)
+    async with trio.open_nursery() as nursery:
+        peer = RawPeer(attach(nursery, server))
+        await peer.read_hello()
+        nursery.start_soon(server.drain)
+        await trio.sleep(0.5)
+        await peer.send(client_hello())
+        assert await peer.read_close() == CloseCode.GOING_AWAY
+        assert trio.current_time() == 0.5
+        await peer.send(encode_close(CloseCode.GOING_AWAY))
+    assert server.statistics().active == 0
+    assert trio.current_time() == 0.5
+
+
+# -- accepting ---------------------------------------------------------------------------
+
+
+class ScriptedListener(trio.abc.Listener[trio.abc.Stream]):
+    """A listener whose ``accept`` follows a script: raise, or hand over a stream."""
+
+    def __init__(self, script: list[Callable[[], trio.abc.Stream]]) -> None:
+        self.script = script
+        self.closed = False
+        self.socket = SimpleNamespace(getsockname=lambda: ("scripted", 7))
+
+    async def accept(self) -> trio.abc.Stream:
+        await trio.lowlevel.checkpoint()
+        if not self.script:
+            await trio.sleep_forever()
+        return self.script.pop(0)()
+
+    async def aclose(self) -> None:
+        self.closed = True
+        await trio.lowlevel.checkpoint()
+
+
+def raising(code: int) -> Callable[[], trio.abc.Stream]:
+    def step() -> trio.abc.Stream:
+        raise OSError(code, "scripted")
+
+    return step
+
+
+async def serve_scripted(
+    server: Server, listener: ScriptedListener, body: Callable[[], Awaitable[None]]
+) -> None:
+    async with trio.open_nursery() as nursery:
+        started = await nursery.start(
+            server.serve_listeners, cast(list[trio.SocketListener], [listener])
+        )
+        assert started is server
+        assert server.port == 7
+        await body()
+        nursery.cancel_scope.cancel()
+    assert listener.closed
+
+
+async def test_out_of_file_descriptors_backs_off_and_keeps_accepting(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    client_end, server_end = trio.testing.memory_stream_pair()
+    listener = ScriptedListener([raising(errno.EMFILE), lambda: server_end])
+    server = Server(echo, config=CONFIG, keepalive=None)
+
+    async def body() -> None:
+        peer = RawPeer(client_end)
+        await peer.read_hello()
+        assert trio.current_time() == 0.1
+
+    await serve_scripted(server, listener, body)
+    assert "accept failed (EMFILE); retrying in 100 ms" in caplog.text
+
+
+async def test_other_accept_errors_end_serving(autojump_clock: trio.testing.MockClock) -> None:
+    listener = ScriptedListener([raising(errno.EBADF)])
+    server = Server(echo, config=CONFIG)
+    with pytest.RaisesGroup(pytest.RaisesExc(OSError, match="scripted"), flatten_subgroups=True):
+        await server.serve_listeners(cast(list[trio.SocketListener], [listener]))
+    assert listener.closed
+
+
+class NoKeepaliveSocket:
+    def setsockopt(self, level: int, optname: int, value: int, /) -> None:
+        raise OSError(errno.ENOPROTOOPT, "no such option here")
+
+    def getsockopt(self, level: int, optname: int, /) -> int:
+        return 0
+
+    def getpeername(self) -> tuple[str, int]:
+        return ("2001:db8::1", 4000)
+
+
+class StreamWithSocket(trio.abc.Stream):
+    """A memory stream that claims a socket, as an accepted TCP stream would."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+        self.socket = NoKeepaliveSocket()
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_keepalive_that_cannot_be_set_is_only_a_warning(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    client_end, server_end = trio.testing.memory_stream_pair()
+    listener = ScriptedListener([lambda: StreamWithSocket(server_end)])
+    server = Server(echo, config=CONFIG)
+    assert server.keepalive == KeepaliveOptions.from_heartbeat(CONFIG.interval, CONFIG.timeout)
+
+    async def body() -> None:
+        async with open_stream_connection(client_end, role=Role.CLIENT) as conn:
+            await conn.send(b"served anyway")
+            assert await conn.receive() == b"served anyway"
+            assert [info.address for info in server.registry] == ["[2001:db8::1]:4000"]
+
+    with caplog.at_level(logging.WARNING):
+        await serve_scripted(server, listener, body)
+    assert "could not set TCP keepalive" in caplog.text
+
+
+# -- small facts -----------------------------------------------------------------------------
+
+
+def test_addresses_are_described_from_the_socket() -> None:
+    def stream_with(peer: Any) -> Any:
+        def getpeername() -> Any:
+            if isinstance(peer, Exception):
+                raise peer
+            return peer
+
+        return SimpleNamespace(socket=SimpleNamespace(getpeername=getpeername))
+
+    assert _describe_address(stream_with(("127.0.0.1", 80))) == "127.0.0.1:80"
+    assert _describe_address(stream_with(("::1", 80, 0, 0))) == "[::1]:80"
+    assert _describe_address(stream_with("/run/thb.sock")) == "/run/thb.sock"
+    assert _describe_address(stream_with(OSError(errno.ENOTCONN, "gone"))) is None
+    assert _describe_address(cast(trio.abc.Stream, SimpleNamespace())) is None
+
+
+def test_constructor_checks_and_defaults() -> None:
+    with pytest.raises(ValueError, match="max_connections"):
+        Server(echo, max_connections=0)
+    server = Server(echo, keepalive=None)
+    assert server.keepalive is None
+    assert server.config == Config()
+    assert not server.draining
+    with pytest.raises(RuntimeError, match="not listening"):
+        _ = server.port
+    explicit = KeepaliveOptions(idle=5, interval=1, count=3)
+    assert Server(echo, keepalive=explicit).keepalive is explicit
+    assert Server(echo, keepalive=False).keepalive is None
+
+
+async def test_the_registry_lists_handshaken_connections_only(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    opened: list[HandshakeComplete] = []
+
+    def listener(conn: Connection, event: Event) -> None:
+        if isinstance(event, HandshakeComplete):
+            opened.append(event)
+
+    server = Server(echo, config=CONFIG, listeners=[listener])
+    async with trio.open_nursery() as nursery:
+        peer = RawPeer(attach(nursery, server))
+        await peer.read_hello()
+        await trio.sleep(1)
+        assert len(server.registry) == 0
+        assert server.statistics().handshaking == 1
+        await peer.send(client_hello(instance_id="late"))
+        await server.registry.wait_until(lambda registry: "late" in registry)
+        assert trio.current_time() == 1
+        assert [event.peer.instance_id for event in opened] == ["late"]
+        nursery.cancel_scope.cancel()
