@@ -401,6 +401,36 @@ async def test_drain_says_1001_to_everyone_and_cancels_a_peer_that_never_answers
     assert server.draining
 
 
+async def test_drain_does_not_wait_for_a_handler_whose_connection_has_ended(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    handler_cancelled_at: list[float] = []
+
+    async def deaf(conn: Connection) -> None:
+        try:
+            await trio.sleep_forever()  # never looks at its connection
+        finally:
+            handler_cancelled_at.append(trio.current_time())
+
+    server = Server(deaf, config=CONFIG)
+
+    async def client(stream: trio.abc.Stream) -> None:
+        async with open_stream_connection(stream, role=Role.CLIENT) as conn:
+            async for _ in conn:
+                pass
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client, attach(nursery, server, "memory:deaf"))
+        await server.registry.wait_until(lambda registry: len(registry) == 1)
+        await trio.sleep(1)
+        await server.drain(grace=5.0)
+        # The peer answered the CLOSE at once: the drain did not sit out its
+        # 5 s bound for a handler that ignores its ended connection.
+        assert trio.current_time() == 1.0
+        assert server.statistics().active == 0
+    assert handler_cancelled_at == [1.0]
+
+
 async def test_after_drain_a_new_stream_is_refused_with_1001(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

@@ -142,6 +142,7 @@ class Server:
         self._draining = False
         self._active = 0
         self._handshaking = 0
+        self._handshake_settled = trio.Event()
         self._idle = trio.Event()
         self._idle.set()
         self._accepted = 0
@@ -282,6 +283,7 @@ class Server:
             ) as conn:
                 handshaking = False
                 self._handshaking -= 1
+                self._settle_handshake()
                 self._completed += 1
                 replaced = self.registry._add(conn)
                 if replaced is not None:
@@ -307,11 +309,16 @@ class Server:
                 logger.info("%s: %s", address, _describe_ending(ending))
             if handshaking:
                 self._handshaking -= 1
+                self._settle_handshake()
             if conn is not None:
                 self.registry._remove(conn)
             self._active -= 1
             if self._active == 0:
                 self._idle.set()
+
+    def _settle_handshake(self) -> None:
+        self._handshake_settled.set()
+        self._handshake_settled = trio.Event()
 
     async def _refuse(
         self, stream: trio.abc.Stream, code: int, reason: str, address: str | None
@@ -342,22 +349,38 @@ class Server:
         """Stop accepting, say GOING_AWAY (1001) to every peer, and wait for them to go.
 
         Waits up to ``grace`` seconds (default: ``drain_timeout``) for every
-        connection to end, then cancels whatever is left. Returns once the
-        server holds no connection at all. Safe to call more than once.
+        connection to end: peers answer the CLOSE, and a connection still in
+        its handshake is closed as soon as that completes. Then it cancels
+        whatever is left, handlers still busy with a connection that has
+        already ended included, and returns once the server holds no
+        connection at all. Safe to call more than once.
         """
         self._draining = True
         self._accept_scope.cancel()
         for conn in self.registry.connections():
             conn.close_nowait(CloseCode.GOING_AWAY, "server draining", flush=False)
-        with trio.move_on_after(self.drain_timeout if grace is None else grace):
-            await self._idle.wait()
-            return
-        logger.warning("drain timed out with %d connection(s) left; cancelling them", self._active)
-        for scope in self._stream_scopes:
-            scope.cancel()
-        if self._connections_scope is not None:
-            self._connections_scope.cancel()
+        with trio.move_on_after(self.drain_timeout if grace is None else grace) as bound:
+            await self._connections_ended()
+        if self._active:
+            if bound.cancelled_caught:
+                logger.warning(
+                    "drain timed out with %d connection(s) left; cancelling them", self._active
+                )
+            for scope in self._stream_scopes:
+                scope.cancel()
+            if self._connections_scope is not None:
+                self._connections_scope.cancel()
         await self._idle.wait()
+
+    async def _connections_ended(self) -> None:
+        while True:
+            live = [conn for conn in self.registry.connections() if conn.closed is None]
+            if live:
+                await live[0].wait_closed()
+            elif self._handshaking:
+                await self._handshake_settled.wait()
+            else:
+                return
 
 
 async def serve_tcp(
