@@ -13,12 +13,17 @@ role that records the virtual time each frame arrives, :class:`WrappedStream`
 
 from __future__ import annotations
 
+import itertools
 import os
+import re
 import struct
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -585,3 +590,66 @@ async def connection_pair(
         ) as client:
             await ready.wait()
             yield Pair(client, server_ready[0], client_stream, server_stream)
+
+
+# -- `python -m trio_heartbeat serve` in a subprocess -----------------------------
+
+#: Bound on starting the interpreter and reading its ``listening on`` line.
+SERVE_STARTUP = 10.0
+_serve_serial = itertools.count()
+
+
+@dataclass
+class ServeProcess:
+    """A running ``python -m trio_heartbeat serve``; see :func:`run_serve_process`."""
+
+    process: trio.Process
+    host: str
+    port: int
+    stderr_path: Path
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def stderr(self) -> str:
+        """Everything the server has logged so far."""
+        return self.stderr_path.read_text()
+
+
+@asynccontextmanager
+async def run_serve_process(log_dir: Path, *options: str) -> AsyncIterator[ServeProcess]:
+    """Start ``serve`` with ``options`` and wait for its ``listening on HOST:PORT`` line.
+
+    stderr (the server's log) goes to a fresh file in ``log_dir``. The process
+    is always killed and waited for on the way out, even when the block is
+    cancelled or the process has already exited.
+
+    >>> async with run_serve_process(tmp_path, "--port", "0") as server:  # doctest: +SKIP
+    ...     stream = await trio.open_tcp_stream(server.host, server.port)
+    """
+    stderr_path = log_dir / f"serve-{next(_serve_serial)}.stderr"
+    with stderr_path.open("wb") as stderr_file:
+        process = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "trio_heartbeat", "serve", *options],
+            stdout=subprocess.PIPE,
+            stderr=stderr_file,
+        )
+    try:
+        assert process.stdout is not None
+        received = b""
+        with trio.fail_after(SERVE_STARTUP):
+            while b"\n" not in received:
+                chunk = await process.stdout.receive_some()
+                assert chunk, f"serve exited before listening:\n{stderr_path.read_text()}"
+                received += chunk
+        line = received.partition(b"\n")[0]
+        match = re.fullmatch(rb"listening on (127\.0\.0\.1):(\d+)", line)
+        assert match is not None, line
+        yield ServeProcess(process, match[1].decode(), int(match[2]), stderr_path)
+    finally:
+        process.kill()
+        with trio.CancelScope(shield=True):
+            await process.wait()
+            if process.stdout is not None:
+                await process.stdout.aclose()

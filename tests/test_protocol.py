@@ -1372,3 +1372,30 @@ def test_pause_allowance_expires_after_the_backlog() -> None:
     ping_at(server, later)
     ping_at(server, later)
     assert server.counters.ping_strikes == 1
+
+
+def test_pings_bunched_behind_a_late_one_are_not_strikes() -> None:
+    # A slow link: the peer pinged every second, but its PINGs queued behind
+    # DATA and arrive together 2 s late. The late one explains the bunch.
+    server, _ = open_pair()
+    assert server.peer_send_interval == 1.0
+    ping_at(server, 1.0)
+    ping_at(server, 4.0)  # 2 s later than due: up to 4 bunched PINGs are excused
+    for _ in range(4):
+        ping_at(server, 4.0)
+    assert server.counters.ping_strikes == 0
+    ping_at(server, 4.0)
+    assert server.counters.ping_strikes == 1
+
+
+def test_a_flood_after_a_late_ping_still_closes_with_1008() -> None:
+    server, _ = open_pair()
+    ping_at(server, 1.0)
+    ping_at(server, 2.5)  # half a second late: one bunched PING is excused
+    ping_at(server, 2.5)
+    assert server.counters.ping_strikes == 0
+    ping_at(server, 2.5)
+    ping_at(server, 2.5)
+    with pytest.raises(RemoteProtocolError) as raised:
+        ping_at(server, 2.5)
+    assert raised.value.code == CloseCode.POLICY_VIOLATION

@@ -386,6 +386,7 @@ class HeartbeatProtocol:
         self.last_sent = now
         self._last_ping_sent: float | None = None
         self._last_ping_received: float | None = None
+        self._peer_hello_at = now
         self._health_ping_due = False
         self._health_changed_at = now
         self._next_opaque = 0
@@ -578,7 +579,20 @@ class HeartbeatProtocol:
         last = self._last_ping_received
         self._last_ping_received = now
         strikes_allowed = self.config.max_ping_strikes
-        if last is not None and now - last < self._peer_send_interval / 2:
+        interval = self._peer_send_interval
+        since = last if last is not None else self._peer_hello_at
+        if now - since > interval:
+            # A late PING (after the previous one, or the first after HELLO):
+            # the ones sent after it may have queued with it behind a backlog
+            # in the network (a slow link, a full buffer) and now come bunched.
+            # As many as an honest peer could have sent in the extra time are
+            # not strikes; a flood still is, at twice the agreed rate.
+            bunched = int((now - since - interval) / (interval / 2))
+            if bunched:
+                left = self._untimed_pings if now <= self._untimed_until else 0
+                self._untimed_pings = max(left, bunched)
+                self._untimed_until = max(self._untimed_until, now + interval)
+        if last is not None and now - last < interval / 2:
             # The backlog of a pause arrives as soon as we read again; an
             # allowance left over after that would excuse a later flood.
             if self._untimed_pings and now <= self._untimed_until:
@@ -643,6 +657,7 @@ class HeartbeatProtocol:
                 )
         self.peer = hello
         self.peer_health = hello.status
+        self._peer_hello_at = now
         self._send_interval = min(config.interval_ms, hello.timeout_ms / 2) / 1000
         self._peer_send_interval = min(hello.interval_ms, config.timeout_ms / 2) / 1000
         if self._state is State.CLOSING:
