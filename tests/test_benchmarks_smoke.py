@@ -9,6 +9,7 @@ checked on hand-made timings, where the right answer is known exactly.
 from __future__ import annotations
 
 import platform
+import re
 from pathlib import Path
 
 import pytest
@@ -134,3 +135,193 @@ def test_an_unknown_benchmark_is_refused(capsys: pytest.CaptureFixture[str]) -> 
         main(["no-such-benchmark"])
     assert raised.value.code == 2
     assert "no benchmark named no-such-benchmark" in capsys.readouterr().err
+
+
+# -- the network benchmarks ---------------------------------------------------------
+# Each runs for real at a tiny scale: child processes, loopback sockets and all,
+# to prove that it starts and stops its peers, checks its subjects' answers and
+# fills in every field. Their figures at this scale mean nothing and are not
+# judged.
+
+
+def _websockets_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("websockets") is not None
+
+
+@pytest.mark.slow
+def test_throughput_benchmark_reports_every_subject() -> None:
+    from benchmarks._report import Settings
+    from benchmarks.bench_throughput import TARGET, run
+
+    results = run(Settings(scale=0.0005, repeats=2))
+
+    subjects = [
+        "raw Trio, send_all per message",
+        "raw Trio, batched send_all",
+        "trio-heartbeat, conn.send()",
+    ]
+    if _websockets_installed():
+        subjects.append("websockets (asyncio), ws.send()")
+    cases = [
+        ("send 64 B DATA messages on one connection", 64, 2),
+        ("send 4 KiB DATA messages on one connection", 4096, 1),
+    ]
+    assert [(r.case, r.subject) for r in results] == [
+        (case, subject) for case, _, _ in cases for subject in subjects
+    ]
+    for index, result in enumerate(results):
+        case, size, messages = cases[index // len(subjects)]
+        baseline = results[index - index % len(subjects)]
+        assert result.benchmark == "throughput"
+        assert result.unit == "messages"
+        assert result.operations == messages
+        assert result.nbytes == messages * size
+        assert len(result.timing.samples_ns) == 2
+        assert result.rate > 0
+        if result is baseline:
+            assert result.baseline is None
+            assert result.verdict == "baseline"
+        else:
+            assert result.baseline is baseline
+        if result.subject.startswith("trio-heartbeat"):
+            assert result.target == TARGET
+            assert result.verdict == f">= {TARGET:.2f} {'PASS' if result.passed else 'FAIL'}"
+        elif result is not baseline:
+            assert result.target is None
+
+
+@pytest.mark.slow
+def test_rtt_benchmark_reports_percentiles(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks._report import Settings
+    from benchmarks.bench_rtt import TARGET, run
+
+    results = run(Settings(scale=0.0005, repeats=2))
+
+    subjects = [
+        "raw Trio ping-pong",
+        "trio-heartbeat, await conn.ping()",
+        "trio-heartbeat, PONG rtt (connection's own)",
+    ]
+    if _websockets_installed():
+        subjects.append("websockets (asyncio), await ws.ping()")
+    assert [r.subject for r in results] == subjects
+    baseline = results[0]
+    assert baseline.baseline is None
+    for result in results:
+        assert result.benchmark == "rtt"
+        assert result.unit == "round trips"
+        assert result.operations == 1
+        assert len(result.timing.samples_ns) == 2
+        assert all(sample > 0 for sample in result.timing.samples_ns)
+        assert result.baseline is (None if result is baseline else baseline)
+    ping = results[1]
+    assert ping.target is not None
+    assert ping.target == pytest.approx(1 / TARGET)
+    # Judged on the ratio of medians (p50s), not of the fastest samples.
+    assert ping.passed is (ping.median_ratio >= ping.target)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("rtt: PING -> PONG round trip on loopback")
+    assert lines[0].endswith("percentiles of 2 round trips")
+    assert lines[1].split()[1:] == [
+        "p50",
+        "us",
+        "p90",
+        "us",
+        "p99",
+        "us",
+        "p50",
+        "/",
+        "baseline",
+        "p50",
+    ]
+    table = lines[2 : 2 + len(subjects)]
+    assert [row.split("  ")[1].strip() for row in table] == subjects
+    assert table[0].split()[-1] == "1.00"  # the baseline's p50 over itself
+
+
+def test_rtt_percentiles_and_median_verdict() -> None:
+    from benchmarks._report import Result, Timing
+    from benchmarks.bench_rtt import _JudgedOnMedian, percentile
+
+    assert percentile([5, 1, 4, 2, 3], 50) == 3
+    assert percentile([5, 1, 4, 2, 3], 99) == 5
+    assert percentile([7], 90) == 7
+    baseline = Result("rtt", "case", "raw", "round trips", 1, 0, Timing((100, 200, 300)))
+
+    def ours(samples: tuple[int, ...]) -> Result:
+        return _JudgedOnMedian(
+            "rtt", "case", "ours", "round trips", 1, 0, Timing(samples), baseline, 0.5
+        )
+
+    # Fastest sample far better than the baseline's, median exactly twice as slow: PASS.
+    assert ours((10, 400, 900)).verdict == ">= 0.50 PASS"
+    assert ours((10, 401, 900)).verdict == ">= 0.50 FAIL"
+    # Fastest sample worse than the baseline's, median fine: judged on the median.
+    assert ours((150, 200, 250)).ratio < 1
+    assert ours((150, 200, 250)).passed is True
+
+
+@pytest.mark.slow
+def test_idle_benchmark_reports_cpu_memory_and_delays(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks._report import Settings
+    from benchmarks.bench_idle import CPU_TARGET, SUBJECTS, run
+
+    results = run(Settings(scale=0.0005, repeats=2))
+
+    kinds = ["raw", "thb", *(["websockets"] if _websockets_installed() else [])]
+    assert [r.subject for r in results] == [SUBJECTS[kind] for kind in kinds]
+    for result in results:
+        assert result.benchmark == "idle"
+        assert result.case == "server CPU, 2 connections heartbeating every second, 0.5 s window"
+        assert result.unit == "heartbeats"
+        assert result.operations >= 1
+        assert len(result.timing.samples_ns) == 1
+    assert results[0].verdict == "baseline"
+    assert results[1].target == pytest.approx(1 / CPU_TARGET)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "idle: memory, CPU and PONG delays of the server, 2 connections, 0.5 s window"
+    cells = [re.split(r"\s{2,}", line.strip()) for line in out[1 : 2 + len(kinds)]]
+    header, rows = cells[0], {row[0]: dict(zip(cells[0], row, strict=True)) for row in cells[1:]}
+    assert header[:4] == ["subject", "up", "failed", "dropped"]
+    assert sorted(rows) == sorted(SUBJECTS[kind] for kind in kinds)
+    for row in rows.values():
+        assert (row["up"], row["failed"], row["dropped"]) == ("2", "0", "0")
+    assert out[2 + len(kinds)].startswith("  target: RSS per connection <= 10 KiB: ")
+    assert out[3 + len(kinds)].startswith("  target: no PONG later than 100 ms: ")
+
+
+def test_idle_plan_and_measurement_arithmetic() -> None:
+    from benchmarks._report import Settings
+    from benchmarks.bench_idle import Measurement, Plan
+
+    plan = Plan.from_settings(Settings())
+    assert (plan.connections, plan.ramp, plan.settle, plan.window) == (5000, 6.0, 3.0, 10.0)
+    assert plan.client_shares == [2500, 2500]
+    assert Plan(5001, 0, 0, 1).client_shares == [1667, 1667, 1667]
+    tiny = Plan.from_settings(Settings(scale=0.0005))
+    assert (tiny.connections, tiny.window, tiny.client_shares) == (2, 0.5, [2])
+    assert Plan.from_settings(Settings(), connections=40, window=2.0).client_shares == [40]
+
+    measurement = Measurement(
+        kind="thb",
+        opened=1000,
+        failed=3,
+        dropped=200,
+        dropped_in_window=100,
+        window_seconds=2.5,
+        cpu_seconds=0.5,
+        rss_empty=10_000_000,
+        rss_full=18_000_000,
+        delays_us=(1_000, 99_000, 100_001, 5_000),
+        server_pings=7,
+    )
+    assert measurement.alive == 800
+    assert measurement.rss_per_connection == 10_000
+    assert measurement.heartbeats == 2000
+    assert measurement.lost == 203
+    assert measurement.worst_delay_us == 100_001
+    assert measurement.late == 1
+    assert measurement.delay_percentile_us(50) == 5_000
+    assert measurement.delay_percentile_us(99) == 100_001
