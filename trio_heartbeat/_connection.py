@@ -580,6 +580,7 @@ class Connection:
                 with trio.move_on_at(core.ping_deadline):
                     await self._wake.wait()
                 self._wake = trio.Event()
+                await self._let_the_burst_finish()
                 now = trio.current_time()
                 if core.state is State.OPEN:
                     # Only the watchdog convicts; the writer just keeps the PINGs
@@ -652,6 +653,20 @@ class Connection:
                         exc,
                     )
                 )
+
+    async def _let_the_burst_finish(self) -> None:
+        """Coalescing: while the application is still adding to the send queue,
+        give it one more scheduling round before writing, so that a burst goes
+        out in one ``send_all`` rather than one per message. Costs nothing in
+        virtual time and one round (microseconds) for a lone message."""
+        queue = self._out_send.statistics
+        queued = queue().current_buffer_used
+        while 0 < queued < self._options.send_queue:
+            await trio.lowlevel.checkpoint()
+            now_queued = queue().current_buffer_used
+            if now_queued <= queued:
+                return
+            queued = now_queued
 
     def _apply_close(self, now: float) -> None:
         assert self._close_request is not None
