@@ -8,6 +8,7 @@ the ``autojump_clock`` fixture jumps straight to the next deadline.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections.abc import Awaitable, Callable
@@ -1003,10 +1004,22 @@ async def test_ping_over_memory_streams_takes_no_time(autojump_clock: MockClock)
     async with connection_pair() as pair:
         assert await pair.client.ping() == 0.0
         assert pair.client.rtt == 0.0
-        # The rate rule: the next PING waits for half the send interval.
+        # The rate rule asks for half the send interval between PINGs; ping()
+        # keeps a margin for jitter on top: 5/8 of the 1 s interval.
         assert await pair.server.ping() == 0.0
         assert await pair.client.ping() == 0.0
-        assert trio.current_time() == 0.5
+        assert trio.current_time() == 0.625
+
+
+async def test_a_loop_of_pings_leaves_room_for_jitter(autojump_clock: MockClock) -> None:
+    async with connection_pair() as pair:
+        sent_at = []
+        for _ in range(6):
+            await pair.client.ping()
+            sent_at.append(trio.current_time())
+        gaps = {round(b - a, 9) for a, b in itertools.pairwise(sent_at)}
+        assert gaps == {0.625}  # a quarter more than the rule's 0.5
+        assert pair.server.statistics().state is State.OPEN
 
 
 async def test_ping_measures_the_round_trip(autojump_clock: MockClock) -> None:
@@ -1151,8 +1164,8 @@ async def test_a_ping_waiting_for_the_rate_rule_sees_the_close(autojump_clock: M
         async with open_stream_connection(stream, config=CONFIG) as conn:
             assert await conn.ping() == 0.0
             with pytest.raises(ConnectionClosed) as raised:
-                await conn.ping()  # waits until 0.5 for the rate rule; the CLOSE comes first
-            assert trio.current_time() == 0.5
+                await conn.ping()  # waits until 0.625 (rate rule and margin); the CLOSE comes first
+            assert trio.current_time() == 0.625
     assert (raised.value.code, raised.value.by_peer) == (CloseCode.GOING_AWAY, True)
 
 

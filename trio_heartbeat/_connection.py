@@ -79,6 +79,9 @@ logger = logging.getLogger("trio_heartbeat")
 _RECEIVE_SIZE: Final = 65536
 #: The writer stops collecting queued DATA for one ``send_all`` past this many bytes.
 _BATCH_BYTES: Final = 256 * 1024
+#: Extra spacing of :meth:`Connection.ping` calls beyond the rate rule, as a
+#: fraction of the send interval (the rule itself asks for half of it).
+_PING_MARGIN: Final = 0.125
 #: How long a last CLOSE may take to go out when the connection is being torn down.
 _BEST_EFFORT_SECONDS: Final = 0.1
 
@@ -368,12 +371,17 @@ class Connection:
     async def ping(self) -> float:
         """Send a PING now (or as soon as the rate rule allows) and return its round trip.
 
+        Back-to-back calls are spaced at least 5/8 of the send interval apart,
+        a quarter more than the rate rule's half: the peer judges the spacing
+        as the PINGs *arrive*, and network jitter must not turn a loop of
+        ``ping()`` calls into strikes (and a 1008).
+
         Raises :class:`ConnectionClosed` if the connection ends first.
         """
         core = self._core
         if core.state is not State.OPEN:
             raise self._closed_error()
-        await trio.sleep_until(core.earliest_ping)
+        await trio.sleep_until(core.earliest_ping + core.send_interval * _PING_MARGIN)
         if core.state is not State.OPEN or self._close_request is not None:
             raise self._closed_error()
         opaque = core.send_ping(trio.current_time())
