@@ -27,6 +27,7 @@ from trio_heartbeat._connection import (
     ConnectionOptions,
     open_stream_connection,
 )
+from trio_heartbeat._detectors import FailureDetector
 from trio_heartbeat._errors import (
     BrokenConnection,
     ConnectionClosed,
@@ -1022,6 +1023,21 @@ async def test_a_loop_of_pings_leaves_room_for_jitter(autojump_clock: MockClock)
         assert pair.server.statistics().state is State.OPEN
 
 
+async def test_concurrent_pings_keep_their_spacing(autojump_clock: MockClock) -> None:
+    async with connection_pair() as pair:
+        sent_at: list[float] = []
+
+        async def one_ping() -> None:
+            await pair.client.ping()
+            sent_at.append(trio.current_time())
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(4):
+                nursery.start_soon(one_ping)
+        assert sorted(sent_at) == [0.0, 0.625, 1.25, 1.875]
+        assert pair.server.statistics().state is State.OPEN  # no strikes, no 1008
+
+
 async def test_ping_measures_the_round_trip(autojump_clock: MockClock) -> None:
     async with connection_pair(receive_delay=0.125) as pair:
         start = trio.current_time()
@@ -1306,3 +1322,17 @@ async def test_a_client_block_starts_only_once_its_hello_is_written(
     types = [frame.type for frame in peer.frames]
     assert types[:1] == [FrameType.HELLO]
     assert peer.frames[-1].close_code == CloseCode.GOING_AWAY
+
+
+async def test_the_stream_is_closed_even_if_setting_up_fails(autojump_clock: MockClock) -> None:
+    stream, _peer = stream_and_peer()
+
+    def broken_detector() -> FailureDetector:
+        raise RuntimeError("no detector today")
+
+    with pytest.raises(RuntimeError, match="no detector today"):
+        async with open_stream_connection(
+            stream, options=ConnectionOptions(detector=broken_detector)
+        ):
+            pass  # pragma: no cover - never entered
+    assert stream.closed

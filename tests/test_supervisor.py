@@ -1363,3 +1363,36 @@ async def test_without_jitter_the_storm_comes_back_at_once(
             await trio.sleep(3.0)
     assert retried == [3.0] * clients
     assert busiest_window(retried, 0.1) == clients
+
+
+async def test_a_caller_that_does_not_read_never_holds_up_the_reconnect(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The server sends more than the supervisor's receive buffer holds (though
+    # not more than the connection's own queue can take as well, or the CLOSE
+    # would wait behind unread DATA: that is backpressure), then drains (1001).
+    # The caller only sends. The supervisor must still see the end, reconnect
+    # at once, and keep every message, in order, for later.
+    served = 0
+
+    async def flood_then_close(conn: Connection) -> None:
+        nonlocal served
+        served += 1
+        if served == 1:
+            for i in range(100):
+                await conn.send(b"%d" % i)
+            await conn.aclose(CloseCode.GOING_AWAY, "draining")
+        else:
+            await trio.sleep_forever()
+
+    async with open_memory_network() as network:
+        network.listen(ENDPOINT, flood_then_close)
+        async with reconnecting(network, backoff=ConstantBackoff(1.0), receive_buffer=64) as client:
+            await client.wait_connected()
+            while client.connections < 2:
+                await client.wait_state(SupervisorState.CONNECTED, SupervisorState.DISCONNECTED)
+                await trio.sleep(0.01)
+            assert client.connection is not None
+            assert client.connection.closed is None
+            received = [await client.receive() for _ in range(100)]
+            assert received == [b"%d" % i for i in range(100)]

@@ -38,6 +38,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
+from math import inf
 from typing import Final, final
 
 import trio
@@ -379,11 +380,15 @@ class Connection:
         Raises :class:`ConnectionClosed` if the connection ends first.
         """
         core = self._core
-        if core.state is not State.OPEN:
-            raise self._closed_error()
-        await trio.sleep_until(core.earliest_ping + core.send_interval * _PING_MARGIN)
-        if core.state is not State.OPEN or self._close_request is not None:
-            raise self._closed_error()
+        while True:
+            # Always at least one checkpoint; the rate is checked again after
+            # every wait, since a concurrent ping() may have gone out first.
+            live = core.state is State.OPEN and self._close_request is None
+            await trio.sleep_until(self._next_ping_at() if live else -inf)
+            if core.state is not State.OPEN or self._close_request is not None:
+                raise self._closed_error()
+            if trio.current_time() >= self._next_ping_at():
+                break
         opaque = core.send_ping(trio.current_time())
         done = self._ping_waiters[opaque] = trio.Event()
         self._wake.set()
@@ -395,6 +400,10 @@ class Connection:
         if rtt is None:
             raise self._closed_error()
         return rtt
+
+    def _next_ping_at(self) -> float:
+        core = self._core
+        return core.earliest_ping + core.send_interval * _PING_MARGIN
 
     def set_health(self, status: HealthStatus) -> None:
         """Report a new health status; the peer learns it within one PING."""
@@ -770,11 +779,15 @@ async def open_stream_connection(
     :class:`RemoteProtocolError` as ``__cause__``). An orderly CLOSE from the
     peer does not cancel the block: :meth:`Connection.receive` reports it.
     """
-    options = options if options is not None else ConnectionOptions()
-    now = trio.current_time()
-    detector = options.detector() if options.detector is not None else None
-    core = HeartbeatProtocol(role, config, now=now, detector=detector)
-    conn = Connection(stream, core, options, list(listeners or ()), remote_address)
+    try:
+        options = options if options is not None else ConnectionOptions()
+        detector = options.detector() if options.detector is not None else None
+        core = HeartbeatProtocol(role, config, now=trio.current_time(), detector=detector)
+        conn = Connection(stream, core, options, list(listeners or ()), remote_address)
+    except BaseException:
+        # The stream is ours from the moment we are called: closed on every path.
+        await trio.aclose_forcefully(stream)
+        raise
     body_error: BaseException | None = None
     try:
         with conn._scope:

@@ -308,7 +308,13 @@ class ReconnectingClient:
         self._buffer_size = buffer_size
         self._when_full = when_full
         self._buffer_changed = trio.Event()
-        self._inbound_send, self._inbound_receive = trio.open_memory_channel[bytes](receive_buffer)
+        # Received messages, oldest first. Bounded by receive_buffer while a
+        # connection is open; when one ends, what it still holds (at most its
+        # own receive queue) is moved in regardless, so that a caller who is
+        # not reading never holds up the reconnect.
+        self._inbox: deque[bytes] = deque()
+        self._inbox_changed = trio.Event()
+        self._receive_buffer = receive_buffer
         self._stop_codes = stop_codes
         self._ssl_context = ssl_context
         self._server_hostname = server_hostname
@@ -401,10 +407,21 @@ class ReconnectingClient:
         Raises :class:`ReconnectFailed` once the supervisor has stopped and
         every message received before is delivered.
         """
-        try:
-            return await self._inbound_receive.receive()
-        except (trio.EndOfChannel, trio.ClosedResourceError):
-            raise self._stopped_error() from None
+        while not self._inbox:
+            if self._state is SupervisorState.CLOSED:
+                await trio.lowlevel.checkpoint()
+                raise self._stopped_error()
+            await self._inbox_changed.wait()
+        await trio.lowlevel.checkpoint()  # before taking it: a cancelled receive loses nothing
+        while not self._inbox:  # pragma: no cover - another receiver took it meanwhile
+            await self._inbox_changed.wait()
+        message = self._inbox.popleft()
+        self._notify_inbox()
+        return message
+
+    def _notify_inbox(self) -> None:
+        self._inbox_changed.set()
+        self._inbox_changed = trio.Event()
 
     def __aiter__(self) -> ReconnectingClient:
         return self
@@ -549,6 +566,9 @@ class ReconnectingClient:
                             pumping.start_soon(self._pump, conn)
                             closed = await conn.wait_closed()
                             pumping.cancel_scope.cancel()
+                        self._connection = None
+                        self._set_state(SupervisorState.DISCONNECTED)
+                        self._notify_inbox()  # the forwarder stops waiting for room
                     return closed, trio.current_time() - connected_at
             return (
                 HeartbeatTimeout(
@@ -599,16 +619,22 @@ class ReconnectingClient:
             await self._buffer_changed.wait()
 
     async def _forward(self, conn: Connection) -> None:
+        inbox = self._inbox
         try:
             while True:
                 message = await conn.receive()
-                await self._inbound_send.send(message)
+                # Backpressure reaches the peer only while the connection is
+                # open; once it has ended, the rest is bounded and moves in.
+                while len(inbox) >= self._receive_buffer and conn.closed is None:
+                    await self._inbox_changed.wait()
+                inbox.append(message)
+                self._notify_inbox()
         except ConnectionClosed:
             return
 
     def _finish(self, error: ReconnectFailed | None) -> None:
         self._set_state(SupervisorState.CLOSED)
-        self._inbound_send.close()
+        self._notify_inbox()
         self._notify_buffer()
         self._emit(Stopped(error))
 
