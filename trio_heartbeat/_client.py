@@ -40,8 +40,9 @@ async def open_connection(
     ...         await conn.send(b"hello")
     ...         print(await conn.receive(), "rtt", conn.rtt)
 
-    The TCP connect (and the TLS handshake, with ``ssl_context``) must finish
-    within ``connect_timeout``, else :class:`HeartbeatTimeout` is raised; a
+    The TCP connect must finish within ``connect_timeout``, and the TLS
+    handshake (with ``ssl_context``) and the THB/1 handshake together within
+    the config's ``handshake_timeout``, else :class:`HeartbeatTimeout` is raised; a
     refused or unreachable address raises :class:`BrokenConnection` with the
     ``OSError`` as its cause. After that it behaves as
     :func:`open_stream_connection`: a heartbeat timeout, protocol error or lost

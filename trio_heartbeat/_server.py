@@ -286,6 +286,9 @@ class Server:
                 self._settle_handshake()
                 self._completed += 1
                 replaced = self.registry._add(conn)
+                if conn.health is not self.config.status:
+                    # set_health() ran during this handshake, after our HELLO.
+                    conn.set_health(self.config.status)
                 if replaced is not None:
                     logger.info(
                         "%s: id %r taken over by %s", replaced.remote_address, conn.peer_id, address
