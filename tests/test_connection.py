@@ -1336,3 +1336,28 @@ async def test_the_stream_is_closed_even_if_setting_up_fails(autojump_clock: Moc
         ):
             pass  # pragma: no cover - never entered
     assert stream.closed
+
+
+async def test_leaving_with_unread_data_closes_in_one_round_trip(autojump_clock: MockClock) -> None:
+    stream, peer = stream_and_peer()
+
+    async def script() -> None:
+        await peer.handshake()
+        for i in range(100):  # more than the receive queue (64) holds
+            await peer.send_data(b"%d" % i)
+        await peer.serve()  # answers our CLOSE at once
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(script)
+        async with open_stream_connection(
+            stream, config=Config(interval=1.0, timeout=3.0, close_timeout=5.0)
+        ) as conn:
+            await trio.sleep(0.5)  # the reader is now held up by the full queue
+            assert conn.statistics().receive_queue_used == 64
+        # Not at the 5 s close timeout: the unread DATA was dropped and the
+        # peer's CLOSE read at once.
+        assert trio.current_time() == 0.5
+        closed = conn.closed
+        assert closed is not None
+        assert closed.code == CloseCode.NORMAL
+        nursery.cancel_scope.cancel()

@@ -205,6 +205,8 @@ class Connection:
         self._close_request: tuple[int, str] | None = None
         self._send_broken = False
         self._ping_waiters: dict[bytes, trio.Event] = {}
+        self._receiving_stopped = False
+        self._delivery = trio.CancelScope()  # around a reader waiting for queue room
         self._ping_results: dict[bytes, float] = {}
         self.opened_at: float | None = None
 
@@ -401,6 +403,16 @@ class Connection:
             raise self._closed_error()
         return rtt
 
+    def _stop_receiving(self) -> None:
+        """The caller's block is over: DATA that finds the queue full is dropped.
+
+        Otherwise the peer's CLOSE, which may sit behind DATA nobody will read,
+        could not get through, and every close would end at the close timeout.
+        What is already queued stays readable.
+        """
+        self._receiving_stopped = True
+        self._delivery.cancel()
+
     def _next_ping_at(self) -> float:
         core = self._core
         return core.earliest_ping + core.send_interval * _PING_MARGIN
@@ -550,11 +562,15 @@ class Connection:
     async def _deliver_slowly(self, data: bytes) -> None:
         # The application is not keeping up. Stop reading (TCP pushes back on
         # the peer) and do not hold the resulting silence against the peer.
+        if self._receiving_stopped:
+            return  # the block is over and the queue is full: nobody will read it
         core = self._core
         core.pause_liveness(trio.current_time())
         self._rearm()
+        self._delivery = trio.CancelScope()
         try:
-            await self._in_send.send(data)
+            with self._delivery:
+                await self._in_send.send(data)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             pass  # the connection was finished meanwhile; the reader stops on its next turn
         finally:
@@ -803,8 +819,10 @@ async def open_stream_connection(
                     except BaseException as exc:
                         if not only_cancelled(exc):
                             body_error = exc
+                            conn._stop_receiving()
                             conn.close_nowait(CloseCode.GOING_AWAY, type(exc).__name__, flush=False)
                         raise
+                    conn._stop_receiving()
                     await conn.aclose()
                     # Both tasks end by themselves once the close is done; a
                     # cancel now could cut off the CLOSE the writer is still
