@@ -23,6 +23,7 @@ from trio_heartbeat import (
     CloseCode,
     Config,
     ConnectionClosed,
+    ConnectionRejected,
     HeartbeatTimeout,
     open_connection,
 )
@@ -213,3 +214,17 @@ async def test_a_server_that_stalls_the_tls_handshake_is_given_up(ca: trustme.CA
     assert received[:1] == b"\x16"
     await stream.aclose()
     await listeners[0].aclose()
+
+
+async def test_a_tls_server_at_capacity_refuses_over_tls(ca: trustme.CA) -> None:
+    async with (
+        serving(config=FAST, ssl_context=server_context(ca), max_connections=1) as server,
+        open_connection(LOOPBACK, server.port, config=FAST, ssl_context=client_context(ca)) as conn,
+    ):
+        with pytest.raises(ConnectionRejected) as raised:
+            async with open_connection(
+                LOOPBACK, server.port, config=FAST, ssl_context=client_context(ca)
+            ):
+                pass  # pragma: no cover - refused before the block
+        assert raised.value.code == CloseCode.TRY_AGAIN_LATER
+        await assert_echo(conn)  # the admitted client is still served

@@ -258,14 +258,15 @@ class Server:
     async def _serve_stream(self, stream: trio.abc.Stream, address: str | None) -> None:
         self._accepted += 1
         address = address if address is not None else _describe_address(stream)
+        if self.ssl_context is not None:
+            # Before any refusal too: a TLS client can only read a CLOSE sent over TLS.
+            stream = trio.SSLStream(stream, self.ssl_context, server_side=True)
         if self._draining:
             await self._refuse(stream, CloseCode.GOING_AWAY, "server draining", address)
             return
         if self._active >= self.max_connections:
             await self._refuse(stream, CloseCode.TRY_AGAIN_LATER, "server at capacity", address)
             return
-        if self.ssl_context is not None:
-            stream = trio.SSLStream(stream, self.ssl_context, server_side=True)
         self._active += 1
         self._handshaking += 1
         self._idle = trio.Event() if self._idle.is_set() else self._idle
