@@ -17,6 +17,16 @@ from math import inf
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from vectors import (
+    CLIENT_HELLO,
+    CLIENT_NONCE,
+    CLOSE_1011,
+    OPAQUE,
+    PING,
+    PONG,
+    SERVER_HELLO,
+    SERVER_NONCE,
+)
 
 from trio_heartbeat import (
     NEED_DATA,
@@ -54,26 +64,6 @@ from trio_heartbeat._frames import (
 )
 from trio_heartbeat._protocol import TRANSITIONS, Trigger, compute_auth
 
-SERVER_NONCE = bytes(range(0x10))
-CLIENT_NONCE = bytes(range(0x10, 0x20))
-OPAQUE = bytes(range(8))
-
-# PROTOCOL.md §7, byte for byte.
-SERVER_HELLO = bytes.fromhex(
-    "01 00 00 00 00 24 54 48 42 31 00 00 00 00 03 e8 00 00 0b b8 00 10 00 00"
-    "00 01 02 03 04 05 06 07 08 09 0a 0b 0c 0d 0e 0f 00 00"
-)
-CLIENT_HELLO = bytes.fromhex(
-    "01 00 00 00 00 4a 54 48 42 31 01 00 00 00 01 f4 00 00 05 dc 00 01 00 00"
-    "10 11 12 13 14 15 16 17 18 19 1a 1b 1c 1d 1e 1f 06 6e 6f 64 65 2d 31 20"
-    "9c 33 6e 76 c7 3b f2 d9 c7 82 17 14 0a 66 b0 c6 1d d1 5c bb c7 a1 26 08"
-    "2c 60 30 c2 67 ac 70 52"
-)
-PING_VECTOR = bytes.fromhex("03 00 00 00 00 09 00 01 02 03 04 05 06 07 00")
-PONG_VECTOR = bytes.fromhex("04 00 00 00 00 09 00 01 02 03 04 05 06 07 02")
-CLOSE_1011 = bytes.fromhex(
-    "05 00 00 00 00 13 03 f3 68 65 61 72 74 62 65 61 74 20 74 69 6d 65 6f 75 74"
-)
 #: The client of the §7 vector, as a Config.
 VECTOR_CLIENT_CONFIG = Config(
     interval=0.5, timeout=1.5, max_frame=65536, instance_id="node-1", secret=b"secret"
@@ -410,8 +400,8 @@ def test_client_refuses_server_hello_values_too() -> None:
     [
         (Role.SERVER, encode_data(b"x"), "DATA before the handshake"),
         (Role.CLIENT, encode_data(b""), "DATA before the handshake"),
-        (Role.SERVER, PING_VECTOR, "PING before the handshake"),
-        (Role.CLIENT, PONG_VECTOR, "PONG before the handshake"),
+        (Role.SERVER, PING, "PING before the handshake"),
+        (Role.CLIENT, PONG, "PONG before the handshake"),
         (Role.SERVER, SERVER_HELLO, "role SERVER, expected CLIENT"),
         (Role.CLIENT, client_hello(), "role CLIENT, expected SERVER"),
         (Role.CLIENT, bytes.fromhex("07 00 00 00 00 00"), "unknown frame type"),
@@ -738,10 +728,10 @@ def test_ping_vector_is_answered_with_the_pong_vector_ahead_of_data() -> None:
     server, client = open_pair()
     server.set_health(HealthStatus.NOT_SERVING, 1.0)
     server.send_data(b"queued first", 1.0)
-    events = feed(server, PING_VECTOR, 1.0)
+    events = feed(server, PING, 1.0)
     assert events == [PingReceived(OPAQUE, HealthStatus.SERVING)]
     wire = server.data_to_send()
-    assert wire == PONG_VECTOR + encode_data(b"queued first")
+    assert wire == PONG + encode_data(b"queued first")
 
 
 def test_pong_ahead_of_all_data_queued_in_the_same_turn() -> None:
