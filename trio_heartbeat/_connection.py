@@ -740,19 +740,16 @@ class Connection:
             self._opened.set()
 
     def _wrap_up(self) -> None:
-        if self._outcome is None:
-            core = self._core
-            # Cancelled from outside mid-connection: say goodbye without waiting.
-            core.close(CloseCode.GOING_AWAY, "cancelled", now=trio.current_time())
-            code = core.close_code if core.close_code is not None else CloseCode.ABNORMAL_CLOSURE
-            self._outcome = _Outcome(
-                ConnectionClosed, code, core.close_reason, core.closed_by_peer, False
-            )
-        self._out_send.close()
-        self._in_send.close()
-        for waiter in self._ping_waiters.values():
-            waiter.set()
-        self._ended.set()
+        if self._outcome is not None:
+            return  # _finish() already released everything
+        core = self._core
+        # Cancelled from outside mid-connection: say goodbye without waiting.
+        core.close(CloseCode.GOING_AWAY, "cancelled", now=trio.current_time())
+        code = core.close_code if core.close_code is not None else CloseCode.ABNORMAL_CLOSURE
+        self._finish(
+            _Outcome(ConnectionClosed, code, core.close_reason, core.closed_by_peer, False),
+            cancel=False,
+        )
 
     async def _teardown(self) -> None:
         """Best-effort last words (a CLOSE the core queued), then close the stream. Shielded."""
