@@ -1389,3 +1389,11 @@ def test_a_flood_after_a_late_ping_still_closes_with_1008() -> None:
     with pytest.raises(RemoteProtocolError) as raised:
         ping_at(server, 2.5)
     assert raised.value.code == CloseCode.POLICY_VIOLATION
+
+
+def test_control_pending_says_whether_control_frames_wait() -> None:
+    server, client = new_pair()
+    assert server.control_pending  # its HELLO, queued at creation
+    server.data_to_send()
+    assert not server.control_pending
+    assert not client.control_pending  # a client speaks only after the server's HELLO

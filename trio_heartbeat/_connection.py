@@ -522,7 +522,7 @@ class Connection:
                 if await self._dispatch_events():
                     return
                 self._rearm()
-                if core._control:
+                if core.control_pending:
                     self._wake.set()
         except RemoteProtocolError as exc:
             logger.debug(
@@ -668,7 +668,7 @@ class Connection:
                     # Our HELLO (a client's) is on the wire: the caller's block
                     # may start, and whatever it does, the peer has heard us.
                     self._opened.set()
-                if core.state in (State.CLOSED, State.ERROR) and not core._control:
+                if core.state in (State.CLOSED, State.ERROR) and not core.control_pending:
                     with trio.CancelScope(
                         shield=True, deadline=trio.current_time() + _BEST_EFFORT_SECONDS
                     ):

@@ -459,6 +459,11 @@ class HeartbeatProtocol:
         return inf
 
     @property
+    def control_pending(self) -> bool:
+        """True while control frames (HELLO, PONG, CLOSE, PING) wait in :meth:`data_to_send`."""
+        return bool(self._control)
+
+    @property
     def next_deadline(self) -> float:
         """The earlier of :attr:`ping_deadline` and :attr:`abort_deadline`."""
         return min(self.ping_deadline, self.abort_deadline)
