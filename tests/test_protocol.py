@@ -1393,7 +1393,7 @@ def test_a_flood_after_a_late_ping_still_closes_with_1008() -> None:
 
 def test_control_pending_says_whether_control_frames_wait() -> None:
     server, client = new_pair()
-    assert server.control_pending  # its HELLO, queued at creation
+    # The server's HELLO is queued at creation; a client speaks only after it.
+    assert (server.control_pending, client.control_pending) == (True, False)
     server.data_to_send()
-    assert not server.control_pending
-    assert not client.control_pending  # a client speaks only after the server's HELLO
+    assert (server.control_pending, client.control_pending) == (False, False)
