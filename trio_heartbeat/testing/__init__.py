@@ -8,17 +8,12 @@ driven by the same :class:`Faults` controls. See docs/testing.md.
 
 from __future__ import annotations
 
-from ._faults import DEFAULT_BUFFER_SIZE as DEFAULT_BUFFER_SIZE
 from ._faults import Direction as Direction
 from ._faults import Faults as Faults
 from ._faults import FaultStatistics as FaultStatistics
-from ._faults import FaultyHalfCloseableStream as FaultyHalfCloseableStream
-from ._faults import FaultyStream as FaultyStream
 from ._faults import LinkFaults as LinkFaults
 from ._faults import LinkStatistics as LinkStatistics
 from ._faults import Side as Side
-from ._faults import faulty_stream_pair as faulty_stream_pair
-from ._faults import open_faulty_stream as open_faulty_stream
 from ._network import Fleet as Fleet
 from ._network import HostState as HostState
 from ._network import MemoryHost as MemoryHost
@@ -30,10 +25,15 @@ from ._network import run_server_and_clients as run_server_and_clients
 from ._proxy import FaultProxy as FaultProxy
 from ._proxy import ProxyConnection as ProxyConnection
 from ._proxy import ProxyStatistics as ProxyStatistics
+from ._streams import FaultyHalfCloseableStream as FaultyHalfCloseableStream
+from ._streams import FaultyStream as FaultyStream
+from ._streams import faulty_stream_pair as faulty_stream_pair
+from ._wire import DEFAULT_BUFFER_SIZE as DEFAULT_BUFFER_SIZE
+from ._wrap import open_faulty_stream as open_faulty_stream
 
 # One entry per public name, grouped by module; add new modules' names below.
 __all__ = [
-    # _faults
+    # _faults, _wire, _streams, _wrap
     "DEFAULT_BUFFER_SIZE",
     "Direction",
     "FaultStatistics",

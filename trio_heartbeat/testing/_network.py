@@ -45,7 +45,9 @@ from .._supervisor import (
     _parse_endpoint,
     open_reconnecting_client,
 )
-from ._faults import DEFAULT_BUFFER_SIZE, Faults, faulty_stream_pair
+from ._faults import Faults
+from ._streams import faulty_stream_pair
+from ._wire import DEFAULT_BUFFER_SIZE
 
 __all__ = [
     "Fleet",

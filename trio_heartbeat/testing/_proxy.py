@@ -1,11 +1,12 @@
 """A TCP proxy on loopback that injects the same faults as the in-memory streams.
 
-Each accepted connection gets a wire (see ``_faults``) and one outgoing
-connection to the target; four pump tasks move bytes socket -> wire -> socket in
-both directions, so every fault of :class:`~trio_heartbeat.testing.Faults`
-applies to real TCP traffic. The proxy's client is the near end: OUTBOUND is
-client to target. All tasks live in the nursery of :meth:`FaultProxy.serve`,
-and every socket is closed when its connection ends or ``serve`` is cancelled.
+Each accepted connection gets a wire (see ``_wire``) and one outgoing
+connection to the target; four pump tasks (see ``_pumps``) move bytes
+socket -> wire -> socket in both directions, so every fault of
+:class:`~trio_heartbeat.testing.Faults` applies to real TCP traffic. The
+proxy's client is the near end: OUTBOUND is client to target. All tasks live
+in the nursery of :meth:`FaultProxy.serve`, and every socket is closed when
+its connection ends or ``serve`` is cancelled.
 """
 
 from __future__ import annotations
@@ -16,16 +17,9 @@ from typing import Literal, final
 
 import trio
 
-from ._faults import (
-    DEFAULT_BUFFER_SIZE,
-    Faults,
-    FaultStatistics,
-    LinkStatistics,
-    Side,
-    _Wire,
-    abort_stream,
-    splice,
-)
+from ._faults import Faults, FaultStatistics, LinkStatistics, Side
+from ._pumps import abort_stream, splice
+from ._wire import DEFAULT_BUFFER_SIZE, _Wire
 
 __all__ = ["FaultProxy", "ProxyConnection", "ProxyStatistics"]
 
