@@ -377,6 +377,27 @@ def test_header_errors_from_the_six_header_bytes_alone(raw: bytes, code: int, me
         assert again.value is info.value
 
 
+@pytest.mark.parametrize("batch", [False, True], ids=["next_frame", "frames"])
+def test_bytes_after_a_sticky_error_are_dropped(batch: bool) -> None:
+    decoder = FrameDecoder()
+    decode = decoder.frames if batch else decoder.next_frame
+    decoder.receive_data(DATA_HI + header(0x09, 0) + DATA_HI)
+    first = decode()
+    assert first == ([(FrameType.DATA, b"hi")] if batch else Frame(FrameType.DATA, b"hi"))
+    with pytest.raises(RemoteProtocolError, match="unknown frame type 0x09") as info:
+        decode()
+    # Nothing at or after the bad header can become a frame: the decoder lets go
+    # of those bytes, and of everything that arrives later.
+    assert decoder.buffered == 0
+    for _ in range(3):
+        decoder.receive_data(DATA_HI * 1000)
+        decoder.receive_data(bytearray(100))
+        assert decoder.buffered == 0
+        with pytest.raises(RemoteProtocolError) as again:
+            decode()
+        assert again.value is info.value
+
+
 def test_limit_is_inclusive_and_follows_max_frame() -> None:
     decoder = FrameDecoder()
     assert decoder.max_frame == HANDSHAKE_MAX_FRAME
@@ -568,10 +589,13 @@ def test_close_codes_known_and_unknown() -> None:
     assert code is CloseCode.REPLACED
 
 
-@pytest.mark.parametrize("code", [-1, 0x10000])
-def test_close_code_must_fit_sixteen_bits(code: int) -> None:
-    with pytest.raises(LocalProtocolError, match="16 bits"):
+@pytest.mark.parametrize("code", [-1, 0x10000, -0x10000, 0x10000 + 1000])
+def test_close_code_out_of_range_is_a_value_error(code: int) -> None:
+    # A bad argument, not a protocol error: no close code can describe it
+    # (the old code reported ``code & 0xFFFF``, which is 1000 for 0x103E8).
+    with pytest.raises(ValueError, match=f"close code must be 0 to 65535, not {code}") as info:
         encode_close(code)
+    assert not isinstance(info.value, LocalProtocolError)
 
 
 def test_close_reason_is_truncated_at_a_character_boundary() -> None:

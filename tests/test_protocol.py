@@ -1058,6 +1058,20 @@ def test_close_sends_already_queued_data_first() -> None:
     assert types(client.data_to_send()) == [FrameType.DATA, FrameType.CLOSE]
 
 
+@pytest.mark.parametrize("code", [-1, 0x10000])
+def test_close_with_a_code_that_does_not_fit_raises_and_changes_nothing(code: int) -> None:
+    server, client = open_pair()
+    client.send_data(b"still queued", 1.0)
+    with pytest.raises(ValueError, match="close code must be 0 to 65535"):
+        client.close(code, now=1.0)
+    assert state(client) is State.OPEN
+    assert client.close_code is None
+    assert types(client.data_to_send()) == [FrameType.DATA]
+    client.close(CloseCode.NORMAL, now=1.0)  # a valid close still works
+    assert state(client) is State.CLOSING
+    assert client.data_to_send() == encode_close(CloseCode.NORMAL)
+
+
 def test_remote_close_answer_goes_after_data_already_queued() -> None:
     server, client = open_pair()
     server.send_data(b"queued", 1.0)

@@ -979,6 +979,50 @@ async def test_an_empty_refresh_gives_up(autojump_clock: trio.testing.MockClock)
                 await trio.sleep_forever()
 
 
+def two_then_dry(kind: str) -> Any:
+    """An endpoint source that offers "a:1" and "b:1" once, then nothing."""
+    if kind == "iterator":
+
+        async def discover() -> AsyncIterator[str]:
+            for endpoint in ["a:1", "b:1"]:
+                yield endpoint
+
+        return discover()
+    lists = iter([["a:1", "b:1"]])
+    return lambda: next(lists, [])
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("iterator", "the endpoint source ran dry"),
+        ("refresh", "the endpoint source returned no endpoints"),
+    ],
+)
+async def test_a_dry_source_reports_the_last_error_and_the_attempts(
+    autojump_clock: trio.testing.MockClock, kind: str, message: str
+) -> None:
+    record = Recorder()
+    async with open_memory_network() as network:  # nothing listens: every attempt is refused
+        with pytest.raises(ReconnectFailed, match=rf"after 2 attempt\(s\): {message}") as info:
+            async with reconnecting(
+                network, two_then_dry(kind), record, backoff=ConstantBackoff(1.0)
+            ) as client:
+                await trio.sleep_forever()
+
+    # Two refusals, each followed by a wait, and then no endpoint to try.
+    assert attempted(record) == [(0.0, "a:1"), (1.0, "b:1")]
+    assert trio.current_time() == 2.0
+    error = info.value
+    assert error.attempts == 2
+    assert client.attempts == 2  # no attempt is counted for an endpoint that never came
+    assert [event.error for _, event in record.of(AttemptFailed)][-1] is error.last_error
+    assert isinstance(error.last_error, BrokenConnection)
+    assert error.last_error.code == CloseCode.ABNORMAL_CLOSURE
+    assert client.error is error
+    assert record.summary()[-1] == (2.0, "stopped", error.last_error)
+
+
 async def test_ipv6_endpoints_are_parsed_and_named(autojump_clock: trio.testing.MockClock) -> None:
     record = Recorder()
     async with open_memory_network() as network:

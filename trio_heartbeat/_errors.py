@@ -11,6 +11,10 @@ Two families, kept apart on purpose:
   describe how a connection ended, again with the close code and reason. Transport
   failures from the operating system are translated into them at the I/O edge,
   with the original exception chained as ``__cause__``.
+
+Every exception here survives :mod:`pickle` and :func:`copy.copy` with its
+attributes and notes (``__cause__`` and the traceback are not pickled, as for
+any Python exception), so they can cross process boundaries.
 """
 
 from __future__ import annotations
@@ -43,7 +47,10 @@ class ProtocolError(HeartbeatError):
         self.code = code
 
     def __reduce__(self) -> tuple[object, ...]:
-        return (type(self), (str(self), self.code))
+        # ``args`` holds only the message, so the default would call
+        # ``cls(message)`` and fail; the instance dict carries ``code`` and
+        # anything added later, such as ``__notes__``.
+        return (type(self), (str(self), self.code), self.__dict__)
 
 
 class LocalProtocolError(ProtocolError):
@@ -80,7 +87,12 @@ class ConnectionClosed(HeartbeatError):
         return f"{text}, initiated by the {who}"
 
     def __reduce__(self) -> tuple[object, ...]:
-        return (_rebuild_closed, (type(self), self.code, self.reason, self.by_peer))
+        # ``by_peer`` is keyword-only, so it cannot travel in ``args``.
+        return (
+            _rebuild_closed,
+            (type(self), self.code, self.reason, self.by_peer),
+            self.__dict__,
+        )
 
 
 def _rebuild_closed(

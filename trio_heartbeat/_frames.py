@@ -194,7 +194,10 @@ class FrameDecoder:
     ``max_frame`` is the payload limit in force; it starts at the handshake
     limit of 512 bytes and the protocol raises it once the handshake is done.
     Errors are sticky: after one :class:`RemoteProtocolError` the decoder raises
-    the same error again rather than try to resynchronise.
+    the same error again rather than try to resynchronise. Nothing at or after
+    a malformed header can ever become a frame, so from the moment the decoder
+    finds one it lets go of the bytes it holds, and :meth:`receive_data` drops
+    whatever arrives later: a peer that keeps sending cannot grow the buffer.
     """
 
     __slots__ = ("_buffer", "_error", "_position", "max_frame")
@@ -211,8 +214,12 @@ class FrameDecoder:
         return len(self._buffer) - self._position
 
     def receive_data(self, data: bytes | bytearray) -> None:
-        """Add bytes from the transport; no frame is decoded until :meth:`next_frame`."""
-        if not data:
+        """Add bytes from the transport; no frame is decoded until :meth:`next_frame`.
+
+        Never raises: after a malformed header the bytes are dropped, and the
+        sticky error comes from the next :meth:`next_frame` or :meth:`frames`.
+        """
+        if not data or self._error is not None:
             return
         if self._position >= len(self._buffer):
             # The common case: everything before was consumed, so no copy at all.
@@ -262,6 +269,9 @@ class FrameDecoder:
                 found = _TYPES.get(raw_type)
                 if found is None or flags or length > limit or not _size_ok(found, length):
                     self._error = _header_error(raw_type, flags, length, limit)
+                    # The frames before it are already copied into ``out``.
+                    self._buffer = b""
+                    position = 0
                     break
                 frame_type = found
                 if found is _HELLO:
@@ -367,9 +377,13 @@ def encode_close(code: int, reason: str = "") -> bytes:
 
     >>> encode_close(1000).hex(" ")
     '05 00 00 00 00 02 03 e8'
+
+    Any 16-bit code is accepted. A code outside 0 to 65535 cannot be put on
+    the wire at all and raises :class:`ValueError`: it is a bad argument,
+    not a protocol violation, so there is no close code to report for it.
     """
     if not 0 <= code <= 0xFFFF:
-        raise LocalProtocolError(f"close code {code} does not fit in 16 bits", code & 0xFFFF)
+        raise ValueError(f"close code must be 0 to 65535, not {code}")
     payload = _CLOSE_CODE.pack(code) + truncate_reason(reason)
     return _pack_header(FrameType.CLOSE, 0, len(payload)) + payload
 

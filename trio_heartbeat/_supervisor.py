@@ -116,14 +116,27 @@ class ReconnectFailed(HeartbeatError):
     """The supervisor stopped reconnecting.
 
     Either a connection ended with a close code it does not retry (1008 or
-    4000 by default), or the backoff policy ran out of delays. ``last_error``
-    is the :class:`ConnectionClosed` of the last connection or attempt.
+    4000 by default), the backoff policy ran out of delays, or the endpoint
+    source had no endpoint left to try. ``last_error`` is the
+    :class:`ConnectionClosed` of the last connection or attempt (``None`` if
+    there was none), and ``attempts`` counts the attempts since the last
+    connection that stayed up ``healthy_after`` seconds, as
+    :class:`AttemptStarted` numbers them. When the caller closed the client,
+    ``attempts`` is the total over its life.
     """
 
     def __init__(self, message: str, last_error: ConnectionClosed | None, attempts: int) -> None:
         super().__init__(message)
         self.last_error = last_error
         self.attempts = attempts
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # ``args`` holds only the message; the default would call ``cls(message)``.
+        return (type(self), (str(self), self.last_error, self.attempts), self.__dict__)
+
+
+class _NoEndpoint(Exception):
+    """The endpoint source has nothing left; the loop turns this into :class:`ReconnectFailed`."""
 
 
 # -- events ----------------------------------------------------------------------
@@ -238,7 +251,7 @@ class _Endpoints:
             try:
                 return _parse_endpoint(await anext(self._iterator))
             except StopAsyncIteration:
-                raise ReconnectFailed("the endpoint source ran dry", None, 0) from None
+                raise _NoEndpoint("the endpoint source ran dry") from None
         if not self._pending:
             source = self._source
             if callable(source):
@@ -250,7 +263,7 @@ class _Endpoints:
                 listed = source
             self._pending.extend(listed)
             if not self._pending:
-                raise ReconnectFailed("the endpoint source returned no endpoints", None, 0)
+                raise _NoEndpoint("the endpoint source returned no endpoints")
         return _parse_endpoint(self._pending[0])
 
     def failed(self) -> None:
@@ -500,9 +513,14 @@ class ReconnectingClient:
                     )
                 await self._back_off(attempt + 1, delay)
             wait_first = True
+            try:
+                host, port = await self._endpoints.next()
+            except _NoEndpoint as exc:
+                raise ReconnectFailed(
+                    f"gave up after {attempt} attempt(s): {exc}", last_error, attempt
+                ) from None
             attempt += 1
             self.attempts += 1
-            host, port = await self._endpoints.next()
             endpoint = _format_endpoint(host, port)
             self._set_state(SupervisorState.CONNECTING)
             self._emit(AttemptStarted(attempt, endpoint))
