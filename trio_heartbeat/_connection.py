@@ -1,40 +1,53 @@
-"""One THB/1 connection over a Trio stream: a nursery with a reader and a writer,
-inside a watchdog cancel scope.
+"""One THB/1 connection over a Trio stream: a reader and a writer in a nursery,
+inside one cancel scope that failure cancels.
 
 Theory of operation
 -------------------
-:func:`open_stream_connection` runs the whole connection inside one cancel
-scope, the *watchdog*, whose deadline is the sans-IO core's
-:attr:`~trio_heartbeat.HeartbeatProtocol.abort_deadline`: the handshake
-deadline first, then the failure detector's verdict on a silent peer, then the
-close timeout. The reader moves that deadline forward after every batch of
-frames it receives. When the deadline passes, Trio cancels everything in the
-scope at once: the reader, the writer and the caller's own code in the
-``async with`` block. Cleanup needs no bookkeeping: the scope unwinds, the
-stream is closed, and the caller gets one :class:`HeartbeatTimeout`.
+:func:`open_stream_connection` runs the whole connection, the caller's
+``async with`` block included, inside one cancel scope. Two tasks run in a
+nursery within it:
 
-Inside the scope a nursery runs two tasks:
+* the **reader** feeds received bytes to the sans-IO core and hands out its
+  events: DATA into a bounded inbound queue, PONGs to waiting
+  :meth:`Connection.ping` calls, everything to the observers. Control frames
+  the core queues in answer (a PONG, an answering CLOSE) the reader writes
+  itself when no write is under way, so an echo costs the peer no extra task
+  switch. When the inbound queue is full the reader stops reading
+  (backpressure reaches the peer through TCP) and tells the core, which
+  suspends conviction meanwhile: a slow *application* must not make a healthy
+  *peer* look dead.
+* the **writer** is also the **watchdog**. It sleeps in a timer scope whose
+  deadline is the earliest of the core's PING deadline, its
+  :attr:`~trio_heartbeat.HeartbeatProtocol.abort_deadline` (the handshake
+  deadline, then the failure detector's verdict on a silent peer, then the
+  close timeout) and, while a write is under way, the write timeout. Every
+  received frame and every write moves that deadline. Woken by queued DATA,
+  it takes every queued message (up to a batch limit), asks the core for the
+  bytes (control frames ahead of DATA) and writes them with one ``send_all``.
+  When the timer fires it sends the PING that is due, or convicts: it records
+  the verdict and cancels the connection's scope, so the reader, the writer
+  and the caller's block all unwind at once and the caller gets one
+  :class:`HeartbeatTimeout`.
 
-* the **reader** feeds received bytes to the core and dispatches its events:
-  DATA into a bounded inbound channel, PONGs to waiting :meth:`Connection.ping`
-  calls, everything to the observers. When the inbound channel is full the
-  reader stops reading (backpressure reaches the peer through TCP) and tells
-  the core, which suspends conviction meanwhile: a slow *application* must not
-  make a healthy *peer* look dead.
-* the **writer** sleeps until there is something to send or a PING is due,
-  then takes every queued DATA message (up to a batch limit), asks the core for
-  the bytes (control frames such as PONG and CLOSE ahead of DATA) and writes
-  them with one ``send_all``. The write has its own deadline: a peer that stops
-  reading is convicted like a silent one.
+Only one task writes at a time (the reader, a :meth:`Connection.ping` caller
+or the writer); whoever finishes a write and finds more queued wakes the
+writer. Neither task lets an exception escape: each records the outcome and
+cancels the scope, so the context manager raises exactly one typed exception,
+never an ExceptionGroup.
 
-Neither task ever lets an exception escape: each records the outcome and
-cancels the watchdog scope, so the context manager raises exactly one typed
-exception, never an ExceptionGroup.
+:meth:`Connection.send` and :meth:`Connection.receive` are always
+cancellation points, but they yield to the scheduler only when they must wait
+(the send queue is full, or no DATA has arrived). A burst of sends therefore
+fills the queue before the writer runs, and goes out in one ``send_all``; a
+burst of received messages is consumed without a task switch per message.
+Both queues are bounded, so neither can starve other tasks for longer than
+one queue's worth of messages.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
@@ -42,6 +55,15 @@ from math import inf
 from typing import Final, final
 
 import trio
+from trio.lowlevel import (
+    Abort,
+    ParkingLot,
+    Task,
+    checkpoint_if_cancelled,
+    current_task,
+    reschedule,
+    wait_task_rescheduled,
+)
 
 from ._detectors import FailureDetector
 from ._errors import (
@@ -175,6 +197,37 @@ class Connection:
     without I/O.
     """
 
+    __slots__ = (
+        "_close_request",
+        "_core",
+        "_ended",
+        "_inbox",
+        "_listeners",
+        "_opened",
+        "_options",
+        "_outbox",
+        "_outcome",
+        "_ping_results",
+        "_ping_waiters",
+        "_receivers",
+        "_receiving_stopped",
+        "_room",
+        "_scope",
+        "_send_broken",
+        "_senders",
+        "_timer",
+        "_wake_pending",
+        "_write_started",
+        "_write_timeout",
+        "_writer_deferred",
+        "_writer_parked",
+        "_writer_task",
+        "_writing",
+        "opened_at",
+        "remote_address",
+        "stream",
+    )
+
     def __init__(
         self,
         stream: trio.abc.Stream,
@@ -188,27 +241,39 @@ class Connection:
         self._options = options
         self._listeners = listeners
         self.remote_address = remote_address
+        self.opened_at: float | None = None
         self._write_timeout = (
             options.write_timeout if options.write_timeout is not None else protocol.config.timeout
         )
-        self._out_send, self._out_receive = trio.open_memory_channel[bytes](options.send_queue)
-        self._in_send, self._in_receive = trio.open_memory_channel[bytes](options.receive_queue)
-        self._wake = trio.Event()
-        # The scope around the whole connection (tasks and the caller's block):
-        # cancelled on failure. The watchdog task's timer is a scope of its own
-        # whose deadline the reader moves with every frame.
+        # DATA waiting for the writer, and tasks waiting for room in it.
+        self._outbox: deque[bytes] = deque()
+        self._senders = ParkingLot()
+        # DATA waiting for the application, tasks waiting for it, and the
+        # reader waiting for room.
+        self._inbox: deque[bytes] = deque()
+        self._receivers = ParkingLot()
+        self._room = ParkingLot()
+        self._receiving_stopped = False
+        # The writer parks itself between rounds; whoever queues work wakes it.
+        self._writer_task: Task | None = None
+        self._writer_parked = False
+        self._wake_pending = False
+        # Set while the writer stood back because another task was writing.
+        self._writer_deferred = False
+        # One task writes at a time: the writer, the reader or a ping() caller.
+        self._writing = False
+        self._write_started = inf
+        self._send_broken = False
+        # The scope around the whole connection (tasks and the caller's block),
+        # cancelled on failure; and the writer's current timer scope.
         self._scope = trio.CancelScope()
-        self._timer = trio.CancelScope(deadline=protocol.abort_deadline)
+        self._timer = trio.CancelScope()
         self._opened = trio.Event()
         self._ended = trio.Event()
         self._outcome: _Outcome | None = None
         self._close_request: tuple[int, str] | None = None
-        self._send_broken = False
         self._ping_waiters: dict[bytes, trio.Event] = {}
-        self._receiving_stopped = False
-        self._delivery = trio.CancelScope()  # around a reader waiting for queue room
         self._ping_results: dict[bytes, float] = {}
-        self.opened_at: float | None = None
 
     # -- facts ------------------------------------------------------------------
 
@@ -269,9 +334,9 @@ class Connection:
 
         The handshake deadline, then the failure detector's verdict on a silent
         peer (``inf`` while our application holds the reader up), then the
-        close timeout.
+        close timeout; ``inf`` once the connection has ended.
         """
-        return self._timer.deadline
+        return self._core.abort_deadline
 
     @property
     def closed(self) -> ConnectionClosed | None:
@@ -302,8 +367,8 @@ class Connection:
             data_frames_out=counters.data_frames_out,
             pings_sent=counters.pings_sent,
             pongs_received=counters.pongs_received,
-            send_queue_used=self._out_send.statistics().current_buffer_used,
-            receive_queue_used=self._in_send.statistics().current_buffer_used,
+            send_queue_used=len(self._outbox),
+            receive_queue_used=len(self._inbox),
         )
 
     # -- application API ----------------------------------------------------------
@@ -311,29 +376,37 @@ class Connection:
     async def send(self, data: bytes) -> None:
         """Queue ``data`` as one DATA frame; waits while the send queue is full.
 
+        Always a cancellation point; it yields to other tasks only when it has
+        to wait for room, so that a burst of sends goes out in one write.
+
         Raises :class:`ConnectionClosed` once the connection is closing or
         closed, and :class:`LocalProtocolError` (code 1009) for a message over
         the peer's ``max_frame``.
         """
         self._check_can_send(data)
-        try:
-            await self._out_send.send(data)
-        except trio.ClosedResourceError:
-            raise self._closed_error() from None
-        self._wake.set()
+        await checkpoint_if_cancelled()
+        outbox = self._outbox
+        while len(outbox) >= self._options.send_queue:
+            await self._senders.park()
+            self._check_can_send(data)
+        outbox.append(data)
+        self._wake_writer()
 
     def send_nowait(self, data: bytes) -> None:
         """Like :meth:`send`, but raises :class:`trio.WouldBlock` when the queue is full."""
         self._check_can_send(data)
-        try:
-            self._out_send.send_nowait(data)
-        except trio.ClosedResourceError:
-            raise self._closed_error() from None
-        self._wake.set()
+        if len(self._outbox) >= self._options.send_queue:
+            raise trio.WouldBlock
+        self._outbox.append(data)
+        self._wake_writer()
 
     def _check_can_send(self, data: bytes) -> None:
         core = self._core
-        if core.state is not State.OPEN or self._close_request is not None:
+        if (
+            core.state is not State.OPEN
+            or self._close_request is not None
+            or self._outcome is not None
+        ):
             raise self._closed_error()
         assert core.peer is not None
         if len(data) > core.peer.max_frame:
@@ -345,13 +418,21 @@ class Connection:
     async def receive(self) -> bytes:
         """Wait for the next DATA payload.
 
-        Raises :class:`ConnectionClosed` (or the subclass that says why) once
-        the connection has ended and every DATA received before is delivered.
+        Always a cancellation point; it yields to other tasks only when no
+        DATA is waiting. Raises :class:`ConnectionClosed` (or the subclass
+        that says why) once the connection has ended and every DATA received
+        before is delivered.
         """
-        try:
-            return await self._in_receive.receive()
-        except (trio.EndOfChannel, trio.ClosedResourceError):
-            raise self._closed_error() from None
+        await checkpoint_if_cancelled()
+        inbox = self._inbox
+        while not inbox:
+            if self._outcome is not None:
+                raise self._outcome.exception()
+            await self._receivers.park()
+        data = inbox.popleft()
+        if self._room:
+            self._room.unpark()  # the reader was waiting for this room
+        return data
 
     def __aiter__(self) -> Connection:
         return self
@@ -379,22 +460,26 @@ class Connection:
         as the PINGs *arrive*, and network jitter must not turn a loop of
         ``ping()`` calls into strikes (and a 1008).
 
+        When no other write is under way the PING is written from the calling
+        task, shielded from its cancellation and bounded by the write timeout.
         Raises :class:`ConnectionClosed` if the connection ends first.
         """
         core = self._core
+        await checkpoint_if_cancelled()
         while True:
-            # Always at least one checkpoint; the rate is checked again after
-            # every wait, since a concurrent ping() may have gone out first.
-            live = core.state is State.OPEN and self._close_request is None
-            await trio.sleep_until(self._next_ping_at() if live else -inf)
+            # The rate is checked again after every wait, since a concurrent
+            # ping() may have gone out first.
             if core.state is not State.OPEN or self._close_request is not None:
                 raise self._closed_error()
-            if trio.current_time() >= self._next_ping_at():
+            next_at = self._next_ping_at()
+            if trio.current_time() >= next_at:
                 break
+            await trio.sleep_until(next_at)
         opaque = core.send_ping(trio.current_time())
         done = self._ping_waiters[opaque] = trio.Event()
-        self._wake.set()
         try:
+            await self._write_inline(shielded=True)
+            self._rearm()
             await done.wait()
         finally:
             self._ping_waiters.pop(opaque, None)
@@ -411,7 +496,7 @@ class Connection:
         What is already queued stays readable.
         """
         self._receiving_stopped = True
-        self._delivery.cancel()
+        self._room.unpark_all()
 
     def _next_ping_at(self) -> float:
         core = self._core
@@ -419,9 +504,8 @@ class Connection:
 
     def set_health(self, status: HealthStatus) -> None:
         """Report a new health status; the peer learns it within one PING."""
-        core = self._core
-        core.set_health(status, trio.current_time())
-        self._wake.set()
+        self._core.set_health(status, trio.current_time())
+        self._rearm()  # the timer fires when the rate rule lets the PING go
 
     async def aclose(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
         """Close the connection: flush queued DATA, send CLOSE, wait for the peer's CLOSE.
@@ -439,9 +523,11 @@ class Connection:
         if self._close_request is not None or self._outcome is not None:
             return
         self._close_request = (code, reason)
+        # Senders waiting for room will not get it: they raise now.
+        self._senders.unpark_all()
         if not flush:
             self._apply_close(trio.current_time())
-        self._wake.set()
+        self._wake_writer()
 
     async def wait_closed(self) -> ConnectionClosed:
         """Wait until the connection has ended and return how (without raising it)."""
@@ -456,29 +542,201 @@ class Connection:
         code = core.close_code if core.close_code is not None else CloseCode.NORMAL
         return ConnectionClosed(code, core.close_reason, by_peer=core.closed_by_peer)
 
-    # -- the tasks --------------------------------------------------------------
+    # -- timing -----------------------------------------------------------------
+
+    def _timer_deadline(self) -> float:
+        """When the writer's timer must fire: a PING due, a verdict due, a write too slow."""
+        core = self._core
+        if self._writing:
+            # No PING can go out before the write is over.
+            return min(core.abort_deadline, self._write_started + self._write_timeout)
+        return min(core.ping_deadline, core.abort_deadline)
 
     def _rearm(self) -> None:
-        self._timer.deadline = self._core.abort_deadline
+        """Move the timer to the core's current deadlines (after frames, writes, settings)."""
+        deadline = self._timer_deadline()
+        timer = self._timer
+        if timer.deadline != deadline:
+            timer.deadline = deadline
 
-    async def _watchdog(self) -> None:
-        """Sleep until the core's abort deadline; if it still stands then, act on it.
+    # -- writing ----------------------------------------------------------------
 
-        The reader moves the timer's deadline with every frame, so the sleep
-        only ends when the peer really has been silent that long (or the
-        handshake or close took too long). The verdict is recorded *before*
-        the connection's scope is cancelled, so everything that unwinds, the
-        caller's block included, can already see why.
+    def _wake_writer(self) -> None:
+        if self._writer_parked:
+            self._writer_parked = False
+            assert self._writer_task is not None
+            reschedule(self._writer_task)
+        else:
+            self._wake_pending = True
+
+    def _writer_unparked_by_cancel(self, _raise_cancel: object) -> Abort:
+        self._writer_parked = False
+        return Abort.SUCCEEDED
+
+    async def _park_writer(self) -> None:
+        self._writer_parked = True
+        await wait_task_rescheduled(self._writer_unparked_by_cancel)
+
+    async def _write_inline(self, *, shielded: bool) -> None:
+        """Write what the core has queued from the calling task, unless a write is under way.
+
+        Used by the reader (PONGs, a client's HELLO) and by :meth:`ping`, so
+        that an answer costs no task switch. If another task is writing, the
+        bytes stay queued and the writer sends them next. Failures are
+        recorded, never raised (a cancellation of an unshielded write is).
         """
+        if self._writing:
+            self._wake_writer()
+            return
         core = self._core
-        while not self._ended.is_set():
-            self._timer = trio.CancelScope(deadline=core.abort_deadline)
-            with self._timer:
-                await trio.sleep_forever()
-            if self._ended.is_set():
-                return  # ended meanwhile: _finish() woke us to leave
-            if trio.current_time() < core.abort_deadline:
-                continue  # moved by a frame that arrived in the same tick
+        data = core.data_to_send()
+        if not data:
+            return
+        now = trio.current_time()
+        self._writing = True
+        self._write_started = now
+        self._send_broken = True
+        if self._timer.deadline > now + self._write_timeout:
+            self._rearm()  # a write that blocks must still be judged in time
+        try:
+            if shielded:
+                with trio.CancelScope(shield=True, deadline=now + self._write_timeout):
+                    await self.stream.send_all(data)
+                    self._send_broken = False
+            else:
+                await self.stream.send_all(data)
+                self._send_broken = False
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            self._transport_failed(exc, by_peer=False)
+        finally:
+            self._writing = False
+            self._write_started = inf
+        if self._send_broken and self._outcome is None:
+            self._write_timed_out()
+        self._note_open()
+        if self._writer_deferred or self._outbox or core.control_pending:
+            self._writer_deferred = False
+            self._wake_writer()
+
+    async def _writer(self) -> None:
+        """The writer, which is also the watchdog: see the module docstring."""
+        self._writer_task = current_task()
+        try:
+            while True:
+                self._timer = trio.CancelScope(deadline=self._timer_deadline())
+                with self._timer:
+                    while True:
+                        if not self._wake_pending:
+                            await self._park_writer()
+                        self._wake_pending = False
+                        if await self._write_round():
+                            return
+                if await self._on_timer():
+                    return
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            self._transport_failed(exc, by_peer=False)
+
+    async def _write_round(self) -> bool:
+        """Send what is queued; true once the stream is closed and the writer is done."""
+        core = self._core
+        if self._stand_back():
+            return False
+        await self._let_the_burst_finish()
+        if self._stand_back():
+            return False
+        now = trio.current_time()
+        if core.state is State.OPEN:
+            if core.ping_deadline <= now < core.abort_deadline:
+                core.send_ping(now)
+            outbox = self._outbox
+            taken = batch = 0
+            while outbox and batch < _BATCH_BYTES:
+                message = outbox.popleft()
+                core.send_data(message, now)
+                batch += len(message)
+                taken += 1
+            if outbox:
+                self._wake_pending = True  # more queued than one batch: go round again
+            elif self._close_request is not None:
+                self._apply_close(now)
+            if taken and self._senders:
+                self._senders.unpark(count=taken)
+        # Woken just before a cancel (say the reader hit a protocol error right
+        # after waking us): stop here, so that the CLOSE stays in the core for
+        # _teardown instead of dying in a cancelled send_all.
+        await checkpoint_if_cancelled()
+        data = core.data_to_send()
+        if data and not await self._write(data):
+            return True  # the last words did not get out in time
+        self._note_open()
+        if core.state in (State.CLOSED, State.ERROR) and not core.control_pending:
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + _BEST_EFFORT_SECONDS):
+                await self.stream.aclose()
+            return True
+        return False
+
+    def _stand_back(self) -> bool:
+        """True if another task is writing; it wakes the writer when it is done."""
+        if self._writing:
+            self._writer_deferred = True
+            return True
+        return False
+
+    async def _write(self, data: bytes) -> bool:
+        """One ``send_all`` from the writer, inside its timer (which the write timeout joins).
+
+        False if the write was given up (only last words are: after a short while).
+        """
+        # Last words (our answer to the peer's CLOSE) must not die in a send
+        # cancelled by the block ending at the same moment: they go out
+        # shielded, for a short while at most.
+        last_words = self._core.state in (State.CLOSED, State.ERROR)
+        self._writing = True
+        self._write_started = trio.current_time()
+        self._send_broken = True
+        self._rearm()
+        try:
+            with trio.CancelScope(shield=last_words) as words_scope:
+                if last_words:
+                    words_scope.deadline = trio.current_time() + _BEST_EFFORT_SECONDS
+                await self.stream.send_all(data)
+                self._send_broken = False
+        finally:
+            self._writing = False
+            self._write_started = inf
+        self._rearm()
+        return not self._send_broken
+
+    async def _let_the_burst_finish(self) -> None:
+        """Coalescing: while the application is still adding to the send queue,
+        give it one more scheduling round before writing, so that a burst goes
+        out in one ``send_all`` rather than one per message. Costs nothing in
+        virtual time and one round (microseconds) for a lone message."""
+        outbox = self._outbox
+        limit = self._options.send_queue
+        queued = len(outbox)
+        while 0 < queued < limit:
+            await trio.lowlevel.checkpoint()
+            if len(outbox) <= queued:
+                return
+            queued = len(outbox)
+
+    async def _on_timer(self) -> bool:
+        """The timer fired: convict, or send the PING that is due. True once the writer is done."""
+        core = self._core
+        now = trio.current_time()
+        if self._send_broken and not self._writing:
+            # Our own write was cut short by the timer: the stream is unusable,
+            # whatever arrives now.
+            if now >= core.abort_deadline:
+                self._convict(now)
+            else:
+                self._write_timed_out()
+            return True
+        if self._writing and now >= self._write_started + self._write_timeout:
+            self._write_timed_out()  # another task's write is stuck
+            return True
+        if now >= core.abort_deadline:
             # The local-stall guard: before a verdict, let the reader take in
             # whatever already arrived. A frame waiting in our buffer proves
             # the peer alive; only our own lateness (a busy or stalled event
@@ -488,15 +746,71 @@ class Connection:
             await trio.lowlevel.checkpoint()
             now = trio.current_time()
             if now < core.abort_deadline:
-                continue
-            core.handle_timeout(now)
-            while (event := core.next_event()) is not NEED_DATA:
-                if type(event) is ConnectionEnded:
-                    self._notify(event)
-                    self._on_ended(event)
-            if core.state in (State.CLOSED, State.ERROR):
-                self._wake.set()  # the writer sends any last CLOSE, then closes the stream
-                return
+                return False
+            self._convict(now)
+            # A failure has cancelled everything; a close timeout has ended
+            # the connection in order, and the writer closes the stream.
+            self._wake_pending = True
+            return False
+        if core.ping_deadline <= now and not self._writing:
+            core.send_ping(now)  # the next round writes it
+            self._wake_pending = True
+        elif self._writing:
+            self._writer_deferred = True
+        return False
+
+    def _convict(self, now: float) -> None:
+        """Let the core act on its abort deadline and report how the connection ended."""
+        core = self._core
+        core.handle_timeout(now)
+        while (event := core.next_event()) is not NEED_DATA:
+            if type(event) is ConnectionEnded:
+                self._notify(event)
+                self._on_ended(event)
+
+    def _write_timed_out(self) -> None:
+        self._finish(
+            _Outcome(
+                HeartbeatTimeout,
+                CloseCode.HEARTBEAT_TIMEOUT,
+                "write timeout: the peer stopped reading",
+                False,
+                True,
+            )
+        )
+
+    def _transport_failed(self, exc: BaseException, *, by_peer: bool) -> None:
+        if self._outcome is None and self._core.state not in (State.CLOSED, State.ERROR):
+            self._finish(
+                _Outcome(
+                    BrokenConnection,
+                    CloseCode.ABNORMAL_CLOSURE,
+                    f"transport failed: {exc!r}",
+                    by_peer,
+                    True,
+                    exc,
+                )
+            )
+
+    def _note_open(self) -> None:
+        # Our HELLO (a client's) is on the wire once OPEN with nothing left to
+        # write: the caller's block may start, and whatever it does, the peer
+        # has heard us.
+        if (
+            self._core.state is State.OPEN
+            and not self._writing
+            and not self._core.control_pending
+            and not self._opened.is_set()
+        ):
+            self._opened.set()
+
+    def _apply_close(self, now: float) -> None:
+        assert self._close_request is not None
+        code, reason = self._close_request
+        self._core.close(code, reason, now=now)
+        self._rearm()
+
+    # -- reading ------------------------------------------------------------------
 
     async def _reader(self) -> None:
         core = self._core
@@ -506,24 +820,15 @@ class Connection:
                 try:
                     data = await stream.receive_some(_RECEIVE_SIZE)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                    if self._outcome is None and core.state not in (State.CLOSED, State.ERROR):
-                        self._finish(
-                            _Outcome(
-                                BrokenConnection,
-                                CloseCode.ABNORMAL_CLOSURE,
-                                f"transport failed: {exc!r}",
-                                True,
-                                True,
-                                exc,
-                            )
-                        )
+                    self._transport_failed(exc, by_peer=True)
                     return
                 core.receive_data(data, trio.current_time())
                 if await self._dispatch_events():
                     return
-                self._rearm()
                 if core.control_pending:
-                    self._wake.set()
+                    await self._write_inline(shielded=False)
+                self._rearm()
+                self._note_open()
         except RemoteProtocolError as exc:
             logger.debug(
                 "protocol error from peer %s: %s (close %d)", self.remote_address, exc, exc.code
@@ -533,17 +838,21 @@ class Connection:
     async def _dispatch_events(self) -> bool:
         """Hand out every event of the bytes just received; true once the connection ended."""
         core = self._core
+        inbox = self._inbox
+        limit = self._options.receive_queue
         while True:
             event = core.next_event()
             if event is NEED_DATA:
                 return False
             if type(event) is DataReceived:
-                try:
-                    self._in_send.send_nowait(event.data)
-                except trio.WouldBlock:
-                    await self._deliver_slowly(event.data)
-                except (trio.ClosedResourceError, trio.BrokenResourceError):
+                if self._outcome is not None:
                     return True  # the connection was finished meanwhile
+                if len(inbox) < limit:
+                    inbox.append(event.data)
+                    if self._receivers:
+                        self._receivers.unpark()
+                else:
+                    await self._deliver_slowly(event.data)
                 continue
             if type(event) is HandshakeComplete:
                 self.opened_at = trio.current_time()
@@ -553,8 +862,6 @@ class Connection:
                 if waiter is not None and event.rtt is not None:
                     self._ping_results[event.opaque] = event.rtt
                     waiter.set()
-            elif type(event) is HandshakeComplete:
-                self._wake.set()  # the writer sends our HELLO (client) and opens the block
             elif type(event) is ConnectionEnded:
                 self._on_ended(event)
                 return True
@@ -562,17 +869,19 @@ class Connection:
     async def _deliver_slowly(self, data: bytes) -> None:
         # The application is not keeping up. Stop reading (TCP pushes back on
         # the peer) and do not hold the resulting silence against the peer.
-        if self._receiving_stopped:
-            return  # the block is over and the queue is full: nobody will read it
         core = self._core
+        inbox = self._inbox
+        limit = self._options.receive_queue
         core.pause_liveness(trio.current_time())
         self._rearm()
-        self._delivery = trio.CancelScope()
         try:
-            with self._delivery:
-                await self._in_send.send(data)
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            pass  # the connection was finished meanwhile; the reader stops on its next turn
+            while len(inbox) >= limit:
+                if self._receiving_stopped or self._outcome is not None:
+                    return  # nobody will read it
+                await self._room.park()
+            inbox.append(data)
+            if self._receivers:
+                self._receivers.unpark()
         finally:
             core.resume_liveness(trio.current_time())
             self._rearm()
@@ -598,114 +907,11 @@ class Connection:
             # CLOSED has no deadline: a stale liveness or close deadline must
             # not cancel the caller's block after an orderly close.
             self._rearm()
-            self._wake.set()  # the writer flushes our answering CLOSE, then closes the stream
+            self._wake_writer()  # it flushes our answering CLOSE, then closes the stream
         elif event.code == CloseCode.HEARTBEAT_TIMEOUT:
             self._finish(_Outcome(HeartbeatTimeout, event.code, event.reason, False, True))
         else:
             self._finish(_Outcome(BrokenConnection, event.code, event.reason, event.by_peer, True))
-
-    async def _writer(self) -> None:
-        core = self._core
-        stream = self.stream
-        receive_nowait = self._out_receive.receive_nowait
-        try:
-            while True:
-                with trio.move_on_at(core.ping_deadline):
-                    await self._wake.wait()
-                self._wake = trio.Event()
-                await self._let_the_burst_finish()
-                now = trio.current_time()
-                if core.state is State.OPEN:
-                    # Only the watchdog convicts; the writer just keeps the PINGs
-                    # going, and sends none once the peer is due to be convicted
-                    # (a send cut short by the verdict would cost us the CLOSE).
-                    if core.ping_deadline <= now < core.abort_deadline:
-                        core.send_ping(now)
-                    batch = 0
-                    while batch < _BATCH_BYTES and core.state is State.OPEN:
-                        try:
-                            message = receive_nowait()
-                        except trio.WouldBlock:
-                            if self._close_request is not None:
-                                self._apply_close(now)
-                            break
-                        except trio.EndOfChannel:
-                            break  # _finish() ran since we woke (a failure): its cancel is due
-                        core.send_data(message, now)
-                        batch += len(message)
-                    else:
-                        self._wake.set()  # more queued than one batch: go round again
-                    self._rearm()
-                # Woken just before a cancel (say the reader hit a protocol error
-                # right after waking us): stop here, so that the CLOSE stays in
-                # the core for _teardown instead of dying in a cancelled send_all.
-                await trio.lowlevel.checkpoint_if_cancelled()
-                data = core.data_to_send()
-                if data:
-                    self._send_broken = True
-                    # Last words (our answer to the peer's CLOSE) must not die
-                    # in a send cancelled by the block ending at the same
-                    # moment: they go out shielded, for a short while at most.
-                    last_words = core.state in (State.CLOSED, State.ERROR)
-                    with trio.move_on_after(self._write_timeout) as write_scope:
-                        with trio.CancelScope(shield=last_words) as words_scope:
-                            if last_words:
-                                words_scope.deadline = trio.current_time() + _BEST_EFFORT_SECONDS
-                            await stream.send_all(data)
-                            self._send_broken = False
-                    if write_scope.cancelled_caught:
-                        self._finish(
-                            _Outcome(
-                                HeartbeatTimeout,
-                                CloseCode.HEARTBEAT_TIMEOUT,
-                                "write timeout: the peer stopped reading",
-                                False,
-                                True,
-                            )
-                        )
-                        return
-                if core.state is State.OPEN and not self._opened.is_set():
-                    # Our HELLO (a client's) is on the wire: the caller's block
-                    # may start, and whatever it does, the peer has heard us.
-                    self._opened.set()
-                if core.state in (State.CLOSED, State.ERROR) and not core.control_pending:
-                    with trio.CancelScope(
-                        shield=True, deadline=trio.current_time() + _BEST_EFFORT_SECONDS
-                    ):
-                        await stream.aclose()
-                    return
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            if self._outcome is None:
-                self._finish(
-                    _Outcome(
-                        BrokenConnection,
-                        CloseCode.ABNORMAL_CLOSURE,
-                        f"transport failed: {exc!r}",
-                        False,
-                        True,
-                        exc,
-                    )
-                )
-
-    async def _let_the_burst_finish(self) -> None:
-        """Coalescing: while the application is still adding to the send queue,
-        give it one more scheduling round before writing, so that a burst goes
-        out in one ``send_all`` rather than one per message. Costs nothing in
-        virtual time and one round (microseconds) for a lone message."""
-        queue = self._out_send.statistics
-        queued = queue().current_buffer_used
-        while 0 < queued < self._options.send_queue:
-            await trio.lowlevel.checkpoint()
-            now_queued = queue().current_buffer_used
-            if now_queued <= queued:
-                return
-            queued = now_queued
-
-    def _apply_close(self, now: float) -> None:
-        assert self._close_request is not None
-        code, reason = self._close_request
-        self._core.close(code, reason, now=now)
-        self._rearm()
 
     def _notify(self, event: Event) -> None:
         for listener in self._listeners:
@@ -713,6 +919,8 @@ class Connection:
                 listener(self, event)
             except Exception:
                 logger.exception("event listener %r failed on %r", listener, event)
+
+    # -- endings ------------------------------------------------------------------
 
     def _finish(self, outcome: _Outcome, *, cancel: bool | None = None) -> None:
         """Record how the connection ended; failures cancel everything.
@@ -723,9 +931,10 @@ class Connection:
         if self._outcome is not None:
             return
         self._outcome = outcome
-        self._timer.cancel()  # nothing left to watch: the watchdog task returns
-        self._out_send.close()
-        self._in_send.close()
+        # Everyone waiting on the queues finds out now.
+        self._senders.unpark_all()
+        self._receivers.unpark_all()
+        self._room.unpark_all()
         # No PONG can come any more: a ping() waiting for one must raise now,
         # not when the block is left (an orderly close does not cancel it).
         for waiter in self._ping_waiters.values():
@@ -755,7 +964,7 @@ class Connection:
         """Best-effort last words (a CLOSE the core queued), then close the stream. Shielded."""
         with trio.CancelScope(shield=True):
             leftover = self._core.data_to_send()
-            if leftover and not self._send_broken:
+            if leftover and not self._send_broken and not self._writing:
                 with trio.move_on_after(_BEST_EFFORT_SECONDS):
                     with suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                         await self.stream.send_all(leftover)
@@ -808,8 +1017,7 @@ async def open_stream_connection(
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(conn._reader)
                     nursery.start_soon(conn._writer)
-                    nursery.start_soon(conn._watchdog)
-                    conn._wake.set()  # a server's HELLO is already queued
+                    conn._wake_writer()  # a server's HELLO is already queued
                     await conn._opened.wait()
                     try:
                         yield conn
