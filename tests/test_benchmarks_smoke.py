@@ -270,7 +270,7 @@ def test_idle_benchmark_reports_cpu_memory_and_delays(capsys: pytest.CaptureFixt
 
     results = run(Settings(scale=0.0005, repeats=2))
 
-    kinds = ["raw", "thb", *(["websockets"] if _websockets_installed() else [])]
+    kinds = ["watched", "raw", "thb", *(["websockets"] if _websockets_installed() else [])]
     assert [r.subject for r in results] == [SUBJECTS[kind] for kind in kinds]
     for result in results:
         assert result.benchmark == "idle"
@@ -279,7 +279,8 @@ def test_idle_benchmark_reports_cpu_memory_and_delays(capsys: pytest.CaptureFixt
         assert result.operations >= 1
         assert len(result.timing.samples_ns) == 1
     assert results[0].verdict == "baseline"
-    assert results[1].target == pytest.approx(1 / CPU_TARGET)
+    assert results[1].target is None
+    assert results[2].target == pytest.approx(1 / CPU_TARGET)
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "idle: memory, CPU and PONG delays of the server, 2 connections, 0.5 s window"
     cells = [re.split(r"\s{2,}", line.strip()) for line in out[1 : 2 + len(kinds)]]
@@ -297,7 +298,7 @@ def test_idle_plan_and_measurement_arithmetic() -> None:
     from benchmarks.bench_idle import Measurement, Plan
 
     plan = Plan.from_settings(Settings())
-    assert (plan.connections, plan.ramp, plan.settle, plan.window) == (5000, 6.0, 3.0, 10.0)
+    assert (plan.connections, plan.ramp, plan.settle, plan.window) == (5000, 6.0, 10.0, 10.0)
     assert plan.client_shares == [2500, 2500]
     assert Plan(5001, 0, 0, 1).client_shares == [1667, 1667, 1667]
     tiny = Plan.from_settings(Settings(scale=0.0005))

@@ -38,6 +38,7 @@ from trio_heartbeat._errors import (
 )
 from trio_heartbeat._frames import CloseCode, FrameType, HealthStatus, Role, encode_frame
 from trio_heartbeat._protocol import (
+    CLIENT_LEAD,
     Config,
     ConnectionEnded,
     Event,
@@ -52,6 +53,20 @@ from trio_heartbeat._protocol import (
 CONFIG = Config(interval=1.0, timeout=3.0)
 #: Bytes in a HELLO with no id and no auth, header included.
 HELLO_SIZE = 6 + 36
+
+
+def idle_ping_times(step: float, until: float, *, start: float = 0.0) -> list[float]:
+    """When a side that sent its last frame at ``start`` PINGs while idle, up to ``until``.
+
+    Every PING is due ``step`` after the one before, counted the way the core
+    counts it (so the floats match exactly): ``send_interval`` for a server,
+    ``send_interval * CLIENT_LEAD`` for a client.
+    """
+    times = []
+    at = start
+    while (at := at + step) <= until:
+        times.append(at)
+    return times
 
 
 def stream_and_peer(
@@ -187,8 +202,10 @@ async def test_silent_peer_is_convicted_exactly_at_the_timeout(autojump_clock: M
     assert raised.value.code == CloseCode.HEARTBEAT_TIMEOUT
     assert raised.value.reason == "heartbeat timeout"
     assert not raised.value.by_peer
-    # Our PINGs kept going while the peer was silent; the CLOSE says why we left.
-    assert peer.times(FrameType.PING) == [1.0, 2.0]
+    # Our PINGs kept going while the peer was silent (a client's, every
+    # CLIENT_LEAD of the interval); the CLOSE says why we left.
+    assert peer.times(FrameType.PING) == idle_ping_times(1.0 * CLIENT_LEAD, 3.0)
+    assert len(peer.of_type(FrameType.PING)) == 3
     last = peer.frames[-1]
     assert (last.type, last.at, last.close_code) == (FrameType.CLOSE, 3.0, 1011)
     assert peer.eof_at == 3.0
@@ -306,25 +323,31 @@ async def test_custom_detector_convicts_sooner_but_never_before_two_peer_interva
 
 
 @pytest.mark.parametrize(
-    ("peer_timeout", "expected"),
+    ("role", "peer_timeout", "expected"),
     [
-        (3.0, [1.0, 2.0, 3.0, 4.0]),
+        # A server PINGs after exactly its send interval of silence.
+        (Role.SERVER, 3.0, [1.0, 2.0, 3.0, 4.0]),
         # min(own interval 1.0, peer timeout / 2): the peer's timeout sets the pace.
-        (1.0, [0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0]),
+        (Role.SERVER, 1.0, [0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0]),
+        # A client leads: it PINGs after exactly CLIENT_LEAD of its send interval.
+        (Role.CLIENT, 3.0, idle_ping_times(1.0 * CLIENT_LEAD, 4.25)),
+        (Role.CLIENT, 1.0, idle_ping_times(0.5 * CLIENT_LEAD, 4.25)),
     ],
+    ids=["server", "server-peer-timeout", "client", "client-peer-timeout"],
 )
-async def test_pings_exactly_at_the_send_interval_when_idle(
-    peer_timeout: float, expected: list[float], autojump_clock: MockClock
+async def test_idle_pings_server_at_the_send_interval_client_at_its_lead(
+    role: Role, peer_timeout: float, expected: list[float], autojump_clock: MockClock
 ) -> None:
-    stream, peer = stream_and_peer(timeout=peer_timeout)
+    peer_role = Role.CLIENT if role is Role.SERVER else Role.SERVER
+    stream, peer = stream_and_peer(peer_role, timeout=peer_timeout)
 
     async def script() -> None:
         await peer.send_hello()
-        await peer.serve()  # answers every PING, so we never convict
+        await peer.serve()  # answers every PING and never PINGs itself
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(script)
-        async with open_stream_connection(stream, config=CONFIG) as conn:
+        async with open_stream_connection(stream, role=role, config=CONFIG) as conn:
             await trio.sleep(4.25)
             assert conn.statistics().pings_sent == len(expected)
             assert conn.statistics().pongs_received == len(expected)
@@ -332,6 +355,46 @@ async def test_pings_exactly_at_the_send_interval_when_idle(
     assert [frame.opaque for frame in peer.of_type(FrameType.PING)] == [
         opaque(n) for n in range(1, len(expected) + 1)
     ]
+
+
+@pytest.mark.parametrize("delay", [0.0, 2**-5], ids=["prompt", "one-way-delay"])
+async def test_an_idle_pair_carries_only_the_client_heartbeat(
+    delay: float, autojump_clock: MockClock
+) -> None:
+    """The point of CLIENT_LEAD: both sides run the same send rule, but the
+    client's PING comes first and the server's PONG restarts the server's
+    timer, so an idle server only answers. One heartbeat per connection, not
+    two, also when each frame takes ``delay`` to cross."""
+    server_saw: list[tuple[float, type[Event]]] = []
+
+    def server_listener(conn: Connection, event: Event) -> None:
+        if isinstance(event, (PingReceived, PongReceived)):
+            server_saw.append((trio.current_time(), type(event)))
+
+    intervals = 20
+    async with connection_pair(
+        client_config=CONFIG,
+        server_config=CONFIG,
+        server_listeners=[server_listener],
+        receive_delay=delay,
+    ) as pair:
+        await trio.sleep_until(intervals * 1.0)
+        client, server = pair.client.statistics(), pair.server.statistics()
+        assert client.send_interval == server.send_interval == 1.0
+        # The server never PINGed: nothing to strike, nothing to answer.
+        assert server.pings_sent == server.pongs_received == 0
+        # The client PINGed every CLIENT_LEAD of the interval after its HELLO
+        # (which left once the server's HELLO had crossed), each one answered.
+        sent = idle_ping_times(1.0 * CLIENT_LEAD, intervals * 1.0, start=delay)
+        assert len(sent) == 22
+        assert client.pings_sent == client.pongs_received == len(sent)
+        assert server_saw == [(at + delay, PingReceived) for at in sent]
+        # Every client PING kept to the rate rule: the server is still OPEN.
+        assert server.state is State.OPEN
+        assert pair.client.rtt == 2 * delay
+    server_end = pair.server.closed
+    assert server_end is not None
+    assert (server_end.code, server_end.by_peer) == (CloseCode.NORMAL, True)
 
 
 async def test_no_ping_while_data_flows(autojump_clock: MockClock) -> None:
@@ -445,8 +508,10 @@ async def test_slow_application_does_not_convict_a_healthy_peer(autojump_clock: 
             await trio.sleep(0.5)
             assert conn.state is State.OPEN
             assert trio.current_time() == 10.5
-    # Our own PINGs never stopped, whatever the application was doing.
-    assert peer.times(FrameType.PING) == [float(n) for n in range(1, 11)]
+    # Our own PINGs never stopped, whatever the application was doing. (At
+    # 10.0 the PONGs to the peer's PINGs restarted our timer: no PING by 10.5.)
+    assert peer.times(FrameType.PING) == idle_ping_times(1.0 * CLIENT_LEAD, 10.0)
+    assert len(peer.of_type(FrameType.PING)) == 11
     # The peer's PINGs, read in one go when we resumed, were answered, not struck.
     assert len(peer.of_type(FrameType.PONG)) == 10
 
@@ -493,9 +558,10 @@ async def test_a_peer_that_pings_but_never_reads_is_cut_off(autojump_clock: Mock
         nursery.start_soon(script)
         with pytest.raises(HeartbeatTimeout) as raised:
             await run_body(stream, wait_forever, config=CONFIG)
-        # The PONG to the PING at 1.0 never goes out; the write is given up
-        # one timeout (3 s, the default write timeout) later.
-        assert trio.current_time() == 4.0
+        # Our PING at 0.9 (a client leads the peer's PING at 1.0) never gets
+        # through; the write is given up one timeout (3 s, the default write
+        # timeout) later. The peer's PINGs, still read, keep it from looking dead.
+        assert trio.current_time() == 1.0 * CLIENT_LEAD + 3.0
         nursery.cancel_scope.cancel()
     assert raised.value.reason == "write timeout: the peer stopped reading"
 
@@ -948,7 +1014,7 @@ async def test_set_health_pings_at_once_within_the_rate_rule(autojump_clock: Moc
     assert pings == [
         (0.25, HealthStatus.DEGRADED),
         (0.75, HealthStatus.NOT_SERVING),
-        (1.75, HealthStatus.NOT_SERVING),
+        (0.75 + 1.0 * CLIENT_LEAD, HealthStatus.NOT_SERVING),  # the next regular one
     ]
 
 
@@ -980,10 +1046,11 @@ async def test_peer_health_and_listeners(autojump_clock: MockClock) -> None:
             assert conn.statistics().peer_health is HealthStatus.DEGRADED
             await trio.sleep(0.5)
             assert conn.statistics().peer_health is HealthStatus.NOT_SERVING
+    first_ping = 1.0 * CLIENT_LEAD
     assert [(at, type(event)) for at, event in seen] == [
         (0.0, HandshakeComplete),
-        (1.0, PeerHealthChanged),
-        (1.0, PongReceived),
+        (first_ping, PeerHealthChanged),
+        (first_ping, PongReceived),
         (1.5, PeerHealthChanged),
         (1.5, PingReceived),
         (1.75, ConnectionEnded),

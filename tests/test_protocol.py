@@ -2,8 +2,10 @@
 
 One test per rule of PROTOCOL.md, in virtual time: every ``now`` is passed
 explicitly and every deadline is checked exactly. Times are chosen as binary
-fractions so that float arithmetic is exact. The client/server pair used by
-most tests is wired by hand, so each test shows which bytes cross when.
+fractions so that float arithmetic is exact; a client's PING deadlines, which
+involve ``CLIENT_LEAD``, are computed here the way the core computes them. The
+client/server pair used by most tests is wired by hand, so each test shows
+which bytes cross when.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ from trio_heartbeat._frames import (
     encode_ping,
     encode_pong,
 )
-from trio_heartbeat._protocol import TRANSITIONS, Trigger, compute_auth
+from trio_heartbeat._protocol import CLIENT_LEAD, TRANSITIONS, Trigger, compute_auth
 
 #: The client of the §7 vector, as a Config.
 VECTOR_CLIENT_CONFIG = Config(
@@ -556,24 +558,34 @@ def test_send_interval_is_min_of_own_interval_and_half_peer_timeout(
     assert client.send_interval == client_interval == server.peer_send_interval
 
 
-def test_ping_deadline_is_last_sent_plus_send_interval() -> None:
+def test_ping_deadline_is_last_sent_plus_send_interval_and_the_client_leads() -> None:
     server, client = open_pair(Config(interval=0.5), Config(), now=8.0)
+    # The client PINGs after CLIENT_LEAD of its send interval of silence.
+    assert client.send_interval == 1.0
+    lead = client.send_interval * CLIENT_LEAD
     assert client.last_sent == 8.0  # its HELLO
-    assert client.ping_deadline == 8.0 + 1.0
+    assert client.ping_deadline == 8.0 + lead
     client.send_data(b"x", 8.5)  # any frame resets the timer
-    assert client.ping_deadline == 9.5
-    assert client.next_deadline == 9.5  # sooner than the 3 s silence deadline
+    due = 8.5 + lead
+    assert client.ping_deadline == due
+    assert client.next_deadline == due  # sooner than the 3 s silence deadline
     client.data_to_send()
-    client.handle_timeout(9.5 - 2**-10)
+    client.handle_timeout(due - 2**-10)
     assert client.data_to_send() == b""
-    client.handle_timeout(9.5)
+    client.handle_timeout(due)
     [ping] = frames(client.data_to_send())
     assert ping.type is FrameType.PING
-    assert client.last_sent == 9.5
-    assert client.ping_deadline == 10.5
+    assert client.last_sent == due
+    assert client.ping_deadline == due + lead
     assert client.counters.pings_sent == 1
-    # The server's own interval is shorter.
+    # The server PINGs after exactly its send interval, its own (shorter) one.
+    assert server.send_interval == 0.5
     assert server.ping_deadline == server.last_sent + 0.5 == 8.5
+    server.handle_timeout(8.5 - 2**-10)
+    assert server.data_to_send() == b""
+    server.handle_timeout(8.5)
+    assert types(server.data_to_send()) == [FrameType.PING]
+    assert server.ping_deadline == 9.0
 
 
 def test_server_pings_at_once_if_its_hello_is_old() -> None:
@@ -592,7 +604,124 @@ def test_ping_and_pong_count_as_sent_frames() -> None:
     feed(server, client.data_to_send(), 0.5)
     assert server.ping_deadline == 1.5  # the PONG, not only our own PINGs, resets the timer
     assert frames(server.data_to_send()) == [Frame(FrameType.PONG, opaque + b"\x00")]
-    assert client.ping_deadline == 1.5
+    assert client.ping_deadline == 0.5 + 1.0 * CLIENT_LEAD
+
+
+def run_prompt_pair(
+    server: HeartbeatProtocol,
+    client: HeartbeatProtocol,
+    until: float,
+    client_health: Sequence[tuple[float, HealthStatus]] = (),
+) -> tuple[list[float], list[float]]:
+    """Drive an open pair over a network with no delay until ``until``, as a runtime would.
+
+    The clock stops at every deadline of either side (and at each
+    ``client_health`` change), ``handle_timeout`` runs exactly then, and every
+    byte queued is delivered at once. Returns the times of the PINGs the
+    server and the client sent.
+    """
+    pings: dict[Role, list[float]] = {Role.SERVER: [], Role.CLIENT: []}
+    changes = sorted(client_health)
+    while True:
+        now = min(server.next_deadline, client.next_deadline, *(at for at, _ in changes[:1]))
+        if now > until:
+            return pings[Role.SERVER], pings[Role.CLIENT]
+        while changes and changes[0][0] == now:
+            client.set_health(changes.pop(0)[1], now)
+        for side in (client, server):
+            side.handle_timeout(now)
+        moved = True
+        while moved:
+            moved = False
+            for side, peer in ((client, server), (server, client)):
+                data = side.data_to_send()
+                if data:
+                    moved = True
+                    for frame in frames(data):
+                        if frame.type is FrameType.PING:
+                            pings[side.role].append(now)
+                    feed(peer, data, now)
+
+
+@pytest.mark.parametrize(
+    ("server_config", "client_config"),
+    [
+        (Config(), Config()),
+        (Config(interval=0.25, timeout=1.0), Config(interval=0.25, timeout=1.0)),
+        # Half the server's timeout sets the client's pace, its own interval the server's.
+        (Config(interval=1.0, timeout=1.0), Config(interval=1.0, timeout=3.0)),
+    ],
+)
+def test_an_idle_server_only_answers_the_client_that_leads(
+    server_config: Config, client_config: Config
+) -> None:
+    server, client = open_pair(server_config, client_config)
+    interval = client.send_interval
+    assert server.send_interval >= interval
+    until = 20 * server.send_interval
+    server_pings, client_pings = run_prompt_pair(server, client, until)
+    # Each client PING is answered at once, and the PONG restarts the
+    # server's timer before it would fire: the server never PINGs.
+    assert server_pings == []
+    assert server.counters.pings_sent == 0
+    expected = []
+    at = 0.0
+    while (at := at + interval * CLIENT_LEAD) <= until:
+        expected.append(at)
+    assert client_pings == expected
+    assert client.counters.pings_sent == client.counters.pongs_received == len(expected)
+    # The lead never makes the client's PINGs strikes under the rate rule.
+    assert server.counters.ping_strikes == 0
+    assert state(server) is state(client) is State.OPEN
+
+
+@settings(max_examples=100)
+@given(
+    server_config=st.builds(
+        Config,
+        interval=st.sampled_from([0.25, 0.5, 1.0, 2.0]),
+        timeout=st.sampled_from([1.0, 1.5, 2.0, 3.0, 6.0]),
+    ),
+    client_config=st.builds(
+        Config,
+        interval=st.sampled_from([0.25, 0.5, 1.0, 2.0]),
+        timeout=st.sampled_from([1.0, 1.5, 2.0, 3.0, 6.0]),
+    ),
+)
+def test_an_idle_pair_has_one_heartbeat_and_no_strikes(
+    server_config: Config, client_config: Config
+) -> None:
+    server, client = open_pair(server_config, client_config)
+    interval = client.send_interval
+    assert server.peer_send_interval == interval  # what the rate rule measures against
+    until = 20 * max(server.send_interval, interval)
+    server_pings, client_pings = run_prompt_pair(server, client, until)
+    assert server.counters.ping_strikes == client.counters.ping_strikes == 0
+    assert state(server) is state(client) is State.OPEN
+    # Only one side heartbeats, the other only answers: the client, unless the
+    # server's own send interval is shorter than the client's lead.
+    if server.send_interval > interval * CLIENT_LEAD:
+        assert server_pings == []
+        assert len(client_pings) == int(until / (interval * CLIENT_LEAD))
+    else:
+        assert client_pings == []
+        assert len(server_pings) == int(until / server.send_interval)
+
+
+def test_a_client_health_ping_at_the_earliest_moment_is_no_strike() -> None:
+    # Regular PINGs at 0.9 and 1.8; the change at 1.8125 is PINGed as soon as
+    # the rate rule allows, at 1.8 + 0.5. Measured as a difference, 2.3 - 1.8 =
+    # 0.4999999999999998 < 0.5 would make it a strike for a PING the rule allowed.
+    server, client = open_pair()
+    regular = 1.0 * CLIENT_LEAD
+    server_pings, client_pings = run_prompt_pair(
+        server, client, 3.0, [(1.8125, HealthStatus.DEGRADED)]
+    )
+    assert server_pings == []
+    assert client_pings[:2] == [regular, regular + regular]
+    assert len(client_pings) == 3
+    assert client_pings[2] < client_pings[1] + regular  # sooner than the regular one
+    assert server.counters.ping_strikes == 0
 
 
 # -- the silence rule and the detector clamp ---------------------------------------------------
@@ -694,7 +823,7 @@ def test_pause_and_resume_liveness() -> None:
     client.handle_timeout(50.0)  # long silence, but we were not reading
     assert state(client) is State.OPEN
     assert types(client.data_to_send()) == [FrameType.PING]  # still pinging
-    assert client.next_deadline == 51.0
+    assert client.next_deadline == 50.0 + 1.0 * CLIENT_LEAD
     client.resume_liveness(60.0)
     assert client.last_received == 60.0
     assert client.abort_deadline == 63.0
@@ -826,7 +955,8 @@ def test_set_health_schedules_a_ping_as_early_as_the_rate_rule_allows() -> None:
     client.handle_timeout(0.25)
     [ping] = frames(client.data_to_send())
     assert ping == Frame(FrameType.PING, (1).to_bytes(8, "big") + b"\x01")
-    assert client.ping_deadline == 1.25
+    lead = client.send_interval * CLIENT_LEAD  # a client's regular PING
+    assert client.ping_deadline == 0.25 + lead
 
     # Too soon after that PING: the deadline is the earliest allowed moment.
     client.set_health(HealthStatus.NOT_SERVING, 0.5)
@@ -844,7 +974,7 @@ def test_set_health_schedules_a_ping_as_early_as_the_rate_rule_allows() -> None:
     client.handle_timeout(1.5)
     client.data_to_send()
     client.set_health(HealthStatus.SERVING, 1.75)
-    assert client.ping_deadline == 2.5
+    assert client.ping_deadline == 1.5 + lead
 
     # A health PING never waits longer than the send rule would.
     client.send_ping(3.0)
@@ -862,7 +992,7 @@ def test_set_health_before_open_goes_into_the_client_hello() -> None:
     [done] = feed(server, client.data_to_send(), 0.0)
     assert isinstance(done, HandshakeComplete)
     assert done.peer.status is HealthStatus.DEGRADED
-    assert client.ping_deadline == 1.0  # the HELLO carried it: no extra PING
+    assert client.ping_deadline == 1.0 * CLIENT_LEAD  # the HELLO carried it: no extra PING
 
 
 def test_server_health_change_during_handshake_is_pinged_once_open() -> None:
@@ -902,7 +1032,7 @@ def test_third_early_ping_closes_with_1008() -> None:
     assert server.counters.ping_strikes == 2
     server.data_to_send()
     message = expect_error(server, encode_ping(bytes(8), HealthStatus.SERVING), 1.75, 1008)
-    assert "3 PINGs sooner than the agreed rate" in message
+    assert "3 PINGs in a row sooner than the agreed rate" in message
 
 
 def test_a_ping_half_an_interval_later_is_no_strike() -> None:

@@ -11,11 +11,13 @@ The machine plays the network and the runtime around two sans-IO cores:
 * a side that reaches a terminal state closes its stream: what is in flight
   to it is lost, and its peer sees end-of-file after the bytes already sent.
 
-Times are multiples of 1/16 s and every configured interval is a binary
-fraction, so deadlines are exact and checked with ``==``. Both sides allow
-any PING rate (``max_ping_strikes=None``): delivery bursts after a withheld
-period would otherwise be strikes, and the strike rule has its own example
-tests in test_protocol.py.
+The rules move time in multiples of 1/16 s and every configured interval is
+a binary fraction; the client PINGs after ``CLIENT_LEAD`` of its send
+interval, which the model computes the way the core does, so deadlines are
+exact and checked with ``==``. Both sides allow any PING rate
+(``max_ping_strikes=None``): delivery bursts after a withheld period would
+otherwise be strikes, and the strike rule has its own example tests in
+test_protocol.py.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ from trio_heartbeat._frames import (
     decode_hello,
     decode_ping,
 )
+from trio_heartbeat._protocol import CLIENT_LEAD
 
 TICK = 1 / 16
 TERMINAL = (State.CLOSED, State.ERROR)
@@ -160,6 +163,13 @@ class Side:
     @property
     def send_interval(self) -> float:
         return min(self.config.interval, self.peer.config.timeout / 2)
+
+    @property
+    def ping_after(self) -> float:
+        """Seconds of silence after which this side PINGs: the client leads the send rule."""
+        if self.proto.role is Role.CLIENT:
+            return self.send_interval * CLIENT_LEAD
+        return self.send_interval
 
     @property
     def peer_send_interval(self) -> float:
@@ -267,8 +277,10 @@ class WiredPair(RuleBasedStateMachine):
                 continue
             assert opaque not in side.pings
             if not self.app_ping and side.last_ping is not None:
-                # The rate rule, from the sender's side: the core never pings faster.
-                assert self.now - side.last_ping >= side.send_interval / 2
+                # The rate rule: the core never pings faster. Sender and receiver
+                # both compare ``now >= last + S/2`` (see
+                # test_a_client_health_ping_at_the_earliest_moment_is_no_strike).
+                assert self.now >= side.last_ping + side.send_interval / 2
             side.pings[opaque] = (self.now, status)
             side.ping_order.append(opaque)
             side.last_ping = self.now
@@ -535,7 +547,7 @@ class WiredPair(RuleBasedStateMachine):
         if changed and proto.state is State.OPEN:
             # As early as the rate rule allows, never later than the send rule.
             allowed = max(proto.earliest_ping, self.now)
-            assert proto.ping_deadline == min(allowed, side.last_sent + side.send_interval)
+            assert proto.ping_deadline == min(allowed, side.last_sent + side.ping_after)
         self.settle()
 
     @rule(index=side_indexes, code=st.sampled_from([1000, 1001, 4000, 4001]))
@@ -580,12 +592,12 @@ class WiredPair(RuleBasedStateMachine):
                 assert proto.ping_deadline == float("inf")
                 continue
             assert proto.last_sent == side.last_sent
-            regular = side.last_sent + side.send_interval
+            regular = side.last_sent + side.ping_after
             if side.health_ping_due:
                 assert proto.earliest_ping <= proto.ping_deadline <= regular
             else:
                 assert proto.ping_deadline == regular
-            assert self.now - side.last_sent < side.send_interval
+            assert self.now < regular
 
     @invariant()
     def liveness_deadline_is_clamped_and_never_moves_back(self) -> None:

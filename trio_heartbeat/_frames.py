@@ -136,6 +136,7 @@ _CLOSE_CODE = struct.Struct(">H")
 
 _TYPES: Final = {member.value: member for member in FrameType}
 _STATUSES: Final = {member.value: member for member in HealthStatus}
+_STATUS_BYTES: Final = {member: bytes((member,)) for member in HealthStatus}
 
 
 class Frame(NamedTuple):
@@ -356,7 +357,10 @@ def _encode_heartbeat(frame_type: FrameType, opaque: bytes, status: HealthStatus
         raise LocalProtocolError(
             f"PING/PONG opaque data must be {OPAQUE_SIZE} bytes", CloseCode.PROTOCOL_ERROR
         )
-    return _pack_header(frame_type, 0, PING_SIZE) + opaque + bytes((HealthStatus(status),))
+    status_byte = _STATUS_BYTES.get(status)
+    if status_byte is None:  # not a HealthStatus: an int that may name one, or raises
+        status_byte = bytes((HealthStatus(status),))
+    return _pack_header(frame_type, 0, PING_SIZE) + opaque + status_byte
 
 
 def decode_ping(payload: bytes) -> tuple[bytes, HealthStatus]:

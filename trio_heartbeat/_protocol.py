@@ -89,6 +89,19 @@ __all__ = [
 ]
 
 _MAX_OUTSTANDING_PINGS: Final = 32
+#: A client PINGs after this fraction of its send interval of silence, not the
+#: whole of it. Both sides run the same send rule, and their timers would race:
+#: the server's PONG restarts the server's timer only a one-way delay after the
+#: client's PING restarted the client's, so any lateness of the client makes the
+#: server PING too, and every idle connection carries two heartbeats instead of
+#: one. Leading by a tenth keeps the client ahead through that much jitter, so an
+#: idle server only answers. On a link whose round trip is over a tenth of the
+#: interval, or after a stall, the server's timer can still fire first; the
+#: client's PONG then restarts the client's timer and the server leads from then
+#: on, which costs it a timer wake per heartbeat but never a second heartbeat.
+#: The rate rule is untouched (a PING sooner than half the interval is a
+#: strike), and sending sooner than the send rule asks is always allowed.
+CLIENT_LEAD: Final = 0.9
 _OPAQUE = struct.Struct(">Q")
 
 
@@ -150,7 +163,8 @@ TRANSITIONS: Final[dict[tuple[State, Trigger], State]] = {
     (_S.CLOSING, _T.PROTOCOL_ERROR): _S.ERROR,
 }
 
-_TERMINAL: Final = frozenset({State.CLOSED, State.ERROR})
+# A tuple, not a set: membership by identity, without Enum's Python-level __hash__.
+_TERMINAL: Final = (State.CLOSED, State.ERROR)
 
 
 class _NeedData(Enum):
@@ -255,7 +269,8 @@ class Config:
     refused with 1008. ``secret`` is the pre-shared HMAC key of PROTOCOL.md §6:
     a server with a secret refuses clients that do not prove they hold it, a
     client with a secret signs its HELLO. ``max_ping_strikes`` is how many
-    too-early PINGs close the connection with 1008 (``None`` never does).
+    too-early PINGs in a row close the connection with 1008 (``None`` never
+    does); a PING at the agreed spacing, or a DATA frame, clears the count.
     """
 
     interval: float = 1.0
@@ -334,6 +349,54 @@ class HeartbeatProtocol:
     and test vectors; by default every connection draws 16 fresh random bytes.
     """
 
+    # Thousands of these live in a server: no per-instance __dict__.
+    __slots__ = (
+        "_close_deadline",
+        "_control",
+        "_data",
+        "_decoder",
+        "_ended_event",
+        "_ended_reported",
+        "_eof",
+        "_error",
+        "_handshake_deadline",
+        "_health_changed_at",
+        "_health_ping_due",
+        "_hello_sent",
+        "_inbox",
+        "_inbox_position",
+        "_last_ping_received",
+        "_last_ping_sent",
+        "_next_opaque",
+        "_now",
+        "_paused_since",
+        "_peer_hello_at",
+        "_peer_send_interval",
+        "_pending",
+        "_ping_after",
+        "_send_interval",
+        "_state",
+        "_timeout",
+        "_untimed_pings",
+        "_untimed_until",
+        "close_code",
+        "close_reason",
+        "closed_by_peer",
+        "config",
+        "counters",
+        "detector",
+        "health",
+        "hello",
+        "last_received",
+        "last_sent",
+        "nonce",
+        "peer",
+        "peer_health",
+        "role",
+        "rtt",
+        "srtt",
+    )
+
     def __init__(
         self,
         role: Role,
@@ -374,6 +437,7 @@ class HeartbeatProtocol:
 
         self._timeout = self.config.timeout_ms / 1000
         self._send_interval = inf
+        self._ping_after = inf
         self._peer_send_interval = inf
         self._handshake_deadline = now + self.config.handshake_timeout
         self._close_deadline = inf
@@ -416,10 +480,14 @@ class HeartbeatProtocol:
 
     @property
     def ping_deadline(self) -> float:
-        """When :meth:`handle_timeout` will queue the next PING (``inf`` if none is planned)."""
+        """When :meth:`handle_timeout` will queue the next PING (``inf`` if none is planned).
+
+        A server PINGs after :attr:`send_interval` of silence; a client after
+        :data:`CLIENT_LEAD` of it, so that it leads and the server only answers.
+        """
         if self._state is not State.OPEN:
             return inf
-        due = self.last_sent + self._send_interval
+        due = self.last_sent + self._ping_after
         if self._health_ping_due:
             due = min(due, max(self.earliest_ping, self._health_changed_at))
         return due
@@ -438,7 +506,12 @@ class HeartbeatProtocol:
             return inf
         assert self.last_received is not None
         last = self.last_received
-        suggested = self.detector.suspect_at(last, self._timeout)
+        detector = self.detector
+        if type(detector) is FixedTimeout:
+            # The clamp below leaves a fixed timeout as it is; this runs for
+            # every frame received, so skip the call.
+            return last + self._timeout
+        suggested = detector.suspect_at(last, self._timeout)
         floor = last + 2 * self._peer_send_interval
         return min(last + self._timeout, max(floor, suggested))
 
@@ -466,7 +539,9 @@ class HeartbeatProtocol:
     @property
     def next_deadline(self) -> float:
         """The earlier of :attr:`ping_deadline` and :attr:`abort_deadline`."""
-        return min(self.ping_deadline, self.abort_deadline)
+        if self._state is State.OPEN:
+            return min(self.ping_deadline, self.liveness_deadline)
+        return self.abort_deadline  # no PING is planned unless OPEN
 
     # -- receiving ------------------------------------------------------------
 
@@ -597,18 +672,26 @@ class HeartbeatProtocol:
                 left = self._untimed_pings if now <= self._untimed_until else 0
                 self._untimed_pings = max(left, bunched)
                 self._untimed_until = max(self._untimed_until, now + interval)
-        if last is not None and now - last < interval / 2:
+        # Compared as the sender computes earliest_ping (last + half), not as a
+        # difference: a PING sent at exactly that moment must never be a strike
+        # by a rounding step.
+        if last is None or now >= last + interval / 2:
+            # A PING at the agreed spacing: earlier strikes were jitter (a late
+            # read, a PING bunched behind a late one), not a flood. Only strikes
+            # in a row count; the protocol lets a receiver be this lenient, since
+            # closing with 1008 is a MAY.
+            self.counters.ping_strikes = 0
+        elif self._untimed_pings and now <= self._untimed_until:
             # The backlog of a pause arrives as soon as we read again; an
             # allowance left over after that would excuse a later flood.
-            if self._untimed_pings and now <= self._untimed_until:
-                self._untimed_pings -= 1
-            else:
-                self.counters.ping_strikes += 1
-                if strikes_allowed is not None and self.counters.ping_strikes >= strikes_allowed:
-                    raise RemoteProtocolError(
-                        f"{self.counters.ping_strikes} PINGs sooner than the agreed rate",
-                        CloseCode.POLICY_VIOLATION,
-                    )
+            self._untimed_pings -= 1
+        else:
+            self.counters.ping_strikes += 1
+            if strikes_allowed is not None and self.counters.ping_strikes >= strikes_allowed:
+                raise RemoteProtocolError(
+                    f"{self.counters.ping_strikes} PINGs in a row sooner than the agreed rate",
+                    CloseCode.POLICY_VIOLATION,
+                )
         if self._state is State.OPEN:
             self._queue_control(encode_pong(opaque, self.health), now)
 
@@ -664,6 +747,8 @@ class HeartbeatProtocol:
         self.peer_health = hello.status
         self._peer_hello_at = now
         self._send_interval = min(config.interval_ms, hello.timeout_ms / 2) / 1000
+        lead = CLIENT_LEAD if self.role is Role.CLIENT else 1.0
+        self._ping_after = self._send_interval * lead
         self._peer_send_interval = min(hello.interval_ms, config.timeout_ms / 2) / 1000
         if self._state is State.CLOSING:
             # Our CLOSE crossed the peer's HELLO. If our HELLO went out first, the
