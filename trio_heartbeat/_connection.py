@@ -216,6 +216,7 @@ class Connection:
         "_send_broken",
         "_senders",
         "_timer",
+        "_timer_at",
         "_wake_pending",
         "_write_started",
         "_write_timeout",
@@ -245,14 +246,15 @@ class Connection:
         self._write_timeout = (
             options.write_timeout if options.write_timeout is not None else protocol.config.timeout
         )
-        # DATA waiting for the writer, and tasks waiting for room in it.
-        self._outbox: deque[bytes] = deque()
-        self._senders = ParkingLot()
-        # DATA waiting for the application, tasks waiting for it, and the
-        # reader waiting for room.
-        self._inbox: deque[bytes] = deque()
-        self._receivers = ParkingLot()
-        self._room = ParkingLot()
+        # DATA waiting for the writer, and tasks waiting for room in it; DATA
+        # waiting for the application, tasks waiting for it, and the reader
+        # waiting for room. All made on first use: a server holds thousands of
+        # connections that only ever heartbeat.
+        self._outbox: deque[bytes] | None = None
+        self._senders: ParkingLot | None = None
+        self._inbox: deque[bytes] | None = None
+        self._receivers: ParkingLot | None = None
+        self._room: ParkingLot | None = None
         self._receiving_stopped = False
         # The writer parks itself between rounds; whoever queues work wakes it.
         self._writer_task: Task | None = None
@@ -268,6 +270,7 @@ class Connection:
         # cancelled on failure; and the writer's current timer scope.
         self._scope = trio.CancelScope()
         self._timer = trio.CancelScope()
+        self._timer_at = inf  # the timer's deadline, kept here to spare Trio's property
         self._opened = trio.Event()
         self._ended = trio.Event()
         self._outcome: _Outcome | None = None
@@ -367,8 +370,8 @@ class Connection:
             data_frames_out=counters.data_frames_out,
             pings_sent=counters.pings_sent,
             pongs_received=counters.pongs_received,
-            send_queue_used=len(self._outbox),
-            receive_queue_used=len(self._inbox),
+            send_queue_used=len(self._outbox or ()),
+            receive_queue_used=len(self._inbox or ()),
         )
 
     # -- application API ----------------------------------------------------------
@@ -385,19 +388,25 @@ class Connection:
         """
         self._check_can_send(data)
         await checkpoint_if_cancelled()
-        outbox = self._outbox
-        while len(outbox) >= self._options.send_queue:
+        while len(self._outbox or ()) >= self._options.send_queue:
+            if self._senders is None:
+                self._senders = ParkingLot()
             await self._senders.park()
             self._check_can_send(data)
-        outbox.append(data)
-        self._wake_writer()
+        self._queue_data(data)
 
     def send_nowait(self, data: bytes) -> None:
         """Like :meth:`send`, but raises :class:`trio.WouldBlock` when the queue is full."""
         self._check_can_send(data)
-        if len(self._outbox) >= self._options.send_queue:
+        if len(self._outbox or ()) >= self._options.send_queue:
             raise trio.WouldBlock
-        self._outbox.append(data)
+        self._queue_data(data)
+
+    def _queue_data(self, data: bytes) -> None:
+        outbox = self._outbox
+        if outbox is None:
+            outbox = self._outbox = deque()
+        outbox.append(data)
         self._wake_writer()
 
     def _check_can_send(self, data: bytes) -> None:
@@ -424,10 +433,11 @@ class Connection:
         before is delivered.
         """
         await checkpoint_if_cancelled()
-        inbox = self._inbox
-        while not inbox:
+        while not (inbox := self._inbox):
             if self._outcome is not None:
                 raise self._outcome.exception()
+            if self._receivers is None:
+                self._receivers = ParkingLot()
             await self._receivers.park()
         data = inbox.popleft()
         if self._room:
@@ -496,7 +506,8 @@ class Connection:
         What is already queued stays readable.
         """
         self._receiving_stopped = True
-        self._room.unpark_all()
+        if self._room:
+            self._room.unpark_all()
 
     def _next_ping_at(self) -> float:
         core = self._core
@@ -523,8 +534,8 @@ class Connection:
         if self._close_request is not None or self._outcome is not None:
             return
         self._close_request = (code, reason)
-        # Senders waiting for room will not get it: they raise now.
-        self._senders.unpark_all()
+        if self._senders:
+            self._senders.unpark_all()  # they will not get room: they raise now
         if not flush:
             self._apply_close(trio.current_time())
         self._wake_writer()
@@ -550,14 +561,13 @@ class Connection:
         if self._writing:
             # No PING can go out before the write is over.
             return min(core.abort_deadline, self._write_started + self._write_timeout)
-        return min(core.ping_deadline, core.abort_deadline)
+        return core.next_deadline
 
     def _rearm(self) -> None:
         """Move the timer to the core's current deadlines (after frames, writes, settings)."""
         deadline = self._timer_deadline()
-        timer = self._timer
-        if timer.deadline != deadline:
-            timer.deadline = deadline
+        if deadline != self._timer_at:
+            self._timer.deadline = self._timer_at = deadline
 
     # -- writing ----------------------------------------------------------------
 
@@ -596,7 +606,7 @@ class Connection:
         self._writing = True
         self._write_started = now
         self._send_broken = True
-        if self._timer.deadline > now + self._write_timeout:
+        if self._timer_at > now + self._write_timeout:
             self._rearm()  # a write that blocks must still be judged in time
         try:
             if shielded:
@@ -623,7 +633,8 @@ class Connection:
         self._writer_task = current_task()
         try:
             while True:
-                self._timer = trio.CancelScope(deadline=self._timer_deadline())
+                self._timer_at = self._timer_deadline()
+                self._timer = trio.CancelScope(deadline=self._timer_at)
                 with self._timer:
                     while True:
                         if not self._wake_pending:
@@ -648,7 +659,7 @@ class Connection:
         if core.state is State.OPEN:
             if core.ping_deadline <= now < core.abort_deadline:
                 core.send_ping(now)
-            outbox = self._outbox
+            outbox = self._outbox or deque()
             taken = batch = 0
             while outbox and batch < _BATCH_BYTES:
                 message = outbox.popleft()
@@ -712,14 +723,13 @@ class Connection:
         give it one more scheduling round before writing, so that a burst goes
         out in one ``send_all`` rather than one per message. Costs nothing in
         virtual time and one round (microseconds) for a lone message."""
-        outbox = self._outbox
         limit = self._options.send_queue
-        queued = len(outbox)
+        queued = len(self._outbox or ())
         while 0 < queued < limit:
             await trio.lowlevel.checkpoint()
-            if len(outbox) <= queued:
+            if len(self._outbox or ()) <= queued:
                 return
-            queued = len(outbox)
+            queued = len(self._outbox or ())
 
     async def _on_timer(self) -> bool:
         """The timer fired: convict, or send the PING that is due. True once the writer is done."""
@@ -752,6 +762,15 @@ class Connection:
             # the connection in order, and the writer closes the stream.
             self._wake_pending = True
             return False
+        if core.ping_deadline <= now and not self._writing and core.role is Role.SERVER:
+            # The client leads the heartbeat; a server whose timer fires has
+            # usually just not read the client's PING yet (a busy event loop).
+            # Answering that PING restarts our timer and spares a PING of ours,
+            # and the work of a second heartbeat on a server that is already
+            # behind. So look for it first, as the conviction guard does.
+            await trio.lowlevel.checkpoint()
+            await trio.lowlevel.checkpoint()
+            now = trio.current_time()
         if core.ping_deadline <= now and not self._writing:
             core.send_ping(now)  # the next round writes it
             self._wake_pending = True
@@ -796,12 +815,9 @@ class Connection:
         # Our HELLO (a client's) is on the wire once OPEN with nothing left to
         # write: the caller's block may start, and whatever it does, the peer
         # has heard us.
-        if (
-            self._core.state is State.OPEN
-            and not self._writing
-            and not self._core.control_pending
-            and not self._opened.is_set()
-        ):
+        if self._opened.is_set():
+            return
+        if self._core.state is State.OPEN and not self._writing and not self._core.control_pending:
             self._opened.set()
 
     def _apply_close(self, now: float) -> None:
@@ -813,64 +829,74 @@ class Connection:
     # -- reading ------------------------------------------------------------------
 
     async def _reader(self) -> None:
+        # The hot path of every heartbeat: kept to the fewest calls and awaits.
         core = self._core
-        stream = self.stream
+        receive_some = self.stream.receive_some
+        next_event = core.next_event
         try:
             while True:
                 try:
-                    data = await stream.receive_some(_RECEIVE_SIZE)
+                    data = await receive_some(_RECEIVE_SIZE)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                     self._transport_failed(exc, by_peer=True)
                     return
                 core.receive_data(data, trio.current_time())
-                if await self._dispatch_events():
-                    return
+                while (event := next_event()) is not NEED_DATA:
+                    if type(event) is DataReceived:
+                        if self._outcome is not None:
+                            return  # the connection was finished meanwhile
+                        if not self._deliver(event.data):
+                            await self._deliver_slowly(event.data)
+                    elif self._handle_event(event):
+                        return
                 if core.control_pending:
                     await self._write_inline(shielded=False)
                 self._rearm()
-                self._note_open()
+                if not self._opened.is_set():
+                    self._note_open()
         except RemoteProtocolError as exc:
             logger.debug(
                 "protocol error from peer %s: %s (close %d)", self.remote_address, exc, exc.code
             )
             self._finish(_Outcome(ConnectionClosed, exc.code, str(exc), False, True, exc))
 
-    async def _dispatch_events(self) -> bool:
-        """Hand out every event of the bytes just received; true once the connection ended."""
-        core = self._core
+    def _deliver(self, data: bytes) -> bool:
+        """Queue received DATA for the application; false if the queue is full."""
         inbox = self._inbox
-        limit = self._options.receive_queue
-        while True:
-            event = core.next_event()
-            if event is NEED_DATA:
-                return False
-            if type(event) is DataReceived:
-                if self._outcome is not None:
-                    return True  # the connection was finished meanwhile
-                if len(inbox) < limit:
-                    inbox.append(event.data)
-                    if self._receivers:
-                        self._receivers.unpark()
-                else:
-                    await self._deliver_slowly(event.data)
-                continue
-            if type(event) is HandshakeComplete:
-                self.opened_at = trio.current_time()
+        if inbox is None:
+            inbox = self._inbox = deque()
+        if len(inbox) >= self._options.receive_queue:
+            return False
+        inbox.append(data)
+        if self._receivers:
+            self._receivers.unpark()
+        return True
+
+    def _handle_event(self, event: Event) -> bool:
+        """Act on an event other than DATA; true once the connection has ended."""
+        kind = type(event)
+        if kind is HandshakeComplete:
+            self.opened_at = trio.current_time()
+        if self._listeners:
             self._notify(event)
-            if type(event) is PongReceived:
-                waiter = self._ping_waiters.get(event.opaque)
-                if waiter is not None and event.rtt is not None:
-                    self._ping_results[event.opaque] = event.rtt
-                    waiter.set()
-            elif type(event) is ConnectionEnded:
-                self._on_ended(event)
-                return True
+        if kind is PongReceived:
+            assert isinstance(event, PongReceived)
+            waiter = self._ping_waiters.get(event.opaque)
+            if waiter is not None and event.rtt is not None:
+                self._ping_results[event.opaque] = event.rtt
+                waiter.set()
+        elif kind is ConnectionEnded:
+            assert isinstance(event, ConnectionEnded)
+            self._on_ended(event)
+            return True
+        return False
 
     async def _deliver_slowly(self, data: bytes) -> None:
         # The application is not keeping up. Stop reading (TCP pushes back on
         # the peer) and do not hold the resulting silence against the peer.
         core = self._core
         inbox = self._inbox
+        assert inbox is not None
         limit = self._options.receive_queue
         core.pause_liveness(trio.current_time())
         self._rearm()
@@ -878,6 +904,8 @@ class Connection:
             while len(inbox) >= limit:
                 if self._receiving_stopped or self._outcome is not None:
                     return  # nobody will read it
+                if self._room is None:
+                    self._room = ParkingLot()
                 await self._room.park()
             inbox.append(data)
             if self._receivers:
@@ -932,9 +960,9 @@ class Connection:
             return
         self._outcome = outcome
         # Everyone waiting on the queues finds out now.
-        self._senders.unpark_all()
-        self._receivers.unpark_all()
-        self._room.unpark_all()
+        for lot in (self._senders, self._receivers, self._room):
+            if lot:
+                lot.unpark_all()
         # No PONG can come any more: a ping() waiting for one must raise now,
         # not when the block is left (an orderly close does not cancel it).
         for waiter in self._ping_waiters.values():
