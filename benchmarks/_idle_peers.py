@@ -18,17 +18,23 @@ The kinds, the same job each: every connection heartbeats once a second.
   timeout=3.0)`` whose handler waits for the connection to end.
 * ``raw``: a plain Trio server that answers every 15-byte THB/1 PING with the
   PONG that echoes its opaque bytes: no handshake, no timeouts, no state.
+* ``watched``: ``raw`` plus the silence rule, as a cancel scope whose deadline
+  moves with every read: the least failure detection a heartbeat server can
+  have, and the idiom trio-heartbeat's watchdog uses.
 * ``websockets``: the ``websockets`` asyncio server, pinging every client
   every second (``ping_interval=1.0``); its clients are ``websockets``
   clients, which answer and record nothing.
 
-The clients of ``thb`` and ``raw`` are the same lean THB/1 client, written out
-here with a single task per connection: it sends a PING every second, times
-the PONG that echoes it, and answers the server's own PINGs at once; for
-``thb`` it first exchanges HELLOs (interval 1 s, timeout 3 s). It is lean on
-purpose: the server is what is measured, and full
-:func:`~trio_heartbeat.open_connection` clients cost more CPU per connection
-than the server does, enough to starve a small machine running both.
+The clients of ``raw``, ``watched`` and ``thb`` are the same lean THB/1
+client, written out here with a single task per connection. It sends a PING
+whenever it has sent nothing for :data:`~trio_heartbeat._protocol.CLIENT_LEAD`
+of the second (0.9 s), as a trio-heartbeat client does, times the PONG that
+echoes it, and answers the server's own PINGs at once; for ``thb`` it first
+exchanges HELLOs (interval 1 s, timeout 3 s). Every server gets the same
+clients, so they all answer the same PINGs. It is lean on purpose: the server
+is what is measured, and full :func:`~trio_heartbeat.open_connection` clients
+cost more CPU per connection than the server does, enough to starve a small
+machine running both.
 """
 
 from __future__ import annotations
@@ -57,13 +63,14 @@ from trio_heartbeat._frames import (
     decode_close,
     encode_hello,
 )
+from trio_heartbeat._protocol import CLIENT_LEAD
 
 from ._peers import announce, raise_fd_limit, stdin_lines
 
 __all__ = ["HEARTBEAT", "KINDS", "LATE", "LOOPBACK", "main"]
 
 LOOPBACK: Final = "127.0.0.1"
-KINDS: Final = ("raw", "thb", "websockets")
+KINDS: Final = ("raw", "watched", "thb", "websockets")
 #: The heartbeat settings of both sides.
 HEARTBEAT: Final = Config(interval=1.0, timeout=3.0)
 #: A PONG that takes longer than this is late.
@@ -96,6 +103,29 @@ async def _answer_pings(stream: trio.SocketStream) -> None:
                 buffer = buffer[_FRAME:]
 
 
+async def _answer_pings_watched(stream: trio.SocketStream) -> None:
+    """The raw baseline plus the silence rule, the least a heartbeat server must add.
+
+    A cancel scope whose deadline moves with every read gives up on a peer
+    that has sent nothing for the timeout: Trio's own idiom for a deadline,
+    and the one trio-heartbeat's watchdog is built on.
+    """
+    buffer = b""
+    with (
+        contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
+        trio.CancelScope() as watchdog,
+    ):
+        while True:
+            watchdog.deadline = trio.current_time() + HEARTBEAT.timeout
+            data = await stream.receive_some()
+            if not data:
+                return
+            buffer += data
+            while len(buffer) >= _FRAME:
+                await stream.send_all(_PONG_TYPE_BYTE + buffer[1:_FRAME])
+                buffer = buffer[_FRAME:]
+
+
 async def _wait_closed(conn: Connection) -> None:
     await conn.wait_closed()
 
@@ -103,9 +133,10 @@ async def _wait_closed(conn: Connection) -> None:
 async def _serve_trio(kind: str, connections: int, lifetime: float) -> None:
     with trio.move_on_after(lifetime):
         async with trio.open_nursery() as nursery:
-            if kind == "raw":
+            if kind in ("raw", "watched"):
+                answer = _answer_pings if kind == "raw" else _answer_pings_watched
                 listeners = await nursery.start(
-                    partial(trio.serve_tcp, _answer_pings, 0, host=LOOPBACK, backlog=BACKLOG)
+                    partial(trio.serve_tcp, answer, 0, host=LOOPBACK, backlog=BACKLOG)
                 )
                 port = listeners[0].socket.getsockname()[1]
             else:
@@ -279,10 +310,11 @@ async def _lean_connection(
                 opaque = _OPAQUE.pack(sequence)
                 sent_at = trio.current_time()
                 await stream.send_all(_PING_HEADER + opaque + _SERVING)
-                # Read until the next PING is due, a whole interval after this
-                # one even if we are late (never two PINGs in a hurry): our
+                # Read until the next PING is due, as a trio-heartbeat client
+                # sends it: CLIENT_LEAD of the interval after this one, even if
+                # we are late (never two PINGs in a hurry). Meanwhile: our
                 # PONG, and the server's PINGs, which are answered at once.
-                with trio.move_on_at(sent_at + HEARTBEAT.interval):
+                with trio.move_on_at(sent_at + HEARTBEAT.interval * CLIENT_LEAD):
                     while True:
                         frame_type, payload = await frames.next()
                         if frame_type == _PONG and payload[:OPAQUE_SIZE] == opaque:
