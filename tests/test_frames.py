@@ -11,6 +11,7 @@ from __future__ import annotations
 import doctest
 from collections.abc import Iterator, Sequence
 from itertools import pairwise
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -627,3 +628,12 @@ def test_doctests() -> None:
     results = doctest.testmod(_frames)
     assert results.attempted > 0
     assert results.failed == 0
+
+
+def test_heartbeat_status_may_be_a_plain_int_but_must_name_a_status() -> None:
+    # Typed as HealthStatus, but callers without a type checker pass ints.
+    one: Any = 1
+    assert encode_ping(b"12345678", one) == encode_ping(b"12345678", HealthStatus(1))
+    nine: Any = 9
+    with pytest.raises(ValueError, match="is not a valid HealthStatus"):
+        encode_pong(b"12345678", nine)
