@@ -69,6 +69,17 @@ def idle_ping_times(step: float, until: float, *, start: float = 0.0) -> list[fl
     return times
 
 
+async def hang_up_on_close(peer: ScriptedPeer) -> None:
+    """What a well-behaved peer does on our CLOSE: stop sending (which ends our
+    lingering close), then read to the end."""
+    while (frame := await peer.receive_frame()) is not None and frame.type is not FrameType.CLOSE:
+        pass
+    stream = peer.stream
+    assert isinstance(stream, trio.abc.HalfCloseableStream)
+    await stream.send_eof()
+    await peer.drain()
+
+
 def stream_and_peer(
     role: Role = Role.SERVER, *, timeout: float = 3.0, max_frame: int = 1 << 20
 ) -> tuple[WrappedStream, ScriptedPeer]:
@@ -614,7 +625,7 @@ async def test_protocol_error_from_the_peer(
         await peer.handshake()
         await trio.sleep(1.5)
         await peer.send(attack)
-        await peer.drain()
+        await hang_up_on_close(peer)
 
     async def body(conn: Connection) -> None:
         try:
@@ -640,6 +651,40 @@ async def test_protocol_error_from_the_peer(
     assert stream.closed
 
 
+async def test_after_a_protocol_error_we_linger_briefly_for_the_peer_to_hang_up(
+    autojump_clock: MockClock,
+) -> None:
+    # The peer broke the protocol and keeps sending: we send CLOSE and EOF at
+    # once, then read and drop what comes for at most 0.1 s, so that a TCP
+    # reset cannot destroy the CLOSE before the peer reads it.
+    ours, theirs = trio.testing.memory_stream_pair()  # half-closeable, unlike WrappedStream
+    peer = ScriptedPeer(theirs, Role.SERVER)
+    stopped_reading_at: list[float] = []
+
+    async def script() -> None:
+        await peer.handshake()
+        async with trio.open_nursery() as reading:
+            reading.start_soon(peer.drain)
+            await trio.sleep(1.5)
+            await peer.send(b"\xff" * 6)
+            with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                while True:  # garbage until our side is gone
+                    await peer.send(b"\x00" * 1024)
+                    await trio.sleep(0.01)
+            stopped_reading_at.append(trio.current_time())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(script)
+        with pytest.raises(ConnectionClosed) as raised:
+            async with open_stream_connection(ours, config=CONFIG):
+                await trio.sleep_forever()
+        assert trio.current_time() == 1.5 + 0.1
+    assert raised.value.code == CloseCode.PROTOCOL_ERROR
+    assert peer.frames[-1].close_code == CloseCode.PROTOCOL_ERROR
+    assert peer.eof_at == 1.5  # our EOF went out with the CLOSE
+    assert stopped_reading_at == [1.6]
+
+
 async def test_ping_flood_is_closed_with_policy_violation(autojump_clock: MockClock) -> None:
     stream, peer = stream_and_peer()
 
@@ -648,7 +693,7 @@ async def test_ping_flood_is_closed_with_policy_violation(autojump_clock: MockCl
         for n in range(4):
             await trio.sleep_until(1.0 + n * 0.125)
             await peer.send_ping()
-        await peer.drain()
+        await hang_up_on_close(peer)
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(script)

@@ -268,15 +268,17 @@ class Connection:
         self._send_broken = False
         # The scope around the whole connection (tasks and the caller's block),
         # cancelled on failure; and the writer's current timer scope.
-        self._scope = trio.CancelScope()
+        # Set to the nursery's scope once the tasks start.
+        self._scope: trio.CancelScope | None = None
         self._timer = trio.CancelScope()
         self._timer_at = inf  # the timer's deadline, kept here to spare Trio's property
         self._opened = trio.Event()
         self._ended = trio.Event()
         self._outcome: _Outcome | None = None
         self._close_request: tuple[int, str] | None = None
-        self._ping_waiters: dict[bytes, trio.Event] = {}
-        self._ping_results: dict[bytes, float] = {}
+        # ping() calls waiting for their PONG, and the round trips they get.
+        self._ping_waiters: dict[bytes, trio.Event] | None = None
+        self._ping_results: dict[bytes, float] | None = None
 
     # -- facts ------------------------------------------------------------------
 
@@ -486,14 +488,17 @@ class Connection:
                 break
             await trio.sleep_until(next_at)
         opaque = core.send_ping(trio.current_time())
-        done = self._ping_waiters[opaque] = trio.Event()
+        waiters = self._ping_waiters
+        if waiters is None:
+            waiters = self._ping_waiters = {}
+        done = waiters[opaque] = trio.Event()
         try:
             await self._write_inline(shielded=True)
             self._rearm()
             await done.wait()
         finally:
-            self._ping_waiters.pop(opaque, None)
-        rtt = self._ping_results.pop(opaque, None)
+            waiters.pop(opaque, None)
+        rtt = self._ping_results.pop(opaque, None) if self._ping_results else None
         if rtt is None:
             raise self._closed_error()
         return rtt
@@ -583,10 +588,6 @@ class Connection:
         self._writer_parked = False
         return Abort.SUCCEEDED
 
-    async def _park_writer(self) -> None:
-        self._writer_parked = True
-        await wait_task_rescheduled(self._writer_unparked_by_cancel)
-
     async def _write_inline(self, *, shielded: bool) -> None:
         """Write what the core has queued from the calling task, unless a write is under way.
 
@@ -638,7 +639,8 @@ class Connection:
                 with self._timer:
                     while True:
                         if not self._wake_pending:
-                            await self._park_writer()
+                            self._writer_parked = True
+                            await wait_task_rescheduled(self._writer_unparked_by_cancel)
                         self._wake_pending = False
                         if await self._write_round():
                             return
@@ -881,8 +883,10 @@ class Connection:
             self._notify(event)
         if kind is PongReceived:
             assert isinstance(event, PongReceived)
-            waiter = self._ping_waiters.get(event.opaque)
+            waiter = self._ping_waiters.get(event.opaque) if self._ping_waiters else None
             if waiter is not None and event.rtt is not None:
+                if self._ping_results is None:
+                    self._ping_results = {}
                 self._ping_results[event.opaque] = event.rtt
                 waiter.set()
         elif kind is ConnectionEnded:
@@ -965,10 +969,11 @@ class Connection:
                 lot.unpark_all()
         # No PONG can come any more: a ping() waiting for one must raise now,
         # not when the block is left (an orderly close does not cancel it).
-        for waiter in self._ping_waiters.values():
+        for waiter in (self._ping_waiters or {}).values():
             waiter.set()
         self._ended.set()
         if outcome.failure if cancel is None else cancel:
+            assert self._scope is not None  # failures come from the tasks, once started
             self._scope.cancel()
         elif self.opened_at is not None:
             # An orderly end right after the handshake (a CLOSE that came with
@@ -993,10 +998,31 @@ class Connection:
         with trio.CancelScope(shield=True):
             leftover = self._core.data_to_send()
             if leftover and not self._send_broken and not self._writing:
-                with trio.move_on_after(_BEST_EFFORT_SECONDS):
-                    with suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                        await self.stream.send_all(leftover)
+                with (
+                    trio.move_on_after(_BEST_EFFORT_SECONDS),
+                    suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError),
+                ):
+                    await self.stream.send_all(leftover)
+                    outcome = self._outcome
+                    if outcome is not None and isinstance(outcome.cause, RemoteProtocolError):
+                        await self._linger()
             await trio.aclose_forcefully(self.stream)
+
+    async def _linger(self) -> None:
+        """After the CLOSE for a peer's protocol error: end our side, discard what still comes.
+
+        The peer broke the protocol mid-stream, so bytes of its may still be
+        unread. Closing a TCP socket with unread input sends a reset, and a
+        reset can destroy our CLOSE in the peer's receive buffer before the
+        peer reads it: the one frame that says what went wrong. So send EOF
+        and read until the peer's EOF (bounded by the caller), as HTTP
+        servers do with a lingering close.
+        """
+        stream = self.stream
+        if isinstance(stream, trio.abc.HalfCloseableStream):
+            await stream.send_eof()
+        while await stream.receive_some(_RECEIVE_SIZE):
+            pass
 
 
 @asynccontextmanager
@@ -1040,42 +1066,43 @@ async def open_stream_connection(
         raise
     body_error: BaseException | None = None
     try:
-        with conn._scope:
-            try:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(conn._reader)
-                    nursery.start_soon(conn._writer)
-                    conn._wake_writer()  # a server's HELLO is already queued
-                    await conn._opened.wait()
-                    try:
-                        yield conn
-                    except BaseException as exc:
-                        if not only_cancelled(exc):
-                            body_error = exc
-                            conn._stop_receiving()
-                            conn.close_nowait(CloseCode.GOING_AWAY, type(exc).__name__, flush=False)
-                        raise
-                    conn._stop_receiving()
-                    await conn.aclose()
-                    # Both tasks end by themselves once the close is done; a
-                    # cancel now could cut off the CLOSE the writer is still
-                    # sending in answer to the peer's, so it only comes late.
-                    nursery.cancel_scope.deadline = trio.current_time() + _BEST_EFFORT_SECONDS
-            except BaseExceptionGroup as group:
-                # The watchdog may have cancelled the reader while the block
-                # raised an error of its own: that error is the news. A
-                # cancellation dropped here is raised again at the next checkpoint.
-                errors = group.split(trio.Cancelled)[1]
-                if errors is None:
-                    # Nothing but cancellations (a scope outside reached the
-                    # block and both tasks at once): one Cancelled stands for
-                    # all, so the caller's scope never sees a group.
-                    leaf: BaseException = group
-                    while isinstance(leaf, BaseExceptionGroup):
-                        leaf = leaf.exceptions[0]
-                else:
-                    leaf = single_exception(errors)
-                raise leaf from leaf.__cause__  # keep the leaf's own cause, hide the group
+        try:
+            async with trio.open_nursery() as nursery:
+                # Cancelled on failure: the tasks and the caller's block at once.
+                conn._scope = nursery.cancel_scope
+                nursery.start_soon(conn._reader)
+                nursery.start_soon(conn._writer)
+                conn._wake_writer()  # a server's HELLO is already queued
+                await conn._opened.wait()
+                try:
+                    yield conn
+                except BaseException as exc:
+                    if not only_cancelled(exc):
+                        body_error = exc
+                        conn._stop_receiving()
+                        conn.close_nowait(CloseCode.GOING_AWAY, type(exc).__name__, flush=False)
+                    raise
+                conn._stop_receiving()
+                await conn.aclose()
+                # Both tasks end by themselves once the close is done; a
+                # cancel now could cut off the CLOSE the writer is still
+                # sending in answer to the peer's, so it only comes late.
+                nursery.cancel_scope.deadline = trio.current_time() + _BEST_EFFORT_SECONDS
+        except BaseExceptionGroup as group:
+            # The watchdog may have cancelled the reader while the block
+            # raised an error of its own: that error is the news. A
+            # cancellation dropped here is raised again at the next checkpoint.
+            errors = group.split(trio.Cancelled)[1]
+            if errors is None:
+                # Nothing but cancellations (a scope outside reached the
+                # block and both tasks at once): one Cancelled stands for
+                # all, so the caller's scope never sees a group.
+                leaf: BaseException = group
+                while isinstance(leaf, BaseExceptionGroup):
+                    leaf = leaf.exceptions[0]
+            else:
+                leaf = single_exception(errors)
+            raise leaf from leaf.__cause__  # keep the leaf's own cause, hide the group
     finally:
         conn._wrap_up()
         await conn._teardown()

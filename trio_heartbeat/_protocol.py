@@ -102,6 +102,8 @@ _MAX_OUTSTANDING_PINGS: Final = 32
 #: The rate rule is untouched (a PING sooner than half the interval is a
 #: strike), and sending sooner than the send rule asks is always allowed.
 CLIENT_LEAD: Final = 0.9
+#: Stateless, so every connection can share it.
+_FIXED_TIMEOUT: Final = FixedTimeout()
 _OPAQUE = struct.Struct(">Q")
 
 
@@ -411,7 +413,7 @@ class HeartbeatProtocol:
         self.nonce = nonce if nonce is not None else os.urandom(NONCE_SIZE)
         if len(self.nonce) != NONCE_SIZE:
             raise ValueError(f"nonce must be {NONCE_SIZE} bytes")
-        self.detector: FailureDetector = detector if detector is not None else FixedTimeout()
+        self.detector: FailureDetector = detector if detector is not None else _FIXED_TIMEOUT
         self.health = HealthStatus(self.config.status)
 
         self._state = State.HANDSHAKE
