@@ -22,7 +22,9 @@ import trio
 
 from ._backoff import FullJitterBackoff
 from ._connection import Connection
+from ._frames import Role
 from ._protocol import (
+    CLIENT_LEAD,
     Config,
     ConnectionEnded,
     Event,
@@ -287,10 +289,12 @@ class _RttReporter:
         elif isinstance(event, PeerHealthChanged):
             logger.info("peer health %s -> %s", event.previous.name, event.status.name)
         elif isinstance(event, HandshakeComplete):
+            # A client leads the heartbeat: idle, it PINGs before its send interval is up.
+            lead = CLIENT_LEAD if conn.role is Role.CLIENT else 1.0
             logger.info(
                 "handshake done: peer id %r, pinging every %.3f s",
                 event.peer.instance_id,
-                event.send_interval,
+                event.send_interval * lead,
             )
         elif isinstance(event, ConnectionEnded):
             logger.debug("connection ended with %d %s", event.code, event.reason)
