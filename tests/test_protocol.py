@@ -1541,3 +1541,56 @@ def test_control_pending_says_whether_control_frames_wait() -> None:
     assert (server.control_pending, client.control_pending) == (True, False)
     server.data_to_send()
     assert (server.control_pending, client.control_pending) == (False, False)
+
+
+# -- the rate rule: only strikes in a row count -------------------------------------------------
+
+
+def test_alternating_early_and_on_time_pings_never_close() -> None:
+    """Jitter makes every other PING early; each on-time one clears the strike,
+    so the count never builds up, however long it goes on."""
+    server, _ = open_pair()
+    assert server.peer_send_interval == 1.0  # early: less than 0.5 s after the previous PING
+    now = 1.0
+    ping_at(server, now)
+    strikes = [server.counters.ping_strikes]
+    for n in range(1, 20):
+        now += 0.25 if n % 2 else 0.5  # early, on time, early, ...
+        ping_at(server, now)
+        strikes.append(server.counters.ping_strikes)
+    assert strikes == [0] + [1, 0] * 9 + [1]
+    assert state(server) is State.OPEN
+    # Every PING was answered, none refused.
+    assert types(server.data_to_send()) == [FrameType.PONG] * 20
+
+
+@pytest.mark.parametrize("limit", [1, 2, 3, 5])
+def test_exactly_max_ping_strikes_early_pings_in_a_row_close_with_1008(limit: int) -> None:
+    server, _ = open_pair(Config(max_ping_strikes=limit))
+    ping_at(server, 1.0)
+    for n in range(1, limit):
+        ping_at(server, 1.0 + n * 0.125)
+        assert server.counters.ping_strikes == n
+    assert state(server) is State.OPEN
+    server.data_to_send()
+    message = expect_error(
+        server, encode_ping(bytes(8), HealthStatus.SERVING), 1.0 + limit * 0.125, 1008
+    )
+    assert f"{limit} PINGs in a row sooner than the agreed rate" in message
+
+
+def test_an_on_time_ping_after_two_early_ones_resets_the_count() -> None:
+    server, _ = open_pair()
+    ping_at(server, 1.0)
+    ping_at(server, 1.125)
+    ping_at(server, 1.25)
+    assert server.counters.ping_strikes == 2
+    ping_at(server, 1.75)  # exactly half an interval after the last: on time
+    assert server.counters.ping_strikes == 0
+    # A fresh row: two more early ones are tolerated, the third of the row is not.
+    ping_at(server, 1.875)
+    ping_at(server, 2.0)
+    assert server.counters.ping_strikes == 2
+    assert state(server) is State.OPEN
+    server.data_to_send()
+    expect_error(server, encode_ping(bytes(8), HealthStatus.SERVING), 2.125, 1008)

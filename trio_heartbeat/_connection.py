@@ -554,6 +554,9 @@ class Connection:
     def _closed_error(self) -> ConnectionClosed:
         if self._outcome is not None:
             return self._outcome.exception()
+        if self._close_request is not None and self._core.close_code is None:
+            code, reason = self._close_request  # asked for, not applied yet (flushing)
+            return ConnectionClosed(code, reason, by_peer=False)
         core = self._core
         code = core.close_code if core.close_code is not None else CloseCode.NORMAL
         return ConnectionClosed(code, core.close_reason, by_peer=core.closed_by_peer)
@@ -646,6 +649,9 @@ class Connection:
                             return
                 if await self._on_timer():
                     return
+                # Whatever the timer led to (a PING, a verdict's CLOSE), or what
+                # a round cut short by it left in the core, goes out now.
+                self._wake_pending = True
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self._transport_failed(exc, by_peer=False)
 
