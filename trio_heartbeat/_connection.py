@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from math import inf
@@ -107,6 +107,10 @@ _BATCH_BYTES: Final = 256 * 1024
 _PING_MARGIN: Final = 0.125
 #: How long a last CLOSE may take to go out when the connection is being torn down.
 _BEST_EFFORT_SECONDS: Final = 0.1
+
+#: Stands in for a connection's own ``_opened`` event once its block has begun.
+_OPENED: Final = trio.Event()
+_OPENED.set()
 
 #: Called synchronously, from the reader, with every protocol event but DATA.
 EventListener = Callable[["Connection", Event], None]
@@ -234,7 +238,7 @@ class Connection:
         stream: trio.abc.Stream,
         protocol: HeartbeatProtocol,
         options: ConnectionOptions,
-        listeners: list[EventListener],
+        listeners: tuple[EventListener, ...],
         remote_address: str | None,
     ) -> None:
         self.stream = stream
@@ -839,17 +843,16 @@ class Connection:
     async def _reader(self) -> None:
         # The hot path of every heartbeat: kept to the fewest calls and awaits.
         core = self._core
-        receive_some = self.stream.receive_some
-        next_event = core.next_event
+        stream = self.stream
         try:
             while True:
                 try:
-                    data = await receive_some(_RECEIVE_SIZE)
+                    data = await stream.receive_some(_RECEIVE_SIZE)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                     self._transport_failed(exc, by_peer=True)
                     return
                 core.receive_data(data, trio.current_time())
-                while (event := next_event()) is not NEED_DATA:
+                while (event := core.next_event()) is not NEED_DATA:
                     if type(event) is DataReceived:
                         if self._outcome is not None:
                             return  # the connection was finished meanwhile
@@ -1038,7 +1041,7 @@ async def open_stream_connection(
     role: Role = Role.CLIENT,
     config: Config | None = None,
     options: ConnectionOptions | None = None,
-    listeners: list[EventListener] | None = None,
+    listeners: Sequence[EventListener] | None = None,
     remote_address: str | None = None,
 ) -> AsyncIterator[Connection]:
     """Run THB/1 over a stream you already have, for as long as the ``async with`` block.
@@ -1065,7 +1068,8 @@ async def open_stream_connection(
         options = options if options is not None else ConnectionOptions()
         detector = options.detector() if options.detector is not None else None
         core = HeartbeatProtocol(role, config, now=trio.current_time(), detector=detector)
-        conn = Connection(stream, core, options, list(listeners or ()), remote_address)
+        # A tuple is not copied again: a server's connections share one.
+        conn = Connection(stream, core, options, tuple(listeners or ()), remote_address)
     except BaseException:
         # The stream is ours from the moment we are called: closed on every path.
         await trio.aclose_forcefully(stream)
@@ -1080,6 +1084,7 @@ async def open_stream_connection(
                 nursery.start_soon(conn._writer)
                 conn._wake_writer()  # a server's HELLO is already queued
                 await conn._opened.wait()
+                conn._opened = _OPENED  # this one's job is done; spare its memory
                 try:
                     yield conn
                 except BaseException as exc:

@@ -133,7 +133,7 @@ class Server:
         self.registry = LivenessRegistry()
         self.listeners: list[trio.SocketListener] = []
         self._port: int | None = None
-        self._event_listeners = [self._on_event, *(listeners or ())]
+        self._event_listeners = (self._on_event, *(listeners or ()))
         self._accept_scope = trio.CancelScope()
         self._connections_scope: trio.CancelScope | None = None
         # One per handle_stream call, so that drain() can cancel streams that
