@@ -11,9 +11,9 @@ the answer:
   PING frame on a plain socket; the server answers every 15 bytes it reads
   with a 15-byte PONG, and the client reads until it has all 15.
 * **trio-heartbeat, await conn.ping()**: the whole call, as the application
-  sees it: waking the writer, the PING on the wire, the server's reader,
-  writer and PONG, and the client's reader waking the caller. Its target is a
-  p50 no more than :data:`TARGET` times the baseline's p50.
+  sees it: the PING written from the caller's task, the server's reader
+  answering with the PONG itself, and the client's reader waking the caller.
+  Its target is a p50 no more than :data:`TARGET` times the baseline's p50.
 * **trio-heartbeat, PONG rtt**: the round trip ``ping()`` returns, measured
   by the connection itself from just before its ``send_all`` to just after the
   ``receive_some`` that brought the PONG (no task wake-ups at our end).
