@@ -11,8 +11,8 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections.abc import Awaitable, Callable
-from contextlib import suppress
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager, suppress
 from typing import Any
 
 import pytest
@@ -93,6 +93,39 @@ def lockstep_stream_and_peer() -> tuple[WrappedStream, ScriptedPeer]:
     """As :func:`stream_and_peer`, but every write waits until the peer reads it."""
     ours, theirs = trio.testing.lockstep_stream_pair()
     return WrappedStream(ours), ScriptedPeer(theirs)
+
+
+@asynccontextmanager
+async def served_connection(
+    stream: trio.abc.Stream, peer: ScriptedPeer, *, hello_only: bool = False, **kwargs: Any
+) -> AsyncIterator[Connection]:
+    """Open a connection on ``stream`` while ``peer`` greets it, then serves it.
+
+    The peer runs in a nursery of its own: :meth:`ScriptedPeer.handshake` (or,
+    with ``hello_only``, just :meth:`ScriptedPeer.send_hello`, without waiting
+    for our HELLO), then :meth:`ScriptedPeer.serve`. ``kwargs`` go to
+    ``open_stream_connection``. Leaving the block closes the connection; the
+    peer answers our CLOSE and reads to the end of the stream, so the block
+    exits only once the peer is done. An error from the block or the
+    connection cancels the peer and comes out of the peer's nursery, wrapped
+    in an ``ExceptionGroup``.
+
+    >>> async with served_connection(stream, peer, config=CONFIG) as conn:  # doctest: +SKIP
+    ...     await conn.send(b"echoed")
+    ...     assert await conn.receive() == b"echoed"
+    """
+
+    async def script() -> None:
+        if hello_only:
+            await peer.send_hello()
+        else:
+            await peer.handshake()
+        await peer.serve()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(script)
+        async with open_stream_connection(stream, **kwargs) as conn:
+            yield conn
 
 
 async def run_body(
@@ -351,17 +384,11 @@ async def test_idle_pings_server_at_the_send_interval_client_at_its_lead(
 ) -> None:
     peer_role = Role.CLIENT if role is Role.SERVER else Role.SERVER
     stream, peer = stream_and_peer(peer_role, timeout=peer_timeout)
-
-    async def script() -> None:
-        await peer.send_hello()
-        await peer.serve()  # answers every PING and never PINGs itself
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(script)
-        async with open_stream_connection(stream, role=role, config=CONFIG) as conn:
-            await trio.sleep(4.25)
-            assert conn.statistics().pings_sent == len(expected)
-            assert conn.statistics().pongs_received == len(expected)
+    # The peer answers every PING and never PINGs itself.
+    async with served_connection(stream, peer, hello_only=True, role=role, config=CONFIG) as conn:
+        await trio.sleep(4.25)
+        assert conn.statistics().pings_sent == len(expected)
+        assert conn.statistics().pongs_received == len(expected)
     assert peer.times(FrameType.PING) == expected
     assert [frame.opaque for frame in peer.of_type(FrameType.PING)] == [
         opaque(n) for n in range(1, len(expected) + 1)
@@ -410,18 +437,11 @@ async def test_an_idle_pair_carries_only_the_client_heartbeat(
 
 async def test_no_ping_while_data_flows(autojump_clock: MockClock) -> None:
     stream, peer = stream_and_peer()
-
-    async def script() -> None:
-        await peer.send_hello()
-        await peer.serve()
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(script)
-        async with open_stream_connection(stream, config=CONFIG) as conn:
-            for _ in range(10):
-                await trio.sleep(0.5)
-                await conn.send(b"tick")
-                assert await conn.receive() == b"tick"
+    async with served_connection(stream, peer, hello_only=True, config=CONFIG) as conn:
+        for _ in range(10):
+            await trio.sleep(0.5)
+            await conn.send(b"tick")
+            assert await conn.receive() == b"tick"
     assert peer.of_type(FrameType.PING) == []
     assert peer.times(FrameType.DATA) == [0.5 * n for n in range(1, 11)]
 
@@ -774,16 +794,9 @@ async def test_local_aclose_completes_the_close_handshake(autojump_clock: MockCl
 
 async def test_leaving_the_block_closes_with_1000(autojump_clock: MockClock) -> None:
     stream, peer = stream_and_peer()
-
-    async def script() -> None:
-        await peer.send_hello()
-        await peer.serve()
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(script)
-        async with open_stream_connection(stream, config=CONFIG) as conn:
-            await conn.send(b"a")
-            await conn.send(b"b")
+    async with served_connection(stream, peer, hello_only=True, config=CONFIG) as conn:
+        await conn.send(b"a")
+        await conn.send(b"b")
     assert [frame.type for frame in peer.frames] == [
         FrameType.HELLO,
         FrameType.DATA,
@@ -1040,21 +1053,14 @@ async def test_an_error_raised_while_being_cancelled_wins(autojump_clock: MockCl
 
 async def test_set_health_pings_at_once_within_the_rate_rule(autojump_clock: MockClock) -> None:
     stream, peer = stream_and_peer()
-
-    async def script() -> None:
-        await peer.send_hello()
-        await peer.serve()
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(script)
-        async with open_stream_connection(stream, config=CONFIG) as conn:
-            await trio.sleep(0.25)
-            conn.set_health(HealthStatus.DEGRADED)  # no PING yet: at once
-            await trio.sleep(0.25)
-            conn.set_health(HealthStatus.DEGRADED)  # no change, no PING
-            conn.set_health(HealthStatus.NOT_SERVING)  # rate rule: not before 0.25 + 0.5
-            assert conn.health is HealthStatus.NOT_SERVING
-            await trio.sleep(2.0)
+    async with served_connection(stream, peer, hello_only=True, config=CONFIG) as conn:
+        await trio.sleep(0.25)
+        conn.set_health(HealthStatus.DEGRADED)  # no PING yet: at once
+        await trio.sleep(0.25)
+        conn.set_health(HealthStatus.DEGRADED)  # no change, no PING
+        conn.set_health(HealthStatus.NOT_SERVING)  # rate rule: not before 0.25 + 0.5
+        assert conn.health is HealthStatus.NOT_SERVING
+        await trio.sleep(2.0)
     pings = [(frame.at, frame.status) for frame in peer.of_type(FrameType.PING)]
     assert pings == [
         (0.25, HealthStatus.DEGRADED),
@@ -1223,19 +1229,12 @@ async def test_statistics_count_what_was_exchanged(autojump_clock: MockClock) ->
 
 async def test_oversized_send_is_refused_locally(autojump_clock: MockClock) -> None:
     stream, peer = stream_and_peer(max_frame=1024)
-
-    async def script() -> None:
-        await peer.handshake()
-        await peer.serve()
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(script)
-        async with open_stream_connection(stream, config=CONFIG) as conn:
-            with pytest.raises(LocalProtocolError) as raised:
-                await conn.send(b"x" * 1025)
-            assert raised.value.code == CloseCode.TOO_BIG
-            await conn.send(b"x" * 1024)
-            assert await conn.receive() == b"x" * 1024
+    async with served_connection(stream, peer, config=CONFIG) as conn:
+        with pytest.raises(LocalProtocolError) as raised:
+            await conn.send(b"x" * 1025)
+        assert raised.value.code == CloseCode.TOO_BIG
+        await conn.send(b"x" * 1024)
+        assert await conn.receive() == b"x" * 1024
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,7 @@ from test_connection import (
     CONFIG,
     handshake_then_drain,
     run_body,
+    served_connection,
     stream_and_peer,
 )
 from trio.testing import MockClock
@@ -236,32 +237,25 @@ async def test_receive_with_data_waiting_never_yields_yet_honours_a_cancel(
 
 async def test_send_with_room_never_yields_yet_honours_a_cancel(autojump_clock: MockClock) -> None:
     stream, peer = stream_and_peer()
-
-    async def script() -> None:
-        await peer.handshake()
-        await peer.serve()
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(script)
-        async with open_stream_connection(stream, config=CONFIG) as conn:
-            counter = StepCounter(trio.lowlevel.current_task())
-            trio.lowlevel.add_instrument(counter)
-            try:
-                await conn.send(b"queued")
-            finally:
-                trio.lowlevel.remove_instrument(counter)
-            assert counter.steps == 0
-            assert conn.statistics().send_queue_used == 1
-            with trio.CancelScope() as scope:
-                scope.cancel()
-                await conn.send(b"cancelled")  # raises Cancelled before queueing
-            assert scope.cancelled_caught
-            # Raising Cancelled let the writer run: the first message may be
-            # on its way, but the cancelled one was not queued.
-            stats = conn.statistics()
-            assert stats.send_queue_used + stats.data_frames_out == 1
-            assert await conn.receive() == b"queued"
-            await trio.sleep(0.5)
+    async with served_connection(stream, peer, config=CONFIG) as conn:
+        counter = StepCounter(trio.lowlevel.current_task())
+        trio.lowlevel.add_instrument(counter)
+        try:
+            await conn.send(b"queued")
+        finally:
+            trio.lowlevel.remove_instrument(counter)
+        assert counter.steps == 0
+        assert conn.statistics().send_queue_used == 1
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await conn.send(b"cancelled")  # raises Cancelled before queueing
+        assert scope.cancelled_caught
+        # Raising Cancelled let the writer run: the first message may be
+        # on its way, but the cancelled one was not queued.
+        stats = conn.statistics()
+        assert stats.send_queue_used + stats.data_frames_out == 1
+        assert await conn.receive() == b"queued"
+        await trio.sleep(0.5)
     # The cancelled message never went out: a cancelled send() sent nothing.
     assert [frame.payload for frame in peer.of_type(FrameType.DATA)] == [b"queued"]
 
@@ -271,24 +265,18 @@ async def test_a_burst_of_sends_goes_out_in_one_write(autojump_clock: MockClock)
     stream, peer = RecordingStream(ours), ScriptedPeer(theirs)
     messages = [b"message %d" % n for n in range(50)]
 
-    async def script() -> None:
-        await peer.handshake()
-        await peer.serve()
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(script)
-        async with open_stream_connection(stream, config=CONFIG) as conn:
-            assert conn.statistics().send_interval == 1.0
-            counter = StepCounter(trio.lowlevel.current_task())
-            trio.lowlevel.add_instrument(counter)
-            try:
-                for message in messages:
-                    await conn.send(message)
-            finally:
-                trio.lowlevel.remove_instrument(counter)
-            assert counter.steps == 0
-            assert [await conn.receive() for _ in messages] == messages
-            writes = list(stream.writes)
+    async with served_connection(stream, peer, config=CONFIG) as conn:
+        assert conn.statistics().send_interval == 1.0
+        counter = StepCounter(trio.lowlevel.current_task())
+        trio.lowlevel.add_instrument(counter)
+        try:
+            for message in messages:
+                await conn.send(message)
+        finally:
+            trio.lowlevel.remove_instrument(counter)
+        assert counter.steps == 0
+        assert [await conn.receive() for _ in messages] == messages
+        writes = list(stream.writes)
     assert trio.current_time() == 0.0
     # Our HELLO (written by the reader, inline), then all 50 DATA in one send_all.
     assert [frame_types(write) for write in writes] == [
@@ -306,29 +294,26 @@ async def test_a_ping_cancelled_during_its_write_finishes_the_frame_first(
 ) -> None:
     stream, peer = stalling_stream_and_peer()
 
-    async def script() -> None:
-        await peer.handshake()
-        await peer.serve()
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(script)
-        async with open_stream_connection(
-            stream, config=CONFIG, options=ConnectionOptions(write_timeout=1.0)
-        ) as conn:
-            await trio.sleep(0.25)
-            stream.stall_next_write(after=4)  # half of the PING's header goes out
-            nursery.start_soon(resume_at, stream, 0.875)
-            with trio.move_on_after(0.25) as scope:
-                await conn.ping()
-            # Cancelled at 0.5, but the PING was on the wire: the call returned
-            # only once the frame was whole, within the write timeout.
-            assert scope.cancelled_caught
-            assert trio.current_time() == 0.875
-            assert conn.state is State.OPEN
-            # Everything after it is framed as it should be.
-            await conn.send(b"after the cut")
-            assert await conn.receive() == b"after the cut"
-            assert await conn.ping() == 0.0
+    async with (
+        trio.open_nursery() as nursery,
+        served_connection(
+            stream, peer, config=CONFIG, options=ConnectionOptions(write_timeout=1.0)
+        ) as conn,
+    ):
+        await trio.sleep(0.25)
+        stream.stall_next_write(after=4)  # half of the PING's header goes out
+        nursery.start_soon(resume_at, stream, 0.875)
+        with trio.move_on_after(0.25) as scope:
+            await conn.ping()
+        # Cancelled at 0.5, but the PING was on the wire: the call returned
+        # only once the frame was whole, within the write timeout.
+        assert scope.cancelled_caught
+        assert trio.current_time() == 0.875
+        assert conn.state is State.OPEN
+        # Everything after it is framed as it should be.
+        await conn.send(b"after the cut")
+        assert await conn.receive() == b"after the cut"
+        assert await conn.ping() == 0.0
     assert not stream.send_interrupted
     pings = peer.of_type(FrameType.PING)
     assert [(frame.at, frame.opaque) for frame in pings] == [(0.875, opaque(1)), (0.875, opaque(2))]
@@ -381,22 +366,19 @@ async def test_data_queued_during_an_inline_ping_goes_out_right_after_it(
 ) -> None:
     stream, peer = stalling_stream_and_peer()
 
-    async def script() -> None:
-        await peer.handshake()
-        await peer.serve()
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(script)
-        async with open_stream_connection(stream, config=CONFIG) as conn:
-            await trio.sleep(0.25)
-            stream.stall_next_write(after=4)
-            nursery.start_soon(resume_at, stream, 0.5)
-            # The writer is woken for the DATA while ping() writes its PING
-            # inline: it stands back, and the DATA follows the PING.
-            conn.send_nowait(b"queued behind the PING")
-            assert await conn.ping() == 0.25
-            assert trio.current_time() == 0.5
-            assert await conn.receive() == b"queued behind the PING"
+    async with (
+        trio.open_nursery() as nursery,
+        served_connection(stream, peer, config=CONFIG) as conn,
+    ):
+        await trio.sleep(0.25)
+        stream.stall_next_write(after=4)
+        nursery.start_soon(resume_at, stream, 0.5)
+        # The writer is woken for the DATA while ping() writes its PING
+        # inline: it stands back, and the DATA follows the PING.
+        conn.send_nowait(b"queued behind the PING")
+        assert await conn.ping() == 0.25
+        assert trio.current_time() == 0.5
+        assert await conn.receive() == b"queued behind the PING"
     assert [(frame.type, frame.at) for frame in peer.frames[1:3]] == [
         (FrameType.PING, 0.5),
         (FrameType.DATA, 0.5),
@@ -410,35 +392,32 @@ async def test_close_nowait_wakes_the_senders_waiting_for_room(autojump_clock: M
     stream, peer = stalling_stream_and_peer()
     woken: list[tuple[float, ConnectionClosed]] = []
 
-    async def script() -> None:
-        await peer.handshake()
-        await peer.serve()
-
     async def blocked_sender(conn: Connection) -> None:
         try:
             await conn.send(b"no room")
         except ConnectionClosed as exc:
             woken.append((trio.current_time(), exc))
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(script)
-        async with open_stream_connection(
-            stream, config=CONFIG, options=ConnectionOptions(send_queue=1)
-        ) as conn:
-            stream.stall_next_write(after=4)
-            conn.send_nowait(b"first")  # the writer takes it and stalls mid-frame
+    async with (
+        trio.open_nursery() as nursery,
+        served_connection(
+            stream, peer, config=CONFIG, options=ConnectionOptions(send_queue=1)
+        ) as conn,
+    ):
+        stream.stall_next_write(after=4)
+        conn.send_nowait(b"first")  # the writer takes it and stalls mid-frame
+        await trio.sleep(0.125)
+        conn.send_nowait(b"second")  # fills the queue
+        async with trio.open_nursery() as senders:
+            senders.start_soon(blocked_sender, conn)
+            senders.start_soon(blocked_sender, conn)
             await trio.sleep(0.125)
-            conn.send_nowait(b"second")  # fills the queue
-            async with trio.open_nursery() as senders:
-                senders.start_soon(blocked_sender, conn)
-                senders.start_soon(blocked_sender, conn)
-                await trio.sleep(0.125)
-                assert woken == []  # both wait for room
-                conn.close_nowait()
-            assert trio.current_time() == 0.25  # they raised at once
-            nursery.start_soon(resume_at, stream, 0.5)
-            closed = await conn.wait_closed()
-            assert trio.current_time() == 0.5
+            assert woken == []  # both wait for room
+            conn.close_nowait()
+        assert trio.current_time() == 0.25  # they raised at once
+        nursery.start_soon(resume_at, stream, 0.5)
+        closed = await conn.wait_closed()
+        assert trio.current_time() == 0.5
     assert [(at, type(exc), exc.code, exc.by_peer) for at, exc in woken] == [
         (0.25, ConnectionClosed, CloseCode.NORMAL, False)
     ] * 2
@@ -463,37 +442,34 @@ async def test_senders_refused_after_close_nowait_hear_the_requested_code(
     stream, peer = stalling_stream_and_peer()
     refusals: list[tuple[str, int, str]] = []
 
-    async def script() -> None:
-        await peer.handshake()
-        await peer.serve()
-
     async def blocked_sender(conn: Connection) -> None:
         try:
             await conn.send(b"no room")
         except ConnectionClosed as exc:
             refusals.append(("send", exc.code, exc.reason))
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(script)
-        async with open_stream_connection(
-            stream, config=CONFIG, options=ConnectionOptions(send_queue=1)
-        ) as conn:
-            stream.stall_next_write(after=4)
-            conn.send_nowait(b"first")
+    async with (
+        trio.open_nursery() as nursery,
+        served_connection(
+            stream, peer, config=CONFIG, options=ConnectionOptions(send_queue=1)
+        ) as conn,
+    ):
+        stream.stall_next_write(after=4)
+        conn.send_nowait(b"first")
+        await trio.sleep(0.125)
+        conn.send_nowait(b"second")
+        async with trio.open_nursery() as senders:
+            senders.start_soon(blocked_sender, conn)
             await trio.sleep(0.125)
-            conn.send_nowait(b"second")
-            async with trio.open_nursery() as senders:
-                senders.start_soon(blocked_sender, conn)
-                await trio.sleep(0.125)
-                conn.close_nowait(4002, "app says bye", flush=flush)
-            with pytest.raises(ConnectionClosed) as raised:
-                conn.send_nowait(b"too late")
-            refusals.append(("send_nowait", raised.value.code, raised.value.reason))
-            with pytest.raises(ConnectionClosed) as raised:
-                await conn.ping()
-            refusals.append(("ping", raised.value.code, raised.value.reason))
-            nursery.start_soon(resume_at, stream, 0.5)
-            closed = await conn.wait_closed()
+            conn.close_nowait(4002, "app says bye", flush=flush)
+        with pytest.raises(ConnectionClosed) as raised:
+            conn.send_nowait(b"too late")
+        refusals.append(("send_nowait", raised.value.code, raised.value.reason))
+        with pytest.raises(ConnectionClosed) as raised:
+            await conn.ping()
+        refusals.append(("ping", raised.value.code, raised.value.reason))
+        nursery.start_soon(resume_at, stream, 0.5)
+        closed = await conn.wait_closed()
     assert (closed.code, closed.reason) == (4002, "app says bye")
     assert refusals == [
         ("send", 4002, "app says bye"),
