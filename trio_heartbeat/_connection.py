@@ -607,9 +607,7 @@ class Connection:
             self._wake_writer()
             return
         core = self._core
-        data = core.data_to_send()
-        if not data:
-            return
+        data = core.data_to_send()  # never empty: both callers have just queued a frame
         now = trio.current_time()
         self._writing = True
         self._write_started = now
