@@ -37,6 +37,7 @@ import trio
 from ._connection import Connection, ConnectionOptions, EventListener, open_stream_connection
 from ._errors import ConnectionClosed
 from ._frames import CloseCode, HealthStatus, Role, encode_close
+from ._groups import BaseExceptionGroup, single_exception
 from ._keepalive import KeepaliveOptions, resolve_keepalive, try_apply_keepalive
 from ._liveness import LivenessRegistry
 from ._protocol import Config, Event, HandshakeComplete, PeerHealthChanged
@@ -205,10 +206,30 @@ class Server:
 
         Returns after :meth:`drain` has finished; cancelling it instead tears
         every connection down at once (each still sends CLOSE 1001 if it can).
+        An ``accept`` error that is not about capacity (EMFILE and the like
+        are retried) ends serving: the connections are torn down and that
+        :class:`OSError` is raised, on its own rather than in an exception group.
         """
         self.listeners = listeners
         if listeners:
             self._port = listeners[0].socket.getsockname()[1]
+        try:
+            await self._serve(listeners, task_status)
+        except BaseExceptionGroup as group:
+            # Connection tasks never raise, so besides cancellations (which
+            # Trio's scopes deal with, and which come back at the next
+            # checkpoint if dropped here) a group holds the one accept error.
+            errors = group.split(trio.Cancelled)[1]
+            if errors is None:
+                raise
+            leaf = single_exception(errors)
+            if leaf is errors:
+                raise
+            raise leaf from leaf.__cause__
+
+    async def _serve(
+        self, listeners: list[trio.SocketListener], task_status: trio.TaskStatus[Server]
+    ) -> None:
         async with trio.open_nursery() as connections:
             self._connections_scope = connections.cancel_scope
             try:
