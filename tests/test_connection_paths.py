@@ -35,7 +35,7 @@ from trio_heartbeat._connection import (
 )
 from trio_heartbeat._errors import BrokenConnection, ConnectionClosed, HeartbeatTimeout
 from trio_heartbeat._frames import CloseCode, FrameDecoder, FrameType, Role
-from trio_heartbeat._protocol import CLIENT_LEAD, State
+from trio_heartbeat._protocol import CLIENT_LEAD, Config, State
 
 WRITE_TIMEOUT_REASON = "write timeout: the peer stopped reading"
 
@@ -679,3 +679,55 @@ async def test_data_and_a_due_ping_go_out_when_an_inline_write_ends_late(
         (FrameType.PING, 1.5),
     ] + [(FrameType.DATA, 1.5)] * messages
     assert echoed_at == 1.5
+
+
+# -- aclose() bounds its flush ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("close_timeout", "data_delivered", "closed_at"),
+    [(1.0, 4, 2.0), (5.0, 6, 2.8)],
+    ids=["flush-cut-short", "flush-in-time"],
+)
+async def test_a_flush_that_outlasts_the_close_timeout_gives_way_to_the_close(
+    close_timeout: float, data_delivered: int, closed_at: float, autojump_clock: MockClock
+) -> None:
+    # Every write waits for the peer to read it, and the peer reads one frame
+    # every 0.4 s. Six 200 kB messages go two per write (the batch limit is
+    # 256 KiB), so the whole flush would take until 2.4.
+    ours, theirs = trio.testing.lockstep_stream_pair()
+    peer = ScriptedPeer(theirs, Role.SERVER)
+    received: list[tuple[float, FrameType]] = []
+
+    async def script() -> None:
+        await peer.handshake()
+        while True:
+            await trio.sleep(0.4)
+            frame = await peer.receive_frame()
+            assert frame is not None
+            received.append((trio.current_time(), frame.type))
+            if frame.type is FrameType.CLOSE:
+                await peer.send_close(frame.close_code)
+                return
+
+    config = Config(interval=10.0, timeout=30.0, close_timeout=close_timeout)
+    options = ConnectionOptions(write_timeout=10.0, send_queue=8)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(script)
+        async with open_stream_connection(ours, config=config, options=options) as conn:
+            for _ in range(6):
+                conn.send_nowait(b"x" * 200_000)
+            await conn.aclose(4001, "done")
+            assert trio.current_time() == closed_at
+    # Cut short: what was on the wire by the deadline (1.0) went out, the
+    # CLOSE followed the write under way (done at 1.6), the rest was dropped.
+    assert [kind for _, kind in received] == [FrameType.DATA] * data_delivered + [FrameType.CLOSE]
+    assert received[-1][0] == closed_at
+    closed = conn.closed
+    assert closed is not None
+    assert (type(closed), closed.code, closed.reason, closed.by_peer) == (
+        ConnectionClosed,
+        4001,
+        "done",
+        False,
+    )

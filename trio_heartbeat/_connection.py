@@ -205,6 +205,7 @@ class Connection:
         "_close_request",
         "_core",
         "_ended",
+        "_flush_deadline",
         "_inbox",
         "_listeners",
         "_opened",
@@ -270,6 +271,8 @@ class Connection:
         self._writing = False
         self._write_started = inf
         self._send_broken = False
+        # While closing with a flush: when the flush must stop.
+        self._flush_deadline = inf
         # The scope around the whole connection (tasks and the caller's block),
         # cancelled on failure; and the writer's current timer scope.
         # Set to the nursery's scope once the tasks start.
@@ -530,8 +533,11 @@ class Connection:
     async def aclose(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
         """Close the connection: flush queued DATA, send CLOSE, wait for the peer's CLOSE.
 
-        The wait is bounded by the config's ``close_timeout``. Idempotent; a
-        no-op once the connection has ended. Safe to call from any task.
+        Each step is bounded by the config's ``close_timeout``: queued DATA
+        gets that long to go out (a write under way keeps its write timeout),
+        then the CLOSE goes ahead of whatever is left, which is dropped; the
+        peer's answer gets that long again. Idempotent; a no-op once the
+        connection has ended. Safe to call from any task.
         """
         self.close_nowait(code, reason)
         await self._ended.wait()
@@ -539,14 +545,21 @@ class Connection:
     def close_nowait(
         self, code: int = CloseCode.NORMAL, reason: str = "", *, flush: bool = True
     ) -> None:
-        """Start closing without waiting. With ``flush=False`` the CLOSE jumps the send queue."""
+        """Start closing without waiting. With ``flush=False`` the CLOSE jumps the send queue.
+
+        With ``flush=True`` queued DATA goes first, for ``close_timeout`` at most.
+        """
         if self._close_request is not None or self._outcome is not None:
             return
         self._close_request = (code, reason)
         if self._senders:
             self._senders.unpark_all()  # they will not get room: they raise now
-        if not flush:
-            self._apply_close(trio.current_time())
+        now = trio.current_time()
+        if flush:
+            self._flush_deadline = now + self._core.config.close_timeout
+            self._rearm()
+        else:
+            self._apply_close(now)
         self._wake_writer()
 
     async def wait_closed(self) -> ConnectionClosed:
@@ -573,7 +586,7 @@ class Connection:
         if self._writing:
             # No PING can go out before the write is over.
             return min(core.abort_deadline, self._write_started + self._write_timeout)
-        return core.next_deadline
+        return min(core.next_deadline, self._flush_deadline)
 
     def _rearm(self) -> None:
         """Move the timer to the core's current deadlines (after frames, writes, settings)."""
@@ -662,6 +675,7 @@ class Connection:
         core = self._core
         if self._stand_back():
             return False
+        self._end_a_long_flush()
         await self._let_the_burst_finish()
         if self._stand_back():
             return False
@@ -695,6 +709,10 @@ class Connection:
                 await self.stream.aclose()
             return True
         return False
+
+    def _end_a_long_flush(self) -> None:
+        if self._flush_deadline <= trio.current_time() and self._core.state is State.OPEN:
+            self._apply_close(trio.current_time())  # the CLOSE goes ahead of what is left
 
     def _stand_back(self) -> bool:
         """True if another task is writing; it wakes the writer when it is done."""
@@ -772,6 +790,7 @@ class Connection:
             # the connection in order, and the writer closes the stream.
             self._wake_pending = True
             return False
+        self._end_a_long_flush()
         if core.ping_deadline <= now and not self._writing and core.role is Role.SERVER:
             # The client leads the heartbeat; a server whose timer fires has
             # usually just not read the client's PING yet (a busy event loop).
@@ -834,6 +853,7 @@ class Connection:
         assert self._close_request is not None
         code, reason = self._close_request
         self._core.close(code, reason, now=now)
+        self._flush_deadline = inf
         self._rearm()
 
     # -- reading ------------------------------------------------------------------
