@@ -731,3 +731,37 @@ async def test_a_flush_that_outlasts_the_close_timeout_gives_way_to_the_close(
         "done",
         False,
     )
+
+
+# -- a reset in answer to our CLOSE --------------------------------------------------
+
+
+async def test_a_reset_in_answer_to_our_close_ends_it_like_an_eof(
+    autojump_clock: MockClock,
+) -> None:
+    # The peer reads our CLOSE and resets the connection instead of answering.
+    # The close is over, not cleanly, as when the peer just hangs up: the
+    # block that closed does not raise.
+    stream, peer = stream_and_peer()
+
+    async def script() -> None:
+        await peer.handshake()
+        while (frame := await peer.receive_frame()) is not None:
+            if frame.type is FrameType.CLOSE:
+                await trio.sleep(0.25)
+                stream.break_now()
+                return
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(script)
+        async with open_stream_connection(stream, config=CONFIG) as conn:
+            await trio.sleep(1.0)
+        assert trio.current_time() == 1.25
+    closed = conn.closed
+    assert closed is not None
+    assert (type(closed), closed.code, closed.by_peer) == (
+        ConnectionClosed,
+        CloseCode.NORMAL,
+        False,
+    )
+    assert stream.closed

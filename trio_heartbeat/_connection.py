@@ -867,8 +867,14 @@ class Connection:
                 try:
                     data = await stream.receive_some(_RECEIVE_SIZE)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                    self._transport_failed(exc, by_peer=True)
-                    return
+                    if core.state is not State.CLOSING:
+                        self._transport_failed(exc, by_peer=True)
+                        return
+                    # Our close was under way and the peer hung up without its
+                    # CLOSE, with a reset rather than a FIN, say. That ends the
+                    # close as an EOF does: not cleanly, but not a failure of
+                    # the block that closed either.
+                    data = b""
                 core.receive_data(data, trio.current_time())
                 while (event := core.next_event()) is not NEED_DATA:
                     if type(event) is DataReceived:
