@@ -10,7 +10,7 @@ nursery within it:
 * the **reader** feeds received bytes to the sans-IO core and hands out its
   events: DATA into a bounded inbound queue, PONGs to waiting
   :meth:`Connection.ping` calls, everything to the observers. Control frames
-  the core queues in answer (a PONG, an answering CLOSE) the reader writes
+  the core queues in answer (a PONG, a client's HELLO) the reader writes
   itself when no write is under way, so an echo costs the peer no extra task
   switch. When the inbound queue is full the reader stops reading
   (backpressure reaches the peer through TCP) and tells the core, which
@@ -27,13 +27,16 @@ nursery within it:
   When the timer fires it sends the PING that is due, or convicts: it records
   the verdict and cancels the connection's scope, so the reader, the writer
   and the caller's block all unwind at once and the caller gets one
-  :class:`HeartbeatTimeout`.
+  :class:`HeartbeatTimeout`. While a close waits for queued DATA to go out,
+  the timer also bounds that flush.
 
 Only one task writes at a time (the reader, a :meth:`Connection.ping` caller
 or the writer); whoever finishes a write and finds more queued wakes the
 writer. Neither task lets an exception escape: each records the outcome and
 cancels the scope, so the context manager raises exactly one typed exception,
-never an ExceptionGroup.
+never an ExceptionGroup. On the way out the stream is closed; after a peer's
+protocol error, only once our CLOSE and EOF are out and the peer has had a
+moment to stop sending (a reset could destroy the CLOSE unread).
 
 :meth:`Connection.send` and :meth:`Connection.receive` are always
 cancellation points, but they yield to the scheduler only when they must wait
