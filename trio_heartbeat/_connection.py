@@ -283,7 +283,9 @@ class Connection:
         self._timer = trio.CancelScope()
         self._timer_at = inf  # the timer's deadline, kept here to spare Trio's property
         self._opened = trio.Event()
-        self._ended = trio.Event()
+        # Made when someone first waits for the end (most connections never do
+        # before they end).
+        self._ended: trio.Event | None = None
         self._outcome: _Outcome | None = None
         self._close_request: tuple[int, str] | None = None
         # ping() calls waiting for their PONG, and the round trips they get.
@@ -543,7 +545,7 @@ class Connection:
         connection has ended. Safe to call from any task.
         """
         self.close_nowait(code, reason)
-        await self._ended.wait()
+        await self._wait_ended()
 
     def close_nowait(
         self, code: int = CloseCode.NORMAL, reason: str = "", *, flush: bool = True
@@ -567,9 +569,17 @@ class Connection:
 
     async def wait_closed(self) -> ConnectionClosed:
         """Wait until the connection has ended and return how (without raising it)."""
-        await self._ended.wait()
+        await self._wait_ended()
         assert self._outcome is not None
         return self._outcome.exception()
+
+    async def _wait_ended(self) -> None:
+        if self._outcome is not None:
+            await trio.lowlevel.checkpoint()
+            return
+        if self._ended is None:
+            self._ended = trio.Event()
+        await self._ended.wait()
 
     def _closed_error(self) -> ConnectionClosed:
         if self._outcome is not None:
@@ -1007,7 +1017,8 @@ class Connection:
         # not when the block is left (an orderly close does not cancel it).
         for waiter in (self._ping_waiters or {}).values():
             waiter.set()
-        self._ended.set()
+        if self._ended is not None:
+            self._ended.set()
         if outcome.failure if cancel is None else cancel:
             assert self._scope is not None  # failures come from the tasks, once started
             self._scope.cancel()

@@ -260,7 +260,9 @@ class Server:
                 continue
             if self.keepalive is not None:
                 try_apply_keepalive(stream.socket, self.keepalive)
-            connections.start_soon(self.handle_stream, stream)
+            # Not handle_stream: drain reaches these through the connections
+            # nursery's scope, so each needs no scope (nor task frame) of its own.
+            connections.start_soon(self._serve_stream, stream, None)
 
     async def handle_stream(self, stream: trio.abc.Stream, address: str | None = None) -> None:
         """Serve one already-accepted stream to its end (for custom transports and tests).
