@@ -96,9 +96,8 @@ _MAX_OUTSTANDING_PINGS: Final = 32
 #: server PING too, and every idle connection carries two heartbeats instead of
 #: one. Leading by a tenth keeps the client ahead through that much jitter, so an
 #: idle server only answers. On a link whose round trip is over a tenth of the
-#: interval, or after a stall, the server's timer can still fire first; the
-#: client's PONG then restarts the client's timer and the server leads from then
-#: on, which costs it a timer wake per heartbeat but never a second heartbeat.
+#: interval, or after a stall, the server's timer can still fire first, and the
+#: server PINGs too; the client's PONG then restarts the client's timer.
 #: The rate rule is untouched (a PING sooner than half the interval is a
 #: strike), and sending sooner than the send rule asks is always allowed.
 CLIENT_LEAD: Final = 0.9
