@@ -599,6 +599,8 @@ class Connection:
         if self._writing:
             # No PING can go out before the write is over.
             return min(core.abort_deadline, self._write_started + self._write_timeout)
+        if self._close_request is None:
+            return core.next_deadline  # the per-frame case: no flush to bound
         return min(core.next_deadline, self._flush_deadline)
 
     def _rearm(self) -> None:
@@ -945,21 +947,15 @@ class Connection:
         # The application is not keeping up. Stop reading (TCP pushes back on
         # the peer) and do not hold the resulting silence against the peer.
         core = self._core
-        inbox = self._inbox
-        assert inbox is not None
-        limit = self._options.receive_queue
         core.pause_liveness(trio.current_time())
         self._rearm()
         try:
-            while len(inbox) >= limit:
+            while not self._deliver(data):
                 if self._receiving_stopped or self._outcome is not None:
                     return  # nobody will read it
                 if self._room is None:
                     self._room = ParkingLot()
                 await self._room.park()
-            inbox.append(data)
-            if self._receivers:
-                self._receivers.unpark()
         finally:
             core.resume_liveness(trio.current_time())
             self._rearm()
