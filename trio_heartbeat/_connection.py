@@ -50,11 +50,15 @@ one queue's worth of messages.
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager, suppress
+from collections.abc import Callable, Coroutine, Sequence
+from contextlib import AbstractAsyncContextManager, suppress
 from dataclasses import dataclass
+from functools import partial
 from math import inf
+from types import TracebackType
 from typing import Final, final
 
 import trio
@@ -65,6 +69,7 @@ from trio.lowlevel import (
     checkpoint_if_cancelled,
     current_task,
     reschedule,
+    wait_readable,
     wait_task_rescheduled,
 )
 
@@ -110,6 +115,13 @@ _BATCH_BYTES: Final = 256 * 1024
 _PING_MARGIN: Final = 0.125
 #: How long a last CLOSE may take to go out when the connection is being torn down.
 _BEST_EFFORT_SECONDS: Final = 0.1
+
+#: Plain TCP streams are read and written through their descriptor (os.read,
+#: os.write) where those work on sockets.
+_DIRECT_IO: Final = sys.platform != "win32"
+#: Task names, shared by every connection (Trio would build a string per task).
+_READER_NAME: Final = "trio_heartbeat.Connection._reader"
+_WRITER_NAME: Final = "trio_heartbeat.Connection._writer"
 
 #: Stands in for a connection's own ``_opened`` event once its block has begun.
 _OPENED: Final = trio.Event()
@@ -207,10 +219,11 @@ class Connection:
     __slots__ = (
         "_close_request",
         "_core",
-        "_ended",
+        "_end_waiters",
         "_flush_deadline",
         "_inbox",
         "_listeners",
+        "_nursery",
         "_opened",
         "_options",
         "_outbox",
@@ -225,12 +238,13 @@ class Connection:
         "_senders",
         "_timer",
         "_timer_at",
+        "_undelivered",
+        "_unsent",
         "_wake_pending",
         "_write_started",
         "_write_timeout",
         "_writer_deferred",
-        "_writer_parked",
-        "_writer_task",
+        "_writer_running",
         "_writing",
         "opened_at",
         "remote_address",
@@ -264,10 +278,15 @@ class Connection:
         self._receivers: ParkingLot | None = None
         self._room: ParkingLot | None = None
         self._receiving_stopped = False
-        # The writer parks itself between rounds; whoever queues work wakes it.
-        self._writer_task: Task | None = None
-        self._writer_parked = False
+        # The writer is started when there is something to write and ends when
+        # there is nothing left: an idle connection keeps no task for it.
+        self._nursery: trio.Nursery | None = None
+        self._writer_running = False
         self._wake_pending = False
+        # The part of a direct write the socket did not take; the writer sends it.
+        self._unsent: bytes | None = None
+        # DATA the reader holds while the application's queue is full.
+        self._undelivered: bytes | None = None
         # Set while the writer stood back because another task was writing.
         self._writer_deferred = False
         # One task writes at a time: the writer, the reader or a ping() caller.
@@ -283,9 +302,9 @@ class Connection:
         self._timer = trio.CancelScope()
         self._timer_at = inf  # the timer's deadline, kept here to spare Trio's property
         self._opened = trio.Event()
-        # Made when someone first waits for the end (most connections never do
-        # before they end).
-        self._ended: trio.Event | None = None
+        # Tasks waiting for the end; made when someone first waits (most
+        # connections never do before they end).
+        self._end_waiters: dict[Task, None] | None = None
         self._outcome: _Outcome | None = None
         self._close_request: tuple[int, str] | None = None
         # ping() calls waiting for their PONG, and the round trips they get.
@@ -573,13 +592,26 @@ class Connection:
         assert self._outcome is not None
         return self._outcome.exception()
 
-    async def _wait_ended(self) -> None:
+    def _wait_ended(self) -> Coroutine[object, object, object]:
+        """An awaitable that returns once the connection has ended.
+
+        Not a coroutine function: the caller awaits Trio's trap directly, one
+        frame and no event object less for each of the thousands of handlers
+        a server may have waiting here.
+        """
         if self._outcome is not None:
-            await trio.lowlevel.checkpoint()
-            return
-        if self._ended is None:
-            self._ended = trio.Event()
-        await self._ended.wait()
+            return trio.lowlevel.checkpoint()  # noqa: ASYNC105 - awaited by the caller
+        if self._end_waiters is None:
+            self._end_waiters = {}
+        task = current_task()
+        self._end_waiters[task] = None
+        abort = partial(self._stop_waiting_for_the_end, task)
+        return wait_task_rescheduled(abort)  # noqa: ASYNC105 - awaited by the caller
+
+    def _stop_waiting_for_the_end(self, task: Task, _raise_cancel: object) -> Abort:
+        assert self._end_waiters is not None
+        del self._end_waiters[task]
+        return Abort.SUCCEEDED
 
     def _closed_error(self) -> ConnectionClosed:
         if self._outcome is not None:
@@ -612,36 +644,62 @@ class Connection:
     # -- writing ----------------------------------------------------------------
 
     def _wake_writer(self) -> None:
-        if self._writer_parked:
-            self._writer_parked = False
-            assert self._writer_task is not None
-            reschedule(self._writer_task)
-        else:
-            self._wake_pending = True
-
-    def _writer_unparked_by_cancel(self, _raise_cancel: object) -> Abort:
-        self._writer_parked = False
-        return Abort.SUCCEEDED
+        """Have the writer go round (again), starting it if it is not running."""
+        self._wake_pending = True
+        if not self._writer_running and self._nursery is not None:
+            self._writer_running = True
+            self._nursery.start_soon(self._writer, name=_WRITER_NAME)
 
     async def _write_inline(self, *, shielded: bool) -> None:
-        """Write what the core has queued from the calling task, unless a write is under way.
+        """Write what the core has queued from the calling task, unless a writer is at work.
 
-        Used by the reader (PONGs, a client's HELLO) and by :meth:`ping`, so
-        that an answer costs no task switch. If another task is writing, the
-        bytes stay queued and the writer sends them next. Failures are
-        recorded, never raised (a cancellation of an unshielded write is).
+        Used by the reader (PONGs, PINGs, a client's HELLO) and by :meth:`ping`,
+        so that an answer costs no task switch. If another task is writing,
+        the bytes stay queued and the writer sends them next. On a plain
+        socket this never waits: what the socket does not take at once is left
+        to the writer. Failures are recorded, never raised (a cancellation of
+        an unshielded write is).
         """
-        if self._writing:
+        if self._writing or self._writer_running:
             self._wake_writer()
             return
-        core = self._core
-        data = core.data_to_send()  # never empty: both callers have just queued a frame
+        fd = self._socket_fd()
+        if fd >= 0:
+            self._write_direct(fd)
+        else:
+            if not shielded:
+                # If the reader's timer has fired meanwhile, let its
+                # cancellation come now, with the bytes still in the core,
+                # rather than in send_all, where it would look like a write
+                # cut short.
+                await checkpoint_if_cancelled()
+            await self._write_rest(memoryview(self._core.data_to_send()), shielded=shielded)
+        self._note_open()
+        if self._writer_deferred or self._outbox or self._core.control_pending:
+            self._writer_deferred = False
+            self._wake_writer()
+
+    def _write_direct(self, fd: int) -> None:
+        """Write to a plain socket without waiting; the writer sends what it does not take."""
+        data = self._core.data_to_send()  # never empty: every caller has just queued a frame
+        try:
+            sent = os.write(fd, data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self._transport_failed(exc, by_peer=False)
+            return
+        if sent < len(data):
+            self._unsent = data[sent:]
+            self._wake_writer()
+
+    async def _write_rest(self, data: memoryview, *, shielded: bool) -> None:
+        """One ``send_all`` from the calling task, judged by the write timeout."""
         now = trio.current_time()
         self._writing = True
         self._write_started = now
         self._send_broken = True
-        if self._timer_at > now + self._write_timeout:
-            self._rearm()  # a write that blocks must still be judged in time
+        self._rearm()  # while it blocks, the timer watches the write (not the PING due)
         try:
             if shielded:
                 with trio.CancelScope(shield=True, deadline=now + self._write_timeout):
@@ -655,35 +713,32 @@ class Connection:
         finally:
             self._writing = False
             self._write_started = inf
+        self._rearm()
         if self._send_broken and self._outcome is None:
             self._write_timed_out()
-        self._note_open()
-        if self._writer_deferred or self._outbox or core.control_pending:
-            self._writer_deferred = False
-            self._wake_writer()
+
+    def _socket_fd(self) -> int:
+        """The descriptor of a plain TCP stream, for writes and reads without a task switch; else -1.
+
+        -1 too once the socket is closed (a closed socket's descriptor may
+        already belong to someone else: it is asked for afresh every time).
+        """
+        stream = self.stream
+        if _DIRECT_IO and type(stream) is trio.SocketStream:
+            return stream.socket.fileno()
+        return -1
 
     async def _writer(self) -> None:
-        """The writer, which is also the watchdog: see the module docstring."""
-        self._writer_task = current_task()
+        """Send what is queued, round after round, until nothing is left; then end."""
         try:
-            while True:
-                self._timer_at = self._timer_deadline()
-                self._timer = trio.CancelScope(deadline=self._timer_at)
-                with self._timer:
-                    while True:
-                        if not self._wake_pending:
-                            self._writer_parked = True
-                            await wait_task_rescheduled(self._writer_unparked_by_cancel)
-                        self._wake_pending = False
-                        if await self._write_round():
-                            return
-                if await self._on_timer():
+            while self._wake_pending:
+                self._wake_pending = False
+                if await self._write_round():
                     return
-                # Whatever the timer led to (a PING, a verdict's CLOSE), or what
-                # a round cut short by it left in the core, goes out now.
-                self._wake_pending = True
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self._transport_failed(exc, by_peer=False)
+        finally:
+            self._writer_running = False
 
     async def _write_round(self) -> bool:
         """Send what is queued; true once the stream is closed and the writer is done."""
@@ -716,8 +771,10 @@ class Connection:
         # _teardown instead of dying in a cancelled send_all.
         await checkpoint_if_cancelled()
         data = core.data_to_send()
+        if self._unsent is not None:
+            data, self._unsent = self._unsent + data, None  # the rest of a direct write
         if data and not await self._write(data):
-            return True  # the last words did not get out in time
+            return True  # given up: the connection has ended
         self._note_open()
         if core.state in (State.CLOSED, State.ERROR) and not core.control_pending:
             with trio.CancelScope(shield=True, deadline=trio.current_time() + _BEST_EFFORT_SECONDS):
@@ -737,29 +794,38 @@ class Connection:
         return False
 
     async def _write(self, data: bytes) -> bool:
-        """One ``send_all`` from the writer, inside its timer (which the write timeout joins).
+        """One ``send_all`` from the writer, bounded by the write timeout.
 
-        False if the write was given up (only last words are: after a short while).
+        False if the write was given up, which ends the connection: a write
+        that makes no progress for the write timeout convicts the peer (the
+        reader's timer watches it too, but the reader may be gone), and last
+        words get a short while at most.
         """
         # Last words (our answer to the peer's CLOSE) must not die in a send
         # cancelled by the block ending at the same moment: they go out
-        # shielded, for a short while at most.
+        # shielded.
         last_words = self._core.state in (State.CLOSED, State.ERROR)
+        now = trio.current_time()
         self._writing = True
-        self._write_started = trio.current_time()
+        self._write_started = now
         self._send_broken = True
         self._rearm()
         try:
-            with trio.CancelScope(shield=last_words) as words_scope:
-                if last_words:
-                    words_scope.deadline = trio.current_time() + _BEST_EFFORT_SECONDS
+            with trio.CancelScope(
+                shield=last_words,
+                deadline=now + (_BEST_EFFORT_SECONDS if last_words else self._write_timeout),
+            ):
                 await self.stream.send_all(data)
                 self._send_broken = False
         finally:
             self._writing = False
             self._write_started = inf
         self._rearm()
-        return not self._send_broken
+        if not self._send_broken:
+            return True
+        if not last_words:
+            self._write_timed_out()
+        return False
 
     async def _let_the_burst_finish(self) -> None:
         """Coalescing: while the application is still adding to the send queue,
@@ -774,12 +840,16 @@ class Connection:
                 return
             queued = len(self._outbox or ())
 
-    async def _on_timer(self) -> bool:
-        """The timer fired: convict, or send the PING that is due. True once the writer is done."""
+    def _on_timer(self) -> bool:
+        """The reader's timer fired: convict, or queue the PING that is due.
+
+        True once the reader is done. Anything queued here is written when
+        the reader goes round again, inside its next timer scope.
+        """
         core = self._core
         now = trio.current_time()
         if self._send_broken and not self._writing:
-            # Our own write was cut short by the timer: the stream is unusable,
+            # A write was cut short by the timer: the stream is unusable,
             # whatever arrives now.
             if now >= core.abort_deadline:
                 self._convict(now)
@@ -787,39 +857,23 @@ class Connection:
                 self._write_timed_out()
             return True
         if self._writing and now >= self._write_started + self._write_timeout:
-            self._write_timed_out()  # another task's write is stuck
+            self._write_timed_out()  # the writer's (or a ping()'s) write is stuck
             return True
         if now >= core.abort_deadline:
-            # The local-stall guard: before a verdict, let the reader take in
-            # whatever already arrived. A frame waiting in our buffer proves
-            # the peer alive; only our own lateness (a busy or stalled event
-            # loop) kept it from us. Two rounds: one for Trio to notice the
-            # input and wake the reader, one for the reader to run.
-            await trio.lowlevel.checkpoint()
-            await trio.lowlevel.checkpoint()
-            now = trio.current_time()
-            if now < core.abort_deadline:
-                return False
             self._convict(now)
-            # A failure has cancelled everything; a close timeout has ended
-            # the connection in order, and the writer closes the stream.
-            self._wake_pending = True
-            return False
+            # A failure has cancelled everything, and the teardown sends the
+            # CLOSE; a close timeout has ended the connection in order, and the
+            # writer closes the stream.
+            return True
         self._end_a_long_flush()
-        if core.ping_deadline <= now and not self._writing and core.role is Role.SERVER:
-            # The client leads the heartbeat; a server whose timer fires has
-            # usually just not read the client's PING yet (a busy event loop).
-            # Answering that PING restarts our timer and spares a PING of ours,
-            # and the work of a second heartbeat on a server that is already
-            # behind. So look for it first, as the conviction guard does.
-            await trio.lowlevel.checkpoint()
-            await trio.lowlevel.checkpoint()
-            now = trio.current_time()
-        if core.ping_deadline <= now and not self._writing:
-            core.send_ping(now)  # the next round writes it
-            self._wake_pending = True
-        elif self._writing:
-            self._writer_deferred = True
+        if core.ping_deadline <= now and not self._writing and core.state is State.OPEN:
+            core.send_ping(now)
+            if self._socket_fd() < 0:
+                # A write to this stream may block, and the reader must go
+                # on reading meanwhile (the peer may be alive but not
+                # reading): the writer sends it. A plain socket's write
+                # never blocks the reader, which sends it as it goes round.
+                self._wake_writer()
         return False
 
     def _convict(self, now: float) -> None:
@@ -874,36 +928,72 @@ class Connection:
     # -- reading ------------------------------------------------------------------
 
     async def _reader(self) -> None:
-        # The hot path of every heartbeat: kept to the fewest calls and awaits.
+        """The reader, which is also the watchdog: see the module docstring.
+
+        It acts on what the core has, then reads more, inside a timer scope.
+        The hot path of every heartbeat: kept to the fewest calls, awaits and
+        frames. The timer may cut it short at any await; it picks up where it
+        stopped (DATA it could not deliver is kept in ``_undelivered``).
+        """
         core = self._core
         stream = self.stream
+        direct = _DIRECT_IO and type(stream) is trio.SocketStream
         try:
             while True:
-                try:
-                    data = await stream.receive_some(_RECEIVE_SIZE)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                    if core.state is not State.CLOSING:
-                        self._transport_failed(exc, by_peer=True)
-                        return
-                    # Our close was under way and the peer hung up without its
-                    # CLOSE, with a reset rather than a FIN, say. That ends the
-                    # close as an EOF does: not cleanly, but not a failure of
-                    # the block that closed either.
-                    data = b""
-                core.receive_data(data, trio.current_time())
-                while (event := core.next_event()) is not NEED_DATA:
-                    if type(event) is DataReceived:
-                        if self._outcome is not None:
-                            return  # the connection was finished meanwhile
-                        if not self._deliver(event.data):
-                            await self._deliver_slowly(event.data)
-                    elif self._handle_event(event):
-                        return
-                if core.control_pending:
-                    await self._write_inline(shielded=False)
-                self._rearm()
-                if not self._opened.is_set():
-                    self._note_open()
+                self._timer_at = self._timer_deadline()
+                self._timer = trio.CancelScope(deadline=self._timer_at)
+                with self._timer:
+                    while True:
+                        # Answers first (a PONG, a PING the timer queued), even
+                        # while the application holds us up: our heartbeat must
+                        # keep flowing. (Left to the writer if it is at work.)
+                        if core.control_pending:
+                            await self._write_inline(shielded=False)
+                        if self._undelivered is not None and await self._deliver_slowly():
+                            return
+                        while (event := core.next_event()) is not NEED_DATA:
+                            if type(event) is DataReceived:
+                                if self._outcome is not None:
+                                    return  # the connection was finished meanwhile
+                                if not self._deliver(event.data):
+                                    self._undelivered = event.data
+                                    break
+                            elif self._handle_event(event):
+                                return
+                        if self._undelivered is not None or (
+                            core.control_pending and not (self._writing or self._writer_running)
+                        ):
+                            continue  # deliver, or answer, before reading more
+                        self._rearm()
+                        if not self._opened.is_set():
+                            self._note_open()
+                        try:
+                            if direct:
+                                # A plain socket: wait for input, then read it
+                                # ourselves. Three coroutines fewer than
+                                # receive_some() for every idle connection to
+                                # keep alive, and less work per read.
+                                assert isinstance(stream, trio.SocketStream)
+                                await wait_readable(stream.socket)
+                                try:
+                                    data = os.read(stream.socket.fileno(), _RECEIVE_SIZE)
+                                except BlockingIOError:
+                                    continue  # woken for nothing
+                            else:
+                                data = bytes(await stream.receive_some(_RECEIVE_SIZE))
+                        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                            if core.state is not State.CLOSING:
+                                self._transport_failed(exc, by_peer=True)
+                                return
+                            # Our close was under way and the peer hung up
+                            # without its CLOSE, with a reset rather than a FIN,
+                            # say. That ends the close as an EOF does: not
+                            # cleanly, but not a failure of the block that
+                            # closed either.
+                            data = b""
+                        core.receive_data(data, trio.current_time())
+                if self._on_timer():
+                    return
         except RemoteProtocolError as exc:
             logger.debug(
                 "protocol error from peer %s: %s (close %d)", self.remote_address, exc, exc.code
@@ -943,22 +1033,31 @@ class Connection:
             return True
         return False
 
-    async def _deliver_slowly(self, data: bytes) -> None:
-        # The application is not keeping up. Stop reading (TCP pushes back on
-        # the peer) and do not hold the resulting silence against the peer.
+    async def _deliver_slowly(self) -> bool:
+        """Wait for room for ``_undelivered``; true if the connection ended meanwhile.
+
+        The application is not keeping up. Stop reading (TCP pushes back on
+        the peer) and do not hold the resulting silence against the peer,
+        until the DATA is delivered: the timer (our PINGs must keep flowing)
+        does not count as reading again.
+        """
         core = self._core
-        core.pause_liveness(trio.current_time())
+        core.pause_liveness(trio.current_time())  # kept from the first wait to delivery
         self._rearm()
-        try:
-            while not self._deliver(data):
-                if self._receiving_stopped or self._outcome is not None:
-                    return  # nobody will read it
-                if self._room is None:
-                    self._room = ParkingLot()
-                await self._room.park()
-        finally:
-            core.resume_liveness(trio.current_time())
-            self._rearm()
+        data = self._undelivered
+        assert data is not None
+        while not self._deliver(data):
+            if self._outcome is not None:
+                return True
+            if self._receiving_stopped:
+                break  # nobody will read it
+            if self._room is None:
+                self._room = ParkingLot()
+            await self._room.park()
+        self._undelivered = None
+        core.resume_liveness(trio.current_time())
+        self._rearm()
+        return False
 
     def _on_ended(self, event: ConnectionEnded) -> None:
         if self._core.state is State.CLOSED:
@@ -1013,8 +1112,10 @@ class Connection:
         # not when the block is left (an orderly close does not cancel it).
         for waiter in (self._ping_waiters or {}).values():
             waiter.set()
-        if self._ended is not None:
-            self._ended.set()
+        if self._end_waiters:
+            for task in self._end_waiters:
+                reschedule(task)
+            self._end_waiters.clear()
         if outcome.failure if cancel is None else cancel:
             assert self._scope is not None  # failures come from the tasks, once started
             self._scope.cancel()
@@ -1039,7 +1140,7 @@ class Connection:
     async def _teardown(self) -> None:
         """Best-effort last words (a CLOSE the core queued), then close the stream. Shielded."""
         with trio.CancelScope(shield=True):
-            leftover = self._core.data_to_send()
+            leftover = (self._unsent or b"") + self._core.data_to_send()
             if leftover and not self._send_broken and not self._writing:
                 with (
                     trio.move_on_after(_BEST_EFFORT_SECONDS),
@@ -1068,8 +1169,7 @@ class Connection:
             pass
 
 
-@asynccontextmanager
-async def open_stream_connection(
+def open_stream_connection(
     stream: trio.abc.Stream,
     *,
     role: Role = Role.CLIENT,
@@ -1077,7 +1177,7 @@ async def open_stream_connection(
     options: ConnectionOptions | None = None,
     listeners: Sequence[EventListener] | None = None,
     remote_address: str | None = None,
-) -> AsyncIterator[Connection]:
+) -> AbstractAsyncContextManager[Connection]:
     """Run THB/1 over a stream you already have, for as long as the ``async with`` block.
 
     >>> async def main(stream: trio.abc.Stream) -> None:  # doctest: +SKIP
@@ -1098,60 +1198,141 @@ async def open_stream_connection(
     :class:`RemoteProtocolError` as ``__cause__``). An orderly CLOSE from the
     peer does not cancel the block: :meth:`Connection.receive` reports it.
     """
-    try:
-        options = options if options is not None else ConnectionOptions()
-        detector = options.detector() if options.detector is not None else None
-        core = HeartbeatProtocol(role, config, now=trio.current_time(), detector=detector)
-        # A tuple is not copied again: a server's connections share one.
-        conn = Connection(stream, core, options, tuple(listeners or ()), remote_address)
-    except BaseException:
-        # The stream is ours from the moment we are called: closed on every path.
-        await trio.aclose_forcefully(stream)
-        raise
-    body_error: BaseException | None = None
-    try:
+    return _StreamConnection(stream, role, config, options, listeners, remote_address)
+
+
+@final
+class _StreamConnection:
+    """What :func:`open_stream_connection` returns.
+
+    A class rather than an ``@asynccontextmanager`` generator: a server holds
+    one per connection, thousands of them, and a suspended generator with its
+    frame and wrapper costs half a kilobyte more. It enters the connection's
+    nursery in ``__aenter__`` and leaves it in ``__aexit__``, in the one task
+    that runs the ``async with`` block, as Trio allows.
+    """
+
+    __slots__ = ("_args", "_body_error", "_conn", "_nursery_manager")
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        role: Role,
+        config: Config | None,
+        options: ConnectionOptions | None,
+        listeners: Sequence[EventListener] | None,
+        remote_address: str | None,
+    ) -> None:
+        self._args: (
+            tuple[
+                trio.abc.Stream,
+                Role,
+                Config | None,
+                ConnectionOptions | None,
+                Sequence[EventListener] | None,
+                str | None,
+            ]
+            | None
+        ) = (stream, role, config, options, listeners, remote_address)
+        self._conn: Connection | None = None
+        self._nursery_manager: AbstractAsyncContextManager[trio.Nursery] | None = None
+        self._body_error: BaseException | None = None
+
+    async def __aenter__(self) -> Connection:
+        if self._args is None:
+            raise RuntimeError("open_stream_connection() can be entered only once")
+        stream, role, config, options, listeners, remote_address = self._args
+        self._args = None
         try:
-            async with trio.open_nursery() as nursery:
-                # Cancelled on failure: the tasks and the caller's block at once.
-                conn._scope = nursery.cancel_scope
-                nursery.start_soon(conn._reader)
-                nursery.start_soon(conn._writer)
-                conn._wake_writer()  # a server's HELLO is already queued
-                await conn._opened.wait()
-                conn._opened = _OPENED  # this one's job is done; spare its memory
-                try:
-                    yield conn
-                except BaseException as exc:
-                    if not only_cancelled(exc):
-                        body_error = exc
-                        conn._stop_receiving()
-                        conn.close_nowait(CloseCode.GOING_AWAY, type(exc).__name__, flush=False)
-                    raise
+            options = options if options is not None else ConnectionOptions()
+            detector = options.detector() if options.detector is not None else None
+            core = HeartbeatProtocol(role, config, now=trio.current_time(), detector=detector)
+            # A tuple is not copied again: a server's connections share one.
+            conn = Connection(stream, core, options, tuple(listeners or ()), remote_address)
+        except BaseException:
+            # The stream is ours from the moment we are entered: closed on every path.
+            await trio.aclose_forcefully(stream)
+            raise
+        self._conn = conn
+        manager = self._nursery_manager = trio.open_nursery()
+        nursery = await manager.__aenter__()
+        # Cancelled on failure: the tasks and the caller's block at once.
+        conn._scope = nursery.cancel_scope
+        conn._nursery = nursery
+        # The reader writes a server's HELLO, already queued, first.
+        nursery.start_soon(conn._reader, name=_READER_NAME)
+        try:
+            await conn._opened.wait()
+        except BaseException as exc:
+            await self._leave(exc)
+            raise  # the handshake did not end in order: _leave raised already
+        conn._opened = _OPENED  # this one's job is done; spare its memory
+        return conn
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> bool:
+        conn = self._conn
+        assert conn is not None
+        assert conn._scope is not None
+        if exc is None:
+            try:
                 conn._stop_receiving()
                 await conn.aclose()
                 # Both tasks end by themselves once the close is done; a
                 # cancel now could cut off the CLOSE the writer is still
                 # sending in answer to the peer's, so it only comes late.
-                nursery.cancel_scope.deadline = trio.current_time() + _BEST_EFFORT_SECONDS
-        except BaseExceptionGroup as group:
-            # The watchdog may have cancelled the reader while the block
-            # raised an error of its own: that error is the news. A
-            # cancellation dropped here is raised again at the next checkpoint.
-            errors = group.split(trio.Cancelled)[1]
-            if errors is None:
-                # Nothing but cancellations (a scope outside reached the
-                # block and both tasks at once): one Cancelled stands for
-                # all, so the caller's scope never sees a group.
-                leaf: BaseException = group
-                while isinstance(leaf, BaseExceptionGroup):
-                    leaf = leaf.exceptions[0]
-            else:
-                leaf = single_exception(errors)
-            raise leaf from leaf.__cause__  # keep the leaf's own cause, hide the group
-    finally:
-        conn._wrap_up()
-        await conn._teardown()
-    outcome = conn._outcome
-    assert outcome is not None
-    if outcome.failure and body_error is None:
-        raise outcome.exception()
+                conn._scope.deadline = trio.current_time() + _BEST_EFFORT_SECONDS
+            except BaseException as close_exc:
+                exc = close_exc
+        elif not only_cancelled(exc):
+            self._body_error = exc
+            conn._stop_receiving()
+            conn.close_nowait(CloseCode.GOING_AWAY, type(exc).__name__, flush=False)
+        return await self._leave(exc)
+
+    async def _leave(self, exc: BaseException | None) -> bool:
+        """Leave the nursery with ``exc``, close the stream, and report the outcome.
+
+        Raises the one exception the caller is to see; returns true when
+        ``exc`` is dealt with (the connection's own cancellation, absorbed
+        by its scope).
+        """
+        conn = self._conn
+        manager = self._nursery_manager
+        assert conn is not None
+        assert manager is not None
+        try:
+            try:
+                await manager.__aexit__(
+                    None if exc is None else type(exc),
+                    exc,
+                    None if exc is None else exc.__traceback__,
+                )
+            except BaseExceptionGroup as group:
+                # The watchdog may have cancelled the reader while the block
+                # raised an error of its own: that error is the news. A
+                # cancellation dropped here is raised again at the next checkpoint.
+                errors = group.split(trio.Cancelled)[1]
+                if errors is None:
+                    # Nothing but cancellations (a scope outside reached the
+                    # block and the tasks at once): one Cancelled stands for
+                    # all, so the caller's scope never sees a group.
+                    leaf: BaseException = group
+                    while isinstance(leaf, BaseExceptionGroup):
+                        leaf = leaf.exceptions[0]
+                else:
+                    leaf = single_exception(errors)
+                raise leaf from leaf.__cause__  # keep the leaf's own cause, hide the group
+        finally:
+            conn._nursery = None  # closed to new tasks: the teardown writes what is left
+            conn._wrap_up()
+            await conn._teardown()
+        outcome = conn._outcome
+        assert outcome is not None
+        if outcome.failure and self._body_error is None:
+            raise outcome.exception()
+        return True
