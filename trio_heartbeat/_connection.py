@@ -56,7 +56,6 @@ from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
 from contextlib import AbstractAsyncContextManager, suppress
 from dataclasses import dataclass
-from functools import partial
 from math import inf
 from types import TracebackType
 from typing import Final, final
@@ -219,10 +218,11 @@ class Connection:
     __slots__ = (
         "_close_request",
         "_core",
-        "_end_waiters",
+        "_end_waiter",
         "_flush_deadline",
         "_inbox",
         "_listeners",
+        "_more_end_waiters",
         "_nursery",
         "_opened",
         "_options",
@@ -302,9 +302,10 @@ class Connection:
         self._timer = trio.CancelScope()
         self._timer_at = inf  # the timer's deadline, kept here to spare Trio's property
         self._opened = trio.Event()
-        # Tasks waiting for the end; made when someone first waits (most
-        # connections never do before they end).
-        self._end_waiters: dict[Task, None] | None = None
+        # The task waiting for the end (a server's handler, say), and a lot
+        # for any more, made when a second one waits.
+        self._end_waiter: Task | None = None
+        self._more_end_waiters: ParkingLot | None = None
         self._outcome: _Outcome | None = None
         self._close_request: tuple[int, str] | None = None
         # ping() calls waiting for their PONG, and the round trips they get.
@@ -601,16 +602,15 @@ class Connection:
         """
         if self._outcome is not None:
             return trio.lowlevel.checkpoint()  # noqa: ASYNC105 - awaited by the caller
-        if self._end_waiters is None:
-            self._end_waiters = {}
-        task = current_task()
-        self._end_waiters[task] = None
-        abort = partial(self._stop_waiting_for_the_end, task)
-        return wait_task_rescheduled(abort)  # noqa: ASYNC105 - awaited by the caller
+        if self._end_waiter is None:
+            self._end_waiter = current_task()
+            return wait_task_rescheduled(self._end_wait_aborted)  # noqa: ASYNC105 - as above
+        if self._more_end_waiters is None:
+            self._more_end_waiters = ParkingLot()
+        return self._more_end_waiters.park()
 
-    def _stop_waiting_for_the_end(self, task: Task, _raise_cancel: object) -> Abort:
-        assert self._end_waiters is not None
-        del self._end_waiters[task]
+    def _end_wait_aborted(self, _raise_cancel: object) -> Abort:
+        self._end_waiter = None
         return Abort.SUCCEEDED
 
     def _closed_error(self) -> ConnectionClosed:
@@ -1112,10 +1112,11 @@ class Connection:
         # not when the block is left (an orderly close does not cancel it).
         for waiter in (self._ping_waiters or {}).values():
             waiter.set()
-        if self._end_waiters:
-            for task in self._end_waiters:
-                reschedule(task)
-            self._end_waiters.clear()
+        if self._end_waiter is not None:
+            reschedule(self._end_waiter)
+            self._end_waiter = None
+        if self._more_end_waiters:
+            self._more_end_waiters.unpark_all()
         if outcome.failure if cancel is None else cancel:
             assert self._scope is not None  # failures come from the tasks, once started
             self._scope.cancel()

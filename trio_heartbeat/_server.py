@@ -54,6 +54,8 @@ _ACCEPT_CAPACITY_ERRNOS: Final = frozenset(
 )
 #: How long to keep trying to tell a refused client why, before closing on it.
 _REFUSAL_SECONDS: Final = 1.0
+#: The name of every accepted connection's task (one string, not one per task).
+_CONNECTION_TASK: Final = "trio_heartbeat.Server.connection"
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,7 +264,7 @@ class Server:
                 try_apply_keepalive(stream.socket, self.keepalive)
             # Not handle_stream: drain reaches these through the connections
             # nursery's scope, so each needs no scope (nor task frame) of its own.
-            connections.start_soon(self._serve_stream, stream, None)
+            connections.start_soon(self._serve_stream, stream, None, name=_CONNECTION_TASK)
 
     async def handle_stream(self, stream: trio.abc.Stream, address: str | None = None) -> None:
         """Serve one already-accepted stream to its end (for custom transports and tests).
