@@ -312,7 +312,7 @@ class Connection:
         # While closing with a flush: when the flush must stop.
         self._flush_deadline = inf
         # The scope around the whole connection (tasks and the caller's block),
-        # cancelled on failure; and the writer's current timer scope.
+        # cancelled on failure; and the reader's current timer scope (the watchdog).
         # Set to the nursery's scope once the tasks start.
         self._scope: trio.CancelScope | None = None
         self._timer = trio.CancelScope()
@@ -642,7 +642,7 @@ class Connection:
     # -- timing -----------------------------------------------------------------
 
     def _timer_deadline(self) -> float:
-        """When the writer's timer must fire: a PING due, a verdict due, a write too slow."""
+        """When the reader's timer must fire: a PING due, a verdict due, a write too slow."""
         core = self._core
         if self._writing:
             # No PING can go out before the write is over.
@@ -859,8 +859,9 @@ class Connection:
     def _on_timer(self) -> bool:
         """The reader's timer fired: convict, or queue the PING that is due.
 
-        True once the reader is done. Anything queued here is written when
-        the reader goes round again, inside its next timer scope.
+        True once the reader is done. A PING queued here goes out as the
+        reader goes round again, inside its next timer scope (a plain socket),
+        or through the writer (any other stream, whose write may block).
         """
         core = self._core
         now = trio.current_time()
