@@ -529,7 +529,11 @@ class Connection:
         while True:
             # The rate is checked again after every wait, since a concurrent
             # ping() may have gone out first.
-            if core.state is not State.OPEN or self._close_request is not None:
+            if (
+                core.state is not State.OPEN
+                or self._close_request is not None
+                or self._outcome is not None  # a broken transport leaves the core OPEN
+            ):
                 raise self._closed_error()
             next_at = self._next_ping_at()
             if trio.current_time() >= next_at:
@@ -932,7 +936,12 @@ class Connection:
         # has heard us.
         if self._opened.is_set():
             return
-        if self._core.state is State.OPEN and not self._writing and not self._core.control_pending:
+        if (
+            self._core.state is State.OPEN
+            and not self._writing
+            and not self._core.control_pending
+            and self._unsent is None
+        ):
             self._opened.set()
 
     def _apply_close(self, now: float) -> None:
@@ -1327,6 +1336,10 @@ class _StreamConnection:
         manager = self._nursery_manager
         assert conn is not None
         assert manager is not None
+        # The block is over: no writer is started from now on (the nursery
+        # closes as soon as its last task ends, and another task may still
+        # send or close meanwhile). What is left goes out in the teardown.
+        conn._nursery = None
         try:
             try:
                 await manager.__aexit__(
@@ -1350,7 +1363,6 @@ class _StreamConnection:
                     leaf = single_exception(errors)
                 raise leaf from leaf.__cause__  # keep the leaf's own cause, hide the group
         finally:
-            conn._nursery = None  # closed to new tasks: the teardown writes what is left
             conn._wrap_up()
             await conn._teardown()
         outcome = conn._outcome
