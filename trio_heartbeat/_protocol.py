@@ -104,6 +104,8 @@ CLIENT_LEAD: Final = 0.9
 #: Stateless, so every connection can share it.
 _FIXED_TIMEOUT: Final = FixedTimeout()
 _OPAQUE = struct.Struct(">Q")
+#: A time before any other, one float object shared by every connection.
+_NEVER: Final = -inf
 
 
 class State(Enum):
@@ -285,10 +287,15 @@ class Config:
     accept_interval: tuple[float, float] = (0.005, 3600.0)
     accept_timeout: tuple[float, float] = (0.01, 3600.0)
     max_ping_strikes: int | None = 3
+    #: ``interval`` as announced on the wire, in whole milliseconds.
+    interval_ms: int = field(init=False, repr=False, compare=False)
+    #: ``timeout`` as announced on the wire, in whole milliseconds.
+    timeout_ms: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        _ms(self.interval, "interval")
-        _ms(self.timeout, "timeout")
+        # Computed once, and shared by every connection (and HELLO) made with this config.
+        object.__setattr__(self, "interval_ms", _ms(self.interval, "interval"))
+        object.__setattr__(self, "timeout_ms", _ms(self.timeout, "timeout"))
         if not MIN_MAX_FRAME <= self.max_frame <= 0xFFFFFFFF:
             raise ValueError(f"max_frame must be at least {MIN_MAX_FRAME}, not {self.max_frame}")
         if self.handshake_timeout <= 0 or self.close_timeout < 0:
@@ -298,16 +305,6 @@ class Config:
         if self.max_ping_strikes is not None and self.max_ping_strikes < 1:
             raise ValueError("max_ping_strikes must be at least 1, or None")
         HealthStatus(self.status)
-
-    @property
-    def interval_ms(self) -> int:
-        """``interval`` as announced on the wire."""
-        return _ms(self.interval, "interval")
-
-    @property
-    def timeout_ms(self) -> int:
-        """``timeout`` as announced on the wire."""
-        return _ms(self.timeout, "timeout")
 
 
 def compute_auth(key: bytes, server_nonce: bytes, client_nonce: bytes, client_id: str) -> bytes:
@@ -330,7 +327,8 @@ class _Counters:
     data_frames_in: int = 0
     data_frames_out: int = 0
     ping_strikes: int = 0
-    outstanding: dict[bytes, float] = field(default_factory=dict)
+    # PINGs awaiting their PONG; made on the first PING (an idle server never sends one).
+    outstanding: dict[bytes, float] | None = None
 
 
 class HeartbeatProtocol:
@@ -445,7 +443,7 @@ class HeartbeatProtocol:
         self._paused_since: float | None = None
         # PINGs that may arrive back to back without a strike (see resume_liveness).
         self._untimed_pings = 0
-        self._untimed_until = -inf
+        self._untimed_until = _NEVER
 
         self.last_received: float | None = None
         self.last_sent = now
@@ -497,7 +495,7 @@ class HeartbeatProtocol:
     def earliest_ping(self) -> float:
         """The first moment a PING would not count as a strike at the peer (rate rule)."""
         if self._last_ping_sent is None:
-            return -inf
+            return _NEVER
         return self._last_ping_sent + self._send_interval / 2
 
     @property
@@ -630,7 +628,8 @@ class HeartbeatProtocol:
             event: Event = PingReceived(opaque, status)
         else:
             counters.pongs_received += 1
-            sent_at = counters.outstanding.pop(opaque, None)
+            outstanding = counters.outstanding
+            sent_at = None if outstanding is None else outstanding.pop(opaque, None)
             rtt = None
             if sent_at is not None:
                 rtt = now - sent_at
@@ -825,7 +824,9 @@ class HeartbeatProtocol:
         self._next_opaque += 1
         opaque = _OPAQUE.pack(self._next_opaque)
         outstanding = self.counters.outstanding
-        if len(outstanding) >= _MAX_OUTSTANDING_PINGS:
+        if outstanding is None:
+            outstanding = self.counters.outstanding = {}
+        elif len(outstanding) >= _MAX_OUTSTANDING_PINGS:
             del outstanding[next(iter(outstanding))]
         outstanding[opaque] = now
         self.counters.pings_sent += 1
