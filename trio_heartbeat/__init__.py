@@ -24,6 +24,7 @@ from ._connection import EventListener as EventListener
 from ._connection import open_stream_connection as open_stream_connection
 from ._detectors import FailureDetector as FailureDetector
 from ._detectors import FixedTimeout as FixedTimeout
+from ._detectors import PhiAccrualDetector as PhiAccrualDetector
 from ._errors import BrokenConnection as BrokenConnection
 from ._errors import ConnectionClosed as ConnectionClosed
 from ._errors import ConnectionRejected as ConnectionRejected
