@@ -404,6 +404,15 @@ def clamped(phi_time: float) -> float:
     return max(LAST + 2 * PEER_INTERVAL, min(phi_time, LAST + TIMEOUT))
 
 
+async def pings_then_silence(peer: ScriptedPeer) -> None:
+    """The peer's HELLO at 0.0, a PING every second up to ``LAST``, then silence."""
+    await peer.handshake()
+    for second in range(1, PINGS + 1):
+        await trio.sleep_until(float(second))
+        await peer.send_ping()
+    await peer.drain()
+
+
 @pytest.mark.parametrize(
     ("pause", "expected"),
     [
@@ -424,13 +433,6 @@ async def test_a_silent_peer_is_convicted_where_the_core_clamps_the_phi_verdict(
     def factory() -> PhiAccrualDetector:
         made.append(PhiAccrualDetector(threshold=8.0, acceptable_pause=pause))
         return made[-1]
-
-    async def pings_then_silence(peer: ScriptedPeer) -> None:
-        await peer.handshake()
-        for second in range(1, PINGS + 1):
-            await trio.sleep_until(float(second))
-            await peer.send_ping()
-        await peer.drain()
 
     async def body(conn: Connection) -> None:
         await trio.sleep_until(LAST + 0.5)  # the last PING is in
@@ -459,13 +461,6 @@ async def test_a_silent_peer_is_convicted_where_the_core_clamps_the_phi_verdict(
 
 
 async def test_the_fixed_timeout_convicts_the_same_peer_later(autojump_clock: MockClock) -> None:
-    async def pings_then_silence(peer: ScriptedPeer) -> None:
-        await peer.handshake()
-        for second in range(1, PINGS + 1):
-            await trio.sleep_until(float(second))
-            await peer.send_ping()
-        await peer.drain()
-
     async def body(conn: Connection) -> None:
         await trio.sleep_forever()
 
