@@ -31,6 +31,7 @@ from test_connection import (
     served_connection,
     stream_and_peer,
 )
+from test_connection_paths import stalling_stream_and_peer
 from trio.lowlevel import Task
 from trio.testing import MockClock
 
@@ -52,6 +53,7 @@ from trio_heartbeat._frames import (
     Role,
     encode_pong,
 )
+from trio_heartbeat._groups import BaseExceptionGroup
 from trio_heartbeat._protocol import CLIENT_LEAD, Config, Event, PingReceived, State
 
 #: A PONG frame, header included.
@@ -348,7 +350,7 @@ async def test_a_direct_write_that_would_block_goes_whole_to_the_writer_ahead_of
 
 async def test_a_direct_write_that_fails_is_a_broken_connection(fake_os: FakeOs) -> None:
     """``os.write`` failing (EPIPE) on the reader's PONG cancels the block and
-    raises BrokenConnection 1006, with the OS error as its cause; the stream
+    raises BrokenConnection 1006, with the OS error behind its cause; the stream
     is closed and the peer gets no PONG."""
     fault = BrokenPipeError(errno.EPIPE, "injected")
     armed = trio.Event()
@@ -382,7 +384,11 @@ async def test_a_direct_write_that_fails_is_a_broken_connection(fake_os: FakeOs)
     conn = cancelled[0]
     assert raised.value.code == CloseCode.ABNORMAL_CLOSURE
     assert not raised.value.by_peer
-    assert raised.value.__cause__ is fault
+    # Reported as the stream would report it, with the OS error behind it.
+    cause = raised.value.__cause__
+    assert isinstance(cause, trio.BrokenResourceError)
+    assert cause.__cause__ is fault
+    assert raised.value.reason.startswith("transport failed: BrokenResourceError(")
     assert isinstance(conn.closed, BrokenConnection)
     assert fake_os.target_writes[-1] == (PONG_SIZE, 0)
     assert fake_os.write_faults == []
@@ -702,3 +708,68 @@ async def test_sending_while_a_cancelled_block_is_left_does_not_hit_a_closed_nur
                     await trio.lowlevel.checkpoint()
             nursery.cancel_scope.cancel()
     assert outcomes == ["refused"] * 20
+
+
+async def test_nothing_is_written_after_a_write_cut_halfway(autojump_clock: MockClock) -> None:
+    """A ``ping()`` leaves its PING half written at 0.5 (the peer stopped
+    reading); the peer's CLOSE at 0.75 ends the connection in order, and the
+    PING's write is cut at its write timeout, 1.5. Nothing may follow the
+    partial frame, not even our answering CLOSE: the peer would read it as the
+    rest of the PING. (The writer, which had stood back for the PING, used to
+    send the CLOSE after it.)"""
+    stream, peer = stalling_stream_and_peer()
+    raised: list[tuple[float, int]] = []
+
+    async def script() -> None:
+        await peer.handshake()
+        await trio.sleep_until(0.75)
+        await peer.send_close()
+        await peer.drain()
+
+    async def pinger(conn: Connection) -> None:
+        with pytest.raises(ConnectionClosed) as closed:
+            await conn.ping()
+        raised.append((trio.current_time(), closed.value.code))
+
+    async def body(conn: Connection) -> None:
+        await trio.sleep_until(0.5)
+        stream.stall_next_write(after=5)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pinger, conn)
+            await conn.wait_closed()
+            assert trio.current_time() == 0.75
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(script)
+        with trio.fail_after(VIRTUAL_BOUND):
+            await run_body(
+                stream, body, config=CONFIG, options=ConnectionOptions(write_timeout=1.0)
+            )
+    assert raised == [(1.5, CloseCode.NORMAL)]
+    assert stream.send_interrupted
+    # The peer got our HELLO, then the first 5 bytes of the PING, and nothing more.
+    assert [frame.type for frame in peer.frames] == [FrameType.HELLO]
+    assert peer._decoder.buffered == 5
+
+
+@pytest.mark.parametrize("leaves", [1, 2], ids=["one-error", "two-errors"])
+async def test_the_blocks_own_exception_group_comes_out_unchanged(
+    leaves: int, autojump_clock: MockClock
+) -> None:
+    """An ExceptionGroup raised by the block (say from a nursery in it) is the
+    caller's own error: the very object comes out of the ``async with``, not a
+    group around it nor one of its leaves."""
+    stream, peer = stream_and_peer()
+    mine = BaseExceptionGroup("mine", [ValueError(1), KeyError(2)][:leaves])
+
+    async def script() -> None:
+        await peer.handshake()
+        await peer.serve()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(script)
+        with pytest.raises(BaseExceptionGroup) as raised:
+            async with open_stream_connection(stream, config=CONFIG):
+                raise mine
+    assert raised.value is mine
+    assert peer.frames[-1].close_code == CloseCode.GOING_AWAY

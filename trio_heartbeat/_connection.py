@@ -26,8 +26,10 @@ Theory of operation
   peer through TCP) and tells the core, which suspends conviction meanwhile: a
   slow *application* must not make a healthy *peer* look dead. Its PINGs and
   PONGs still go out.
-* the **writer** is started when DATA is queued (or a close must be flushed,
-  or a write would block the reader) and ends when nothing is left, so an idle
+* the **writer** is started when there is something the reader does not
+  write itself (queued DATA, a close to flush or to answer, a write the socket
+  did not take at once, a PING due on a stream whose writes may block, a
+  write it stood back for) and ends when nothing is left, so an idle
   connection keeps no task for it. It takes every queued message (up to a
   batch limit), asks the core for the bytes (control frames ahead of DATA) and
   writes them with one ``send_all``, bounded by the write timeout.
@@ -39,8 +41,10 @@ goes to the writer. The reader therefore never blocks on a write: a peer that
 sends but does not read is judged by the write timeout while its frames are
 still read. On other streams (TLS, memory streams, your own) the reader uses
 ``receive_some`` and ``send_all``, and leaves the PINGs it queues to the
-writer. Their ``receive_some`` must not lose data when cancelled (the timer
-cancels it), as Trio's own streams do not.
+writer. Their ``receive_some`` must keep its data when it is cancelled (the
+timer cancels it whenever a PING falls due), as Trio's own streams do: a
+stream that drops it would lose DATA without an error. A write cut short
+leaves a partial frame on the stream, so after one nothing more is written.
 
 Only one task writes at a time (the reader, a :meth:`Connection.ping` caller
 or the writer); whoever finishes a write and finds more queued wakes the
@@ -152,8 +156,10 @@ class ConnectionOptions:
 
     ``send_queue`` and ``receive_queue`` bound the DATA messages waiting to be
     written and waiting to be received (backpressure at both ends).
-    ``write_timeout`` bounds one ``send_all``: a write that makes no progress
-    for that long convicts the peer (``None``: the config's ``timeout``).
+    ``write_timeout`` bounds each ``send_all`` as a whole (the writer's can
+    carry a batch of up to 256 KiB): a write not done after that long convicts
+    the peer as one that stopped reading (``None``: the config's ``timeout``).
+    Allow for the slowest reader you mean to keep.
     ``detector`` picks the failure detector (default: a fixed timeout).
     """
 
@@ -520,8 +526,10 @@ class Connection:
         as the PINGs *arrive*, and network jitter must not turn a loop of
         ``ping()`` calls into strikes (and a 1008).
 
-        When no other write is under way the PING is written from the calling
-        task, shielded from its cancellation and bounded by the write timeout.
+        Unless the writer is at work (then it sends the PING), the PING is
+        written from the calling task: on plain TCP with a non-blocking write,
+        elsewhere shielded from the caller's cancellation and bounded by the
+        write timeout.
         Raises :class:`ConnectionClosed` if the connection ends first.
         """
         core = self._core
@@ -702,6 +710,12 @@ class Connection:
     def _write_direct(self, fd: int) -> None:
         """Write to a plain socket without waiting; the writer sends what it does not take."""
         data = self._core.data_to_send()  # never empty: every caller has just queued a frame
+        if self._send_broken:
+            return  # a write was cut short: a partial frame ends the stream
+        if self._unsent is not None:
+            self._unsent += data  # the writer has not sent the rest yet: keep the order
+            self._wake_writer()
+            return
         try:
             sent = os.write(fd, data)
         except BlockingIOError:
@@ -715,6 +729,8 @@ class Connection:
 
     async def _write_rest(self, data: memoryview, *, shielded: bool) -> None:
         """One ``send_all`` from the calling task, judged by the write timeout."""
+        if self._send_broken:
+            return  # a write was cut short: a partial frame ends the stream
         now = trio.current_time()
         self._writing = True
         self._write_started = now
@@ -824,6 +840,8 @@ class Connection:
         # Last words (our answer to the peer's CLOSE) must not die in a send
         # cancelled by the block ending at the same moment: they go out
         # shielded.
+        if self._send_broken:
+            return False  # a write was cut short: a partial frame ends the stream
         last_words = self._core.state in (State.CLOSED, State.ERROR)
         now = trio.current_time()
         self._writing = True
@@ -919,6 +937,12 @@ class Connection:
 
     def _transport_failed(self, exc: BaseException, *, by_peer: bool) -> None:
         if self._outcome is None and self._core.state not in (State.CLOSED, State.ERROR):
+            if not isinstance(exc, trio.BrokenResourceError | trio.ClosedResourceError):
+                # An error of our own os.read or os.write: say it as the
+                # stream would have, so that every transport reports alike.
+                broken = trio.BrokenResourceError(f"socket connection broken: {exc}")
+                broken.__cause__ = exc
+                exc = broken
             self._finish(
                 _Outcome(
                     BrokenConnection,
@@ -1213,7 +1237,8 @@ def open_stream_connection(
     ...         print(await conn.receive())
 
     The handshake completes before the block is entered. Leaving the block
-    closes the connection gracefully (CLOSE 1000, bounded by ``close_timeout``);
+    closes the connection gracefully (CLOSE 1000; queued DATA gets
+    ``close_timeout`` to go out, and the peer's answer as long again);
     leaving it with an exception sends CLOSE 1001 without waiting. The stream
     is always closed on the way out.
 
@@ -1230,6 +1255,12 @@ def open_stream_connection(
     due): Trio's socket, TLS and memory streams all do.
     """
     return _StreamConnection(stream, role, config, options, listeners, remote_address)
+
+
+def _leaf_ids(exc: BaseException) -> set[int]:
+    if isinstance(exc, BaseExceptionGroup):
+        return set().union(*map(_leaf_ids, exc.exceptions))
+    return {id(exc)}
 
 
 @final
@@ -1359,6 +1390,10 @@ class _StreamConnection:
                     leaf: BaseException = group
                     while isinstance(leaf, BaseExceptionGroup):
                         leaf = leaf.exceptions[0]
+                elif self._body_error is not None and _leaf_ids(errors) <= _leaf_ids(
+                    self._body_error
+                ):
+                    leaf = self._body_error  # the block's own exception, unchanged
                 else:
                     leaf = single_exception(errors)
                 raise leaf from leaf.__cause__  # keep the leaf's own cause, hide the group
