@@ -147,6 +147,12 @@ async def handshake_then_drain(peer: ScriptedPeer) -> None:
     await peer.drain()
 
 
+async def handshake_then_serve(peer: ScriptedPeer) -> None:
+    """The peer's side of a healthy connection: handshake, then answer everything."""
+    await peer.handshake()
+    await peer.serve()
+
+
 # -- echo -----------------------------------------------------------------------
 
 

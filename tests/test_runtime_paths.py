@@ -26,6 +26,7 @@ from helpers import LOOPBACK, ScriptedPeer, WrappedStream
 from test_connection import (
     CONFIG,
     HELLO_SIZE,
+    handshake_then_serve,
     idle_ping_times,
     run_body,
     served_connection,
@@ -327,13 +328,9 @@ async def test_a_direct_write_that_would_block_goes_whole_to_the_writer_ahead_of
         fake_os.on_write_fault = lambda: conns[0].send_nowait(b"queued as the hello waits")
         peer = ScriptedPeer(their_stream, Role.SERVER)
 
-        async def script() -> None:
-            await peer.handshake()
-            await peer.serve()
-
         with trio.fail_after(REAL_TIME_BOUND):
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(script)
+                nursery.start_soon(handshake_then_serve, peer)
                 async with open_stream_connection(
                     our_stream, listeners=[keep_the_connection]
                 ) as conn:
@@ -494,13 +491,9 @@ async def test_open_stream_connection_can_be_entered_only_once(autojump_clock: M
     stream, peer = stream_and_peer()
     manager = open_stream_connection(stream, config=CONFIG)
 
-    async def script() -> None:
-        await peer.handshake()
-        await peer.serve()
-
     with trio.fail_after(VIRTUAL_BOUND):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(script)
+            nursery.start_soon(handshake_then_serve, peer)
             async with manager as conn:
                 with pytest.raises(RuntimeError, match="only once"):
                     await manager.__aenter__()
@@ -762,12 +755,8 @@ async def test_the_blocks_own_exception_group_comes_out_unchanged(
     stream, peer = stream_and_peer()
     mine = BaseExceptionGroup("mine", [ValueError(1), KeyError(2)][:leaves])
 
-    async def script() -> None:
-        await peer.handshake()
-        await peer.serve()
-
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(script)
+        nursery.start_soon(handshake_then_serve, peer)
         with pytest.raises(BaseExceptionGroup) as raised:
             async with open_stream_connection(stream, config=CONFIG):
                 raise mine
