@@ -27,7 +27,7 @@ The kinds, the same job each: every connection heartbeats once a second.
 
 The clients of ``raw``, ``watched`` and ``thb`` are the same lean THB/1
 client, written out here with a single task per connection. It sends a PING
-whenever it has sent nothing for :data:`~trio_heartbeat._protocol.CLIENT_LEAD`
+whenever it has sent nothing for :data:`~trio_heartbeat._handshake.CLIENT_LEAD`
 of the second (0.9 s), as a trio-heartbeat client does, times the PONG that
 echoes it, and answers the server's own PINGs at once; for ``thb`` it first
 exchanges HELLOs (interval 1 s, timeout 3 s). Every server gets the same
@@ -63,7 +63,7 @@ from trio_heartbeat._frames import (
     decode_close,
     encode_hello,
 )
-from trio_heartbeat._protocol import CLIENT_LEAD
+from trio_heartbeat._handshake import CLIENT_LEAD
 
 from ._peers import announce, raise_fd_limit, stdin_lines
 

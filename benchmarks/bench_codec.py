@@ -121,7 +121,7 @@ def _check_decoder(chunks: Sequence[bytes], payload: bytes, count: int) -> None:
     for chunk in chunks:
         decoder.receive_data(chunk)
         while (frame := decoder.next_frame()) is not None:
-            if frame.type is not FrameType.DATA or frame.payload != payload:
+            if frame != payload:  # a DATA frame decodes to its payload
                 raise RuntimeError(f"frame {seen} decoded wrong: {frame!r:.80}")
             seen += 1
     if seen != count or decoder.buffered:

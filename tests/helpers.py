@@ -24,35 +24,63 @@ from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import trio
 import trio.testing
 
 from trio_heartbeat import Connection, Server, serve_tcp
+from trio_heartbeat._config import Config
 from trio_heartbeat._connection import ConnectionOptions, EventListener, open_stream_connection
 from trio_heartbeat._frames import (
+    HEADER_SIZE,
+    Close,
     CloseCode,
     Frame,
     FrameDecoder,
     FrameType,
     HealthStatus,
     Hello,
+    Ping,
     Role,
     decode_close,
     decode_hello,
-    decode_ping,
     encode_close,
     encode_data,
     encode_hello,
     encode_ping,
     encode_pong,
 )
-from trio_heartbeat._protocol import Config, compute_auth
+from trio_heartbeat._handshake import compute_auth
 
 LOOPBACK = "127.0.0.1"
 #: The nonce every raw client puts in its HELLO.
 CLIENT_NONCE = bytes(range(16, 32))
+
+
+class WireFrame(NamedTuple):
+    """A decoded frame as the wire has it: its type and its payload bytes.
+
+    The codec hands out typed frames; tests that script raw peers compare
+    types and payloads byte for byte, so the peers here keep both.
+    """
+
+    type: FrameType
+    payload: bytes
+
+
+def wire_frame(frame: Frame) -> WireFrame:
+    """``frame`` (as the codec decodes it) back as its wire type and payload."""
+    if type(frame) is bytes:
+        return WireFrame(FrameType.DATA, frame)
+    if isinstance(frame, Hello):
+        return WireFrame(FrameType.HELLO, encode_hello(frame)[HEADER_SIZE:])
+    if isinstance(frame, Close):
+        return WireFrame(FrameType.CLOSE, encode_close(frame.code, frame.reason)[HEADER_SIZE:])
+    assert not isinstance(frame, bytes)
+    encode = encode_ping if isinstance(frame, Ping) else encode_pong
+    kind = FrameType.PING if isinstance(frame, Ping) else FrameType.PONG
+    return WireFrame(kind, encode(frame.opaque, frame.status)[HEADER_SIZE:])
 
 
 def client_hello(
@@ -90,7 +118,7 @@ class RawPeer:
 
     def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
-        self.frames: list[Frame] = []
+        self.frames: list[WireFrame] = []
         self.server_hello: Hello | None = None
         self.close_reason = ""
         self._decoder = FrameDecoder(max_frame=0xFFFFFFFF)
@@ -98,11 +126,12 @@ class RawPeer:
     async def send(self, data: bytes) -> None:
         await self.stream.send_all(data)
 
-    async def receive_frame(self) -> Frame | None:
+    async def receive_frame(self) -> WireFrame | None:
         """The next whole frame, or ``None`` once the stream has ended (EOF or reset)."""
         while True:
-            frame = self._decoder.next_frame()
-            if frame is not None:
+            decoded = self._decoder.next_frame()
+            if decoded is not None:
+                frame = wire_frame(decoded)
                 self.frames.append(frame)
                 return frame
             try:
@@ -163,7 +192,7 @@ class RawPeer:
                 with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                     await self.send(encode_pong(frame.payload[:8], HealthStatus.SERVING))
 
-    async def read_until_end(self) -> list[Frame]:
+    async def read_until_end(self) -> list[WireFrame]:
         """Read until the stream ends; return the frames that arrived meanwhile."""
         start = len(self.frames)
         while await self.receive_frame() is not None:
@@ -289,12 +318,12 @@ class TimedFrame:
     @property
     def opaque(self) -> bytes:
         assert self.type in (FrameType.PING, FrameType.PONG)
-        return decode_ping(self.payload)[0]
+        return self.payload[:8]
 
     @property
     def status(self) -> HealthStatus:
         assert self.type in (FrameType.PING, FrameType.PONG)
-        return decode_ping(self.payload)[1]
+        return HealthStatus(self.payload[8])
 
     @property
     def hello(self) -> Hello:
@@ -379,8 +408,9 @@ class ScriptedPeer:
     async def receive_frame(self) -> TimedFrame | None:
         """The next frame, or ``None`` once the stream has ended (EOF or failure)."""
         while True:
-            frame = self._decoder.next_frame()
-            if frame is not None:
+            decoded = self._decoder.next_frame()
+            if decoded is not None:
+                frame = wire_frame(decoded)
                 timed = TimedFrame(trio.current_time(), frame.type, frame.payload)
                 self.frames.append(timed)
                 return timed

@@ -25,10 +25,12 @@ import trio.testing
 from helpers import ScriptedPeer, WrappedStream, living_tasks
 from trio.testing import MockClock
 
+from trio_heartbeat._config import Config
 from trio_heartbeat._connection import Connection, ConnectionOptions, open_stream_connection
 from trio_heartbeat._errors import ConnectionClosed
+from trio_heartbeat._events import Event, HandshakeComplete
 from trio_heartbeat._frames import CloseCode, FrameType, Role
-from trio_heartbeat._protocol import Config, Event, HandshakeComplete, State
+from trio_heartbeat._state import State
 
 CONFIG = Config(interval=1.0, timeout=3.0)
 

@@ -21,6 +21,7 @@ import trio.testing
 from helpers import ScriptedPeer, WrappedStream, connection_pair, hello_frame, opaque
 from trio.testing import MockClock
 
+from trio_heartbeat._config import Config
 from trio_heartbeat._connection import (
     _BATCH_BYTES,
     Connection,
@@ -36,18 +37,17 @@ from trio_heartbeat._errors import (
     LocalProtocolError,
     RemoteProtocolError,
 )
-from trio_heartbeat._frames import CloseCode, FrameType, HealthStatus, Role, encode_frame
-from trio_heartbeat._protocol import (
-    CLIENT_LEAD,
-    Config,
+from trio_heartbeat._events import (
     ConnectionEnded,
     Event,
     HandshakeComplete,
     PeerHealthChanged,
     PingReceived,
     PongReceived,
-    State,
 )
+from trio_heartbeat._frames import CloseCode, FrameType, HealthStatus, Role, encode_frame
+from trio_heartbeat._handshake import CLIENT_LEAD
+from trio_heartbeat._state import State
 
 #: One second between PINGs, dead after three of silence: the defaults, spelled out.
 CONFIG = Config(interval=1.0, timeout=3.0)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import pytest
 import trio
 import trio.testing
-from helpers import ScriptedPeer, WrappedStream, opaque
+from helpers import ScriptedPeer, WrappedStream, opaque, wire_frame
 from test_connection import (
     CONFIG,
     handshake_then_drain,
@@ -27,6 +27,7 @@ from test_connection import (
 )
 from trio.testing import MockClock
 
+from trio_heartbeat._config import Config
 from trio_heartbeat._connection import (
     _BEST_EFFORT_SECONDS,
     Connection,
@@ -35,7 +36,8 @@ from trio_heartbeat._connection import (
 )
 from trio_heartbeat._errors import BrokenConnection, ConnectionClosed, HeartbeatTimeout
 from trio_heartbeat._frames import CloseCode, FrameDecoder, FrameType, Role
-from trio_heartbeat._protocol import CLIENT_LEAD, Config, State
+from trio_heartbeat._handshake import CLIENT_LEAD
+from trio_heartbeat._state import State
 
 
 def how_it_ended(conn: Connection) -> tuple[type[ConnectionClosed], int, bool]:
@@ -104,7 +106,7 @@ def frame_types(data: bytes) -> list[FrameType]:
     """The types of the whole frames in ``data``, which must hold nothing else."""
     decoder = FrameDecoder(max_frame=0xFFFFFFFF)
     decoder.receive_data(data)
-    kinds = [frame_type for frame_type, _ in decoder.frames()]
+    kinds = [wire_frame(frame).type for frame in decoder.frames()]
     assert decoder.buffered == 0
     return kinds
 

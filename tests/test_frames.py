@@ -1,6 +1,6 @@
 """Tests for the THB/1 frame codec (trio_heartbeat._frames).
 
-The test vectors of PROTOCOL.md §7 are checked byte for byte in both
+The test vectors of THB/1 §7 are checked byte for byte in both
 directions, every input is fed whole, one byte at a time and in random
 splits, and the decoder is fuzzed: whatever arrives, the only outcomes are
 frames or a RemoteProtocolError carrying 1002 or 1009.
@@ -35,16 +35,19 @@ from trio_heartbeat._frames import (
     HEADER_SIZE,
     MAX_CLOSE_REASON,
     MIN_MAX_FRAME,
+    Close,
     CloseCode,
     Frame,
     FrameDecoder,
     FrameType,
     HealthStatus,
     Hello,
+    Ping,
+    Pong,
     Role,
+    _parse_ping,
     decode_close,
     decode_hello,
-    decode_ping,
     decode_status,
     encode_close,
     encode_data,
@@ -54,9 +57,9 @@ from trio_heartbeat._frames import (
     encode_pong,
     truncate_reason,
 )
-from trio_heartbeat._protocol import compute_auth
+from trio_heartbeat._handshake import compute_auth
 
-# -- PROTOCOL.md §7 ------------------------------------------------------------
+# -- THB/1 §7 ------------------------------------------------------------
 
 CLIENT_AUTH = CLIENT_HELLO[-32:]
 
@@ -80,8 +83,8 @@ CLIENT_HELLO_VALUES = Hello(
 )
 
 #: Every vector: its bytes, how to build them, and the frame they decode to.
-VECTORS: dict[str, tuple[bytes, bytes, FrameType]] = {
-    "server-hello": (SERVER_HELLO, encode_hello(SERVER_HELLO_VALUES), FrameType.HELLO),
+VECTORS: dict[str, tuple[bytes, bytes, Frame]] = {
+    "server-hello": (SERVER_HELLO, encode_hello(SERVER_HELLO_VALUES), SERVER_HELLO_VALUES),
     "client-hello": (
         CLIENT_HELLO,
         encode_hello(
@@ -96,13 +99,27 @@ VECTORS: dict[str, tuple[bytes, bytes, FrameType]] = {
                 auth=compute_auth(KEY, SERVER_NONCE, CLIENT_NONCE, "node-1"),
             )
         ),
-        FrameType.HELLO,
+        CLIENT_HELLO_VALUES,
     ),
-    "ping": (PING, encode_ping(OPAQUE, HealthStatus.SERVING), FrameType.PING),
-    "pong": (PONG, encode_pong(OPAQUE, HealthStatus.NOT_SERVING), FrameType.PONG),
-    "data": (DATA_HI, encode_data(b"hi"), FrameType.DATA),
-    "close": (CLOSE_1011, encode_close(1011, "heartbeat timeout"), FrameType.CLOSE),
+    "ping": (PING, encode_ping(OPAQUE, HealthStatus.SERVING), Ping(OPAQUE, HealthStatus.SERVING)),
+    "pong": (
+        PONG,
+        encode_pong(OPAQUE, HealthStatus.NOT_SERVING),
+        Pong(OPAQUE, HealthStatus.NOT_SERVING),
+    ),
+    "data": (DATA_HI, encode_data(b"hi"), b"hi"),
+    "close": (
+        CLOSE_1011,
+        encode_close(1011, "heartbeat timeout"),
+        Close(CloseCode.HEARTBEAT_TIMEOUT, "heartbeat timeout"),
+    ),
 }
+
+
+def kind_of(frame: Frame) -> FrameType:
+    """The wire type of a decoded frame (a DATA frame is its payload)."""
+    kinds = {bytes: FrameType.DATA, Hello: FrameType.HELLO, Close: FrameType.CLOSE}
+    return kinds.get(type(frame)) or (FrameType.PING if type(frame) is Ping else FrameType.PONG)
 
 
 def split_at(data: bytes, cuts: Sequence[int]) -> list[bytes]:
@@ -122,7 +139,7 @@ def drain(decoder: FrameDecoder, batch: bool) -> list[Frame]:
     if batch:
         out: list[Frame] = []
         while found := decoder.frames():
-            out += [Frame(frame_type, payload) for frame_type, payload in found]
+            out += found
         return out
     return list(iter(decoder.next_frame, None))
 
@@ -157,27 +174,28 @@ def test_client_auth_vector_is_the_hmac_of_the_nonces_and_id() -> None:
 @pytest.mark.parametrize("name", VECTORS)
 @pytest.mark.parametrize("how", ["whole", "bytewise"])
 def test_vector_decodes_to_one_frame(name: str, how: str) -> None:
-    data, _, frame_type = VECTORS[name]
+    data, _, frame = VECTORS[name]
     chunks = dict(chunkings(data))[how]
-    assert decode_all(chunks) == [Frame(frame_type, data[HEADER_SIZE:])]
+    assert decode_all(chunks) == [frame]
 
 
 def test_vectors_decode_to_their_values() -> None:
     assert decode_hello(SERVER_HELLO[HEADER_SIZE:]) == SERVER_HELLO_VALUES
     assert decode_hello(CLIENT_HELLO[HEADER_SIZE:]) == CLIENT_HELLO_VALUES
-    assert decode_ping(PING[HEADER_SIZE:]) == (OPAQUE, HealthStatus.SERVING)
-    assert decode_ping(PONG[HEADER_SIZE:]) == (OPAQUE, HealthStatus.NOT_SERVING)
-    assert DATA_HI[HEADER_SIZE:] == b"hi"
-    code, reason = decode_close(CLOSE_1011[HEADER_SIZE:])
-    assert (code, reason) == (CloseCode.HEARTBEAT_TIMEOUT, "heartbeat timeout")
-    assert type(code) is CloseCode
+    assert decode_all([PING]) == [Ping(OPAQUE, HealthStatus.SERVING)]
+    assert decode_all([PONG]) == [Pong(OPAQUE, HealthStatus.NOT_SERVING)]
+    assert decode_all([DATA_HI]) == [b"hi"]
+    (close,) = decode_all([CLOSE_1011])
+    assert close == Close(CloseCode.HEARTBEAT_TIMEOUT, "heartbeat timeout")
+    assert isinstance(close, Close)
+    assert type(close.code) is CloseCode
 
 
 @settings(max_examples=100)
 @given(cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=12))
 def test_all_vectors_back_to_back_in_random_splits(cuts: list[int]) -> None:
     stream = b"".join(data for data, _, _ in VECTORS.values())
-    expected = [Frame(t, data[HEADER_SIZE:]) for data, _, t in VECTORS.values()]
+    expected = [frame for _, _, frame in VECTORS.values()]
     assert decode_all(split_at(stream, cuts)) == expected
     assert decode_all(split_at(stream, cuts), batch=True) == expected
 
@@ -201,8 +219,8 @@ hellos = st.builds(
     auth=st.one_of(st.just(b""), st.binary(min_size=32, max_size=32)),
 )
 
-#: (encoded frame, expected type, the values its payload must decode to)
-EncodedFrame = tuple[bytes, FrameType, object]
+#: (encoded frame, expected type, the frame it must decode to)
+EncodedFrame = tuple[bytes, FrameType, Frame]
 
 
 @st.composite
@@ -218,20 +236,11 @@ def encoded_frames(draw: st.DrawFn) -> EncodedFrame:
         code = draw(st.integers(0, 0xFFFF))
         reason = draw(st.text(max_size=80))
         expected_reason = truncate_reason(reason).decode("utf-8")
-        return encode_close(code, reason), kind, (code, expected_reason)
+        return encode_close(code, reason), kind, Close(code, expected_reason)
     opaque, status = draw(opaques), draw(statuses)
-    encode = encode_ping if kind is FrameType.PING else encode_pong
-    return encode(opaque, status), kind, (opaque, status)
-
-
-def decoded_value(frame: Frame) -> object:
-    if frame.type is FrameType.HELLO:
-        return decode_hello(frame.payload)
-    if frame.type is FrameType.DATA:
-        return frame.payload
-    if frame.type is FrameType.CLOSE:
-        return decode_close(frame.payload)
-    return decode_ping(frame.payload)
+    if kind is FrameType.PING:
+        return encode_ping(opaque, status), kind, Ping(opaque, status)
+    return encode_pong(opaque, status), kind, Pong(opaque, status)
 
 
 @settings(max_examples=200)
@@ -244,8 +253,8 @@ def test_random_frames_round_trip_in_random_splits(
 ) -> None:
     stream = b"".join(encoded for encoded, _, _ in sequence)
     frames = decode_all(split_at(stream, cuts))
-    assert [frame.type for frame in frames] == [kind for _, kind, _ in sequence]
-    assert [decoded_value(frame) for frame in frames] == [value for _, _, value in sequence]
+    assert [kind_of(frame) for frame in frames] == [kind for _, kind, _ in sequence]
+    assert frames == [value for _, _, value in sequence]
     # The batch path and the fixed chunkings agree with the random one.
     assert decode_all(split_at(stream, cuts), batch=True) == frames
     for _, chunks in chunkings(stream):
@@ -267,7 +276,7 @@ def fuzz_decoder(
         try:
             if batch:
                 while found := decoder.frames():
-                    frames += [Frame(frame_type, payload) for frame_type, payload in found]
+                    frames += found
             else:
                 while (frame := decoder.next_frame()) is not None:
                     frames.append(frame)
@@ -312,7 +321,7 @@ def test_fuzz_decoder_with_arbitrary_bytes_after_valid_frames(
 ) -> None:
     valid = b"".join(encoded for encoded, _, _ in prefix)
     frames = fuzz_both_ways(valid + garbage, cuts, 0xFFFFFFFF)
-    assert [frame.type for frame in frames[: len(prefix)]] == [kind for _, kind, _ in prefix]
+    assert [kind_of(frame) for frame in frames[: len(prefix)]] == [kind for _, kind, _ in prefix]
     fuzz_both_ways(valid + garbage, cuts, max_frame)
 
 
@@ -320,10 +329,10 @@ def test_fuzz_decoder_with_arbitrary_bytes_after_valid_frames(
 @given(payload=st.binary(max_size=200))
 def test_fuzz_payload_decoders(payload: bytes) -> None:
     """The payload parsers raise nothing but RemoteProtocolError(1002) on bytes of legal size."""
-    for parse in (decode_hello, decode_close, decode_ping):
+    for parse in (decode_hello, decode_close, _parse_ping):
         if parse is decode_close and not 2 <= len(payload) <= 125:
             continue  # the decoder refuses these sizes from the header
-        if parse is decode_ping and len(payload) != 9:
+        if parse is _parse_ping and len(payload) != 9:
             continue
         try:
             parse(payload)
@@ -384,7 +393,7 @@ def test_bytes_after_a_sticky_error_are_dropped(batch: bool) -> None:
     decode = decoder.frames if batch else decoder.next_frame
     decoder.receive_data(DATA_HI + header(0x09, 0) + DATA_HI)
     first = decode()
-    assert first == ([(FrameType.DATA, b"hi")] if batch else Frame(FrameType.DATA, b"hi"))
+    assert first == ([b"hi"] if batch else b"hi")
     with pytest.raises(RemoteProtocolError, match="unknown frame type 0x09") as info:
         decode()
     # Nothing at or after the bad header can become a frame: the decoder lets go
@@ -405,11 +414,11 @@ def test_limit_is_inclusive_and_follows_max_frame() -> None:
     decoder.receive_data(header(0x02, 512))
     assert decoder.next_frame() is None  # legal header, payload still to come
     decoder.receive_data(bytes(512))
-    assert decoder.next_frame() == Frame(FrameType.DATA, bytes(512))
+    assert decoder.next_frame() == bytes(512)
 
     decoder.max_frame = 2048
     decoder.receive_data(encode_data(bytes(2048)))
-    assert decoder.next_frame() == Frame(FrameType.DATA, bytes(2048))
+    assert decoder.next_frame() == bytes(2048)
     decoder.receive_data(header(0x02, 2049))
     with pytest.raises(RemoteProtocolError) as info:
         decoder.next_frame()
@@ -423,15 +432,15 @@ def test_decoder_buffers_partial_frames_and_keeps_leftovers() -> None:
     assert decoder.next_frame() is None
     decoder.receive_data(DATA_HI + PING[:3])
     assert decoder.buffered == len(DATA_HI) + 3
-    assert decoder.next_frame() == Frame(FrameType.DATA, b"hi")
+    assert decoder.next_frame() == b"hi"
     assert decoder.buffered == 3
     assert decoder.next_frame() is None
     decoder.receive_data(PING[3:10])
     assert decoder.next_frame() is None
     assert decoder.buffered == 10
     decoder.receive_data(PING[10:] + DATA_HI)
-    assert decoder.next_frame() == Frame(FrameType.PING, PING[HEADER_SIZE:])
-    assert decoder.next_frame() == Frame(FrameType.DATA, b"hi")
+    assert decoder.next_frame() == Ping(OPAQUE, HealthStatus.SERVING)
+    assert decoder.next_frame() == b"hi"
     assert decoder.next_frame() is None
     assert decoder.buffered == 0
 
@@ -439,7 +448,7 @@ def test_decoder_buffers_partial_frames_and_keeps_leftovers() -> None:
 def test_batch_returns_the_frames_before_an_error_then_the_error() -> None:
     decoder = FrameDecoder()
     decoder.receive_data(DATA_HI + PING + header(0x09, 0) + DATA_HI)
-    assert decoder.frames() == [(FrameType.DATA, b"hi"), (FrameType.PING, PING[HEADER_SIZE:])]
+    assert decoder.frames() == [b"hi", Ping(OPAQUE, HealthStatus.SERVING)]
     with pytest.raises(RemoteProtocolError, match="unknown frame type 0x09") as info:
         decoder.frames()
     with pytest.raises(RemoteProtocolError) as again:
@@ -448,7 +457,7 @@ def test_batch_returns_the_frames_before_an_error_then_the_error() -> None:
     # The same through next_frame: one frame per call, then the error.
     decoder = FrameDecoder()
     decoder.receive_data(DATA_HI + header(0x02, 513))
-    assert decoder.next_frame() == Frame(FrameType.DATA, b"hi")
+    assert decoder.next_frame() == b"hi"
     with pytest.raises(RemoteProtocolError) as info:
         decoder.next_frame()
     assert info.value.code == CloseCode.TOO_BIG
@@ -457,12 +466,9 @@ def test_batch_returns_the_frames_before_an_error_then_the_error() -> None:
 def test_batch_stops_after_a_hello_so_the_limit_can_change() -> None:
     decoder = FrameDecoder()
     decoder.receive_data(DATA_HI + SERVER_HELLO + encode_data(bytes(1000)) + DATA_HI)
-    assert decoder.frames() == [
-        (FrameType.DATA, b"hi"),
-        (FrameType.HELLO, SERVER_HELLO[HEADER_SIZE:]),
-    ]
+    assert decoder.frames() == [b"hi", SERVER_HELLO_VALUES]
     decoder.max_frame = 1024  # what the protocol does once it has seen the HELLO
-    assert decoder.frames() == [(FrameType.DATA, bytes(1000)), (FrameType.DATA, b"hi")]
+    assert decoder.frames() == [bytes(1000), b"hi"]
     assert decoder.frames() == []
     assert decoder.buffered == 0
 
@@ -470,12 +476,14 @@ def test_batch_stops_after_a_hello_so_the_limit_can_change() -> None:
 def test_decoder_accepts_bytearray() -> None:
     decoder = FrameDecoder()
     decoder.receive_data(bytearray(DATA_HI))
-    assert decoder.next_frame() == Frame(FrameType.DATA, b"hi")
+    frame = decoder.next_frame()
+    assert frame == b"hi"
+    assert type(frame) is bytes
 
 
 def test_empty_data_frame() -> None:
     assert encode_data(b"") == header(0x02, 0)
-    assert decode_all([encode_data(b"")]) == [Frame(FrameType.DATA, b"")]
+    assert decode_all([encode_data(b"")]) == [b""]
 
 
 # -- payload codecs -------------------------------------------------------------
@@ -557,7 +565,7 @@ def test_encode_hello_refuses_what_it_cannot_encode(hello: Hello, message: str) 
 def test_health_status_bytes(status: HealthStatus) -> None:
     assert decode_status(status.value) is status
     assert encode_ping(OPAQUE, status)[-1] == status.value
-    assert decode_ping(encode_pong(OPAQUE, status)[HEADER_SIZE:]) == (OPAQUE, status)
+    assert decode_all([encode_pong(OPAQUE, status)]) == [Pong(OPAQUE, status)]
 
 
 @pytest.mark.parametrize("raw", [3, 4, 0x80, 0xFF])
@@ -565,8 +573,11 @@ def test_unknown_health_status_is_a_protocol_error(raw: int) -> None:
     with pytest.raises(RemoteProtocolError, match="unknown health status") as info:
         decode_status(raw)
     assert info.value.code == CloseCode.PROTOCOL_ERROR
-    with pytest.raises(RemoteProtocolError):
-        decode_ping(OPAQUE + bytes((raw,)))
+    decoder = FrameDecoder()
+    decoder.receive_data(DATA_HI + header(0x03, 9) + OPAQUE + bytes((raw,)))
+    assert decoder.frames() == [b"hi"]  # the frames before the bad one come first
+    with pytest.raises(RemoteProtocolError, match="unknown health status"):
+        decoder.frames()
 
 
 @pytest.mark.parametrize("opaque", [b"", bytes(7), bytes(9)])
@@ -608,7 +619,7 @@ def test_close_reason_is_truncated_at_a_character_boundary() -> None:
     assert truncate_reason("a" * 121 + "😀") == b"a" * 121
     frame = encode_close(1000, "é" * 70)
     assert len(frame) == HEADER_SIZE + 2 + 122
-    assert decode_all([frame], HANDSHAKE_MAX_FRAME) == [Frame(FrameType.CLOSE, frame[6:])]
+    assert decode_all([frame], HANDSHAKE_MAX_FRAME) == [Close(1000, "é" * 61)]
 
 
 def test_close_reason_that_is_not_utf8_is_a_protocol_error() -> None:

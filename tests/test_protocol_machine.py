@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from helpers import WireFrame, wire_frame
 from hypothesis import event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -57,9 +58,8 @@ from trio_heartbeat._frames import (
     Role,
     decode_close,
     decode_hello,
-    decode_ping,
 )
-from trio_heartbeat._protocol import CLIENT_LEAD
+from trio_heartbeat._handshake import CLIENT_LEAD
 
 TICK = 1 / 16
 TERMINAL = (State.CLOSED, State.ERROR)
@@ -104,7 +104,7 @@ configs = st.builds(
 side_indexes = st.sampled_from([0, 1])
 
 
-def control(frames: list[tuple[FrameType, bytes]]) -> list[FrameType]:
+def control(frames: list[WireFrame]) -> list[FrameType]:
     """The types of the frames other than DATA (which may have been queued earlier)."""
     return [frame_type for frame_type, _ in frames if frame_type is not FrameType.DATA]
 
@@ -213,7 +213,7 @@ class WiredPair(RuleBasedStateMachine):
 
     # -- plumbing -------------------------------------------------------------------
 
-    def flush(self, side: Side) -> list[tuple[FrameType, bytes]]:
+    def flush(self, side: Side) -> list[WireFrame]:
         """Put what ``side`` queued on the wire; close its stream once it is terminal."""
         out = side.proto.data_to_send()
         if side.stream_closed:
@@ -232,12 +232,12 @@ class WiredPair(RuleBasedStateMachine):
             peer.eof_pending = True
         return frames
 
-    def tap(self, side: Side, out: bytes) -> list[tuple[FrameType, bytes]]:
+    def tap(self, side: Side, out: bytes) -> list[WireFrame]:
         """Decode and check the frames ``side`` just sent."""
         side.tap.receive_data(out)
         frames = []
         while found := side.tap.frames():
-            frames += found
+            frames += [wire_frame(frame) for frame in found]
         assert side.tap.buffered == 0, "only whole frames are queued"
         health = side.proto.health
         data_seen = False
@@ -269,7 +269,7 @@ class WiredPair(RuleBasedStateMachine):
                 side.sent.append(payload)
                 side.queued -= 1
                 continue
-            opaque, status = decode_ping(payload)
+            opaque, status = payload[:8], HealthStatus(payload[8])
             assert status is health, "PING and PONG carry the sender's current health"
             if frame_type is FrameType.PONG:
                 assert opaque in side.peer.pings, "a PONG echoes the opaque bytes of a PING"
@@ -287,7 +287,7 @@ class WiredPair(RuleBasedStateMachine):
             side.health_ping_due = False
         return frames
 
-    def drain(self, side: Side) -> list[tuple[FrameType, bytes]]:
+    def drain(self, side: Side) -> list[WireFrame]:
         """Take every event from ``side``, check each, then flush what it queued."""
         to_answer: list[bytes] = []
         while (event := side.proto.next_event()) is not NEED_DATA:

@@ -22,7 +22,7 @@ from contextlib import asynccontextmanager, contextmanager
 import pytest
 import trio
 import trio.testing
-from helpers import LOOPBACK, ScriptedPeer, WrappedStream
+from helpers import LOOPBACK, ScriptedPeer, WrappedStream, wire_frame
 from test_connection import (
     CONFIG,
     HELLO_SIZE,
@@ -37,6 +37,7 @@ from trio.lowlevel import Task
 from trio.testing import MockClock
 
 from trio_heartbeat import _connection
+from trio_heartbeat._config import Config
 from trio_heartbeat._connection import (
     _READER_NAME,
     _WRITER_NAME,
@@ -46,6 +47,7 @@ from trio_heartbeat._connection import (
 )
 from trio_heartbeat._detectors import FailureDetector
 from trio_heartbeat._errors import BrokenConnection, ConnectionClosed
+from trio_heartbeat._events import Event, PingReceived
 from trio_heartbeat._frames import (
     CloseCode,
     FrameDecoder,
@@ -55,7 +57,8 @@ from trio_heartbeat._frames import (
     encode_pong,
 )
 from trio_heartbeat._groups import BaseExceptionGroup
-from trio_heartbeat._protocol import CLIENT_LEAD, Config, Event, PingReceived, State
+from trio_heartbeat._handshake import CLIENT_LEAD
+from trio_heartbeat._state import State
 
 #: A PONG frame, header included.
 PONG_SIZE = len(encode_pong(bytes(8), HealthStatus.SERVING))
@@ -125,7 +128,7 @@ class WhoWrites(WrappedStream):
         decoder.receive_data(bytes(data))
         kinds = []
         while (frame := decoder.next_frame()) is not None:
-            kinds.append(frame.type)
+            kinds.append(wire_frame(frame).type)
         at, name = trio.current_time(), trio.lowlevel.current_task().name
         await super().send_all(data)
         self.writes.append((at, name, kinds))

@@ -49,12 +49,11 @@ from trio_heartbeat import (
     open_reconnecting_client,
 )
 from trio_heartbeat._frames import (
+    Close,
     FrameDecoder,
-    FrameType,
     HealthStatus,
     Hello,
     Role,
-    decode_close,
     encode_close,
     encode_hello,
 )
@@ -1286,9 +1285,9 @@ async def hello_then_listen(stream: trio.abc.Stream, address: str) -> None:
     decoder = FrameDecoder(max_frame=1 << 20)
     while data := await stream.receive_some():
         decoder.receive_data(data)
-        for kind, payload in decoder.frames():
-            if kind is FrameType.CLOSE:
-                await stream.send_all(encode_close(*decode_close(payload)))
+        for frame in decoder.frames():
+            if isinstance(frame, Close):
+                await stream.send_all(encode_close(frame.code, frame.reason))
                 return
 
 

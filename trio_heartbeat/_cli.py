@@ -21,11 +21,9 @@ from typing import Final
 import trio
 
 from ._backoff import FullJitterBackoff
+from ._config import Config
 from ._connection import Connection
-from ._frames import Role
-from ._protocol import (
-    CLIENT_LEAD,
-    Config,
+from ._events import (
     ConnectionEnded,
     Event,
     HandshakeComplete,
@@ -33,6 +31,8 @@ from ._protocol import (
     PingReceived,
     PongReceived,
 )
+from ._frames import Role
+from ._handshake import CLIENT_LEAD
 from ._server import Server
 from ._supervisor import ReconnectFailed, _parse_endpoint, open_reconnecting_client
 

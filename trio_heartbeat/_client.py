@@ -9,11 +9,11 @@ from contextlib import asynccontextmanager
 
 import trio
 
+from ._config import Config
 from ._connection import Connection, ConnectionOptions, EventListener, open_stream_connection
 from ._errors import BrokenConnection, HeartbeatTimeout
 from ._frames import CloseCode, Role
 from ._keepalive import KeepaliveOptions, resolve_keepalive, try_apply_keepalive
-from ._protocol import Config
 
 __all__ = ["open_connection"]
 

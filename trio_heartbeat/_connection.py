@@ -92,6 +92,7 @@ from trio.lowlevel import (
     wait_task_rescheduled,
 )
 
+from ._config import Config
 from ._detectors import FailureDetector
 from ._errors import (
     BrokenConnection,
@@ -101,19 +102,18 @@ from ._errors import (
     LocalProtocolError,
     RemoteProtocolError,
 )
-from ._frames import CloseCode, HealthStatus, Hello, Role
-from ._groups import BaseExceptionGroup, only_cancelled, single_exception
-from ._protocol import (
+from ._events import (
     NEED_DATA,
-    Config,
     ConnectionEnded,
     DataReceived,
     Event,
     HandshakeComplete,
-    HeartbeatProtocol,
     PongReceived,
-    State,
 )
+from ._frames import CloseCode, HealthStatus, Hello, Role
+from ._groups import BaseExceptionGroup, only_cancelled, single_exception
+from ._protocol import HeartbeatProtocol
+from ._state import State
 
 __all__ = [
     "Connection",

@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 import trio
 
 from ._backoff import FullJitterBackoff
+from ._config import Config
 from ._connection import Connection
+from ._events import Event, PeerHealthChanged, PongReceived
 from ._frames import HealthStatus
-from ._protocol import Config, Event, PeerHealthChanged, PongReceived
 from ._server import Server
 from ._supervisor import (
     AttemptFailed,

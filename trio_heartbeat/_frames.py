@@ -1,28 +1,33 @@
-"""THB/1 framing: the byte layout of PROTOCOL.md §2 and §3, and nothing else.
+"""THB/1 framing: the byte layout of THB/1 §2 and §3 (docs/protocol.md), and nothing else.
 
 Theory of operation
 -------------------
 Every frame is a 6-byte header (type, flags, length) and a payload. The
 :class:`FrameDecoder` is fed bytes in whatever pieces the transport delivers
-and hands back whole :class:`Frame` values. It decides everything it can from
+and hands back whole frames, each already typed: a HELLO as a :class:`Hello`,
+a PING as a :class:`Ping` with its opaque bytes and status, a PONG as a
+:class:`Pong`, a CLOSE as a :class:`Close` with its code and reason, and a DATA
+frame as its payload. Bytes become frames here and nowhere else, so the state
+machine above never touches bytes. The decoder decides everything it can from
 the header alone, *before* it waits for or copies the payload: a length over
 the current limit is rejected with 1009 the moment its six header bytes are
 in, so a hostile peer can never make us buffer more than ``6 + max_frame``
 bytes for one frame. Every malformed input becomes a
 :class:`~trio_heartbeat.RemoteProtocolError` carrying the close code that
-PROTOCOL.md prescribes; nothing else escapes the decoder.
+THB/1 prescribes; nothing else escapes the decoder.
 
-The payload layouts of HELLO, PING/PONG and CLOSE live here too, as pure
-functions, so that the state machine in ``_protocol.py`` never touches bytes.
-This module does no I/O and knows nothing about time.
+The encoders are pure functions from values to bytes. This module does no I/O
+and knows nothing about time.
 """
 
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Final, NamedTuple
+from math import inf
+from typing import Final, TypeAlias, final
 
 from ._errors import LocalProtocolError, RemoteProtocolError
 
@@ -31,16 +36,18 @@ __all__ = [
     "HEADER_SIZE",
     "MAX_CLOSE_REASON",
     "MIN_MAX_FRAME",
+    "Close",
     "CloseCode",
     "Frame",
     "FrameDecoder",
     "FrameType",
     "HealthStatus",
     "Hello",
+    "Ping",
+    "Pong",
     "Role",
     "decode_close",
     "decode_hello",
-    "decode_ping",
     "encode_close",
     "encode_data",
     "encode_frame",
@@ -51,7 +58,7 @@ __all__ = [
 
 
 class FrameType(IntEnum):
-    """The frame types of PROTOCOL.md §2."""
+    """The frame types of THB/1 §2."""
 
     #: Handshake: the first frame each side sends.
     HELLO = 0x01
@@ -66,7 +73,7 @@ class FrameType(IntEnum):
 
 
 class CloseCode(IntEnum):
-    """The close codes of PROTOCOL.md §5.
+    """The close codes of THB/1 §5.
 
     A CLOSE frame may carry any 16-bit code; codes that are not members of
     this enum are still honoured and surface as plain ``int``.
@@ -94,7 +101,7 @@ class CloseCode(IntEnum):
 
 
 class HealthStatus(IntEnum):
-    """Application health carried in HELLO, PING and PONG (PROTOCOL.md §2)."""
+    """Application health carried in HELLO, PING and PONG (THB/1 §2)."""
 
     #: Fully able to serve.
     SERVING = 0
@@ -139,13 +146,6 @@ _STATUSES: Final = {member.value: member for member in HealthStatus}
 _STATUS_BYTES: Final = {member: bytes((member,)) for member in HealthStatus}
 
 
-class Frame(NamedTuple):
-    """One decoded frame: its type and its raw payload."""
-
-    type: FrameType
-    payload: bytes
-
-
 # Enum attribute lookups cost tens of nanoseconds each; the per-frame paths
 # use these module constants instead.
 _DATA: Final = FrameType.DATA
@@ -155,9 +155,10 @@ _PONG: Final = FrameType.PONG
 _CLOSE: Final = FrameType.CLOSE
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class Hello:
-    """The values of a HELLO frame (PROTOCOL.md §3), times in milliseconds as on the wire."""
+    """The values of a HELLO frame (THB/1 §3), times in milliseconds as on the wire."""
 
     role: Role
     status: HealthStatus
@@ -167,6 +168,39 @@ class Hello:
     nonce: bytes
     instance_id: str = ""
     auth: bytes = b""
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class Ping:
+    """A PING frame: 8 opaque bytes for the PONG to echo, and the sender's health."""
+
+    opaque: bytes
+    status: HealthStatus
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class Pong:
+    """A PONG frame: the opaque bytes of the PING it answers, and the sender's health."""
+
+    opaque: bytes
+    status: HealthStatus
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class Close:
+    """A CLOSE frame: a close code (a :class:`CloseCode` where it names one) and a reason."""
+
+    code: int
+    reason: str
+
+
+#: One decoded frame. A DATA frame is its payload, as :class:`bytes`: it needs
+#: no parsing, and an object per DATA frame would cost the codec more than a
+#: third of its speed; every other type is parsed into its own value.
+Frame: TypeAlias = bytes | Hello | Ping | Pong | Close
 
 
 def _protocol_error(message: str, code: int = CloseCode.PROTOCOL_ERROR) -> RemoteProtocolError:
@@ -181,22 +215,23 @@ def decode_status(raw: int) -> HealthStatus:
     return status
 
 
+@final
 class FrameDecoder:
-    """Turns a byte stream into :class:`Frame` values, checking every header.
+    """Turns a byte stream into frames, checking every header and parsing every payload.
 
     >>> decoder = FrameDecoder()
     >>> decoder.receive_data(bytes.fromhex("02000000000268"))
     >>> decoder.next_frame() is None  # one payload byte still missing
     True
-    >>> decoder.receive_data(b"i")
-    >>> decoder.next_frame()
-    Frame(type=<FrameType.DATA: 2>, payload=b'hi')
+    >>> decoder.receive_data(b"i" + bytes.fromhex("030000000009") + bytes(8) + b"\\x01")
+    >>> decoder.frames()  # a DATA frame is its payload; the others are typed
+    [b'hi', Ping(opaque=b'\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x00', status=<HealthStatus.DEGRADED: 1>)]
 
     ``max_frame`` is the payload limit in force; it starts at the handshake
     limit of 512 bytes and the protocol raises it once the handshake is done.
     Errors are sticky: after one :class:`RemoteProtocolError` the decoder raises
     the same error again rather than try to resynchronise. Nothing at or after
-    a malformed header can ever become a frame, so from the moment the decoder
+    a malformed frame can ever become a frame, so from the moment the decoder
     finds one it lets go of the bytes it holds, and :meth:`receive_data` drops
     whatever arrives later: a peer that keeps sending cannot grow the buffer.
     """
@@ -217,7 +252,7 @@ class FrameDecoder:
     def receive_data(self, data: bytes | bytearray) -> None:
         """Add bytes from the transport; no frame is decoded until :meth:`next_frame`.
 
-        Never raises: after a malformed header the bytes are dropped, and the
+        Never raises: after a malformed frame the bytes are dropped, and the
         sticky error comes from the next :meth:`next_frame` or :meth:`frames`.
         """
         if not data or self._error is not None:
@@ -232,77 +267,100 @@ class FrameDecoder:
     def next_frame(self) -> Frame | None:
         """Return the next whole frame, or ``None`` until more bytes arrive.
 
-        Raises :class:`RemoteProtocolError` (sticky) for a malformed header,
-        and with code 1009 for a length over ``max_frame``.
+        Raises :class:`RemoteProtocolError` (sticky) for a malformed frame,
+        with code 1009 for a length over ``max_frame``.
         """
         frames = self._decode(1)
-        if not frames:
-            return None
-        frame_type, payload = frames[0]
-        return Frame(frame_type, payload)
+        return frames[0] if frames else None
 
-    def frames(self) -> list[tuple[FrameType, bytes]]:
-        """Every whole frame buffered so far, as ``(type, payload)`` pairs, in order.
+    def frames(self) -> list[Frame]:
+        """Every whole frame buffered so far, in order; an empty list means more bytes are needed.
 
-        An empty list means more bytes are needed. Frames that precede a
-        malformed header are returned first; the :class:`RemoteProtocolError`
-        is raised by the next call, and by every call after it. This batch
-        form is the fast path the protocol core uses.
+        Frames that precede a malformed one are returned first; the
+        :class:`RemoteProtocolError` is raised by the next call, and by every
+        call after it. This batch form is the fast path the protocol core uses.
         """
         return self._decode(0)
 
-    def _decode(self, most: int) -> list[tuple[FrameType, bytes]]:
+    def _decode(self, most: int) -> list[Frame]:
         # ``most`` is 0 for "all of them", else a count; kept out of the loop's
         # condition so that the batch path pays nothing for it.
         if self._error is not None:
             raise self._error
         buffer = self._buffer
         position = self._position
-        last_header = len(buffer) - HEADER_SIZE
+        available = len(buffer)
+        last_header = available - HEADER_SIZE
         limit = self.max_frame
-        out: list[tuple[FrameType, bytes]] = []
+        out: list[Frame] = []
         append = out.append
+        error: RemoteProtocolError | None = None
         while position <= last_header:
             raw_type, flags, length = _unpack_header(buffer, position)
-            if raw_type == 2 and not flags and length <= limit:
-                frame_type = _DATA  # the common case, decided with the fewest operations
-            else:
-                found = _TYPES.get(raw_type)
-                if found is None or flags or length > limit or not _size_ok(found, length):
-                    self._error = _header_error(raw_type, flags, length, limit)
-                    # The frames before it are already copied into ``out``.
-                    self._buffer = b""
-                    position = 0
-                    break
-                frame_type = found
-                if found is _HELLO:
-                    # The limit in force changes once a HELLO is handled: decode
-                    # nothing past it until the caller has seen it.
-                    most = len(out) + 1
             start = position + HEADER_SIZE
             end = start + length
-            if end > last_header + HEADER_SIZE:
-                break
-            append((frame_type, buffer[start:end]))
+            if raw_type == 2 and not flags and length <= limit:
+                # DATA, decided with the fewest operations: the common case.
+                if end > available:
+                    break
+                append(buffer[start:end])
+            else:
+                frame_type = _TYPES.get(raw_type)
+                if (
+                    frame_type is None
+                    or flags
+                    or length > limit
+                    or not _SIZES[frame_type][0] <= length <= _SIZES[frame_type][1]
+                ):
+                    error = _header_error(raw_type, flags, length, limit)
+                    break
+                if end > available:
+                    break
+                try:
+                    append(_PARSERS[frame_type](buffer[start:end]))
+                except RemoteProtocolError as exc:
+                    error = exc
+                    break
+                if frame_type is _HELLO:
+                    # The limit in force changes once a HELLO is handled: decode
+                    # nothing past it until the caller has seen it.
+                    most = len(out)
             position = end
             if most and len(out) == most:
                 break
-        self._position = position
-        if not out and self._error is not None:
-            raise self._error
+        if error is None:
+            self._position = position
+            return out
+        # Sticky from now on, and nothing at or after the bad frame is kept;
+        # the frames decoded before it are still returned first.
+        self._error = error
+        self._buffer = b""
+        self._position = 0
+        if not out:
+            raise error
         return out
 
 
-def _size_ok(frame_type: FrameType, length: int) -> bool:
-    if frame_type is _DATA:
-        # Not reached from _decode, whose fast path takes every valid DATA
-        # header first; kept so that _size_ok answers for every type.
-        return True  # pragma: no cover
-    if frame_type is _PING or frame_type is _PONG:
-        return length == PING_SIZE
-    if frame_type is _CLOSE:
-        return 2 <= length <= 2 + MAX_CLOSE_REASON
-    return length >= HELLO_FIXED_SIZE
+def _parse_ping(payload: bytes) -> Ping:
+    return Ping(payload[:OPAQUE_SIZE], decode_status(payload[OPAQUE_SIZE]))
+
+
+def _parse_pong(payload: bytes) -> Pong:
+    return Pong(payload[:OPAQUE_SIZE], decode_status(payload[OPAQUE_SIZE]))
+
+
+def _parse_close(payload: bytes) -> Close:
+    return Close(*decode_close(payload))
+
+
+#: The payload sizes each control frame type may have, inclusive; DATA is
+#: bounded by ``max_frame`` alone.
+_SIZES: Final[dict[FrameType, tuple[int, float]]] = {
+    _HELLO: (HELLO_FIXED_SIZE, inf),
+    _PING: (PING_SIZE, PING_SIZE),
+    _PONG: (PING_SIZE, PING_SIZE),
+    _CLOSE: (2, 2 + MAX_CLOSE_REASON),
+}
 
 
 def _header_error(raw_type: int, flags: int, length: int, limit: int) -> RemoteProtocolError:
@@ -363,11 +421,6 @@ def _encode_heartbeat(frame_type: FrameType, opaque: bytes, status: HealthStatus
     return _pack_header(frame_type, 0, PING_SIZE) + opaque + status_byte
 
 
-def decode_ping(payload: bytes) -> tuple[bytes, HealthStatus]:
-    """Split a PING or PONG payload into its opaque bytes and health status."""
-    return payload[:OPAQUE_SIZE], decode_status(payload[OPAQUE_SIZE])
-
-
 def truncate_reason(reason: str) -> bytes:
     """Encode ``reason`` as UTF-8, cut at a character boundary to fit a CLOSE frame."""
     raw = reason.encode("utf-8")
@@ -406,7 +459,7 @@ def decode_close(payload: bytes) -> tuple[int, str]:
 
 
 def encode_hello(hello: Hello) -> bytes:
-    """Encode a HELLO frame, header included; see PROTOCOL.md §3 for the layout."""
+    """Encode a HELLO frame, header included; see THB/1 §3 for the layout."""
     instance_id = hello.instance_id.encode("utf-8")
     if len(instance_id) > MAX_ID_BYTES:
         raise LocalProtocolError(
@@ -484,3 +537,12 @@ def decode_hello(payload: bytes) -> Hello:
         instance_id=instance_id,
         auth=payload[auth_at + 1 :],
     )
+
+
+#: How each control frame's payload becomes its value (DATA needs no parsing).
+_PARSERS: Final[dict[FrameType, Callable[[bytes], Frame]]] = {
+    _HELLO: decode_hello,
+    _PING: _parse_ping,
+    _PONG: _parse_pong,
+    _CLOSE: _parse_close,
+}

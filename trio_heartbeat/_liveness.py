@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, final
 import trio
 
 from ._frames import HealthStatus, Role
-from ._protocol import State
+from ._state import State
 
 if TYPE_CHECKING:
     from ._connection import Connection

@@ -34,13 +34,14 @@ from typing import Final, final
 
 import trio
 
+from ._config import Config
 from ._connection import Connection, ConnectionOptions, EventListener, open_stream_connection
 from ._errors import ConnectionClosed
+from ._events import Event, HandshakeComplete, PeerHealthChanged
 from ._frames import CloseCode, HealthStatus, Role, encode_close
 from ._groups import BaseExceptionGroup, single_exception
 from ._keepalive import KeepaliveOptions, resolve_keepalive, try_apply_keepalive
 from ._liveness import LivenessRegistry
-from ._protocol import Config, Event, HandshakeComplete, PeerHealthChanged
 
 __all__ = ["Handler", "Server", "ServerStatistics", "serve_tcp"]
 

@@ -54,12 +54,12 @@ import trio
 
 from ._backoff import DEFAULT_BACKOFF
 from ._client import open_connection
+from ._config import Config
 from ._connection import Connection, ConnectionOptions, EventListener, open_stream_connection
 from ._errors import BrokenConnection, ConnectionClosed, HeartbeatError, HeartbeatTimeout
 from ._frames import CloseCode
 from ._groups import BaseExceptionGroup, single_exception
 from ._keepalive import KeepaliveOptions
-from ._protocol import Config
 
 __all__ = [
     "AttemptFailed",

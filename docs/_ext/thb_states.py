@@ -1,7 +1,7 @@
 """Sphinx extension: the THB/1 state machine, drawn from the code at build time.
 
 The protocol core lists every legal state change in one table,
-``trio_heartbeat._protocol.TRANSITIONS``. These directives render that table,
+``trio_heartbeat._state.TRANSITIONS``. These directives render that table,
 so the documentation cannot drift from the code:
 
 ``thb-state-table``
@@ -12,10 +12,10 @@ so the documentation cannot drift from the code:
     pair, labelled with every trigger that takes it.
 ``thb-state-legend``
     What each state and trigger means, from the ``#:`` comments on the enum
-    members in ``_protocol.py``.
+    members in ``_state.py``.
 
 States and triggers appear in the order their enums define them. A page that
-uses a directive is rebuilt whenever ``_protocol.py`` changes.
+uses a directive is rebuilt whenever ``_state.py`` changes.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from sphinx.application import Sphinx
 from sphinx.pycode import ModuleAnalyzer
 from sphinx.util.docutils import SphinxDirective
 
-from trio_heartbeat import _protocol
+from trio_heartbeat import _state
 
 __all__ = ["setup"]
 
@@ -38,26 +38,26 @@ __all__ = ["setup"]
 IGNORED = "\u00b7"
 
 
-def _states() -> list[_protocol.State]:
-    return list(_protocol.State)
+def _states() -> list[_state.State]:
+    return list(_state.State)
 
 
-def _triggers() -> list[_protocol.Trigger]:
-    return list(_protocol.Trigger)
+def _triggers() -> list[_state.Trigger]:
+    return list(_state.Trigger)
 
 
-def _terminal_states() -> list[_protocol.State]:
+def _terminal_states() -> list[_state.State]:
     """States that no transition leaves, derived from the table itself."""
-    sources = {state for state, _ in _protocol.TRANSITIONS}
+    sources = {state for state, _ in _state.TRANSITIONS}
     return [state for state in _states() if state not in sources]
 
 
-def _arrows() -> list[tuple[_protocol.State, list[_protocol.Trigger], _protocol.State]]:
+def _arrows() -> list[tuple[_state.State, list[_state.Trigger], _state.State]]:
     """One entry per (state, new state) pair, with every trigger that takes it."""
-    grouped: dict[tuple[_protocol.State, _protocol.State], list[_protocol.Trigger]] = {}
+    grouped: dict[tuple[_state.State, _state.State], list[_state.Trigger]] = {}
     for state in _states():
         for trigger in _triggers():
-            target = _protocol.TRANSITIONS.get((state, trigger))
+            target = _state.TRANSITIONS.get((state, trigger))
             if target is not None:
                 grouped.setdefault((state, target), []).append(trigger)
     return [(state, triggers, target) for (state, target), triggers in grouped.items()]
@@ -70,7 +70,7 @@ def render_diagram() -> str:
     name_width = max(len(state.name) for state in _states())
     label_width = max(len(label) for label in labels)
     lines: list[str] = []
-    previous: _protocol.State | None = None
+    previous: _state.State | None = None
     for (state, _, target), label in zip(arrows, labels, strict=True):
         name = state.name if state is not previous else ""
         shaft = "-" * (label_width - len(label))
@@ -127,7 +127,7 @@ class _StateDirective(SphinxDirective):
     optional_arguments = 0
 
     def _note_source(self) -> None:
-        source = inspect.getsourcefile(_protocol)
+        source = inspect.getsourcefile(_state)
         if source is not None:
             self.env.note_dependency(source)
 
@@ -147,7 +147,7 @@ class StateTable(_StateDirective):
                 label += nodes.Text(" (terminal)")
             cells: list[nodes.Node | str] = [label]
             for trigger in triggers:
-                target = _protocol.TRANSITIONS.get((state, trigger))
+                target = _state.TRANSITIONS.get((state, trigger))
                 cells.append(nodes.literal(text=target.name) if target is not None else IGNORED)
             rows.append(cells)
         header = ["state \\ trigger", *(trigger.value for trigger in triggers)]
@@ -173,8 +173,8 @@ class StateLegend(_StateDirective):
         self._note_source()
         result: list[nodes.Node] = []
         sections: list[tuple[str, type[Enum], dict[str, str]]] = [
-            ("States", _protocol.State, {state.name: state.name for state in _states()}),
-            ("Triggers", _protocol.Trigger, {t.name: t.value for t in _triggers()}),
+            ("States", _state.State, {state.name: state.name for state in _states()}),
+            ("Triggers", _state.Trigger, {t.name: t.value for t in _triggers()}),
         ]
         for title, enum, shown in sections:
             docs = _attribute_docs(enum)
@@ -184,7 +184,7 @@ class StateLegend(_StateDirective):
                 if not text:
                     result.append(
                         self.state.document.reporter.warning(
-                            f"{enum.__name__}.{member.name} has no #: comment in _protocol.py",
+                            f"{enum.__name__}.{member.name} has no #: comment in _state.py",
                             line=self.lineno,
                         )
                     )
