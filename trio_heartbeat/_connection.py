@@ -111,7 +111,7 @@ from ._events import (
     PongReceived,
 )
 from ._frames import CloseCode, HealthStatus, Hello, Role
-from ._groups import BaseExceptionGroup, only_cancelled, single_exception
+from ._groups import BaseExceptionGroup, only_cancelled, reraise_single
 from ._protocol import HeartbeatProtocol
 from ._state import State
 
@@ -1257,12 +1257,6 @@ def open_stream_connection(
     return _StreamConnection(stream, role, config, options, listeners, remote_address)
 
 
-def _leaf_ids(exc: BaseException) -> set[int]:
-    if isinstance(exc, BaseExceptionGroup):
-        return set().union(*map(_leaf_ids, exc.exceptions))
-    return {id(exc)}
-
-
 @final
 class _StreamConnection:
     """What :func:`open_stream_connection` returns.
@@ -1380,23 +1374,8 @@ class _StreamConnection:
                 )
             except BaseExceptionGroup as group:
                 # The watchdog may have cancelled the reader while the block
-                # raised an error of its own: that error is the news. A
-                # cancellation dropped here is raised again at the next checkpoint.
-                errors = group.split(trio.Cancelled)[1]
-                if errors is None:
-                    # Nothing but cancellations (a scope outside reached the
-                    # block and the tasks at once): one Cancelled stands for
-                    # all, so the caller's scope never sees a group.
-                    leaf: BaseException = group
-                    while isinstance(leaf, BaseExceptionGroup):
-                        leaf = leaf.exceptions[0]
-                elif self._body_error is not None and _leaf_ids(errors) <= _leaf_ids(
-                    self._body_error
-                ):
-                    leaf = self._body_error  # the block's own exception, unchanged
-                else:
-                    leaf = single_exception(errors)
-                raise leaf from leaf.__cause__  # keep the leaf's own cause, hide the group
+                # raised an error of its own: that error is the news.
+                reraise_single(group, self._body_error)
         finally:
             conn._wrap_up()
             await conn._teardown()

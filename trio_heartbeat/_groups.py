@@ -1,15 +1,19 @@
-"""Turning a nursery's exception group back into the one exception it stands for.
+"""The one boundary where an exception group from our own nursery becomes one exception.
 
 Our context managers run their own tasks in a nursery, and those tasks never
-raise: they record how things ended and cancel a scope. So a group that
-reaches a context manager's edge holds what the caller's own block raised, plus
-nothing, and the caller should see exactly that exception, not a group that
-wraps it. A group with several real failures is passed on untouched.
+raise on purpose: they record how things ended and cancel a scope. So a group
+that reaches one of our context managers' edges holds what the caller's own
+block raised, the cancellations our scope delivered, and at most one failure
+of ours; the caller should see exactly one of those, not a group that wraps
+it. :func:`reraise_single` is that rule, written once and used by every
+context manager and server loop of the library and its test kit. A group with
+several real failures is passed on, without the cancellations.
 """
 
 from __future__ import annotations
 
 import sys
+from typing import NoReturn
 
 import trio
 
@@ -18,25 +22,64 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on 3.10 only
     from exceptiongroup import BaseExceptionGroup
 
-__all__ = ["BaseExceptionGroup", "only_cancelled", "single_exception"]
+__all__ = ["BaseExceptionGroup", "only_cancelled", "reraise_single", "single_exception"]
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    # Every leaf of a group, each object once: a failure that two tasks
+    # re-raised (a supervisor's, and a caller's receive that reports it) is one.
+    leaves: list[BaseException] = []
+    pending = [exc]
+    while pending:
+        current = pending.pop()
+        if isinstance(current, BaseExceptionGroup):
+            pending.extend(reversed(current.exceptions))
+        elif not any(current is leaf for leaf in leaves):
+            leaves.append(current)
+    return leaves
 
 
 def single_exception(group: BaseExceptionGroup[BaseException]) -> BaseException:
     """The group's only leaf exception, or the group itself if it has several.
 
-    One exception object raised by two tasks counts once: a supervisor task
-    that fails and a caller's ``receive`` that re-raises that same failure
-    report one thing.
+    >>> error = ValueError("boom")
+    >>> single_exception(BaseExceptionGroup("", [error, BaseExceptionGroup("", [error])])) is error
+    True
     """
-    leaves: list[BaseException] = []
-    pending: list[BaseException] = [group]
-    while pending:
-        exc = pending.pop()
-        if isinstance(exc, BaseExceptionGroup):
-            pending.extend(exc.exceptions)
-        elif not any(exc is leaf for leaf in leaves):
-            leaves.append(exc)
+    leaves = _leaves(group)
     return leaves[0] if len(leaves) == 1 else group
+
+
+def reraise_single(
+    group: BaseExceptionGroup[BaseException], own: BaseException | None = None
+) -> NoReturn:
+    """Raise the one exception ``group``, escaping from one of our nurseries, stands for.
+
+    ``own`` is what the caller's block raised, if the caller knows. In order:
+
+    * ``own`` as it was raised (even if it is a group itself), when every
+      failure in ``group`` belongs to it;
+    * the one failure, when there is one, with its own cause kept;
+    * one :class:`trio.Cancelled`, when there is nothing but cancellations
+      (a scope outside reached the block and the tasks at once);
+    * otherwise the failures as a group, without the cancellations.
+
+    A cancellation dropped here is delivered again at the next checkpoint,
+    so no cancel scope misses one.
+    """
+    failures = group.split(trio.Cancelled)[1]
+    if failures is None:
+        exc: BaseException = _leaves(group)[0]
+    elif own is not None and {id(leaf) for leaf in _leaves(failures)} <= {
+        id(leaf) for leaf in _leaves(own)
+    }:
+        exc = own
+    else:
+        exc = single_exception(failures)
+    try:
+        raise exc from exc.__cause__  # keep the exception's own cause, hide the group
+    finally:
+        del exc, failures, group, own  # no cycle through this frame
 
 
 def only_cancelled(exc: BaseException) -> bool:

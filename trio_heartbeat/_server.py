@@ -39,7 +39,7 @@ from ._connection import Connection, ConnectionOptions, EventListener, open_stre
 from ._errors import ConnectionClosed
 from ._events import Event, HandshakeComplete, PeerHealthChanged
 from ._frames import CloseCode, HealthStatus, Role, encode_close
-from ._groups import BaseExceptionGroup, single_exception
+from ._groups import BaseExceptionGroup, reraise_single
 from ._keepalive import KeepaliveOptions, resolve_keepalive, try_apply_keepalive
 from ._liveness import LivenessRegistry
 
@@ -219,16 +219,9 @@ class Server:
         try:
             await self._serve(listeners, task_status)
         except BaseExceptionGroup as group:
-            # Connection tasks never raise, so besides cancellations (which
-            # Trio's scopes deal with, and which come back at the next
-            # checkpoint if dropped here) a group holds the one accept error.
-            errors = group.split(trio.Cancelled)[1]
-            if errors is None:
-                raise
-            leaf = single_exception(errors)
-            if leaf is errors:
-                raise
-            raise leaf from leaf.__cause__
+            # Connection tasks never raise: besides cancellations, a group holds
+            # the one accept error.
+            reraise_single(group)
 
     async def _serve(
         self, listeners: list[trio.SocketListener], task_status: trio.TaskStatus[Server]

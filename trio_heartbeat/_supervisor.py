@@ -58,7 +58,7 @@ from ._config import Config
 from ._connection import Connection, ConnectionOptions, EventListener, open_stream_connection
 from ._errors import BrokenConnection, ConnectionClosed, HeartbeatError, HeartbeatTimeout
 from ._frames import CloseCode
-from ._groups import BaseExceptionGroup, single_exception
+from ._groups import BaseExceptionGroup, reraise_single
 from ._keepalive import KeepaliveOptions
 
 __all__ = [
@@ -751,8 +751,7 @@ async def open_reconnecting_client(
             await client.aclose()
             nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
-        leaf = single_exception(group)
-        raise leaf from leaf.__cause__  # keep the leaf's own cause, hide the group
+        reraise_single(group)
     finally:
         if client._state is not SupervisorState.CLOSED:
             client._finish(None)

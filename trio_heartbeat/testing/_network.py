@@ -36,7 +36,7 @@ from typing import Any, final
 
 import trio
 
-from .._groups import BaseExceptionGroup, single_exception
+from .._groups import BaseExceptionGroup, reraise_single
 from .._server import Handler, Server
 from .._supervisor import (
     Endpoint,
@@ -306,8 +306,7 @@ async def open_memory_network(
             yield MemoryNetwork(nursery, buffer_size=buffer_size)
             nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
-        leaf = single_exception(group)
-        raise leaf from leaf.__cause__
+        reraise_single(group)
 
 
 async def _run_client(
@@ -367,8 +366,7 @@ async def run_clients(
             yield running
             done.set()
     except BaseExceptionGroup as group:
-        leaf = single_exception(group)
-        raise leaf from leaf.__cause__
+        reraise_single(group)
 
 
 @dataclass(frozen=True, slots=True)

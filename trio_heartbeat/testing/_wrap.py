@@ -14,20 +14,17 @@ wrapped in an exception group.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import overload
 
 import trio
 
+from .._groups import BaseExceptionGroup, reraise_single
 from ._faults import Faults, Side
 from ._pumps import splice
 from ._streams import FaultyHalfCloseableStream, FaultyStream
 from ._wire import DEFAULT_BUFFER_SIZE, _Wire
-
-if sys.version_info < (3, 11):  # pragma: no cover
-    from exceptiongroup import BaseExceptionGroup
 
 __all__ = ["open_faulty_stream"]
 
@@ -90,12 +87,15 @@ async def _open_faulty_stream(
         stream: FaultyStream = FaultyHalfCloseableStream(wire, Side.NEAR)
     else:
         stream = FaultyStream(wire, Side.NEAR)
-    error: BaseException | None = None
+    own: BaseException | None = None
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(splice, inner, wire.inbound, wire.outbound, wire)
             try:
                 yield stream
+            except BaseException as exc:
+                own = exc
+                raise
             finally:
                 stream._close()
                 wire.discard()
@@ -103,11 +103,7 @@ async def _open_faulty_stream(
     except BaseExceptionGroup as group:
         # The pumps raise nothing, so a group here holds the block's own
         # exception; hand that back as it was raised.
-        if len(group.exceptions) != 1:
-            raise
-        error = group.exceptions[0]
-    if error is not None:
         try:
-            raise error
+            reraise_single(group, own)
         finally:
-            del error
+            own = None  # no cycle through this frame
