@@ -34,13 +34,13 @@ from trio_heartbeat import (
     Server,
     open_stream_connection,
 )
+from trio_heartbeat._endpoints import peer_address
 from trio_heartbeat._frames import (
     decode_close,
     encode_close,
     encode_data,
     encode_ping,
 )
-from trio_heartbeat._server import _describe_address
 
 #: One second between heartbeats, three of silence; handshakes and closes get
 #: bounds of their own so that each ending has its own moment.
@@ -626,11 +626,11 @@ def test_addresses_are_described_from_the_socket() -> None:
 
         return SimpleNamespace(socket=SimpleNamespace(getpeername=getpeername))
 
-    assert _describe_address(stream_with(("127.0.0.1", 80))) == "127.0.0.1:80"
-    assert _describe_address(stream_with(("::1", 80, 0, 0))) == "[::1]:80"
-    assert _describe_address(stream_with("/run/thb.sock")) == "/run/thb.sock"
-    assert _describe_address(stream_with(OSError(errno.ENOTCONN, "gone"))) is None
-    assert _describe_address(cast(trio.abc.Stream, SimpleNamespace())) is None
+    assert peer_address(stream_with(("127.0.0.1", 80))) == "127.0.0.1:80"
+    assert peer_address(stream_with(("::1", 80, 0, 0))) == "[::1]:80"
+    assert peer_address(stream_with("/run/thb.sock")) == "/run/thb.sock"
+    assert peer_address(stream_with(OSError(errno.ENOTCONN, "gone"))) is None
+    assert peer_address(cast(trio.abc.Stream, SimpleNamespace())) is None
 
 
 def test_constructor_checks_and_defaults() -> None:

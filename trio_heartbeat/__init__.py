@@ -26,6 +26,8 @@ from ._connection import open_stream_connection as open_stream_connection
 from ._detectors import FailureDetector as FailureDetector
 from ._detectors import FixedTimeout as FixedTimeout
 from ._detectors import PhiAccrualDetector as PhiAccrualDetector
+from ._endpoints import Endpoint as Endpoint
+from ._endpoints import EndpointSource as EndpointSource
 from ._errors import BrokenConnection as BrokenConnection
 from ._errors import ConnectionClosed as ConnectionClosed
 from ._errors import ConnectionRejected as ConnectionRejected
@@ -33,6 +35,7 @@ from ._errors import HeartbeatError as HeartbeatError
 from ._errors import HeartbeatTimeout as HeartbeatTimeout
 from ._errors import LocalProtocolError as LocalProtocolError
 from ._errors import ProtocolError as ProtocolError
+from ._errors import ReconnectFailed as ReconnectFailed
 from ._errors import RemoteProtocolError as RemoteProtocolError
 from ._events import NEED_DATA as NEED_DATA
 from ._events import ConnectionEnded as ConnectionEnded
@@ -60,24 +63,23 @@ from ._keepalive import read_keepalive as read_keepalive
 from ._liveness import LivenessRegistry as LivenessRegistry
 from ._liveness import PeerInfo as PeerInfo
 from ._protocol import HeartbeatProtocol as HeartbeatProtocol
+from ._reconnect_events import AttemptFailed as AttemptFailed
+from ._reconnect_events import AttemptStarted as AttemptStarted
+from ._reconnect_events import BackingOff as BackingOff
+from ._reconnect_events import Connected as Connected
+from ._reconnect_events import Disconnected as Disconnected
+from ._reconnect_events import Stopped as Stopped
+from ._reconnect_events import SupervisorEvent as SupervisorEvent
+from ._reconnect_events import SupervisorListener as SupervisorListener
+from ._reconnect_events import SupervisorState as SupervisorState
 from ._server import Handler as Handler
 from ._server import Server as Server
 from ._server import ServerStatistics as ServerStatistics
 from ._server import serve_tcp as serve_tcp
 from ._state import State as State
-from ._supervisor import AttemptFailed as AttemptFailed
-from ._supervisor import AttemptStarted as AttemptStarted
-from ._supervisor import BackingOff as BackingOff
-from ._supervisor import Connected as Connected
+from ._supervisor import DEFAULT_STOP_CODES as DEFAULT_STOP_CODES
 from ._supervisor import Connector as Connector
-from ._supervisor import Disconnected as Disconnected
-from ._supervisor import Endpoint as Endpoint
-from ._supervisor import EndpointSource as EndpointSource
-from ._supervisor import ReconnectFailed as ReconnectFailed
 from ._supervisor import ReconnectingClient as ReconnectingClient
-from ._supervisor import Stopped as Stopped
-from ._supervisor import SupervisorEvent as SupervisorEvent
-from ._supervisor import SupervisorState as SupervisorState
 from ._supervisor import open_reconnecting_client as open_reconnecting_client
 
 __version__ = "0.1.0"

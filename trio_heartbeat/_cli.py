@@ -23,6 +23,8 @@ import trio
 from ._backoff import FullJitterBackoff
 from ._config import Config
 from ._connection import Connection
+from ._endpoints import parse_endpoint
+from ._errors import ReconnectFailed, UsageError
 from ._events import (
     ConnectionEnded,
     Event,
@@ -34,16 +36,12 @@ from ._events import (
 from ._frames import Role
 from ._handshake import CLIENT_LEAD
 from ._server import Server
-from ._supervisor import ReconnectFailed, _parse_endpoint, open_reconnecting_client
+from ._supervisor import open_reconnecting_client
 
 __all__ = ["main"]
 
 DEFAULT_PORT: Final = 7400
 logger = logging.getLogger("trio_heartbeat.cli")
-
-
-class UsageError(Exception):
-    """A bad command line value; printed without a traceback."""
 
 
 def _positive(text: str) -> float:
@@ -104,7 +102,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         "--secret-file",
         type=Path,
         metavar="F",
-        help="file holding the pre-shared HMAC key (PROTOCOL.md §6)",
+        help="file holding the pre-shared HMAC key (THB/1 §6, docs/protocol.md)",
     )
     group.add_argument("--id", default="", metavar="NAME", help="this instance's id, sent in HELLO")
     parser.add_argument(
@@ -329,7 +327,7 @@ async def connect(args: argparse.Namespace) -> int:
     config = _config(args)
     for endpoint in args.endpoints:
         try:
-            _, port = _parse_endpoint(endpoint)
+            _, port = parse_endpoint(endpoint)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
         if not 1 <= port <= 0xFFFF:

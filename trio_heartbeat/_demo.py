@@ -22,16 +22,16 @@ from ._config import Config
 from ._connection import Connection
 from ._events import Event, PeerHealthChanged, PongReceived
 from ._frames import HealthStatus
-from ._server import Server
-from ._supervisor import (
+from ._reconnect_events import (
     AttemptFailed,
     BackingOff,
     Connected,
     Disconnected,
     SupervisorEvent,
     SupervisorState,
-    open_reconnecting_client,
 )
+from ._server import Server
+from ._supervisor import open_reconnecting_client
 from .testing import FaultProxy
 
 __all__ = ["run_demo"]

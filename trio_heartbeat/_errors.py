@@ -19,6 +19,8 @@ any Python exception), so they can cross process boundaries.
 
 from __future__ import annotations
 
+from typing import final
+
 __all__ = [
     "BrokenConnection",
     "ConnectionClosed",
@@ -26,8 +28,11 @@ __all__ = [
     "HeartbeatError",
     "HeartbeatTimeout",
     "LocalProtocolError",
+    "NoEndpointLeft",
     "ProtocolError",
+    "ReconnectFailed",
     "RemoteProtocolError",
+    "UsageError",
 ]
 
 
@@ -38,7 +43,7 @@ class HeartbeatError(Exception):
 class ProtocolError(HeartbeatError):
     """A THB/1 rule was broken.
 
-    ``code`` is the CLOSE code that fits the violation (PROTOCOL.md §5), for
+    ``code`` is the CLOSE code that fits the violation (THB/1 §5.5), for
     example 1002 for a malformed frame or 1009 for a frame over the limit.
     """
 
@@ -53,10 +58,12 @@ class ProtocolError(HeartbeatError):
         return (type(self), (str(self), self.code), self.__dict__)
 
 
+@final
 class LocalProtocolError(ProtocolError):
     """Our side tried to do something THB/1 does not allow (a usage error)."""
 
 
+@final
 class RemoteProtocolError(ProtocolError):
     """The peer sent something THB/1 does not allow.
 
@@ -68,7 +75,7 @@ class RemoteProtocolError(ProtocolError):
 class ConnectionClosed(HeartbeatError):
     """The connection has ended; ``code`` and ``reason`` say how.
 
-    ``code`` is a THB/1 close code (PROTOCOL.md §5), or 1006 when the
+    ``code`` is a close code of THB/1 §5.5, or 1006 when the
     connection ended without any CLOSE frame (the transport was lost).
     ``by_peer`` is true when the peer sent the first CLOSE.
     """
@@ -101,6 +108,7 @@ def _rebuild_closed(
     return cls(code, reason, by_peer=by_peer)
 
 
+@final
 class HeartbeatTimeout(ConnectionClosed):
     """The peer was silent for longer than the failure detector allows (1011).
 
@@ -109,6 +117,7 @@ class HeartbeatTimeout(ConnectionClosed):
     """
 
 
+@final
 class BrokenConnection(ConnectionClosed):
     """The transport failed under us: reset, EOF without CLOSE, or an OS error.
 
@@ -116,9 +125,44 @@ class BrokenConnection(ConnectionClosed):
     """
 
 
+@final
 class ConnectionRejected(ConnectionClosed):
     """The server refused the connection during the handshake.
 
     Typical codes: 1013 (at capacity, retry later) and 1008 (authentication
     failed or HELLO values refused).
     """
+
+
+@final
+class ReconnectFailed(HeartbeatError):
+    """The reconnecting client stopped reconnecting.
+
+    Either a connection ended with a close code it does not retry (1008 or
+    4000 by default), the backoff policy ran out of delays, or the endpoint
+    source had no endpoint left to try. ``last_error`` is the
+    :class:`ConnectionClosed` of the last connection or attempt (``None`` if
+    there was none), and ``attempts`` counts the attempts since the last
+    connection that stayed up ``healthy_after`` seconds, as
+    :class:`AttemptStarted` numbers them. When the caller closed the client,
+    ``attempts`` is the total over its life.
+    """
+
+    def __init__(self, message: str, last_error: ConnectionClosed | None, attempts: int) -> None:
+        super().__init__(message)
+        self.last_error = last_error
+        self.attempts = attempts
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # ``args`` holds only the message; the default would call ``cls(message)``.
+        return (type(self), (str(self), self.last_error, self.attempts), self.__dict__)
+
+
+@final
+class NoEndpointLeft(HeartbeatError):
+    """An endpoint source has nothing (more) to try; the reconnecting client gives up on it."""
+
+
+@final
+class UsageError(HeartbeatError):
+    """A command-line value that cannot be used; ``python -m trio_heartbeat`` prints it and exits 2."""

@@ -36,6 +36,7 @@ import trio
 
 from ._config import Config
 from ._connection import Connection, ConnectionOptions, EventListener, open_stream_connection
+from ._endpoints import peer_address
 from ._errors import ConnectionClosed
 from ._events import Event, HandshakeComplete, PeerHealthChanged
 from ._frames import CloseCode, HealthStatus, Role, encode_close
@@ -69,20 +70,6 @@ class ServerStatistics:
     refused: int
     completed_handshakes: int
     closed_by_code: dict[int, int]
-
-
-def _describe_address(stream: trio.abc.Stream) -> str | None:
-    socket = getattr(stream, "socket", None)
-    if socket is None:
-        return None
-    try:
-        peer = socket.getpeername()
-    except OSError:
-        return None
-    if isinstance(peer, tuple):
-        host, port = peer[0], peer[1]
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    return str(peer)
 
 
 def _describe_ending(ending: ConnectionClosed) -> str:
@@ -276,7 +263,7 @@ class Server:
 
     async def _serve_stream(self, stream: trio.abc.Stream, address: str | None) -> None:
         self._accepted += 1
-        address = address if address is not None else _describe_address(stream)
+        address = address if address is not None else peer_address(stream)
         if self.ssl_context is not None:
             # Before any refusal too: a TLS client can only read a CLOSE sent over TLS.
             stream = trio.SSLStream(stream, self.ssl_context, server_side=True)

@@ -35,20 +35,10 @@ from __future__ import annotations
 import logging
 import ssl
 from collections import deque
-from collections.abc import (
-    AsyncIterable,
-    AsyncIterator,
-    Awaitable,
-    Callable,
-    Iterable,
-    Iterator,
-    Sequence,
-)
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import dataclass, field
-from enum import Enum
 from math import inf
-from typing import Any, Final, Literal, final
+from typing import Any, Final, Literal, TypeAlias, final
 
 import trio
 
@@ -56,151 +46,48 @@ from ._backoff import DEFAULT_BACKOFF
 from ._client import open_connection
 from ._config import Config
 from ._connection import Connection, ConnectionOptions, EventListener, open_stream_connection
-from ._errors import BrokenConnection, ConnectionClosed, HeartbeatError, HeartbeatTimeout
+from ._endpoints import EndpointCycle, EndpointSource, format_endpoint
+from ._errors import (
+    BrokenConnection,
+    ConnectionClosed,
+    HeartbeatTimeout,
+    NoEndpointLeft,
+    ReconnectFailed,
+)
 from ._frames import CloseCode
 from ._groups import BaseExceptionGroup, reraise_single
 from ._keepalive import KeepaliveOptions
+from ._reconnect_events import (
+    AttemptFailed,
+    AttemptStarted,
+    BackingOff,
+    Connected,
+    Disconnected,
+    Stopped,
+    SupervisorEvent,
+    SupervisorListener,
+    SupervisorState,
+    describe,
+)
 
 __all__ = [
-    "AttemptFailed",
-    "AttemptStarted",
-    "BackingOff",
-    "Connected",
+    "DEFAULT_STOP_CODES",
     "Connector",
-    "Disconnected",
-    "Endpoint",
-    "EndpointSource",
-    "ReconnectFailed",
     "ReconnectingClient",
-    "Stopped",
-    "SupervisorEvent",
-    "SupervisorState",
     "open_reconnecting_client",
 ]
 
 logger = logging.getLogger("trio_heartbeat.supervisor")
 
-#: A server address: ``(host, port)``, or ``"host:port"``.
-Endpoint = tuple[str, int] | str
-#: Where endpoints come from: a fixed list, a function called for a fresh list
-#: whenever the last one is used up (sync or async), or an async iterable that
-#: yields the next endpoint to try each time (service discovery).
-EndpointSource = (
-    Sequence[Endpoint]
-    | Callable[[], Sequence[Endpoint] | Awaitable[Sequence[Endpoint]]]
-    | AsyncIterable[Endpoint]
-)
-
 #: Close codes after which the supervisor stops instead of reconnecting
-#: (PROTOCOL.md §5): refused credentials or policy, and replacement by a newer
+#: (THB/1 §5): refused credentials or policy, and replacement by a newer
 #: connection with the same id.
 DEFAULT_STOP_CODES: Final = frozenset({CloseCode.POLICY_VIOLATION, CloseCode.REPLACED})
 
 
-class SupervisorState(Enum):
-    """What the supervisor is doing."""
-
-    #: Not connected, and not yet trying (before the first attempt).
-    DISCONNECTED = "disconnected"
-    #: An attempt is under way.
-    CONNECTING = "connecting"
-    #: A connection is open.
-    CONNECTED = "connected"
-    #: Waiting out a backoff delay before the next attempt.
-    BACKING_OFF = "backing off"
-    #: Stopped for good: closed by the caller, or given up.
-    CLOSED = "closed"
-
-
-class ReconnectFailed(HeartbeatError):
-    """The supervisor stopped reconnecting.
-
-    Either a connection ended with a close code it does not retry (1008 or
-    4000 by default), the backoff policy ran out of delays, or the endpoint
-    source had no endpoint left to try. ``last_error`` is the
-    :class:`ConnectionClosed` of the last connection or attempt (``None`` if
-    there was none), and ``attempts`` counts the attempts since the last
-    connection that stayed up ``healthy_after`` seconds, as
-    :class:`AttemptStarted` numbers them. When the caller closed the client,
-    ``attempts`` is the total over its life.
-    """
-
-    def __init__(self, message: str, last_error: ConnectionClosed | None, attempts: int) -> None:
-        super().__init__(message)
-        self.last_error = last_error
-        self.attempts = attempts
-
-    def __reduce__(self) -> tuple[object, ...]:
-        # ``args`` holds only the message; the default would call ``cls(message)``.
-        return (type(self), (str(self), self.last_error, self.attempts), self.__dict__)
-
-
-class _NoEndpoint(Exception):
-    """The endpoint source has nothing left; the loop turns this into :class:`ReconnectFailed`."""
-
-
-# -- events ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class SupervisorEvent:
-    """Base class of everything the supervisor reports."""
-
-
-@dataclass(frozen=True, slots=True)
-class AttemptStarted(SupervisorEvent):
-    """Attempt number ``attempt`` (from 1, counted since the last healthy connection)."""
-
-    attempt: int
-    endpoint: str
-
-
-@dataclass(frozen=True, slots=True)
-class AttemptFailed(SupervisorEvent):
-    """An attempt did not reach OPEN."""
-
-    attempt: int
-    endpoint: str
-    error: ConnectionClosed
-
-
-@dataclass(frozen=True, slots=True)
-class Connected(SupervisorEvent):
-    """An attempt succeeded: the connection is OPEN."""
-
-    attempt: int
-    endpoint: str
-    connection: Connection = field(compare=False, repr=False)
-
-
-@dataclass(frozen=True, slots=True)
-class Disconnected(SupervisorEvent):
-    """A connection that was OPEN ended, after ``uptime`` seconds."""
-
-    endpoint: str
-    error: ConnectionClosed
-    uptime: float
-
-
-@dataclass(frozen=True, slots=True)
-class BackingOff(SupervisorEvent):
-    """Waiting ``delay`` seconds before attempt ``attempt``."""
-
-    attempt: int
-    delay: float
-
-
-@dataclass(frozen=True, slots=True)
-class Stopped(SupervisorEvent):
-    """The supervisor stopped for good; ``error`` is ``None`` when the caller closed it."""
-
-    error: ReconnectFailed | None
-
-
-SupervisorListener = Callable[[SupervisorEvent], None]
 #: Opens the transport to ``(host, port)``; replaces TCP, e.g. with in-memory
 #: streams in virtual-time tests (see :mod:`trio_heartbeat.testing`).
-Connector = Callable[[str, int], Awaitable[trio.abc.Stream]]
+Connector: TypeAlias = Callable[[str, int], Awaitable[trio.abc.Stream]]
 
 
 @asynccontextmanager
@@ -215,65 +102,6 @@ async def _open_with_connector(
         ) from exc
     async with open_stream_connection(stream, remote_address=endpoint, **kwargs) as conn:
         yield conn
-
-
-def _parse_endpoint(endpoint: Endpoint) -> tuple[str, int]:
-    if isinstance(endpoint, tuple):
-        return endpoint
-    host, sep, port = endpoint.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"endpoint must be 'host:port' or (host, port), not {endpoint!r}")
-    return host.strip("[]"), int(port)
-
-
-def _format_endpoint(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-class _Endpoints:
-    """Turns any :data:`EndpointSource` into "the next endpoint to try"."""
-
-    def __init__(self, source: EndpointSource) -> None:
-        self._source = source
-        self._pending: deque[Endpoint] = deque()
-        self._iterator: AsyncIterator[Endpoint] | None = None
-        if isinstance(source, str | tuple):
-            raise TypeError(
-                "endpoints must be a list of endpoints, a callable or an async iterable"
-            )
-        if isinstance(source, AsyncIterable):
-            self._iterator = aiter(source)
-        elif not callable(source) and not source:
-            raise ValueError("at least one endpoint is needed")
-
-    async def next(self) -> tuple[str, int]:
-        if self._iterator is not None:
-            try:
-                return _parse_endpoint(await anext(self._iterator))
-            except StopAsyncIteration:
-                raise _NoEndpoint("the endpoint source ran dry") from None
-        if not self._pending:
-            source = self._source
-            if callable(source):
-                listed = source()
-                if isinstance(listed, Awaitable):
-                    listed = await listed
-            else:
-                assert isinstance(source, Sequence)
-                listed = source
-            self._pending.extend(listed)
-            if not self._pending:
-                raise _NoEndpoint("the endpoint source returned no endpoints")
-        return _parse_endpoint(self._pending[0])
-
-    def failed(self) -> None:
-        """Move on from the endpoint just tried (it failed)."""
-        if not self._pending:
-            return
-        if callable(self._source):
-            self._pending.popleft()  # the next call to the source refreshes the list
-        else:
-            self._pending.rotate(-1)
 
 
 @final
@@ -311,7 +139,7 @@ class ReconnectingClient:
             raise ValueError("connect_timeout must be positive and healthy_after not negative")
         if when_full not in ("wait", "fail"):
             raise ValueError("when_full must be 'wait' or 'fail'")
-        self._endpoints = _Endpoints(endpoints)
+        self._endpoints = EndpointCycle(endpoints)
         self.config = config if config is not None else Config()
         self._options = options
         self._backoff = backoff
@@ -479,7 +307,7 @@ class ReconnectingClient:
             self._state_changed = trio.Event()
 
     def _emit(self, event: SupervisorEvent) -> None:
-        logger.info("%s", _describe(event))
+        logger.info("%s", describe(event))
         for listener in self._listeners:
             try:
                 listener(event)
@@ -515,13 +343,13 @@ class ReconnectingClient:
             wait_first = True
             try:
                 host, port = await self._endpoints.next()
-            except _NoEndpoint as exc:
+            except NoEndpointLeft as exc:
                 raise ReconnectFailed(
                     f"gave up after {attempt} attempt(s): {exc}", last_error, attempt
                 ) from None
             attempt += 1
             self.attempts += 1
-            endpoint = _format_endpoint(host, port)
+            endpoint = format_endpoint(host, port)
             self._set_state(SupervisorState.CONNECTING)
             self._emit(AttemptStarted(attempt, endpoint))
             error, uptime = await self._attempt(host, port, endpoint, attempt)
@@ -667,21 +495,6 @@ class ReconnectingClient:
         self._run_scope.cancel()
 
 
-def _describe(event: SupervisorEvent) -> str:
-    if isinstance(event, AttemptStarted):
-        return f"attempt {event.attempt}: connecting to {event.endpoint}"
-    if isinstance(event, AttemptFailed):
-        return f"attempt {event.attempt} to {event.endpoint} failed: {event.error}"
-    if isinstance(event, Connected):
-        return f"connected to {event.endpoint} (attempt {event.attempt})"
-    if isinstance(event, Disconnected):
-        return f"disconnected from {event.endpoint} after {event.uptime:.3f} s: {event.error}"
-    if isinstance(event, BackingOff):
-        return f"backing off {event.delay:.3f} s before attempt {event.attempt}"
-    assert isinstance(event, Stopped)
-    return f"stopped: {event.error}" if event.error else "stopped"
-
-
 @asynccontextmanager
 async def open_reconnecting_client(
     endpoints: EndpointSource,
@@ -717,7 +530,7 @@ async def open_reconnecting_client(
     (TCP, TLS and the THB/1 handshake together). The backoff starts over only
     once a connection has stayed up ``healthy_after`` seconds.
 
-    Close codes steer it (PROTOCOL.md §5): after 1001 it reconnects at once, to
+    Close codes steer it (THB/1 §5): after 1001 it reconnects at once, to
     the next endpoint; after a code in ``stop_codes`` (1008 and 4000 by
     default) it stops. When it stops, or the backoff runs out, the block is
     cancelled and :class:`ReconnectFailed` is raised. Leaving the block closes

@@ -36,15 +36,10 @@ from typing import Any, final
 
 import trio
 
+from .._endpoints import Endpoint, format_endpoint, parse_endpoint
 from .._groups import BaseExceptionGroup, reraise_single
 from .._server import Handler, Server
-from .._supervisor import (
-    Endpoint,
-    ReconnectingClient,
-    _format_endpoint,
-    _parse_endpoint,
-    open_reconnecting_client,
-)
+from .._supervisor import ReconnectingClient, open_reconnecting_client
 from ._faults import Faults
 from ._streams import faulty_stream_pair
 from ._wire import DEFAULT_BUFFER_SIZE
@@ -104,7 +99,7 @@ class MemoryHost:
     ) -> None:
         self.address = address
         #: ``"host:port"``, as the reconnecting client names it.
-        self.endpoint = _format_endpoint(*address)
+        self.endpoint = format_endpoint(*address)
         #: The THB/1 server behind this address (``None`` for a raw handler).
         self.server = server
         #: Fault controls shared by every connection to this host.
@@ -246,7 +241,7 @@ class MemoryNetwork:
 
     def host(self, endpoint: Endpoint) -> MemoryHost:
         """The host listening at ``endpoint``; :exc:`KeyError` if there is none."""
-        return self._hosts[_parse_endpoint(endpoint)]
+        return self._hosts[parse_endpoint(endpoint)]
 
     def _add(
         self,
@@ -255,9 +250,9 @@ class MemoryNetwork:
         server: Server | None,
         faults: Faults | None,
     ) -> MemoryHost:
-        address = _parse_endpoint(endpoint)
+        address = parse_endpoint(endpoint)
         if address in self._hosts:
-            raise OSError(errno.EADDRINUSE, f"address already in use: {_format_endpoint(*address)}")
+            raise OSError(errno.EADDRINUSE, f"address already in use: {format_endpoint(*address)}")
         host = MemoryHost(address, handler, server, Faults() if faults is None else faults)
         self._hosts[address] = host
         return host
@@ -279,7 +274,7 @@ class MemoryNetwork:
             if target is not None:
                 target.refused += 1
             raise ConnectionRefusedError(
-                errno.ECONNREFUSED, f"connection refused: {_format_endpoint(host, port)}"
+                errno.ECONNREFUSED, f"connection refused: {format_endpoint(host, port)}"
             )
         near, far, _ = faulty_stream_pair(target.faults, buffer_size=self._buffer_size)
         target.accepted += 1
