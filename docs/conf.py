@@ -66,15 +66,15 @@ from trio_heartbeat import *
 
 # -- our extensions (docs/_ext) ---------------------------------------------------
 
-# thb_states draws the state machine from trio_heartbeat._protocol.TRANSITIONS,
+# thb_states draws the state machine from trio_heartbeat._state.TRANSITIONS,
 # thb_cli the command line's options from its argument parser, and thb_reexports
 # checks that every public name of these modules is documented.
 thb_public_modules = ["trio_heartbeat", "trio_heartbeat.testing"]
 
-# thb_spec: where PROTOCOL.md, the THB/1 contract, is published. It is shipped
-# beside the package, not built into these pages; with "" the {thb-spec} role
-# renders plain text ("PROTOCOL.md §4") instead of a link.
-thb_protocol_url = ""
+# thb_spec: the page that holds THB/1, the protocol specification. The
+# {thb-spec} role links to its numbered sections ({thb-spec}`§4` renders
+# "THB/1 §4"), through the (thb-spec-4)= targets above them.
+thb_spec_doc = "protocol"
 
 # -- HTML -----------------------------------------------------------------------
 

@@ -1,6 +1,6 @@
 """THB/1 conformance: raw bytes against ``python -m trio_heartbeat serve``.
 
-Every frame in this module is built and parsed by hand from PROTOCOL.md, never
+Every frame in this module is built and parsed by hand from the THB/1 specification (docs/protocol.md), never
 with the library's codec, so that these tests hold the server to the spec
 rather than the codec to itself; the first test checks the hand-built frames
 against the spec's own vectors (§7). The server runs as a real subprocess,
@@ -38,7 +38,7 @@ import trio
 
 pytestmark = pytest.mark.slow
 
-# -- the wire, by hand (PROTOCOL.md §2, §3, §5, §6) --------------------------------
+# -- the wire, by hand (THB/1 §2, §3, §5, §6) --------------------------------
 
 HELLO, DATA, PING, PONG, CLOSE = 0x01, 0x02, 0x03, 0x04, 0x05
 SERVER_ROLE, CLIENT_ROLE = 0, 1

@@ -233,7 +233,7 @@ def encoded_frames(draw: st.DrawFn) -> EncodedFrame:
         payload = draw(st.binary(max_size=300))
         return encode_data(payload), kind, payload
     if kind is FrameType.CLOSE:
-        code = draw(st.integers(0, 0xFFFF))
+        code = draw(st.integers(0, 0xFFFF).filter(lambda code: code != CloseCode.ABNORMAL_CLOSURE))
         reason = draw(st.text(max_size=80))
         expected_reason = truncate_reason(reason).decode("utf-8")
         return encode_close(code, reason), kind, Close(code, expected_reason)
@@ -607,7 +607,7 @@ def test_close_code_out_of_range_is_a_value_error(code: int) -> None:
     # (the old code reported ``code & 0xFFFF``, which is 1000 for 0x103E8).
     with pytest.raises(ValueError, match=f"close code must be 0 to 65535, not {code}") as info:
         encode_close(code)
-    assert not isinstance(info.value, LocalProtocolError)
+    assert type(info.value) is ValueError  # not a ProtocolError of any kind
 
 
 def test_close_reason_is_truncated_at_a_character_boundary() -> None:
@@ -648,3 +648,16 @@ def test_heartbeat_status_may_be_a_plain_int_but_must_name_a_status() -> None:
     nine: Any = 9
     with pytest.raises(ValueError, match="is not a valid HealthStatus"):
         encode_pong(b"12345678", nine)
+
+
+def test_1006_never_travels() -> None:
+    # THB/1 §5.5: 1006 says an ending had no CLOSE; it is never encoded, and a
+    # CLOSE that carries it is a protocol error.
+    with pytest.raises(ValueError, match="1006 is never sent"):
+        encode_close(CloseCode.ABNORMAL_CLOSURE)
+    decoder = FrameDecoder()
+    decoder.receive_data(DATA_HI + header(0x05, 2) + (1006).to_bytes(2, "big"))
+    assert decoder.frames() == [b"hi"]
+    with pytest.raises(RemoteProtocolError, match="1006") as info:
+        decoder.frames()
+    assert info.value.code == CloseCode.PROTOCOL_ERROR

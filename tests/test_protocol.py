@@ -1,6 +1,6 @@
 """Example and property tests for the THB/1 state machine (trio_heartbeat._protocol).
 
-One test per rule of PROTOCOL.md, in virtual time: every ``now`` is passed
+One test per rule of THB/1 (docs/protocol.md), in virtual time: every ``now`` is passed
 explicitly and every deadline is checked exactly. Times are chosen as binary
 fractions so that float arithmetic is exact; a client's PING deadlines, which
 involve ``CLIENT_LEAD``, are computed here the way the core computes them. The
@@ -196,7 +196,8 @@ def test_config_announces_whole_milliseconds() -> None:
         ({"close_timeout": -0.5}, "close_timeout not negative"),
         ({"instance_id": "x" * 65}, "instance_id must be at most 64"),
         ({"instance_id": "é" * 33}, "instance_id must be at most 64"),
-        ({"max_ping_strikes": 0}, "max_ping_strikes must be at least 1"),
+        ({"max_ping_strikes": 0}, "max_ping_strikes must be at least 3"),
+        ({"max_ping_strikes": 2}, "max_ping_strikes must be at least 3"),
         ({"status": 7}, "is not a valid HealthStatus"),
     ],
 )
@@ -1091,8 +1092,10 @@ def test_strike_limit_is_configurable() -> None:
         ping_at(server, 1.0)
     assert server.ping_strikes == 99
     assert state(server) is State.OPEN
-    server, _ = open_pair(Config(max_ping_strikes=1))
-    ping_at(server, 1.0)
+    server, _ = open_pair(Config(max_ping_strikes=4))
+    for _ in range(4):
+        ping_at(server, 1.0)
+    assert server.ping_strikes == 3
     server.data_to_send()
     expect_error(server, encode_ping(bytes(8), HealthStatus.SERVING), 1.0, 1008)
 
@@ -1565,7 +1568,7 @@ def test_alternating_early_and_on_time_pings_never_close() -> None:
     assert types(server.data_to_send()) == [FrameType.PONG] * 20
 
 
-@pytest.mark.parametrize("limit", [1, 2, 3, 5])
+@pytest.mark.parametrize("limit", [3, 4, 5])
 def test_exactly_max_ping_strikes_early_pings_in_a_row_close_with_1008(limit: int) -> None:
     server, _ = open_pair(Config(max_ping_strikes=limit))
     ping_at(server, 1.0)
@@ -1595,3 +1598,25 @@ def test_an_on_time_ping_after_two_early_ones_resets_the_count() -> None:
     assert state(server) is State.OPEN
     server.data_to_send()
     expect_error(server, encode_ping(bytes(8), HealthStatus.SERVING), 2.125, 1008)
+
+
+def test_a_close_with_1006_is_a_protocol_error_and_is_not_echoed() -> None:
+    # THB/1 §5.5: 1006 only describes an ending without CLOSE; it never travels.
+    server, client = open_pair()
+    payload = (1006).to_bytes(2, "big") + b"lost?"
+    frame = bytes((0x05, 0)) + len(payload).to_bytes(4, "big") + payload
+    message = expect_error(client, frame, 1.0, 1002)
+    assert "1006" in message
+    with pytest.raises(ValueError, match="1006 is never sent"):
+        server.close(CloseCode.ABNORMAL_CLOSURE, now=1.0)
+    assert state(server) is State.OPEN  # refused before anything changed
+
+
+def test_the_close_for_a_protocol_error_counts_as_a_frame_sent() -> None:
+    # Every CLOSE is counted in frames_out and moves last_sent, the protocol
+    # error's too (it was queued without either).
+    server, client = open_pair()
+    sent = client.counters.frames_out
+    expect_error(client, bytes.fromhex("09 00 00 00 00 00"), 2.5, 1002)
+    assert client.counters.frames_out == sent + 1
+    assert client.last_sent == 2.5

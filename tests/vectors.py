@@ -1,4 +1,4 @@
-"""The test vectors of PROTOCOL.md §7, byte for byte, shared by the codec and protocol tests."""
+"""The test vectors of THB/1 §7 (docs/protocol.md), byte for byte, shared by the codec and protocol tests."""
 
 from __future__ import annotations
 

@@ -38,6 +38,7 @@ class Config:
     client with a secret signs its HELLO. ``max_ping_strikes`` is how many
     too-early PINGs in a row close the connection with 1008 (``None`` never
     does); a PING at the agreed spacing, or a DATA frame, clears the count.
+    THB/1 §4.6 forbids closing before the third, so it is at least 3.
 
     Raises :exc:`ValueError` for a value THB/1 cannot carry or that makes no
     sense (a timeout of zero, an id over 64 bytes, ``max_frame`` below 1024).
@@ -69,6 +70,6 @@ class Config:
             raise ValueError("handshake_timeout must be positive and close_timeout not negative")
         if len(self.instance_id.encode("utf-8")) > MAX_ID_BYTES:
             raise ValueError(f"instance_id must be at most {MAX_ID_BYTES} bytes in UTF-8")
-        if self.max_ping_strikes is not None and self.max_ping_strikes < 1:
-            raise ValueError("max_ping_strikes must be at least 1, or None")
+        if self.max_ping_strikes is not None and self.max_ping_strikes < 3:
+            raise ValueError("max_ping_strikes must be at least 3 (THB/1 §4.6), or None")
         HealthStatus(self.status)

@@ -5,7 +5,7 @@ watchdog deadline. It sees every frame's arrival time through :meth:`record`
 and answers :meth:`suspect_at`: the moment at which, if nothing more arrives,
 the peer should be declared dead.
 
-The core clamps whatever a detector says into the window PROTOCOL.md §4
+The core clamps whatever a detector says into the window THB/1 §4.2 (docs/protocol.md)
 allows: never later than ``last_arrival + timeout`` (the side's own
 ``timeout_ms``), and never sooner than two of the peer's send intervals after
 the last arrival, so that one lost heartbeat is never enough. A detector can
@@ -77,7 +77,7 @@ class PhiAccrualDetector:
     phi reaches ``threshold``, in closed form: ``last_arrival +
     acceptable_pause + mean + std * z``, where ``z`` is the standard normal
     quantile of ``1 - 10 ** -threshold`` (about 5.61 for the default of 8).
-    The protocol core clamps that moment into PROTOCOL.md §4's window, so the
+    The protocol core clamps that moment into the window of THB/1 §4.2, so the
     detector can convict sooner than the configured timeout but never after
     less than two of the peer's send intervals of silence.
 

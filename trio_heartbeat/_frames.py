@@ -350,7 +350,12 @@ def _parse_pong(payload: bytes) -> Pong:
 
 
 def _parse_close(payload: bytes) -> Close:
-    return Close(*decode_close(payload))
+    close = Close(*decode_close(payload))
+    if close.code == CloseCode.ABNORMAL_CLOSURE:
+        # THB/1 §5.5: 1006 only ever describes an ending locally; on the wire
+        # it is a protocol error, and is not echoed.
+        raise _protocol_error("CLOSE with code 1006, which is never sent")
+    return close
 
 
 #: The payload sizes each control frame type may have, inclusive; DATA is
@@ -435,12 +440,15 @@ def encode_close(code: int, reason: str = "") -> bytes:
     >>> encode_close(1000).hex(" ")
     '05 00 00 00 00 02 03 e8'
 
-    Any 16-bit code is accepted. A code outside 0 to 65535 cannot be put on
-    the wire at all and raises :class:`ValueError`: it is a bad argument,
-    not a protocol violation, so there is no close code to report for it.
+    Any 16-bit code but 1006 is accepted. 1006 describes an ending without a
+    CLOSE and is never sent (THB/1 §5.5), and a code outside 0 to 65535
+    cannot be put on the wire at all: both raise :class:`ValueError`, a bad
+    argument rather than a protocol violation.
     """
     if not 0 <= code <= 0xFFFF:
         raise ValueError(f"close code must be 0 to 65535, not {code}")
+    if code == CloseCode.ABNORMAL_CLOSURE:
+        raise ValueError("close code 1006 is never sent: it says a connection ended without CLOSE")
     payload = _CLOSE_CODE.pack(code) + truncate_reason(reason)
     return _pack_header(FrameType.CLOSE, 0, len(payload)) + payload
 

@@ -1,13 +1,18 @@
-"""Sphinx extension: references to PROTOCOL.md, the THB/1 contract.
+"""Sphinx extension: links to the sections of THB/1, the protocol specification.
 
-The contract is shipped beside the package, not built into these pages, so a
-page points at it with the ``thb-spec`` role rather than copying it::
+The specification is a page of these docs (``thb_spec_doc`` in ``conf.py``,
+``protocol`` by default). Each of its numbered sections and subsections carries
+an explicit MyST target named after its number, ``(thb-spec-4)=`` above §4 and
+``(thb-spec-4-6)=`` above §4.6, and the ``thb-spec`` role links to them::
 
-    {thb-spec}`§4`            ->  PROTOCOL.md §4
-    {thb-spec}`the send rule <§4>`
+    {thb-spec}`§4`                  ->  THB/1 §4   (a link to §4)
+    {thb-spec}`§4.6`                ->  THB/1 §4.6
+    {thb-spec}`the rate rule <§4.6>` ->  the rate rule
 
-With ``thb_protocol_url`` set in ``conf.py`` the reference links there;
-otherwise it is plain text, and the build needs no network.
+On the specification's own page the default text is just the number (``§4.6``).
+The role makes an ordinary ``std:ref`` cross-reference, so a section that does
+not exist is reported as an undefined label and fails a ``-W`` build; a text
+that is not a section number at all is an error at once.
 """
 
 from __future__ import annotations
@@ -17,11 +22,21 @@ from typing import Any
 
 from docutils import nodes
 from docutils.parsers.rst.states import Inliner
+from sphinx import addnodes
 from sphinx.application import Sphinx
 
-__all__ = ["setup"]
+__all__ = ["label_for", "setup"]
 
 _EXPLICIT = re.compile(r"^(?P<title>.+?)\s*<(?P<target>[^<>]+)>$", re.DOTALL)
+_SECTION = re.compile(r"^§(?P<number>[1-9][0-9]*(?:\.[1-9][0-9]*)?)$")
+
+
+def label_for(section: str) -> str | None:
+    """The target name of a section number such as ``§4`` or ``§4.6``, or ``None``."""
+    match = _SECTION.match(section.strip())
+    if match is None:
+        return None
+    return "thb-spec-" + match["number"].replace(".", "-")
 
 
 def spec_role(
@@ -34,17 +49,36 @@ def spec_role(
     content: list[str] | None = None,
 ) -> tuple[list[nodes.Node], list[nodes.system_message]]:
     """``{thb-spec}`§4``` or ``{thb-spec}`title <§4>```."""
+    env = inliner.document.settings.env
     match = _EXPLICIT.match(text)
-    title = match["title"] if match else f"PROTOCOL.md {text.strip()}".rstrip()
-    url: str = inliner.document.settings.env.config.thb_protocol_url
-    if url:
-        node: nodes.Element = nodes.reference(rawtext, title, refuri=url)
+    section = (match["target"] if match else text).strip()
+    label = label_for(section)
+    if label is None:
+        message = inliner.reporter.error(
+            f"thb-spec: {section!r} is not a THB/1 section number such as §4 or §4.6",
+            line=lineno,
+        )
+        return [inliner.problematic(rawtext, rawtext, message)], [message]
+    if match:
+        title = match["title"]
+    elif env.docname == env.config.thb_spec_doc:
+        title = section
     else:
-        node = nodes.inline(rawtext, title, classes=["thb-spec"])
+        title = f"THB/1 {section}"
+    node = addnodes.pending_xref(
+        rawtext,
+        refdomain="std",
+        reftype="ref",
+        reftarget=label,
+        refexplicit=True,
+        refwarn=True,
+        refdoc=env.docname,
+    )
+    node += nodes.inline(title, title, classes=["xref", "std", "std-ref", "thb-spec"])
     return [node], []
 
 
 def setup(app: Sphinx) -> dict[str, Any]:
-    app.add_config_value("thb_protocol_url", "", "env", types=frozenset({str}))
+    app.add_config_value("thb_spec_doc", "protocol", "env", types=frozenset({str}))
     app.add_role("thb-spec", spec_role)
-    return {"version": "1", "parallel_read_safe": True, "parallel_write_safe": True}
+    return {"version": "2", "parallel_read_safe": True, "parallel_write_safe": True}
