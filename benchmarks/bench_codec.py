@@ -8,7 +8,7 @@ slice out the payload, advance. It checks nothing and never meets a partial
 frame. :class:`~trio_heartbeat.FrameDecoder` is timed on the same buffer fed
 whole, and fed in 64 KiB chunks as a reader calling ``receive_some(65536)``
 would, where frames straddle chunk boundaries and must be joined. With every
-check of PROTOCOL.md §2 in place it should reach :data:`DECODE_TARGET` of the
+check of THB/1 §2 (docs/protocol.md) in place it should reach :data:`DECODE_TARGET` of the
 baseline's frames per second when fed as the runtime feeds it (64 KiB chunks,
 through the batch ``frames()`` call the protocol core uses); that row says PASS
 or FAIL. The whole-buffer row is for contrast only.
