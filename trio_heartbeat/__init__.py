@@ -58,10 +58,9 @@ from ._frames import Pong as Pong
 from ._frames import Role as Role
 from ._handshake import compute_auth as compute_auth
 from ._keepalive import KeepaliveOptions as KeepaliveOptions
+from ._keepalive import SupportsSockopt as SupportsSockopt
 from ._keepalive import apply_keepalive as apply_keepalive
 from ._keepalive import read_keepalive as read_keepalive
-from ._liveness import LivenessRegistry as LivenessRegistry
-from ._liveness import PeerInfo as PeerInfo
 from ._protocol import HeartbeatProtocol as HeartbeatProtocol
 from ._reconnect_events import AttemptFailed as AttemptFailed
 from ._reconnect_events import AttemptStarted as AttemptStarted
@@ -72,6 +71,8 @@ from ._reconnect_events import Stopped as Stopped
 from ._reconnect_events import SupervisorEvent as SupervisorEvent
 from ._reconnect_events import SupervisorListener as SupervisorListener
 from ._reconnect_events import SupervisorState as SupervisorState
+from ._registry import LivenessRegistry as LivenessRegistry
+from ._registry import PeerInfo as PeerInfo
 from ._server import Handler as Handler
 from ._server import Server as Server
 from ._server import ServerStatistics as ServerStatistics

@@ -32,13 +32,10 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import NamedTuple, Protocol, final
 
-import trio
-
 __all__ = [
     "KeepaliveOptions",
     "SupportsSockopt",
     "apply_keepalive",
-    "apply_to_stream",
     "read_keepalive",
 ]
 
@@ -238,20 +235,6 @@ def read_keepalive(sock: SupportsSockopt) -> KeepaliveOptions:
         count=count or None,
         user_timeout=user_timeout_ms / 1000 if user_timeout_ms else None,
     )
-
-
-def apply_to_stream(stream: trio.SocketStream, options: KeepaliveOptions) -> None:
-    """:func:`apply_keepalive` on the socket under a :class:`trio.SocketStream`.
-
-    For TLS, pass the :class:`trio.SSLStream`'s ``transport_stream``. Errors
-    are those of :func:`apply_keepalive`; the stream stays open either way.
-
-    >>> async def connect(port: int) -> trio.SocketStream:
-    ...     stream = await trio.open_tcp_stream("127.0.0.1", port)
-    ...     apply_to_stream(stream, KeepaliveOptions.from_heartbeat(1.0, 3.0))
-    ...     return stream
-    """
-    apply_keepalive(stream.socket, options)
 
 
 # -- the platform's option numbers ----------------------------------------------

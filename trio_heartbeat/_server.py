@@ -42,7 +42,7 @@ from ._events import Event, HandshakeComplete, PeerHealthChanged
 from ._frames import CloseCode, HealthStatus, Role, encode_close
 from ._groups import BaseExceptionGroup, reraise_single
 from ._keepalive import KeepaliveOptions, resolve_keepalive, try_apply_keepalive
-from ._liveness import LivenessRegistry
+from ._registry import LivenessRegistry
 
 __all__ = ["Handler", "Server", "ServerStatistics", "serve_tcp"]
 
@@ -292,7 +292,7 @@ class Server:
                 self._handshaking -= 1
                 self._settle_handshake()
                 self._completed += 1
-                replaced = self.registry._add(conn)
+                replaced = self.registry.add(conn)
                 if conn.health is not self.config.status:
                     # set_health() ran during this handshake, after our HELLO.
                     conn.set_health(self.config.status)
@@ -321,7 +321,7 @@ class Server:
                 self._handshaking -= 1
                 self._settle_handshake()
             if conn is not None:
-                self.registry._remove(conn)
+                self.registry.remove(conn)
             self._active -= 1
             if self._active == 0:
                 self._idle.set()
@@ -349,7 +349,7 @@ class Server:
                 event.previous.name,
                 event.status.name,
             )
-            self.registry._health_changed(conn)
+            self.registry.health_changed(conn)
         elif type(event) is HandshakeComplete:
             logger.info("%s: connected, id %r", conn.remote_address, event.peer.instance_id)
 

@@ -221,18 +221,18 @@ async def test_registry_bookkeeping_on_its_own(autojump_clock: trio.testing.Mock
     registry = LivenessRegistry()
     client_config = Config(instance_id="client-side")
     async with connection_pair(client_config=client_config) as pair:
-        assert registry._add(pair.server) is None
+        assert registry.add(pair.server) is None
         # A client-role connection is listed but never indexed by id.
-        assert registry._add(pair.client) is None
+        assert registry.add(pair.client) is None
         assert len(registry) == 2
         assert "client-side" in registry
         assert registry.connection("client-side") is pair.server
-        registry._health_changed(pair.client)
+        registry.health_changed(pair.client)
         assert registry.version == 3
-        registry._remove(pair.server)
-        registry._remove(pair.server)  # a second removal changes nothing
+        registry.remove(pair.server)
+        registry.remove(pair.server)  # a second removal changes nothing
         assert registry.version == 4
         assert "client-side" not in registry
-        registry._health_changed(pair.server)  # no longer listed: no bump
+        registry.health_changed(pair.server)  # no longer listed: no bump
         assert registry.version == 4
         assert [info.peer_id for info in registry] == [""]

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 __all__ = ["LivenessRegistry", "PeerInfo"]
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class PeerInfo:
     """One open peer, as the server sees it at the moment of the snapshot.
@@ -120,15 +121,16 @@ class LivenessRegistry:
         while not predicate(self):
             await self.wait_changed()
 
-    # -- maintained by the server ------------------------------------------------
+    # -- kept up to date by the server -----------------------------------------
 
-    def _bump(self) -> None:
-        self.version += 1
-        self._changed.set()
-        self._changed = trio.Event()
+    def add(self, conn: Connection) -> Connection | None:
+        """List ``conn``, whose handshake is done; return the older connection it replaces.
 
-    def _add(self, conn: Connection) -> Connection | None:
-        """List ``conn``; return the older connection with the same id, which it replaces."""
+        The server calls this (and :meth:`remove` and :meth:`health_changed`)
+        for its own connections; call it yourself only for connections you
+        serve by hand. A server connection with a non-empty peer id takes the
+        id over from an older one, which the caller closes with 4000.
+        """
         self._connections[conn] = None
         replaced = None
         peer_id = conn.peer_id
@@ -138,7 +140,8 @@ class LivenessRegistry:
         self._bump()
         return replaced
 
-    def _remove(self, conn: Connection) -> None:
+    def remove(self, conn: Connection) -> None:
+        """Unlist ``conn``, however it ended; removing one that is not listed changes nothing."""
         if conn in self._connections:
             del self._connections[conn]
             peer_id = conn.peer_id
@@ -146,6 +149,12 @@ class LivenessRegistry:
                 del self._by_id[peer_id]
             self._bump()
 
-    def _health_changed(self, conn: Connection) -> None:
+    def health_changed(self, conn: Connection) -> None:
+        """``conn``'s peer reported a different health status: wake the waiters."""
         if conn in self._connections:
             self._bump()
+
+    def _bump(self) -> None:
+        self.version += 1
+        self._changed.set()
+        self._changed = trio.Event()
