@@ -13,10 +13,18 @@ nox.options.sessions = ["tests", "lint", "typecheck"]
 PYTHON = os.environ.get("NOX_PYTHON") or None
 #: Modules with no I/O: their coverage must stay at 100% of statements and branches.
 SANS_IO = [
-    "trio_heartbeat/_frames.py",
-    "trio_heartbeat/_protocol.py",
-    "trio_heartbeat/_detectors.py",
     "trio_heartbeat/_backoff.py",
+    "trio_heartbeat/_config.py",
+    "trio_heartbeat/_detectors.py",
+    "trio_heartbeat/_errors.py",
+    "trio_heartbeat/_events.py",
+    "trio_heartbeat/_frames.py",
+    "trio_heartbeat/_handshake.py",
+    "trio_heartbeat/_pings.py",
+    "trio_heartbeat/_protocol.py",
+    "trio_heartbeat/_rate.py",
+    "trio_heartbeat/_silence.py",
+    "trio_heartbeat/_state.py",
 ]
 
 

@@ -31,7 +31,7 @@ import trio.testing
 
 from trio_heartbeat import Connection, Server, serve_tcp
 from trio_heartbeat._config import Config
-from trio_heartbeat._connection import ConnectionOptions, EventListener, open_stream_connection
+from trio_heartbeat._connection import EventListener
 from trio_heartbeat._frames import (
     HEADER_SIZE,
     Close,
@@ -52,6 +52,8 @@ from trio_heartbeat._frames import (
     encode_pong,
 )
 from trio_heartbeat._handshake import compute_auth
+from trio_heartbeat._options import ConnectionOptions
+from trio_heartbeat._stream_connection import open_stream_connection
 
 LOOPBACK = "127.0.0.1"
 #: The nonce every raw client puts in its HELLO.

@@ -26,11 +26,13 @@ from helpers import ScriptedPeer, WrappedStream, living_tasks
 from trio.testing import MockClock
 
 from trio_heartbeat._config import Config
-from trio_heartbeat._connection import Connection, ConnectionOptions, open_stream_connection
+from trio_heartbeat._connection import Connection
 from trio_heartbeat._errors import ConnectionClosed
 from trio_heartbeat._events import Event, HandshakeComplete
 from trio_heartbeat._frames import CloseCode, FrameType, Role
+from trio_heartbeat._options import ConnectionOptions
 from trio_heartbeat._state import State
+from trio_heartbeat._stream_connection import open_stream_connection
 
 CONFIG = Config(interval=1.0, timeout=3.0)
 

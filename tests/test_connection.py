@@ -22,12 +22,7 @@ from helpers import ScriptedPeer, WrappedStream, connection_pair, hello_frame, o
 from trio.testing import MockClock
 
 from trio_heartbeat._config import Config
-from trio_heartbeat._connection import (
-    _BATCH_BYTES,
-    Connection,
-    ConnectionOptions,
-    open_stream_connection,
-)
+from trio_heartbeat._connection import Connection
 from trio_heartbeat._detectors import FailureDetector
 from trio_heartbeat._errors import (
     BrokenConnection,
@@ -47,7 +42,10 @@ from trio_heartbeat._events import (
 )
 from trio_heartbeat._frames import CloseCode, FrameType, HealthStatus, Role, encode_frame
 from trio_heartbeat._handshake import CLIENT_LEAD
+from trio_heartbeat._options import ConnectionOptions
 from trio_heartbeat._state import State
+from trio_heartbeat._stream_connection import open_stream_connection
+from trio_heartbeat._writer import _BATCH_BYTES
 
 #: One second between PINGs, dead after three of silence: the defaults, spelled out.
 CONFIG = Config(interval=1.0, timeout=3.0)

@@ -28,16 +28,14 @@ from test_connection import (
 from trio.testing import MockClock
 
 from trio_heartbeat._config import Config
-from trio_heartbeat._connection import (
-    _BEST_EFFORT_SECONDS,
-    Connection,
-    ConnectionOptions,
-    open_stream_connection,
-)
+from trio_heartbeat._connection import Connection
 from trio_heartbeat._errors import BrokenConnection, ConnectionClosed, HeartbeatTimeout
 from trio_heartbeat._frames import CloseCode, FrameDecoder, FrameType, Role
 from trio_heartbeat._handshake import CLIENT_LEAD
+from trio_heartbeat._options import ConnectionOptions
 from trio_heartbeat._state import State
+from trio_heartbeat._stream_connection import open_stream_connection
+from trio_heartbeat._writer import BEST_EFFORT_SECONDS
 
 
 def how_it_ended(conn: Connection) -> tuple[type[ConnectionClosed], int, bool]:
@@ -561,7 +559,7 @@ async def test_an_answering_close_nobody_reads_is_given_up_after_a_short_while(
             assert trio.current_time() == 0.5
             await trio.sleep_until(0.75)
             # Given up by the writer itself, while the block still ran.
-            assert stream.interrupted_at == 0.5 + _BEST_EFFORT_SECONDS
+            assert stream.interrupted_at == 0.5 + BEST_EFFORT_SECONDS
             assert frame_types(stream.writes[-1]) == [FrameType.CLOSE]
         # The peer's orderly close is no failure, and nothing was left to wait for.
         assert trio.current_time() == 0.75

@@ -273,7 +273,9 @@ async def test_accepted_stream_gets_options_rounded_up(
     tcp_pair: tuple[trio.SocketStream, trio.SocketStream],
 ) -> None:
     _, server = tcp_pair
-    apply_keepalive(server.socket, KeepaliveOptions(idle=1.2, interval=0.1, count=5, user_timeout=0.0015))
+    apply_keepalive(
+        server.socket, KeepaliveOptions(idle=1.2, interval=0.1, count=5, user_timeout=0.0015)
+    )
     assert kernel_values(server.socket) == (1, 2, 1, 5, 2)
     assert read_keepalive(server) == KeepaliveOptions(
         idle=2.0, interval=1.0, count=5, user_timeout=0.002

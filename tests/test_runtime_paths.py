@@ -3,7 +3,7 @@ writer started on demand, the class-based context manager, and end waiters.
 
 On a plain :class:`trio.SocketStream` the reader reads with ``os.read`` and
 answers with a non-blocking ``os.write``; these tests run over real loopback
-TCP and put a stand-in for the ``os`` module into ``_connection`` only
+TCP and put a stand-in for the ``os`` module into ``_transport`` only
 (:class:`FakeOs`), which cuts writes short, makes them fail or would-block,
 and fails a read once, on one descriptor. Everything else runs over memory
 streams in virtual time with exact times. Which tasks exist, and which task
@@ -36,15 +36,9 @@ from test_connection_paths import stalling_stream_and_peer
 from trio.lowlevel import Task
 from trio.testing import MockClock
 
-from trio_heartbeat import _connection
+from trio_heartbeat import _transport
 from trio_heartbeat._config import Config
-from trio_heartbeat._connection import (
-    _READER_NAME,
-    _WRITER_NAME,
-    Connection,
-    ConnectionOptions,
-    open_stream_connection,
-)
+from trio_heartbeat._connection import _READER_NAME, Connection
 from trio_heartbeat._detectors import FailureDetector
 from trio_heartbeat._errors import BrokenConnection, ConnectionClosed
 from trio_heartbeat._events import Event, PingReceived
@@ -58,7 +52,10 @@ from trio_heartbeat._frames import (
 )
 from trio_heartbeat._groups import BaseExceptionGroup
 from trio_heartbeat._handshake import CLIENT_LEAD
+from trio_heartbeat._options import ConnectionOptions
 from trio_heartbeat._state import State
+from trio_heartbeat._stream_connection import open_stream_connection
+from trio_heartbeat._writer import _TASK_NAME as _WRITER_NAME
 
 #: A PONG frame, header included.
 PONG_SIZE = len(encode_pong(bytes(8), HealthStatus.SERVING))
@@ -140,11 +137,11 @@ def memory_stream_and_peer() -> tuple[WhoWrites, ScriptedPeer]:
     return WhoWrites(ours), ScriptedPeer(theirs)
 
 
-# -- real sockets, and a stand-in for os inside _connection -------------------------
+# -- real sockets, and a stand-in for os inside _transport -------------------------
 
 
 class FakeOs:
-    """Stands in for the ``os`` module inside ``_connection`` (its only uses: read, write).
+    """Stands in for the ``os`` module inside ``_transport`` (its only uses: read, write).
 
     Every call goes to the real ``os``. On the descriptor :attr:`target` it can
     write at most :attr:`write_limit` bytes per call, raise the errors queued
@@ -191,9 +188,9 @@ class FakeOs:
 
 @pytest.fixture
 def fake_os(monkeypatch: pytest.MonkeyPatch) -> FakeOs:
-    """A :class:`FakeOs` as ``_connection.os`` for the test (the real module is untouched)."""
+    """A :class:`FakeOs` as ``_transport.os`` for the test (the real module is untouched)."""
     fake = FakeOs()
-    monkeypatch.setattr(_connection, "os", fake)
+    monkeypatch.setattr(_transport, "os", fake)
     return fake
 
 

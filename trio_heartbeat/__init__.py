@@ -19,10 +19,8 @@ from ._backoff import FullJitterBackoff as FullJitterBackoff
 from ._client import open_connection as open_connection
 from ._config import Config as Config
 from ._connection import Connection as Connection
-from ._connection import ConnectionOptions as ConnectionOptions
 from ._connection import ConnectionStatistics as ConnectionStatistics
 from ._connection import EventListener as EventListener
-from ._connection import open_stream_connection as open_stream_connection
 from ._detectors import FailureDetector as FailureDetector
 from ._detectors import FixedTimeout as FixedTimeout
 from ._detectors import PhiAccrualDetector as PhiAccrualDetector
@@ -61,6 +59,7 @@ from ._keepalive import KeepaliveOptions as KeepaliveOptions
 from ._keepalive import SupportsSockopt as SupportsSockopt
 from ._keepalive import apply_keepalive as apply_keepalive
 from ._keepalive import read_keepalive as read_keepalive
+from ._options import ConnectionOptions as ConnectionOptions
 from ._protocol import HeartbeatProtocol as HeartbeatProtocol
 from ._reconnect_events import AttemptFailed as AttemptFailed
 from ._reconnect_events import AttemptStarted as AttemptStarted
@@ -78,6 +77,7 @@ from ._server import Server as Server
 from ._server import ServerStatistics as ServerStatistics
 from ._server import serve_tcp as serve_tcp
 from ._state import State as State
+from ._stream_connection import open_stream_connection as open_stream_connection
 from ._supervisor import DEFAULT_STOP_CODES as DEFAULT_STOP_CODES
 from ._supervisor import Connector as Connector
 from ._supervisor import ReconnectingClient as ReconnectingClient

@@ -10,10 +10,12 @@ from contextlib import asynccontextmanager
 import trio
 
 from ._config import Config
-from ._connection import Connection, ConnectionOptions, EventListener, open_stream_connection
+from ._connection import Connection, EventListener
 from ._errors import BrokenConnection, HeartbeatTimeout
 from ._frames import CloseCode, Role
 from ._keepalive import KeepaliveOptions, resolve_keepalive, try_apply_keepalive
+from ._options import ConnectionOptions
+from ._stream_connection import open_stream_connection
 
 __all__ = ["open_connection"]
 

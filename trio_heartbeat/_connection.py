@@ -1,58 +1,24 @@
-"""One THB/1 connection over a Trio stream: a reader that is also the watchdog,
-and a writer when there is something to write, in a nursery inside one cancel
-scope that failure cancels.
+"""One THB/1 connection over a Trio stream: the public face, and how a connection ends.
 
 Theory of operation
 -------------------
-:func:`open_stream_connection` runs the whole connection, the caller's
-``async with`` block included, inside one cancel scope (the nursery's). In it:
+A :class:`Connection` is what the application holds. It owns the sans-IO
+protocol core and two sides: the :class:`~trio_heartbeat._reader.Reader`
+(the reader task, which is also the watchdog, and the inbound queue) and the
+:class:`~trio_heartbeat._writer.Writer` (the send queue and the single-writer
+rule). :func:`~trio_heartbeat.open_stream_connection` runs them, and the
+caller's ``async with`` block, inside one nursery whose cancel scope failure
+cancels (see ``_stream_connection``).
 
-* the **reader** is also the **watchdog**. It reads inside a timer cancel
-  scope whose deadline is the earliest of the core's PING deadline, its
-  :attr:`~trio_heartbeat.HeartbeatProtocol.abort_deadline` (the handshake
-  deadline, then the failure detector's verdict on a silent peer, then the
-  close timeout) and, while a write is under way, the write timeout; every
-  received frame and every write moves it. It feeds received bytes to the
-  sans-IO core and hands out its events: DATA into a bounded inbound queue,
-  PONGs to waiting :meth:`Connection.ping` calls, everything to the observers.
-  Control frames the core queues in answer (a PONG, a client's HELLO) it
-  writes itself. When the timer fires it queues the PING that is due, or
-  convicts: it records the verdict and cancels the connection's scope, so the
-  tasks and the caller's block all unwind at once and the caller gets one
-  :class:`HeartbeatTimeout`. Trio wakes a task for its input before it expires
-  deadlines, so a frame that arrived before a stall of our own event loop is
-  read before the verdict: the peer is not convicted for our lateness. When
-  the inbound queue is full the reader stops reading (backpressure reaches the
-  peer through TCP) and tells the core, which suspends conviction meanwhile: a
-  slow *application* must not make a healthy *peer* look dead. Its PINGs and
-  PONGs still go out.
-* the **writer** is started when there is something the reader does not
-  write itself (queued DATA, a close to flush or to answer, a write the socket
-  did not take at once, a PING due on a stream whose writes may block, a
-  write it stood back for) and ends when nothing is left, so an idle
-  connection keeps no task for it. It takes every queued message (up to a
-  batch limit), asks the core for the bytes (control frames ahead of DATA) and
-  writes them with one ``send_all``, bounded by the write timeout.
-
-On a plain TCP stream (:class:`trio.SocketStream`, outside Windows) the reader
-waits with :func:`trio.lowlevel.wait_readable` and reads with ``os.read``, and
-answers with a non-blocking ``os.write``; what the socket does not take at once
-goes to the writer. The reader therefore never blocks on a write: a peer that
-sends but does not read is judged by the write timeout while its frames are
-still read. On other streams (TLS, memory streams, your own) the reader uses
-``receive_some`` and ``send_all``, and leaves the PINGs it queues to the
-writer. Their ``receive_some`` must keep its data when it is cancelled (the
-timer cancels it whenever a PING falls due), as Trio's own streams do: a
-stream that drops it would lose DATA without an error. A write cut short
-leaves a partial frame on the stream, so after one nothing more is written.
-
-Only one task writes at a time (the reader, a :meth:`Connection.ping` caller
-or the writer); whoever finishes a write and finds more queued wakes the
-writer. No task lets an exception escape: each records the outcome and
-cancels the scope, so the context manager raises exactly one typed exception,
-never an ExceptionGroup. On the way out the stream is closed; after a peer's
-protocol error, only once our CLOSE and EOF are out and the peer has had a
-moment to stop sending (a reset could destroy the CLOSE unread).
+A connection ends in one place, :meth:`Connection._end`, which records how as
+an :class:`Outcome` (the first word wins), wakes everyone who waits (senders,
+receivers, ``ping()`` callers, end waiters) and, for a failure, cancels the
+connection's scope, so the tasks and the caller's block unwind at once. No task
+lets an exception escape: each reports through ``_end``, so the context
+manager raises exactly one typed exception, never an ExceptionGroup. The
+causes are few: the core's :class:`ConnectionEnded` (a CLOSE, a silent peer, a
+close timeout, end-of-file), a protocol error, a transport failure, a write
+that made no progress, and the block left early.
 
 :meth:`Connection.send` and :meth:`Connection.receive` are always
 cancellation points, but they yield to the scheduler only when they must wait
@@ -63,21 +29,14 @@ Both queues are bounded, so neither can starve other tasks for longer than
 one queue's worth of messages.
 
 An idle server connection is two tasks (the handler's and the reader), one
-nursery, one timer scope and about 60 objects for the garbage collector: under
-10 KiB of memory.
+nursery, one timer scope and about 60 objects for the garbage collector.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import sys
-from collections import deque
-from collections.abc import Callable, Coroutine, Sequence
-from contextlib import AbstractAsyncContextManager, suppress
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from math import inf
-from types import TracebackType
 from typing import Final, final
 
 import trio
@@ -88,60 +47,42 @@ from trio.lowlevel import (
     checkpoint_if_cancelled,
     current_task,
     reschedule,
-    wait_readable,
     wait_task_rescheduled,
 )
 
 from ._config import Config
-from ._detectors import FailureDetector
 from ._errors import (
     BrokenConnection,
     ConnectionClosed,
-    ConnectionRejected,
     HeartbeatTimeout,
-    LocalProtocolError,
     RemoteProtocolError,
 )
-from ._events import (
-    NEED_DATA,
-    ConnectionEnded,
-    DataReceived,
-    Event,
-    HandshakeComplete,
-    PongReceived,
-)
+from ._events import ConnectionEnded, Event, HandshakeComplete, PongReceived
 from ._frames import CloseCode, HealthStatus, Hello, Role
-from ._groups import BaseExceptionGroup, only_cancelled, reraise_single
+from ._options import ConnectionOptions
+from ._outcome import (
+    WRITE_TIMEOUT,
+    Outcome,
+    from_ending,
+    left_early,
+    protocol_error,
+    transport_failed,
+)
 from ._protocol import HeartbeatProtocol
+from ._reader import Reader
 from ._state import State
+from ._writer import BEST_EFFORT_SECONDS, Writer
 
-__all__ = [
-    "Connection",
-    "ConnectionOptions",
-    "ConnectionStatistics",
-    "EventListener",
-    "open_stream_connection",
-]
+__all__ = ["Connection", "ConnectionStatistics", "EventListener"]
 
 logger = logging.getLogger("trio_heartbeat")
 
-#: Bytes asked of the transport per read.
-_RECEIVE_SIZE: Final = 65536
-#: The writer stops collecting queued DATA for one ``send_all`` past this many bytes.
-_BATCH_BYTES: Final = 256 * 1024
 #: Extra spacing of :meth:`Connection.ping` calls beyond the rate rule, as a
 #: fraction of the send interval (the rule itself asks for half of it).
 _PING_MARGIN: Final = 0.125
-#: How long a last CLOSE may take to go out when the connection is being torn down.
-_BEST_EFFORT_SECONDS: Final = 0.1
 
-#: Plain TCP streams are read and written through their descriptor (os.read,
-#: os.write) where those work on sockets.
-_DIRECT_IO: Final = sys.platform != "win32"
-#: Task names, shared by every connection (Trio would build a string per task).
-_READER_NAME: Final = "trio_heartbeat.Connection._reader"
-_WRITER_NAME: Final = "trio_heartbeat.Connection._writer"
-
+#: The reader task's name, shared by every connection (Trio would build a string per task).
+_READER_NAME: Final = "trio_heartbeat.Connection.reader"
 #: Stands in for a connection's own ``_opened`` event once its block has begun.
 _OPENED: Final = trio.Event()
 _OPENED.set()
@@ -150,31 +91,7 @@ _OPENED.set()
 EventListener = Callable[["Connection", Event], None]
 
 
-@dataclass(frozen=True, slots=True)
-class ConnectionOptions:
-    """Runtime settings of a connection, beyond the THB/1 :class:`Config`.
-
-    ``send_queue`` and ``receive_queue`` bound the DATA messages waiting to be
-    written and waiting to be received (backpressure at both ends).
-    ``write_timeout`` bounds each ``send_all`` as a whole (the writer's can
-    carry a batch of up to 256 KiB): a write not done after that long convicts
-    the peer as one that stopped reading (``None``: the config's ``timeout``).
-    Allow for the slowest reader you mean to keep.
-    ``detector`` picks the failure detector (default: a fixed timeout).
-    """
-
-    send_queue: int = 64
-    receive_queue: int = 64
-    write_timeout: float | None = None
-    detector: Callable[[], FailureDetector] | None = None
-
-    def __post_init__(self) -> None:
-        if self.send_queue < 1 or self.receive_queue < 1:
-            raise ValueError("send_queue and receive_queue must be at least 1")
-        if self.write_timeout is not None and self.write_timeout <= 0:
-            raise ValueError("write_timeout must be positive")
-
-
+@final
 @dataclass(frozen=True, slots=True)
 class ConnectionStatistics:
     """A snapshot of one connection, taken without I/O. Times are ``trio.current_time()`` values."""
@@ -202,23 +119,6 @@ class ConnectionStatistics:
     receive_queue_used: int
 
 
-@dataclass(frozen=True, slots=True)
-class _Outcome:
-    """How the connection ended, kept as data so each raise gets a fresh exception."""
-
-    kind: type[ConnectionClosed]
-    code: int
-    reason: str
-    by_peer: bool
-    failure: bool
-    cause: BaseException | None = None
-
-    def exception(self) -> ConnectionClosed:
-        exc = self.kind(self.code, self.reason, by_peer=self.by_peer)
-        exc.__cause__ = self.cause
-        return exc
-
-
 @final
 class Connection:
     """A live THB/1 connection. Get one from :func:`open_connection`,
@@ -238,36 +138,17 @@ class Connection:
     """
 
     __slots__ = (
-        "_close_request",
         "_core",
         "_end_waiter",
-        "_flush_deadline",
-        "_inbox",
         "_listeners",
         "_more_end_waiters",
-        "_nursery",
         "_opened",
         "_options",
-        "_outbox",
         "_outcome",
-        "_ping_results",
-        "_ping_waiters",
-        "_receivers",
-        "_receiving_stopped",
-        "_room",
+        "_pings",
+        "_reader",
         "_scope",
-        "_send_broken",
-        "_senders",
-        "_timer",
-        "_timer_at",
-        "_undelivered",
-        "_unsent",
-        "_wake_pending",
-        "_write_started",
-        "_write_timeout",
-        "_writer_deferred",
-        "_writer_running",
-        "_writing",
+        "_writer",
         "opened_at",
         "remote_address",
         "stream",
@@ -287,52 +168,23 @@ class Connection:
         self._listeners = listeners
         self.remote_address = remote_address
         self.opened_at: float | None = None
-        self._write_timeout = (
+        write_timeout = (
             options.write_timeout if options.write_timeout is not None else protocol.config.timeout
         )
-        # DATA waiting for the writer, and tasks waiting for room in it; DATA
-        # waiting for the application, tasks waiting for it, and the reader
-        # waiting for room. All made on first use: a server holds thousands of
-        # connections that only ever heartbeat.
-        self._outbox: deque[bytes] | None = None
-        self._senders: ParkingLot | None = None
-        self._inbox: deque[bytes] | None = None
-        self._receivers: ParkingLot | None = None
-        self._room: ParkingLot | None = None
-        self._receiving_stopped = False
-        # The writer is started when there is something to write and ends when
-        # there is nothing left: an idle connection keeps no task for it.
-        self._nursery: trio.Nursery | None = None
-        self._writer_running = False
-        self._wake_pending = False
-        # The part of a direct write the socket did not take; the writer sends it.
-        self._unsent: bytes | None = None
-        # DATA the reader holds while the application's queue is full.
-        self._undelivered: bytes | None = None
-        # Set while the writer stood back because another task was writing.
-        self._writer_deferred = False
-        # One task writes at a time: the writer, the reader or a ping() caller.
-        self._writing = False
-        self._write_started = inf
-        self._send_broken = False
-        # While closing with a flush: when the flush must stop.
-        self._flush_deadline = inf
+        self._writer = Writer(self, write_timeout)
+        self._reader = Reader(self)
         # The scope around the whole connection (tasks and the caller's block),
-        # cancelled on failure; and the reader's current timer scope (the watchdog).
-        # Set to the nursery's scope once the tasks start.
+        # cancelled on failure; set to the nursery's scope once the tasks start.
         self._scope: trio.CancelScope | None = None
-        self._timer = trio.CancelScope()
-        self._timer_at = inf  # the timer's deadline, kept here to spare Trio's property
         self._opened = trio.Event()
         # The task waiting for the end (a server's handler, say), and a lot
         # for any more, made when a second one waits.
         self._end_waiter: Task | None = None
         self._more_end_waiters: ParkingLot | None = None
-        self._outcome: _Outcome | None = None
-        self._close_request: tuple[int, str] | None = None
-        # ping() calls waiting for their PONG, and the round trips they get.
-        self._ping_waiters: dict[bytes, trio.Event] | None = None
-        self._ping_results: dict[bytes, float] | None = None
+        self._outcome: Outcome | None = None
+        # ping() calls waiting for their PONG: the event each waits on, and
+        # the round trip once it has come.
+        self._pings: dict[bytes, tuple[trio.Event, list[float]]] | None = None
 
     # -- facts ------------------------------------------------------------------
 
@@ -426,8 +278,8 @@ class Connection:
             data_frames_out=counters.data_frames_out,
             pings_sent=counters.pings_sent,
             pongs_received=counters.pongs_received,
-            send_queue_used=len(self._outbox or ()),
-            receive_queue_used=len(self._inbox or ()),
+            send_queue_used=self._writer.queued,
+            receive_queue_used=self._reader.queued,
         )
 
     # -- application API ----------------------------------------------------------
@@ -442,43 +294,11 @@ class Connection:
         closed, and :class:`LocalProtocolError` (code 1009) for a message over
         the peer's ``max_frame``.
         """
-        self._check_can_send(data)
-        await checkpoint_if_cancelled()
-        while len(self._outbox or ()) >= self._options.send_queue:
-            if self._senders is None:
-                self._senders = ParkingLot()
-            await self._senders.park()
-            self._check_can_send(data)
-        self._queue_data(data)
+        await self._writer.send(data)
 
     def send_nowait(self, data: bytes) -> None:
         """Like :meth:`send`, but raises :class:`trio.WouldBlock` when the queue is full."""
-        self._check_can_send(data)
-        if len(self._outbox or ()) >= self._options.send_queue:
-            raise trio.WouldBlock
-        self._queue_data(data)
-
-    def _queue_data(self, data: bytes) -> None:
-        outbox = self._outbox
-        if outbox is None:
-            outbox = self._outbox = deque()
-        outbox.append(data)
-        self._wake_writer()
-
-    def _check_can_send(self, data: bytes) -> None:
-        core = self._core
-        if (
-            core.state is not State.OPEN
-            or self._close_request is not None
-            or self._outcome is not None
-        ):
-            raise self._closed_error()
-        assert core.peer is not None
-        if len(data) > core.peer.max_frame:
-            raise LocalProtocolError(
-                f"DATA of {len(data)} bytes exceeds the peer's limit of {core.peer.max_frame}",
-                CloseCode.TOO_BIG,
-            )
+        self._writer.send_nowait(data)
 
     async def receive(self) -> bytes:
         """Wait for the next DATA payload.
@@ -488,17 +308,7 @@ class Connection:
         that says why) once the connection has ended and every DATA received
         before is delivered.
         """
-        await checkpoint_if_cancelled()
-        while not (inbox := self._inbox):
-            if self._outcome is not None:
-                raise self._outcome.exception()
-            if self._receivers is None:
-                self._receivers = ParkingLot()
-            await self._receivers.park()
-        data = inbox.popleft()
-        if self._room:
-            self._room.unpark()  # the reader was waiting for this room
-        return data
+        return await self._reader.receive()
 
     def __aiter__(self) -> Connection:
         return self
@@ -509,7 +319,7 @@ class Connection:
         # Iteration ends quietly on an orderly close (1000, 1001), as with
         # websockets; anything else raises so that it cannot go unnoticed.
         try:
-            return await self.receive()
+            return await self._reader.receive()
         except ConnectionClosed as exc:
             if not isinstance(exc, (HeartbeatTimeout, BrokenConnection)) and exc.code in (
                 CloseCode.NORMAL,
@@ -539,49 +349,33 @@ class Connection:
             # ping() may have gone out first.
             if (
                 core.state is not State.OPEN
-                or self._close_request is not None
+                or self._writer.close_request is not None
                 or self._outcome is not None  # a broken transport leaves the core OPEN
             ):
                 raise self._closed_error()
-            next_at = self._next_ping_at()
+            next_at = core.earliest_ping + core.send_interval * _PING_MARGIN
             if trio.current_time() >= next_at:
                 break
             await trio.sleep_until(next_at)
         opaque = core.send_ping(trio.current_time())
-        waiters = self._ping_waiters
-        if waiters is None:
-            waiters = self._ping_waiters = {}
-        done = waiters[opaque] = trio.Event()
+        pings = self._pings
+        if pings is None:
+            pings = self._pings = {}
+        done, result = pings[opaque] = (trio.Event(), [])
         try:
-            await self._write_inline(shielded=True)
-            self._rearm()
+            await self._writer.write_now(shielded=True)
+            self._reader.rearm()
             await done.wait()
         finally:
-            waiters.pop(opaque, None)
-        rtt = self._ping_results.pop(opaque, None) if self._ping_results else None
-        if rtt is None:
+            del pings[opaque]
+        if not result:
             raise self._closed_error()
-        return rtt
-
-    def _stop_receiving(self) -> None:
-        """The caller's block is over: DATA that finds the queue full is dropped.
-
-        Otherwise the peer's CLOSE, which may sit behind DATA nobody will read,
-        could not get through, and every close would end at the close timeout.
-        What is already queued stays readable.
-        """
-        self._receiving_stopped = True
-        if self._room:
-            self._room.unpark_all()
-
-    def _next_ping_at(self) -> float:
-        core = self._core
-        return core.earliest_ping + core.send_interval * _PING_MARGIN
+        return result[0]
 
     def set_health(self, status: HealthStatus) -> None:
         """Report a new health status; the peer learns it within one PING."""
         self._core.set_health(status, trio.current_time())
-        self._rearm()  # the timer fires when the rate rule lets the PING go
+        self._reader.rearm()  # the timer fires when the rate rule lets the PING go
 
     async def aclose(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
         """Close the connection: flush queued DATA, send CLOSE, wait for the peer's CLOSE.
@@ -602,18 +396,8 @@ class Connection:
 
         With ``flush=True`` queued DATA goes first, for ``close_timeout`` at most.
         """
-        if self._close_request is not None or self._outcome is not None:
-            return
-        self._close_request = (code, reason)
-        if self._senders:
-            self._senders.unpark_all()  # they will not get room: they raise now
-        now = trio.current_time()
-        if flush:
-            self._flush_deadline = now + self._core.config.close_timeout
-            self._rearm()
-        else:
-            self._apply_close(now)
-        self._wake_writer()
+        if self._outcome is None:
+            self._writer.request_close(code, reason, flush=flush)
 
     async def wait_closed(self) -> ConnectionClosed:
         """Wait until the connection has ended and return how (without raising it)."""
@@ -644,509 +428,55 @@ class Connection:
     def _closed_error(self) -> ConnectionClosed:
         if self._outcome is not None:
             return self._outcome.exception()
-        if self._close_request is not None and self._core.close_code is None:
-            code, reason = self._close_request  # asked for, not applied yet (flushing)
+        close_request = self._writer.close_request
+        if close_request is not None and self._core.close_code is None:
+            code, reason = close_request  # asked for, not applied yet (flushing)
             return ConnectionClosed(code, reason, by_peer=False)
         core = self._core
         code = core.close_code if core.close_code is not None else CloseCode.NORMAL
         return ConnectionClosed(code, core.close_reason, by_peer=core.closed_by_peer)
 
-    # -- timing -----------------------------------------------------------------
+    # -- what the reader hands over ----------------------------------------------------
 
-    def _timer_deadline(self) -> float:
-        """When the reader's timer must fire: a PING due, a verdict due, a write too slow."""
-        core = self._core
-        if self._writing:
-            # No PING can go out before the write is over.
-            return min(core.abort_deadline, self._write_started + self._write_timeout)
-        if self._close_request is None:
-            return core.next_deadline  # the per-frame case: no flush to bound
-        return min(core.next_deadline, self._flush_deadline)
-
-    def _rearm(self) -> None:
-        """Move the timer to the core's current deadlines (after frames, writes, settings)."""
-        deadline = self._timer_deadline()
-        if deadline != self._timer_at:
-            self._timer.deadline = self._timer_at = deadline
-
-    # -- writing ----------------------------------------------------------------
-
-    def _wake_writer(self) -> None:
-        """Have the writer go round (again), starting it if it is not running."""
-        self._wake_pending = True
-        if not self._writer_running and self._nursery is not None:
-            self._writer_running = True
-            self._nursery.start_soon(self._writer, name=_WRITER_NAME)
-
-    async def _write_inline(self, *, shielded: bool) -> None:
-        """Write what the core has queued from the calling task, unless a writer is at work.
-
-        Used by the reader (PONGs, PINGs, a client's HELLO) and by :meth:`ping`,
-        so that an answer costs no task switch. If another task is writing,
-        the bytes stay queued and the writer sends them next. On a plain
-        socket this never waits: what the socket does not take at once is left
-        to the writer. Failures are recorded, never raised (a cancellation of
-        an unshielded write is).
-        """
-        if self._writing or self._writer_running:
-            self._wake_writer()
-            return
-        fd = self._socket_fd()
-        if fd >= 0:
-            self._write_direct(fd)
-        else:
-            if not shielded:
-                # If the reader's timer has fired meanwhile, let its
-                # cancellation come now, with the bytes still in the core,
-                # rather than in send_all, where it would look like a write
-                # cut short.
-                await checkpoint_if_cancelled()
-            await self._write_rest(memoryview(self._core.data_to_send()), shielded=shielded)
-        self._note_open()
-        if self._writer_deferred or self._outbox or self._core.control_pending:
-            self._writer_deferred = False
-            self._wake_writer()
-
-    def _write_direct(self, fd: int) -> None:
-        """Write to a plain socket without waiting; the writer sends what it does not take."""
-        data = self._core.data_to_send()  # never empty: every caller has just queued a frame
-        if self._send_broken:
-            return  # a write was cut short: a partial frame ends the stream
-        if self._unsent is not None:
-            self._unsent += data  # the writer has not sent the rest yet: keep the order
-            self._wake_writer()
-            return
-        try:
-            sent = os.write(fd, data)
-        except BlockingIOError:
-            sent = 0
-        except OSError as exc:
-            self._transport_failed(exc, by_peer=False)
-            return
-        if sent < len(data):
-            self._unsent = data[sent:]
-            self._wake_writer()
-
-    async def _write_rest(self, data: memoryview, *, shielded: bool) -> None:
-        """One ``send_all`` from the calling task, judged by the write timeout."""
-        if self._send_broken:
-            return  # a write was cut short: a partial frame ends the stream
-        now = trio.current_time()
-        self._writing = True
-        self._write_started = now
-        self._send_broken = True
-        self._rearm()  # while it blocks, the timer watches the write (not the PING due)
-        try:
-            if shielded:
-                with trio.CancelScope(shield=True, deadline=now + self._write_timeout):
-                    await self.stream.send_all(data)
-                    self._send_broken = False
-            else:
-                await self.stream.send_all(data)
-                self._send_broken = False
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            self._transport_failed(exc, by_peer=False)
-        finally:
-            self._writing = False
-            self._write_started = inf
-        self._rearm()
-        if self._send_broken and self._outcome is None:
-            self._write_timed_out()
-
-    def _socket_fd(self) -> int:
-        """The descriptor of a plain TCP stream, for writes and reads without a task switch; else -1.
-
-        -1 too once the socket is closed (a closed socket's descriptor may
-        already belong to someone else: it is asked for afresh every time).
-        """
-        stream = self.stream
-        if _DIRECT_IO and type(stream) is trio.SocketStream:
-            return stream.socket.fileno()
-        return -1
-
-    async def _writer(self) -> None:
-        """Send what is queued, round after round, until nothing is left; then end."""
-        try:
-            while self._wake_pending:
-                self._wake_pending = False
-                if await self._write_round():
-                    return
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            self._transport_failed(exc, by_peer=False)
-        finally:
-            self._writer_running = False
-
-    async def _write_round(self) -> bool:
-        """Send what is queued; true once the stream is closed and the writer is done."""
-        core = self._core
-        if self._stand_back():
-            return False
-        self._end_a_long_flush()
-        await self._let_the_burst_finish()
-        if self._stand_back():
-            return False
-        now = trio.current_time()
-        if core.state is State.OPEN:
-            if core.ping_deadline <= now < core.abort_deadline:
-                core.send_ping(now)
-            outbox = self._outbox or deque()
-            taken = batch = 0
-            while outbox and batch < _BATCH_BYTES:
-                message = outbox.popleft()
-                core.send_data(message, now)
-                batch += len(message)
-                taken += 1
-            if outbox:
-                self._wake_pending = True  # more queued than one batch: go round again
-            elif self._close_request is not None:
-                self._apply_close(now)
-            if taken and self._senders:
-                self._senders.unpark(count=taken)
-        # Woken just before a cancel (say the reader hit a protocol error right
-        # after waking us): stop here, so that the CLOSE stays in the core for
-        # _teardown instead of dying in a cancelled send_all.
-        await checkpoint_if_cancelled()
-        data = core.data_to_send()
-        if self._unsent is not None:
-            data, self._unsent = self._unsent + data, None  # the rest of a direct write
-        if data and not await self._write(data):
-            return True  # given up: the connection has ended
-        self._note_open()
-        if core.state in (State.CLOSED, State.ERROR) and not core.control_pending:
-            with trio.CancelScope(shield=True, deadline=trio.current_time() + _BEST_EFFORT_SECONDS):
-                await self.stream.aclose()
-            return True
-        return False
-
-    def _end_a_long_flush(self) -> None:
-        if self._flush_deadline <= trio.current_time() and self._core.state is State.OPEN:
-            self._apply_close(trio.current_time())  # the CLOSE goes ahead of what is left
-
-    def _stand_back(self) -> bool:
-        """True if another task is writing; it wakes the writer when it is done."""
-        if self._writing:
-            self._writer_deferred = True
-            return True
-        return False
-
-    async def _write(self, data: bytes) -> bool:
-        """One ``send_all`` from the writer, bounded by the write timeout.
-
-        False if the write was given up, which ends the connection: a write
-        that makes no progress for the write timeout convicts the peer (the
-        reader's timer watches it too, but the reader may be gone), and last
-        words get a short while at most.
-        """
-        # Last words (our answer to the peer's CLOSE) must not die in a send
-        # cancelled by the block ending at the same moment: they go out
-        # shielded.
-        if self._send_broken:
-            return False  # a write was cut short: a partial frame ends the stream
-        last_words = self._core.state in (State.CLOSED, State.ERROR)
-        now = trio.current_time()
-        self._writing = True
-        self._write_started = now
-        self._send_broken = True
-        self._rearm()
-        try:
-            with trio.CancelScope(
-                shield=last_words,
-                deadline=now + (_BEST_EFFORT_SECONDS if last_words else self._write_timeout),
-            ):
-                await self.stream.send_all(data)
-                self._send_broken = False
-        finally:
-            self._writing = False
-            self._write_started = inf
-        self._rearm()
-        if not self._send_broken:
-            return True
-        if not last_words:
-            self._write_timed_out()
-        return False
-
-    async def _let_the_burst_finish(self) -> None:
-        """Coalescing: while the application is still adding to the send queue,
-        give it one more scheduling round before writing, so that a burst goes
-        out in one ``send_all`` rather than one per message. Costs nothing in
-        virtual time and one round (microseconds) for a lone message."""
-        limit = self._options.send_queue
-        queued = len(self._outbox or ())
-        while 0 < queued < limit:
-            await trio.lowlevel.checkpoint()
-            if len(self._outbox or ()) <= queued:
-                return
-            queued = len(self._outbox or ())
-
-    def _on_timer(self) -> bool:
-        """The reader's timer fired: convict, or queue the PING that is due.
-
-        True once the reader is done. A PING queued here goes out as the
-        reader goes round again, inside its next timer scope (a plain socket),
-        or through the writer (any other stream, whose write may block).
-        """
-        core = self._core
-        now = trio.current_time()
-        if self._send_broken and not self._writing:
-            # A write was cut short by the timer: the stream is unusable,
-            # whatever arrives now.
-            if now >= core.abort_deadline:
-                self._convict(now)
-            else:
-                self._write_timed_out()
-            return True
-        if self._writing and now >= self._write_started + self._write_timeout:
-            self._write_timed_out()  # the writer's (or a ping()'s) write is stuck
-            return True
-        if now >= core.abort_deadline:
-            self._convict(now)
-            # A failure has cancelled everything, and the teardown sends the
-            # CLOSE; a close timeout has ended the connection in order, and the
-            # writer closes the stream.
-            return True
-        self._end_a_long_flush()
-        if core.ping_deadline <= now and not self._writing and core.state is State.OPEN:
-            core.send_ping(now)
-            if self._socket_fd() < 0:
-                # A write to this stream may block, and the reader must go
-                # on reading meanwhile (the peer may be alive but not
-                # reading): the writer sends it. A plain socket's write
-                # never blocks the reader, which sends it as it goes round.
-                self._wake_writer()
-        return False
-
-    def _convict(self, now: float) -> None:
-        """Let the core act on its abort deadline and report how the connection ended."""
-        core = self._core
-        core.handle_timeout(now)
-        while (event := core.next_event()) is not NEED_DATA:
-            if type(event) is ConnectionEnded:
-                self._notify(event)
-                self._on_ended(event)
-
-    def _write_timed_out(self) -> None:
-        self._finish(
-            _Outcome(
-                HeartbeatTimeout,
-                CloseCode.HEARTBEAT_TIMEOUT,
-                "write timeout: the peer stopped reading",
-                False,
-                True,
-            )
-        )
-
-    def _transport_failed(self, exc: BaseException, *, by_peer: bool) -> None:
-        if self._outcome is None and self._core.state not in (State.CLOSED, State.ERROR):
-            if not isinstance(exc, trio.BrokenResourceError | trio.ClosedResourceError):
-                # An error of our own os.read or os.write: say it as the
-                # stream would have, so that every transport reports alike.
-                broken = trio.BrokenResourceError(f"socket connection broken: {exc}")
-                broken.__cause__ = exc
-                exc = broken
-            self._finish(
-                _Outcome(
-                    BrokenConnection,
-                    CloseCode.ABNORMAL_CLOSURE,
-                    f"transport failed: {exc!r}",
-                    by_peer,
-                    True,
-                    exc,
-                )
-            )
-
-    def _note_open(self) -> None:
-        # Our HELLO (a client's) is on the wire once OPEN with nothing left to
-        # write: the caller's block may start, and whatever it does, the peer
-        # has heard us.
-        if self._opened.is_set():
-            return
-        if (
-            self._core.state is State.OPEN
-            and not self._writing
-            and not self._core.control_pending
-            and self._unsent is None
-        ):
-            self._opened.set()
-
-    def _apply_close(self, now: float) -> None:
-        assert self._close_request is not None
-        code, reason = self._close_request
-        self._core.close(code, reason, now=now)
-        self._flush_deadline = inf
-        self._rearm()
-
-    # -- reading ------------------------------------------------------------------
-
-    async def _reader(self) -> None:
-        """The reader, which is also the watchdog: see the module docstring.
-
-        It acts on what the core has, then reads more, inside a timer scope.
-        The hot path of every heartbeat: kept to the fewest calls, awaits and
-        frames. The timer may cut it short at any await; it picks up where it
-        stopped (DATA it could not deliver is kept in ``_undelivered``).
-        """
-        core = self._core
-        stream = self.stream
-        direct = _DIRECT_IO and type(stream) is trio.SocketStream
-        try:
-            while True:
-                self._timer_at = self._timer_deadline()
-                self._timer = trio.CancelScope(deadline=self._timer_at)
-                with self._timer:
-                    while True:
-                        # Answers first (a PONG, a PING the timer queued), even
-                        # while the application holds us up: our heartbeat must
-                        # keep flowing. (Left to the writer if it is at work.)
-                        if core.control_pending:
-                            await self._write_inline(shielded=False)
-                        if self._undelivered is not None and await self._deliver_slowly():
-                            return
-                        while (event := core.next_event()) is not NEED_DATA:
-                            if type(event) is DataReceived:
-                                if self._outcome is not None:
-                                    return  # the connection was finished meanwhile
-                                if not self._deliver(event.data):
-                                    self._undelivered = event.data
-                                    break
-                            elif self._handle_event(event):
-                                return
-                        if self._undelivered is not None or (
-                            core.control_pending and not (self._writing or self._writer_running)
-                        ):
-                            continue  # deliver, or answer, before reading more
-                        self._rearm()
-                        if not self._opened.is_set():
-                            self._note_open()
-                        try:
-                            if direct:
-                                # A plain socket: wait for input, then read it
-                                # ourselves. Three coroutines fewer than
-                                # receive_some() for every idle connection to
-                                # keep alive, and less work per read.
-                                assert isinstance(stream, trio.SocketStream)
-                                await wait_readable(stream.socket)
-                                try:
-                                    data = os.read(stream.socket.fileno(), _RECEIVE_SIZE)
-                                except BlockingIOError:
-                                    continue  # woken for nothing
-                            else:
-                                data = bytes(await stream.receive_some(_RECEIVE_SIZE))
-                        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                            if core.state is not State.CLOSING:
-                                self._transport_failed(exc, by_peer=True)
-                                return
-                            # Our close was under way and the peer hung up
-                            # without its CLOSE, with a reset rather than a FIN,
-                            # say. That ends the close as an EOF does: not
-                            # cleanly, but not a failure of the block that
-                            # closed either.
-                            data = b""
-                        core.receive_data(data, trio.current_time())
-                if self._on_timer():
-                    return
-        except RemoteProtocolError as exc:
-            logger.debug(
-                "protocol error from peer %s: %s (close %d)", self.remote_address, exc, exc.code
-            )
-            self._finish(_Outcome(ConnectionClosed, exc.code, str(exc), False, True, exc))
-
-    def _deliver(self, data: bytes) -> bool:
-        """Queue received DATA for the application; false if the queue is full."""
-        inbox = self._inbox
-        if inbox is None:
-            inbox = self._inbox = deque()
-        if len(inbox) >= self._options.receive_queue:
-            return False
-        inbox.append(data)
-        if self._receivers:
-            self._receivers.unpark()
-        return True
-
-    def _handle_event(self, event: Event) -> bool:
+    def _dispatch(self, event: Event) -> bool:
         """Act on an event other than DATA; true once the connection has ended."""
         kind = type(event)
         if kind is HandshakeComplete:
             self.opened_at = trio.current_time()
         if self._listeners:
-            self._notify(event)
+            for listener in self._listeners:
+                try:
+                    listener(self, event)
+                except Exception:
+                    logger.exception("event listener %r failed on %r", listener, event)
         if kind is PongReceived:
             assert isinstance(event, PongReceived)
-            waiter = self._ping_waiters.get(event.opaque) if self._ping_waiters else None
-            if waiter is not None and event.rtt is not None:
-                if self._ping_results is None:
-                    self._ping_results = {}
-                self._ping_results[event.opaque] = event.rtt
-                waiter.set()
+            waiting = self._pings.get(event.opaque) if self._pings else None
+            if waiting is not None and event.rtt is not None:
+                done, result = waiting
+                result.append(event.rtt)
+                done.set()
         elif kind is ConnectionEnded:
             assert isinstance(event, ConnectionEnded)
-            self._on_ended(event)
+            self._ended_by(event)
             return True
         return False
 
-    async def _deliver_slowly(self) -> bool:
-        """Wait for room for ``_undelivered``; true if the connection ended meanwhile.
+    def _note_open(self) -> None:
+        """Open the caller's block once our HELLO is on the wire.
 
-        The application is not keeping up. Stop reading (TCP pushes back on
-        the peer) and do not hold the resulting silence against the peer,
-        until the DATA is delivered: the timer (our PINGs must keep flowing)
-        does not count as reading again.
+        A client's HELLO is out once the core is OPEN with nothing left to
+        write: the block may start, and whatever it does, the peer has heard us.
         """
-        core = self._core
-        core.pause_liveness(trio.current_time())  # kept from the first wait to delivery
-        self._rearm()
-        data = self._undelivered
-        assert data is not None
-        while not self._deliver(data):
-            if self._outcome is not None:
-                return True
-            if self._receiving_stopped:
-                break  # nobody will read it
-            if self._room is None:
-                self._room = ParkingLot()
-            await self._room.park()
-        self._undelivered = None
-        core.resume_liveness(trio.current_time())
-        self._rearm()
-        return False
+        if self._opened.is_set():
+            return
+        if self._core.state is State.OPEN and self._writer.idle and not self._core.control_pending:
+            self._opened.set()
 
-    def _on_ended(self, event: ConnectionEnded) -> None:
-        if self._core.state is State.CLOSED:
-            # A client is OPEN once it has sent its HELLO, before the server
-            # has judged it: a refusal code as the server's first frame after
-            # its HELLO is the verdict on ours (bad credentials, say).
-            judged = (
-                self.role is Role.CLIENT
-                and self._core.counters.frames_in == 2
-                and event.code in (CloseCode.POLICY_VIOLATION, CloseCode.TRY_AGAIN_LATER)
-            )
-            if event.by_peer and (self.opened_at is None or judged):
-                kind: type[ConnectionClosed] = ConnectionRejected
-            else:
-                kind = ConnectionClosed
-            failure = kind is ConnectionRejected
-            self._finish(
-                _Outcome(kind, event.code, event.reason, event.by_peer, failure), cancel=failure
-            )
-            # CLOSED has no deadline: a stale liveness or close deadline must
-            # not cancel the caller's block after an orderly close.
-            self._rearm()
-            self._wake_writer()  # it flushes our answering CLOSE, then closes the stream
-        elif event.code == CloseCode.HEARTBEAT_TIMEOUT:
-            self._finish(_Outcome(HeartbeatTimeout, event.code, event.reason, False, True))
-        else:
-            self._finish(_Outcome(BrokenConnection, event.code, event.reason, event.by_peer, True))
+    # -- the ending -----------------------------------------------------------------------
 
-    def _notify(self, event: Event) -> None:
-        for listener in self._listeners:
-            try:
-                listener(self, event)
-            except Exception:
-                logger.exception("event listener %r failed on %r", listener, event)
-
-    # -- endings ------------------------------------------------------------------
-
-    def _finish(self, outcome: _Outcome, *, cancel: bool | None = None) -> None:
-        """Record how the connection ended; failures cancel everything.
+    def _end(self, outcome: Outcome) -> None:
+        """Record how the connection ended, the one way every ending goes; failures cancel everything.
 
         The first word wins: a later one (a write failing after an orderly
         close, say) neither replaces it nor cancels the caller's block.
@@ -1155,19 +485,18 @@ class Connection:
             return
         self._outcome = outcome
         # Everyone waiting on the queues finds out now.
-        for lot in (self._senders, self._receivers, self._room):
-            if lot:
-                lot.unpark_all()
+        self._writer.ended()
+        self._reader.ended()
         # No PONG can come any more: a ping() waiting for one must raise now,
         # not when the block is left (an orderly close does not cancel it).
-        for waiter in (self._ping_waiters or {}).values():
-            waiter.set()
+        for done, _ in (self._pings or {}).values():
+            done.set()
         if self._end_waiter is not None:
             reschedule(self._end_waiter)
             self._end_waiter = None
         if self._more_end_waiters:
             self._more_end_waiters.unpark_all()
-        if outcome.failure if cancel is None else cancel:
+        if outcome.failure:
             assert self._scope is not None  # failures come from the tasks, once started
             self._scope.cancel()
         elif self.opened_at is not None:
@@ -1176,211 +505,84 @@ class Connection:
             # so open it here; the caller finds the connection closed.
             self._opened.set()
 
-    def _wrap_up(self) -> None:
-        if self._outcome is not None:
-            return  # _finish() already released everything
-        core = self._core
-        # Cancelled from outside mid-connection: say goodbye without waiting.
-        core.close(CloseCode.GOING_AWAY, "cancelled", now=trio.current_time())
-        code = core.close_code if core.close_code is not None else CloseCode.ABNORMAL_CLOSURE
-        self._finish(
-            _Outcome(ConnectionClosed, code, core.close_reason, core.closed_by_peer, False),
-            cancel=False,
+    def _ended_by(self, event: ConnectionEnded) -> None:
+        """The core says the connection has ended (a CLOSE, a timeout, end-of-file)."""
+        closed = self._core.state is State.CLOSED
+        # A client is OPEN once it has sent its HELLO, before the server has
+        # judged it: a refusal code as the server's first frame after its
+        # HELLO is the verdict on ours (bad credentials, say).
+        judged = (
+            self.role is Role.CLIENT
+            and self._core.counters.frames_in == 2
+            and event.code in (CloseCode.POLICY_VIOLATION, CloseCode.TRY_AGAIN_LATER)
         )
+        refused = closed and event.by_peer and (self.opened_at is None or judged)
+        outcome = from_ending(event, closed=closed, refused=refused)
+        self._end(outcome)
+        if closed:
+            # CLOSED has no deadline: a stale liveness or close deadline must
+            # not cancel the caller's block after an orderly close.
+            self._reader.rearm()
+            self._writer.wake()  # it flushes our answering CLOSE, then closes the stream
 
-    async def _teardown(self) -> None:
-        """Best-effort last words (a CLOSE the core queued), then close the stream. Shielded."""
-        with trio.CancelScope(shield=True):
-            leftover = (self._unsent or b"") + self._core.data_to_send()
-            if leftover and not self._send_broken and not self._writing:
-                with (
-                    trio.move_on_after(_BEST_EFFORT_SECONDS),
-                    suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError),
-                ):
-                    await self.stream.send_all(leftover)
-                    outcome = self._outcome
-                    if outcome is not None and isinstance(outcome.cause, RemoteProtocolError):
-                        await self._linger()
-            await trio.aclose_forcefully(self.stream)
+    def _protocol_error(self, exc: RemoteProtocolError) -> None:
+        """The peer broke the protocol; the core has queued our CLOSE with the code."""
+        self._end(protocol_error(exc))
 
-    async def _linger(self) -> None:
-        """After the CLOSE for a peer's protocol error: end our side, discard what still comes.
+    def _transport_failed(self, exc: BaseException, *, by_peer: bool) -> None:
+        """The stream failed under us (its error translated at the edge, see ``_transport``)."""
+        if self._core.state not in (State.CLOSED, State.ERROR):
+            self._end(transport_failed(exc, by_peer=by_peer))
 
-        The peer broke the protocol mid-stream, so bytes of its may still be
-        unread. Closing a TCP socket with unread input sends a reset, and a
-        reset can destroy our CLOSE in the peer's receive buffer before the
-        peer reads it: the one frame that says what went wrong. So send EOF
-        and read until the peer's EOF (bounded by the caller), as HTTP
-        servers do with a lingering close.
-        """
-        stream = self.stream
-        if isinstance(stream, trio.abc.HalfCloseableStream):
-            await stream.send_eof()
-        while await stream.receive_some(_RECEIVE_SIZE):
-            pass
+    def _write_timed_out(self) -> None:
+        """A write made no progress for the write timeout: the peer stopped reading."""
+        self._end(WRITE_TIMEOUT)
 
+    # -- the lifecycle, run by open_stream_connection (_stream_connection) ----------------
 
-def open_stream_connection(
-    stream: trio.abc.Stream,
-    *,
-    role: Role = Role.CLIENT,
-    config: Config | None = None,
-    options: ConnectionOptions | None = None,
-    listeners: Sequence[EventListener] | None = None,
-    remote_address: str | None = None,
-) -> AbstractAsyncContextManager[Connection]:
-    """Run THB/1 over a stream you already have, for as long as the ``async with`` block.
-
-    >>> async def main(stream: trio.abc.Stream) -> None:  # doctest: +SKIP
-    ...     async with open_stream_connection(stream) as conn:
-    ...         await conn.send(b"hello")
-    ...         print(await conn.receive())
-
-    The handshake completes before the block is entered. Leaving the block
-    closes the connection gracefully (CLOSE 1000; queued DATA gets
-    ``close_timeout`` to go out, and the peer's answer as long again);
-    leaving it with an exception sends CLOSE 1001 without waiting. The stream
-    is always closed on the way out.
-
-    If the connection fails, by a heartbeat timeout, a protocol error or a
-    broken transport, the block is cancelled and exactly one
-    :class:`ConnectionClosed` subclass is raised: :class:`HeartbeatTimeout`,
-    :class:`BrokenConnection`, :class:`ConnectionRejected`, or
-    :class:`ConnectionClosed` itself for a protocol error (with the
-    :class:`RemoteProtocolError` as ``__cause__``). An orderly CLOSE from the
-    peer does not cancel the block: :meth:`Connection.receive` reports it.
-
-    Any :class:`trio.abc.Stream` will do whose ``receive_some`` keeps the
-    data when it is cancelled (the watchdog's timer cancels it when a PING is
-    due): Trio's socket, TLS and memory streams all do.
-    """
-    return _StreamConnection(stream, role, config, options, listeners, remote_address)
-
-
-@final
-class _StreamConnection:
-    """What :func:`open_stream_connection` returns.
-
-    A class rather than an ``@asynccontextmanager`` generator: a server holds
-    one per connection, thousands of them, and a suspended generator with its
-    frame and wrapper costs half a kilobyte more. It enters the connection's
-    nursery in ``__aenter__`` and leaves it in ``__aexit__``, in the one task
-    that runs the ``async with`` block, as Trio allows.
-    """
-
-    __slots__ = ("_args", "_body_error", "_conn", "_nursery_manager")
-
-    def __init__(
-        self,
-        stream: trio.abc.Stream,
-        role: Role,
-        config: Config | None,
-        options: ConnectionOptions | None,
-        listeners: Sequence[EventListener] | None,
-        remote_address: str | None,
-    ) -> None:
-        self._args: (
-            tuple[
-                trio.abc.Stream,
-                Role,
-                Config | None,
-                ConnectionOptions | None,
-                Sequence[EventListener] | None,
-                str | None,
-            ]
-            | None
-        ) = (stream, role, config, options, listeners, remote_address)
-        self._conn: Connection | None = None
-        self._nursery_manager: AbstractAsyncContextManager[trio.Nursery] | None = None
-        self._body_error: BaseException | None = None
-
-    async def __aenter__(self) -> Connection:
-        if self._args is None:
-            raise RuntimeError("open_stream_connection() can be entered only once")
-        stream, role, config, options, listeners, remote_address = self._args
-        self._args = None
-        try:
-            options = options if options is not None else ConnectionOptions()
-            detector = options.detector() if options.detector is not None else None
-            core = HeartbeatProtocol(role, config, now=trio.current_time(), detector=detector)
-            # A tuple is not copied again: a server's connections share one.
-            conn = Connection(stream, core, options, tuple(listeners or ()), remote_address)
-        except BaseException:
-            # The stream is ours from the moment we are entered: closed on every path.
-            await trio.aclose_forcefully(stream)
-            raise
-        self._conn = conn
-        manager = self._nursery_manager = trio.open_nursery()
-        nursery = await manager.__aenter__()
-        # Cancelled on failure: the tasks and the caller's block at once.
-        conn._scope = nursery.cancel_scope
-        conn._nursery = nursery
+    def _start(self, nursery: trio.Nursery) -> None:
+        """Run in ``nursery``, whose cancel scope a failure cancels: the tasks and the block at once."""
+        self._scope = nursery.cancel_scope
+        self._writer.start(nursery)
         # The reader writes a server's HELLO, already queued, first.
-        nursery.start_soon(conn._reader, name=_READER_NAME)
-        try:
-            await conn._opened.wait()
-        except BaseException as exc:
-            await self._leave(exc)
-            raise  # the handshake did not end in order: _leave raised already
-        conn._opened = _OPENED  # this one's job is done; spare its memory
-        return conn
+        nursery.start_soon(self._reader.run, name=_READER_NAME)
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> bool:
-        conn = self._conn
-        assert conn is not None
-        assert conn._scope is not None
-        if exc is None:
-            try:
-                conn._stop_receiving()
-                await conn.aclose()
-                # Both tasks end by themselves once the close is done; a
-                # cancel now could cut off the CLOSE the writer is still
-                # sending in answer to the peer's, so it only comes late.
-                conn._scope.deadline = trio.current_time() + _BEST_EFFORT_SECONDS
-            except BaseException as close_exc:
-                exc = close_exc
-        elif not only_cancelled(exc):
-            self._body_error = exc
-            conn._stop_receiving()
-            conn.close_nowait(CloseCode.GOING_AWAY, type(exc).__name__, flush=False)
-        return await self._leave(exc)
+    async def _wait_open(self) -> None:
+        """Wait until the handshake is done and our HELLO is out: the block may start."""
+        await self._opened.wait()
+        self._opened = _OPENED  # this one's job is done; spare its memory
 
-    async def _leave(self, exc: BaseException | None) -> bool:
-        """Leave the nursery with ``exc``, close the stream, and report the outcome.
+    async def _close_at_exit(self) -> None:
+        """The block ended in order: close gracefully and wait for the peer's answer."""
+        self._reader.stop_receiving()
+        await self.aclose()
+        # Both tasks end by themselves once the close is done; a cancel now
+        # could cut off the CLOSE the writer is still sending in answer to the
+        # peer's, so it only comes late.
+        assert self._scope is not None
+        self._scope.deadline = trio.current_time() + BEST_EFFORT_SECONDS
 
-        Raises the one exception the caller is to see; returns true when
-        ``exc`` is dealt with (the connection's own cancellation, absorbed
-        by its scope).
+    def _abandon(self, exc: BaseException) -> None:
+        """The block raised ``exc``: CLOSE 1001 ahead of the send queue, without waiting."""
+        self._reader.stop_receiving()
+        self.close_nowait(CloseCode.GOING_AWAY, type(exc).__name__, flush=False)
+
+    def _leaving(self) -> None:
+        """The block is over: no writer task is started from now on.
+
+        The nursery closes as soon as its last task ends, and another task may
+        still send or close meanwhile; what is left goes out in the last words.
         """
-        conn = self._conn
-        manager = self._nursery_manager
-        assert conn is not None
-        assert manager is not None
-        # The block is over: no writer is started from now on (the nursery
-        # closes as soon as its last task ends, and another task may still
-        # send or close meanwhile). What is left goes out in the teardown.
-        conn._nursery = None
-        try:
-            try:
-                await manager.__aexit__(
-                    None if exc is None else type(exc),
-                    exc,
-                    None if exc is None else exc.__traceback__,
-                )
-            except BaseExceptionGroup as group:
-                # The watchdog may have cancelled the reader while the block
-                # raised an error of its own: that error is the news.
-                reraise_single(group, self._body_error)
-        finally:
-            conn._wrap_up()
-            await conn._teardown()
-        outcome = conn._outcome
+        self._writer.start(None)
+
+    async def _finish(self) -> Outcome:
+        """The block and the tasks are over: last words, close the stream, say how it ended."""
+        if self._outcome is None:
+            # Left mid-connection (cancelled from outside): say goodbye, no waiting.
+            core = self._core
+            core.close(CloseCode.GOING_AWAY, "cancelled", now=trio.current_time())
+            self._end(left_early(core.close_code, core.close_reason, core.closed_by_peer))
+        outcome = self._outcome
         assert outcome is not None
-        if outcome.failure and self._body_error is None:
-            raise outcome.exception()
-        return True
+        await self._writer.last_words(linger_after=isinstance(outcome.cause, RemoteProtocolError))
+        return outcome

@@ -35,14 +35,16 @@ from typing import Final, final
 import trio
 
 from ._config import Config
-from ._connection import Connection, ConnectionOptions, EventListener, open_stream_connection
+from ._connection import Connection, EventListener
 from ._endpoints import peer_address
 from ._errors import ConnectionClosed
 from ._events import Event, HandshakeComplete, PeerHealthChanged
 from ._frames import CloseCode, HealthStatus, Role, encode_close
 from ._groups import BaseExceptionGroup, reraise_single
 from ._keepalive import KeepaliveOptions, resolve_keepalive, try_apply_keepalive
+from ._options import ConnectionOptions
 from ._registry import LivenessRegistry
+from ._stream_connection import open_stream_connection
 
 __all__ = ["Handler", "Server", "ServerStatistics", "serve_tcp"]
 

@@ -45,7 +45,7 @@ import trio
 from ._backoff import DEFAULT_BACKOFF
 from ._client import open_connection
 from ._config import Config
-from ._connection import Connection, ConnectionOptions, EventListener, open_stream_connection
+from ._connection import Connection, EventListener
 from ._endpoints import EndpointCycle, EndpointSource, format_endpoint
 from ._errors import (
     BrokenConnection,
@@ -57,6 +57,7 @@ from ._errors import (
 from ._frames import CloseCode
 from ._groups import BaseExceptionGroup, reraise_single
 from ._keepalive import KeepaliveOptions
+from ._options import ConnectionOptions
 from ._reconnect_events import (
     AttemptFailed,
     AttemptStarted,
@@ -69,6 +70,7 @@ from ._reconnect_events import (
     SupervisorState,
     describe,
 )
+from ._stream_connection import open_stream_connection
 
 __all__ = [
     "DEFAULT_STOP_CODES",

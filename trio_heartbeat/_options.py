@@ -1,0 +1,37 @@
+"""The runtime settings of a connection, beyond THB/1's own (:class:`~trio_heartbeat.Config`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import final
+
+from ._detectors import FailureDetector
+
+__all__ = ["ConnectionOptions"]
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class ConnectionOptions:
+    """Runtime settings of a connection, beyond the THB/1 :class:`Config`.
+
+    ``send_queue`` and ``receive_queue`` bound the DATA messages waiting to be
+    written and waiting to be received (backpressure at both ends).
+    ``write_timeout`` bounds each ``send_all`` as a whole (the writer's can
+    carry a batch of up to 256 KiB): a write not done after that long convicts
+    the peer as one that stopped reading (``None``: the config's ``timeout``).
+    Allow for the slowest reader you mean to keep.
+    ``detector`` picks the failure detector (default: a fixed timeout).
+    """
+
+    send_queue: int = 64
+    receive_queue: int = 64
+    write_timeout: float | None = None
+    detector: Callable[[], FailureDetector] | None = None
+
+    def __post_init__(self) -> None:
+        if self.send_queue < 1 or self.receive_queue < 1:
+            raise ValueError("send_queue and receive_queue must be at least 1")
+        if self.write_timeout is not None and self.write_timeout <= 0:
+            raise ValueError("write_timeout must be positive")

@@ -1,0 +1,309 @@
+"""The read side of one connection: the reader task, which is also the watchdog.
+
+Theory of operation
+-------------------
+The :class:`Reader` runs one task for the whole life of a connection. It
+reads inside a timer cancel scope, and the timer is the watchdog: its deadline
+is the earliest of the core's PING deadline, its abort deadline (the handshake
+deadline, then the failure detector's verdict on a silent peer, then the close
+timeout), a close's flush deadline and, while a write is under way, the write
+deadline. Every received frame and every write moves it (:meth:`Reader.rearm`).
+
+It feeds received bytes to the sans-IO core and hands out the events: DATA
+into the bounded inbound queue that :meth:`Reader.receive` takes from, every
+other event to the connection (:meth:`Connection._dispatch`). Control frames
+the core queues in answer (a PONG, a client's HELLO) it writes itself, ahead
+of everything else, through :meth:`Writer.write_now`. When the timer fires it
+queues the PING that is due, or convicts: the core ends the connection and
+the connection cancels its whole scope, so the tasks and the caller's block
+all unwind at once. Trio wakes a task for its input before it expires
+deadlines, so a frame that arrived before a stall of our own event loop is
+read before the verdict: the peer is not convicted for our lateness.
+
+When the inbound queue is full the reader stops reading (backpressure reaches
+the peer through TCP) and tells the core, which suspends conviction
+meanwhile: a slow *application* must not make a healthy *peer* look dead. Its
+PINGs and PONGs still go out.
+
+On a plain socket it waits with :func:`trio.lowlevel.wait_readable` and reads
+with :func:`~trio_heartbeat._transport.read_nowait`; on other streams it uses
+``receive_some``, which must keep its data when cancelled (the timer cancels
+it whenever a PING falls due), as Trio's own streams do.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from math import inf
+from typing import TYPE_CHECKING, final
+
+import trio
+from trio.lowlevel import ParkingLot, checkpoint_if_cancelled, wait_readable
+
+from ._errors import RemoteProtocolError
+from ._events import NEED_DATA, ConnectionEnded, DataReceived
+from ._state import State
+from ._transport import RECEIVE_SIZE, read_nowait, socket_fd
+
+if TYPE_CHECKING:
+    from ._connection import Connection
+
+__all__ = ["Reader"]
+
+logger = logging.getLogger("trio_heartbeat")
+
+_STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
+@final
+class Reader:
+    """The read side of a :class:`~trio_heartbeat.Connection`; see the module docstring."""
+
+    __slots__ = (
+        "_conn",
+        "_inbox",
+        "_receivers",
+        "_room",
+        "_stopped",
+        "_timer",
+        "_timer_at",
+        "_undelivered",
+    )
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        # DATA waiting for the application, tasks waiting for it, and the
+        # reader itself waiting for room: made on first use.
+        self._inbox: deque[bytes] | None = None
+        self._receivers: ParkingLot | None = None
+        self._room: ParkingLot | None = None
+        # The caller's block is over: DATA that finds the queue full is dropped.
+        self._stopped = False
+        # DATA the reader holds while the application's queue is full.
+        self._undelivered: bytes | None = None
+        # The watchdog: the timer scope the reader reads in, and its deadline
+        # (kept here to spare Trio's property on the per-frame path).
+        self._timer = trio.CancelScope()
+        self._timer_at = inf
+
+    @property
+    def queued(self) -> int:
+        """DATA messages waiting for the application."""
+        return len(self._inbox or ())
+
+    # -- the application's side ------------------------------------------------------
+
+    async def receive(self) -> bytes:
+        """The next DATA payload; see :meth:`Connection.receive`."""
+        await checkpoint_if_cancelled()
+        while not (inbox := self._inbox):
+            outcome = self._conn._outcome
+            if outcome is not None:
+                raise outcome.exception()
+            if self._receivers is None:
+                self._receivers = ParkingLot()
+            await self._receivers.park()
+        data = inbox.popleft()
+        if self._room:
+            self._room.unpark()  # the reader was waiting for this room
+        return data
+
+    def stop_receiving(self) -> None:
+        """The caller's block is over: DATA that finds the queue full is dropped.
+
+        Otherwise the peer's CLOSE, which may sit behind DATA nobody will read,
+        could not get through, and every close would end at the close timeout.
+        What is already queued stays readable.
+        """
+        self._stopped = True
+        if self._room:
+            self._room.unpark_all()
+
+    def ended(self) -> None:
+        """The connection has ended: receivers, and the reader waiting for room, find out now."""
+        for lot in (self._receivers, self._room):
+            if lot:
+                lot.unpark_all()
+
+    # -- the watchdog ---------------------------------------------------------------
+
+    def _deadline(self) -> float:
+        """When the timer must fire: a PING due, a verdict due, a flush over, a write too slow."""
+        conn = self._conn
+        core = conn._core
+        writer = conn._writer
+        if writer.writing:
+            # No PING can go out before the write is over.
+            return min(core.abort_deadline, writer.write_deadline)
+        flush = writer.flush_deadline
+        if flush == inf:
+            return core.next_deadline  # the per-frame case: no flush to bound
+        return min(core.next_deadline, flush)
+
+    def rearm(self) -> None:
+        """Move the timer to the current deadlines (after frames, writes, settings)."""
+        deadline = self._deadline()
+        if deadline != self._timer_at:
+            self._timer.deadline = self._timer_at = deadline
+
+    # -- the task ---------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """The reader, which is also the watchdog: see the module docstring.
+
+        It acts on what the core has, then reads more, inside a timer scope.
+        The hot path of every heartbeat: kept to the fewest calls, awaits and
+        frames. The timer may cut it short at any await; it picks up where it
+        stopped (DATA it could not deliver is kept in ``_undelivered``).
+        """
+        conn = self._conn
+        core = conn._core
+        writer = conn._writer
+        stream = conn.stream
+        direct = socket_fd(stream) >= 0
+        try:
+            while True:
+                self._timer_at = self._deadline()
+                self._timer = trio.CancelScope(deadline=self._timer_at)
+                with self._timer:
+                    while True:
+                        # Answers first (a PONG, a PING the timer queued), even
+                        # while the application holds us up: our heartbeat must
+                        # keep flowing. (Left to the writer if it is at work.)
+                        if core.control_pending:
+                            await writer.write_now(shielded=False)
+                        if self._undelivered is not None and await self._deliver_slowly():
+                            return
+                        while (event := core.next_event()) is not NEED_DATA:
+                            if type(event) is DataReceived:
+                                if conn._outcome is not None:
+                                    return  # the connection was finished meanwhile
+                                if not self._deliver(event.data):
+                                    self._undelivered = event.data
+                                    break
+                            elif conn._dispatch(event):
+                                return
+                        if self._undelivered is not None or (
+                            core.control_pending and not (writer.writing or writer._running)
+                        ):
+                            continue  # deliver, or answer, before reading more
+                        self.rearm()
+                        conn._note_open()
+                        try:
+                            if direct:
+                                # A plain socket: wait for input, then read it
+                                # ourselves. Three coroutines fewer than
+                                # receive_some() for every idle connection to
+                                # keep alive, and less work per read.
+                                assert isinstance(stream, trio.SocketStream)
+                                await wait_readable(stream.socket)
+                                data = read_nowait(stream.socket.fileno())
+                                if data is None:
+                                    continue  # woken for nothing
+                            else:
+                                data = bytes(await stream.receive_some(RECEIVE_SIZE))
+                        except _STREAM_ERRORS as exc:
+                            if core.state is not State.CLOSING:
+                                conn._transport_failed(exc, by_peer=True)
+                                return
+                            # Our close was under way and the peer hung up
+                            # without its CLOSE, with a reset rather than a FIN,
+                            # say. That ends the close as an EOF does: not
+                            # cleanly, but not a failure of the block that
+                            # closed either.
+                            data = b""
+                        core.receive_data(data, trio.current_time())
+                if self._on_timer():
+                    return
+        except RemoteProtocolError as exc:
+            logger.debug(
+                "protocol error from peer %s: %s (close %d)", conn.remote_address, exc, exc.code
+            )
+            conn._protocol_error(exc)
+
+    def _deliver(self, data: bytes) -> bool:
+        """Queue received DATA for the application; false if the queue is full."""
+        inbox = self._inbox
+        if inbox is None:
+            inbox = self._inbox = deque()
+        if len(inbox) >= self._conn._options.receive_queue:
+            return False
+        inbox.append(data)
+        if self._receivers:
+            self._receivers.unpark()
+        return True
+
+    async def _deliver_slowly(self) -> bool:
+        """Wait for room for ``_undelivered``; true if the connection ended meanwhile.
+
+        The application is not keeping up. Stop reading (TCP pushes back on
+        the peer) and do not hold the resulting silence against the peer,
+        until the DATA is delivered: the timer (our PINGs must keep flowing)
+        does not count as reading again.
+        """
+        conn = self._conn
+        core = conn._core
+        core.pause_liveness(trio.current_time())  # kept from the first wait to delivery
+        self.rearm()
+        data = self._undelivered
+        assert data is not None
+        while not self._deliver(data):
+            if conn._outcome is not None:
+                return True
+            if self._stopped:
+                break  # nobody will read it
+            if self._room is None:
+                self._room = ParkingLot()
+            await self._room.park()
+        self._undelivered = None
+        core.resume_liveness(trio.current_time())
+        self.rearm()
+        return False
+
+    def _on_timer(self) -> bool:
+        """The timer fired: convict, or queue the PING that is due; true once the reader is done.
+
+        A PING queued here goes out as the reader goes round again, inside its
+        next timer scope (a plain socket), or through the writer task (any
+        other stream, whose write may block).
+        """
+        conn = self._conn
+        core = conn._core
+        writer = conn._writer
+        now = trio.current_time()
+        if writer.cut and not writer.writing:
+            # A write was cut short by the timer: the stream is unusable,
+            # whatever arrives now.
+            if now >= core.abort_deadline:
+                self._convict(now)
+            else:
+                conn._write_timed_out()
+            return True
+        if writer.writing and now >= writer.write_deadline:
+            conn._write_timed_out()  # the writer's (or a ping()'s) write is stuck
+            return True
+        if now >= core.abort_deadline:
+            self._convict(now)
+            # A failure has cancelled everything, and the last words carry the
+            # CLOSE; a close timeout has ended the connection in order, and the
+            # writer closes the stream.
+            return True
+        writer.end_long_flush(now)
+        if core.ping_deadline <= now and not writer.writing and core.state is State.OPEN:
+            core.send_ping(now)
+            if socket_fd(conn.stream) < 0:
+                # A write to this stream may block, and the reader must go on
+                # reading meanwhile (the peer may be alive but not reading): the
+                # writer sends it. A plain socket's write never blocks the
+                # reader, which sends it as it goes round.
+                writer.wake()
+        return False
+
+    def _convict(self, now: float) -> None:
+        """Let the core act on its abort deadline, and report how the connection ended."""
+        core = self._conn._core
+        core.handle_timeout(now)
+        while (event := core.next_event()) is not NEED_DATA:
+            if type(event) is ConnectionEnded:
+                self._conn._dispatch(event)
