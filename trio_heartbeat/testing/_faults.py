@@ -14,9 +14,11 @@ stream of :func:`faulty_stream_pair`, the stream that
 :func:`open_faulty_stream` hands you, or the client of a ``FaultProxy``.
 
 The controls know their links and wires through weak sets only, so a
-connection that has gone away is forgotten without unregistering. Byte
-counters are kept per link (one connection's statistics) and per
-:class:`LinkFaults` (the sum over every connection sharing the controls).
+connection that has gone away is forgotten without unregistering; links and
+wires attach themselves (:meth:`LinkFaults.attach`, :meth:`Faults.attach`),
+and this module imports nothing of theirs. Byte counters are kept per link
+(one connection's statistics) and per :class:`LinkFaults` (the sum over every
+connection sharing the controls).
 
 The rest of the kit, from the bottom up: ``_wire`` (the links that carry the
 bytes), ``_streams`` (the ends of a wire, and the in-memory pair), ``_pumps``
@@ -32,11 +34,7 @@ import operator
 import random
 import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, final
-
-if TYPE_CHECKING:
-    # Only for annotations: the links and wires import this module.
-    from ._wire import _Link, _Wire
+from typing import Literal, Protocol, final
 
 __all__ = [
     "Direction",
@@ -97,7 +95,9 @@ class FaultStatistics:
     inbound: LinkStatistics
 
 
-class _Counters:
+class ByteCounters:
+    """Bytes sent, delivered, dropped and buffered: one link's, or the sum over many."""
+
     __slots__ = ("buffered", "delivered", "dropped", "sent")
 
     def __init__(self) -> None:
@@ -106,13 +106,35 @@ class _Counters:
         self.dropped = 0
         self.buffered = 0
 
+    def count(self, *, sent: int = 0, delivered: int = 0, dropped: int = 0) -> None:
+        """Add to the counters; what was sent and is neither delivered nor dropped is buffered."""
+        self.sent += sent
+        self.delivered += delivered
+        self.dropped += dropped
+        self.buffered += sent - delivered - dropped
+
     def snapshot(self) -> LinkStatistics:
+        """The counters as a frozen :class:`LinkStatistics`."""
         return LinkStatistics(
             bytes_sent=self.sent,
             bytes_delivered=self.delivered,
             bytes_dropped=self.dropped,
             bytes_buffered=self.buffered,
         )
+
+
+class _Wakeable(Protocol):
+    """What a link is to its controls: something to wake when a setting changes."""
+
+    def wake(self) -> None: ...
+
+
+class _Terminable(Protocol):
+    """What a wire is to its controls: something to reset or make half-open."""
+
+    def reset(self) -> None: ...
+
+    def half_open(self, side: Side, peer_sees: Literal["eof", "reset"]) -> None: ...
 
 
 def _non_negative(name: str, value: float) -> float:
@@ -163,8 +185,9 @@ class LinkFaults:
         self._rate: float | None = None
         self._read_limit: int | None = None
         self._read_interval = 0.0
-        self._links: weakref.WeakSet[_Link] = weakref.WeakSet()
-        self._counters = _Counters()
+        self._links: weakref.WeakSet[_Wakeable] = weakref.WeakSet()
+        #: Bytes summed over every connection that uses these controls.
+        self.totals = ByteCounters()
 
     @property
     def blackholed(self) -> bool:
@@ -244,9 +267,14 @@ class LinkFaults:
 
     def statistics(self) -> LinkStatistics:
         """Counters summed over every connection that uses these controls."""
-        return self._counters.snapshot()
+        return self.totals.snapshot()
 
-    def _latency(self) -> float:
+    def attach(self, link: _Wakeable) -> None:
+        """Wake ``link`` whenever a setting changes, for as long as it lives (a weak reference)."""
+        self._links.add(link)
+
+    def latency(self) -> float:
+        """The trip time of a chunk sent now: ``delay`` plus a seeded ``uniform(0, jitter)``."""
         if self._jitter > 0:
             return self._delay + self._rng.uniform(0.0, self._jitter)
         return self._delay
@@ -281,7 +309,7 @@ class Faults:
     def __init__(self, *, seed: int | None = 0) -> None:
         self._outbound = LinkFaults(random.Random(None if seed is None else f"{seed}/outbound"))
         self._inbound = LinkFaults(random.Random(None if seed is None else f"{seed}/inbound"))
-        self._wires: weakref.WeakSet[_Wire] = weakref.WeakSet()
+        self._wires: weakref.WeakSet[_Terminable] = weakref.WeakSet()
 
     @property
     def outbound(self) -> LinkFaults:
@@ -292,6 +320,10 @@ class Faults:
     def inbound(self) -> LinkFaults:
         """Settings for traffic from the far end to the near end."""
         return self._inbound
+
+    def attach(self, wire: _Terminable) -> None:
+        """Reach ``wire`` with resets and half-opens, for as long as it lives (a weak reference)."""
+        self._wires.add(wire)
 
     def _select(self, direction: Direction) -> tuple[LinkFaults, ...]:
         if direction is Direction.OUTBOUND:

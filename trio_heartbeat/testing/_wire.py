@@ -32,7 +32,7 @@ from typing import Literal
 
 import trio
 
-from ._faults import Faults, FaultStatistics, LinkFaults, Side, _Counters
+from ._faults import ByteCounters, Faults, FaultStatistics, LinkFaults, Side
 
 __all__ = ["DEFAULT_BUFFER_SIZE"]
 
@@ -94,8 +94,8 @@ class _Link:
         self._receiver_fate = _ReceiverFate.OPEN
         self._changed = trio.Event()
         self._sender_dead_hooks: list[Callable[[], None]] = []
-        self.counters = _Counters()
-        faults._links.add(self)
+        self.counters = ByteCounters()
+        faults.attach(self)
 
     # -- bookkeeping
 
@@ -126,11 +126,8 @@ class _Link:
 
     def _count(self, *, sent: int = 0, delivered: int = 0, dropped: int = 0) -> None:
         buffered = sent - delivered - dropped
-        for counters in (self.counters, self._faults._counters):
-            counters.sent += sent
-            counters.delivered += delivered
-            counters.dropped += dropped
-            counters.buffered += buffered
+        self.counters.count(sent=sent, delivered=delivered, dropped=dropped)
+        self._faults.totals.count(sent=sent, delivered=delivered, dropped=dropped)
         self._buffered += buffered
 
     def _discard(self) -> None:
@@ -141,7 +138,7 @@ class _Link:
     def _stamp(self, nbytes: int) -> float:
         now = trio.current_time()
         ready = now
-        rate = self._faults._rate
+        rate = self._faults.rate
         if rate is None:
             self._tx_free_at = -math.inf
         else:
@@ -151,7 +148,7 @@ class _Link:
                 self._tx_rate = rate
             self._tx_bytes += nbytes
             self._tx_free_at = ready = self._tx_origin + self._tx_bytes / rate
-        deliver_at = max(ready + self._faults._latency(), self._last_deliver_at)
+        deliver_at = max(ready + self._faults.latency(), self._last_deliver_at)
         self._last_deliver_at = deliver_at
         return deliver_at
 
@@ -258,11 +255,11 @@ class _Link:
             if fate is _ReceiverFate.BLOCK:
                 if give_up_if_blocked:
                     return None
-            elif not self._faults._blackholed:
+            elif not self._faults.blackholed:
                 now = trio.current_time()
                 if self._queue:
                     ready_at = self._queue[0].deliver_at
-                    if self._faults._read_limit is not None:
+                    if self._faults.read_limit is not None:
                         ready_at = max(ready_at, self._next_read_at)
                     if ready_at <= now:
                         return self._take(max_bytes, now)
@@ -279,10 +276,10 @@ class _Link:
 
     def _take(self, max_bytes: int, now: float) -> bytes:
         limit = max_bytes
-        read_limit = self._faults._read_limit
+        read_limit = self._faults.read_limit
         if read_limit is not None:
             limit = min(limit, read_limit)
-            self._next_read_at = now + self._faults._read_interval
+            self._next_read_at = now + self._faults.read_interval
         parts: list[bytes] = []
         taken = 0
         while self._queue and taken < limit and self._queue[0].deliver_at <= now:
@@ -329,7 +326,7 @@ class _Wire:
         self.inbound = _Link(faults.inbound, capacity)
         self.terminal = False
         self.was_reset = False
-        faults._wires.add(self)
+        faults.attach(self)
 
     def reset(self) -> None:
         if self.was_reset:
