@@ -11,15 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, final
+from typing import final
 
 import trio
 
+from ._connection import Connection
 from ._frames import HealthStatus, Role
 from ._state import State
-
-if TYPE_CHECKING:
-    from ._connection import Connection
 
 __all__ = ["LivenessRegistry", "PeerInfo"]
 
