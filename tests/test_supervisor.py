@@ -810,6 +810,33 @@ async def test_receive_carries_on_across_reconnects(autojump_clock: trio.testing
             assert trio.current_time() == 2.0
 
 
+async def test_two_receivers_share_messages_without_loss_or_duplicates(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Both wake for the first message; the one that comes second finds it
+    # taken after its checkpoint, and waits for the next one.
+    async def two(conn: Connection) -> None:
+        await conn.send(b"one")
+        await trio.sleep(1.0)
+        await conn.send(b"two")
+        await trio.sleep_forever()
+
+    got: list[tuple[str, bytes, float]] = []
+
+    async def take(name: str, client: ReconnectingClient) -> None:
+        got.append((name, await client.receive(), trio.current_time()))
+
+    async with open_memory_network() as network:
+        network.listen(ENDPOINT, two)
+        async with reconnecting(network) as client, trio.open_nursery() as nursery:
+            nursery.start_soon(take, "a", client)
+            nursery.start_soon(take, "b", client)
+
+    assert sorted(message for _, message, _ in got) == [b"one", b"two"]
+    assert sorted(at for _, _, at in got) == [0.0, 1.0]
+    assert {name for name, _, _ in got} == {"a", "b"}
+
+
 async def test_messages_sent_before_an_orderly_close_are_all_received(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

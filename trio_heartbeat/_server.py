@@ -62,6 +62,7 @@ _REFUSAL_SECONDS: Final = 1.0
 _CONNECTION_TASK: Final = "trio_heartbeat.Server.connection"
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class ServerStatistics:
     """Counters of a :class:`Server` since it started."""

@@ -250,14 +250,16 @@ class ReconnectingClient:
         Raises :class:`ReconnectFailed` once the supervisor has stopped and
         every message received before is delivered.
         """
-        while not self._inbox:
-            if self._state is SupervisorState.CLOSED:
-                await trio.lowlevel.checkpoint()
-                raise self._stopped_error()
-            await self._inbox_changed.wait()
-        await trio.lowlevel.checkpoint()  # before taking it: a cancelled receive loses nothing
-        while not self._inbox:  # pragma: no cover - another receiver took it meanwhile
-            await self._inbox_changed.wait()
+        while True:
+            if not self._inbox:
+                if self._state is SupervisorState.CLOSED:
+                    await trio.lowlevel.checkpoint()
+                    raise self._stopped_error()
+                await self._inbox_changed.wait()
+                continue
+            await trio.lowlevel.checkpoint()  # before taking it: a cancelled receive loses nothing
+            if self._inbox:  # unless another receiver took it meanwhile
+                break
         message = self._inbox.popleft()
         self._notify_inbox()
         return message

@@ -15,7 +15,7 @@ stream of :func:`faulty_stream_pair`, the stream that
 
 The controls know their links and wires through weak sets only, so a
 connection that has gone away is forgotten without unregistering; links and
-wires attach themselves (:meth:`LinkFaults.attach`, :meth:`Faults.attach`),
+wires attach themselves (:func:`attach_link`, :func:`attach_wire`),
 and this module imports nothing of theirs. Byte counters are kept per link
 (one connection's statistics) and per :class:`LinkFaults` (the sum over every
 connection sharing the controls).
@@ -71,6 +71,7 @@ class Side(enum.Enum):
     FAR = "far"
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class LinkStatistics:
     """Byte counters for one direction."""
@@ -87,6 +88,7 @@ class LinkStatistics:
     bytes_buffered: int
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class FaultStatistics:
     """Byte counters for both directions."""
@@ -269,10 +271,6 @@ class LinkFaults:
         """Counters summed over every connection that uses these controls."""
         return self.totals.snapshot()
 
-    def attach(self, link: _Wakeable) -> None:
-        """Wake ``link`` whenever a setting changes, for as long as it lives (a weak reference)."""
-        self._links.add(link)
-
     def latency(self) -> float:
         """The trip time of a chunk sent now: ``delay`` plus a seeded ``uniform(0, jitter)``."""
         if self._jitter > 0:
@@ -320,10 +318,6 @@ class Faults:
     def inbound(self) -> LinkFaults:
         """Settings for traffic from the far end to the near end."""
         return self._inbound
-
-    def attach(self, wire: _Terminable) -> None:
-        """Reach ``wire`` with resets and half-opens, for as long as it lives (a weak reference)."""
-        self._wires.add(wire)
 
     def _select(self, direction: Direction) -> tuple[LinkFaults, ...]:
         if direction is Direction.OUTBOUND:
@@ -406,3 +400,13 @@ class Faults:
     def statistics(self) -> FaultStatistics:
         """Counters summed over every connection that uses these controls."""
         return FaultStatistics(self._outbound.statistics(), self._inbound.statistics())
+
+
+def attach_link(faults: LinkFaults, link: _Wakeable) -> None:
+    """Wake ``link`` whenever a setting of ``faults`` changes, for as long as it lives (weakly)."""
+    faults._links.add(link)
+
+
+def attach_wire(faults: Faults, wire: _Terminable) -> None:
+    """Reach ``wire`` with the resets and half-opens of ``faults``, for as long as it lives (weakly)."""
+    faults._wires.add(wire)

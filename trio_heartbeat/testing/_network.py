@@ -364,6 +364,7 @@ async def run_clients(
         reraise_single(group)
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class Fleet:
     """What :func:`run_server_and_clients` runs: one host and its clients."""

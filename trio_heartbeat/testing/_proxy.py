@@ -24,6 +24,7 @@ from ._wire import DEFAULT_BUFFER_SIZE, _Wire
 __all__ = ["FaultProxy", "ProxyConnection", "ProxyStatistics"]
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class ProxyStatistics:
     """Counters of a :class:`FaultProxy` since it was made."""

@@ -32,7 +32,15 @@ from typing import Literal
 
 import trio
 
-from ._faults import ByteCounters, Faults, FaultStatistics, LinkFaults, Side
+from ._faults import (
+    ByteCounters,
+    Faults,
+    FaultStatistics,
+    LinkFaults,
+    Side,
+    attach_link,
+    attach_wire,
+)
 
 __all__ = ["DEFAULT_BUFFER_SIZE"]
 
@@ -95,7 +103,7 @@ class _Link:
         self._changed = trio.Event()
         self._sender_dead_hooks: list[Callable[[], None]] = []
         self.counters = ByteCounters()
-        faults.attach(self)
+        attach_link(faults, self)
 
     # -- bookkeeping
 
@@ -326,7 +334,7 @@ class _Wire:
         self.inbound = _Link(faults.inbound, capacity)
         self.terminal = False
         self.was_reset = False
-        faults.attach(self)
+        attach_wire(faults, self)
 
     def reset(self) -> None:
         if self.was_reset:
