@@ -138,6 +138,7 @@ class Connection:
     """
 
     __slots__ = (
+        "__weakref__",
         "_core",
         "_end_waiter",
         "_listeners",
@@ -171,8 +172,10 @@ class Connection:
         write_timeout = (
             options.write_timeout if options.write_timeout is not None else protocol.config.timeout
         )
-        self._writer = Writer(self, write_timeout)
-        self._reader = Reader(self)
+        # The two sides keep no reference to their connection (it is passed
+        # to them): nothing but the running tasks keeps a connection alive.
+        self._writer = Writer(write_timeout)
+        self._reader = Reader()
         # The scope around the whole connection (tasks and the caller's block),
         # cancelled on failure; set to the nursery's scope once the tasks start.
         self._scope: trio.CancelScope | None = None
@@ -294,11 +297,11 @@ class Connection:
         closed, and :class:`LocalProtocolError` (code 1009) for a message over
         the peer's ``max_frame``.
         """
-        await self._writer.send(data)
+        await self._writer.send(self, data)
 
     def send_nowait(self, data: bytes) -> None:
         """Like :meth:`send`, but raises :class:`trio.WouldBlock` when the queue is full."""
-        self._writer.send_nowait(data)
+        self._writer.send_nowait(self, data)
 
     async def receive(self) -> bytes:
         """Wait for the next DATA payload.
@@ -308,7 +311,7 @@ class Connection:
         that says why) once the connection has ended and every DATA received
         before is delivered.
         """
-        return await self._reader.receive()
+        return await self._reader.receive(self)
 
     def __aiter__(self) -> Connection:
         return self
@@ -319,7 +322,7 @@ class Connection:
         # Iteration ends quietly on an orderly close (1000, 1001), as with
         # websockets; anything else raises so that it cannot go unnoticed.
         try:
-            return await self._reader.receive()
+            return await self._reader.receive(self)
         except ConnectionClosed as exc:
             if not isinstance(exc, (HeartbeatTimeout, BrokenConnection)) and exc.code in (
                 CloseCode.NORMAL,
@@ -363,8 +366,8 @@ class Connection:
             pings = self._pings = {}
         done, result = pings[opaque] = (trio.Event(), [])
         try:
-            await self._writer.write_now(shielded=True)
-            self._reader.rearm()
+            await self._writer.write_now(self, shielded=True)
+            self._reader.rearm(self)
             await done.wait()
         finally:
             del pings[opaque]
@@ -375,7 +378,7 @@ class Connection:
     def set_health(self, status: HealthStatus) -> None:
         """Report a new health status; the peer learns it within one PING."""
         self._core.set_health(status, trio.current_time())
-        self._reader.rearm()  # the timer fires when the rate rule lets the PING go
+        self._reader.rearm(self)  # the timer fires when the rate rule lets the PING go
 
     async def aclose(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
         """Close the connection: flush queued DATA, send CLOSE, wait for the peer's CLOSE.
@@ -397,7 +400,7 @@ class Connection:
         With ``flush=True`` queued DATA goes first, for ``close_timeout`` at most.
         """
         if self._outcome is None:
-            self._writer.request_close(code, reason, flush=flush)
+            self._writer.request_close(self, code, reason, flush=flush)
 
     async def wait_closed(self) -> ConnectionClosed:
         """Wait until the connection has ended and return how (without raising it)."""
@@ -522,8 +525,8 @@ class Connection:
         if closed:
             # CLOSED has no deadline: a stale liveness or close deadline must
             # not cancel the caller's block after an orderly close.
-            self._reader.rearm()
-            self._writer.wake()  # it flushes our answering CLOSE, then closes the stream
+            self._reader.rearm(self)
+            self._writer.wake(self)  # it flushes our answering CLOSE, then closes the stream
 
     def _protocol_error(self, exc: RemoteProtocolError) -> None:
         """The peer broke the protocol; the core has queued our CLOSE with the code."""
@@ -545,7 +548,7 @@ class Connection:
         self._scope = nursery.cancel_scope
         self._writer.start(nursery)
         # The reader writes a server's HELLO, already queued, first.
-        nursery.start_soon(self._reader.run, name=_READER_NAME)
+        nursery.start_soon(self._reader.run, self, name=_READER_NAME)
 
     async def _wait_open(self) -> None:
         """Wait until the handshake is done and our HELLO is out: the block may start."""
@@ -584,5 +587,6 @@ class Connection:
             self._end(left_early(core.close_code, core.close_reason, core.closed_by_peer))
         outcome = self._outcome
         assert outcome is not None
-        await self._writer.last_words(linger_after=isinstance(outcome.cause, RemoteProtocolError))
+        linger = isinstance(outcome.cause, RemoteProtocolError)
+        await self._writer.last_words(self, linger_after=linger)
         return outcome

@@ -61,7 +61,6 @@ class Reader:
     """The read side of a :class:`~trio_heartbeat.Connection`; see the module docstring."""
 
     __slots__ = (
-        "_conn",
         "_inbox",
         "_receivers",
         "_room",
@@ -71,8 +70,7 @@ class Reader:
         "_undelivered",
     )
 
-    def __init__(self, conn: Connection) -> None:
-        self._conn = conn
+    def __init__(self) -> None:
         # DATA waiting for the application, tasks waiting for it, and the
         # reader itself waiting for room: made on first use.
         self._inbox: deque[bytes] | None = None
@@ -94,11 +92,11 @@ class Reader:
 
     # -- the application's side ------------------------------------------------------
 
-    async def receive(self) -> bytes:
+    async def receive(self, conn: Connection) -> bytes:
         """The next DATA payload; see :meth:`Connection.receive`."""
         await checkpoint_if_cancelled()
         while not (inbox := self._inbox):
-            outcome = self._conn._outcome
+            outcome = conn._outcome
             if outcome is not None:
                 raise outcome.exception()
             if self._receivers is None:
@@ -128,9 +126,8 @@ class Reader:
 
     # -- the watchdog ---------------------------------------------------------------
 
-    def _deadline(self) -> float:
+    def _deadline(self, conn: Connection) -> float:
         """When the timer must fire: a PING due, a verdict due, a flush over, a write too slow."""
-        conn = self._conn
         core = conn._core
         writer = conn._writer
         if writer.writing:
@@ -141,15 +138,15 @@ class Reader:
             return core.next_deadline  # the per-frame case: no flush to bound
         return min(core.next_deadline, flush)
 
-    def rearm(self) -> None:
-        """Move the timer to the current deadlines (after frames, writes, settings)."""
-        deadline = self._deadline()
+    def rearm(self, conn: Connection) -> None:
+        """Move the timer to ``conn``'s current deadlines (after frames, writes, settings)."""
+        deadline = self._deadline(conn)
         if deadline != self._timer_at:
             self._timer.deadline = self._timer_at = deadline
 
     # -- the task ---------------------------------------------------------------------
 
-    async def run(self) -> None:
+    async def run(self, conn: Connection) -> None:
         """The reader, which is also the watchdog: see the module docstring.
 
         It acts on what the core has, then reads more, inside a timer scope.
@@ -157,14 +154,14 @@ class Reader:
         frames. The timer may cut it short at any await; it picks up where it
         stopped (DATA it could not deliver is kept in ``_undelivered``).
         """
-        conn = self._conn
         core = conn._core
         writer = conn._writer
         stream = conn.stream
         direct = socket_fd(stream) >= 0
+        limit = conn._options.receive_queue
         try:
             while True:
-                self._timer_at = self._deadline()
+                self._timer_at = self._deadline(conn)
                 self._timer = trio.CancelScope(deadline=self._timer_at)
                 with self._timer:
                     while True:
@@ -172,14 +169,14 @@ class Reader:
                         # while the application holds us up: our heartbeat must
                         # keep flowing. (Left to the writer if it is at work.)
                         if core.control_pending:
-                            await writer.write_now(shielded=False)
-                        if self._undelivered is not None and await self._deliver_slowly():
+                            await writer.write_now(conn, shielded=False)
+                        if self._undelivered is not None and await self._deliver_slowly(conn):
                             return
                         while (event := core.next_event()) is not NEED_DATA:
                             if type(event) is DataReceived:
                                 if conn._outcome is not None:
                                     return  # the connection was finished meanwhile
-                                if not self._deliver(event.data):
+                                if not self._deliver(event.data, limit):
                                     self._undelivered = event.data
                                     break
                             elif conn._dispatch(event):
@@ -188,7 +185,7 @@ class Reader:
                             core.control_pending and not (writer.writing or writer._running)
                         ):
                             continue  # deliver, or answer, before reading more
-                        self.rearm()
+                        self.rearm(conn)
                         conn._note_open()
                         try:
                             if direct:
@@ -214,7 +211,7 @@ class Reader:
                             # closed either.
                             data = b""
                         core.receive_data(data, trio.current_time())
-                if self._on_timer():
+                if self._on_timer(conn):
                     return
         except RemoteProtocolError as exc:
             logger.debug(
@@ -222,19 +219,19 @@ class Reader:
             )
             conn._protocol_error(exc)
 
-    def _deliver(self, data: bytes) -> bool:
-        """Queue received DATA for the application; false if the queue is full."""
+    def _deliver(self, data: bytes, limit: int) -> bool:
+        """Queue received DATA for the application; false if the queue (of ``limit``) is full."""
         inbox = self._inbox
         if inbox is None:
             inbox = self._inbox = deque()
-        if len(inbox) >= self._conn._options.receive_queue:
+        if len(inbox) >= limit:
             return False
         inbox.append(data)
         if self._receivers:
             self._receivers.unpark()
         return True
 
-    async def _deliver_slowly(self) -> bool:
+    async def _deliver_slowly(self, conn: Connection) -> bool:
         """Wait for room for ``_undelivered``; true if the connection ended meanwhile.
 
         The application is not keeping up. Stop reading (TCP pushes back on
@@ -242,13 +239,12 @@ class Reader:
         until the DATA is delivered: the timer (our PINGs must keep flowing)
         does not count as reading again.
         """
-        conn = self._conn
         core = conn._core
         core.pause_liveness(trio.current_time())  # kept from the first wait to delivery
-        self.rearm()
+        self.rearm(conn)
         data = self._undelivered
         assert data is not None
-        while not self._deliver(data):
+        while not self._deliver(data, conn._options.receive_queue):
             if conn._outcome is not None:
                 return True
             if self._stopped:
@@ -258,17 +254,16 @@ class Reader:
             await self._room.park()
         self._undelivered = None
         core.resume_liveness(trio.current_time())
-        self.rearm()
+        self.rearm(conn)
         return False
 
-    def _on_timer(self) -> bool:
+    def _on_timer(self, conn: Connection) -> bool:
         """The timer fired: convict, or queue the PING that is due; true once the reader is done.
 
         A PING queued here goes out as the reader goes round again, inside its
         next timer scope (a plain socket), or through the writer task (any
         other stream, whose write may block).
         """
-        conn = self._conn
         core = conn._core
         writer = conn._writer
         now = trio.current_time()
@@ -276,7 +271,7 @@ class Reader:
             # A write was cut short by the timer: the stream is unusable,
             # whatever arrives now.
             if now >= core.abort_deadline:
-                self._convict(now)
+                self._convict(conn, now)
             else:
                 conn._write_timed_out()
             return True
@@ -284,12 +279,12 @@ class Reader:
             conn._write_timed_out()  # the writer's (or a ping()'s) write is stuck
             return True
         if now >= core.abort_deadline:
-            self._convict(now)
+            self._convict(conn, now)
             # A failure has cancelled everything, and the last words carry the
             # CLOSE; a close timeout has ended the connection in order, and the
             # writer closes the stream.
             return True
-        writer.end_long_flush(now)
+        writer.end_long_flush(conn, now)
         if core.ping_deadline <= now and not writer.writing and core.state is State.OPEN:
             core.send_ping(now)
             if socket_fd(conn.stream) < 0:
@@ -297,13 +292,13 @@ class Reader:
                 # reading meanwhile (the peer may be alive but not reading): the
                 # writer sends it. A plain socket's write never blocks the
                 # reader, which sends it as it goes round.
-                writer.wake()
+                writer.wake(conn)
         return False
 
-    def _convict(self, now: float) -> None:
+    def _convict(self, conn: Connection, now: float) -> None:
         """Let the core act on its abort deadline, and report how the connection ended."""
-        core = self._conn._core
+        core = conn._core
         core.handle_timeout(now)
         while (event := core.next_event()) is not NEED_DATA:
             if type(event) is ConnectionEnded:
-                self._conn._dispatch(event)
+                conn._dispatch(event)

@@ -74,7 +74,6 @@ class Writer:
     __slots__ = (
         "_again",
         "_close_request",
-        "_conn",
         "_nursery",
         "_outbox",
         "_running",
@@ -86,8 +85,7 @@ class Writer:
         "flush_deadline",
     )
 
-    def __init__(self, conn: Connection, write_timeout: float) -> None:
-        self._conn = conn
+    def __init__(self, write_timeout: float) -> None:
         self._timeout = write_timeout
         # DATA waiting to be written, and tasks waiting for room in it; made on
         # first use: a server holds thousands of connections that only heartbeat.
@@ -141,33 +139,32 @@ class Writer:
 
     # -- the application's side ------------------------------------------------------
 
-    async def send(self, data: bytes) -> None:
+    async def send(self, conn: Connection, data: bytes) -> None:
         """Queue ``data``; wait while the send queue is full. See :meth:`Connection.send`."""
-        self._check_can_send(data)
+        self._check_can_send(conn, data)
         await checkpoint_if_cancelled()
-        while len(self._outbox or ()) >= self._conn._options.send_queue:
+        while len(self._outbox or ()) >= conn._options.send_queue:
             if self._senders is None:
                 self._senders = ParkingLot()
             await self._senders.park()
-            self._check_can_send(data)
-        self._queue(data)
+            self._check_can_send(conn, data)
+        self._queue(conn, data)
 
-    def send_nowait(self, data: bytes) -> None:
+    def send_nowait(self, conn: Connection, data: bytes) -> None:
         """Queue ``data``, or raise :class:`trio.WouldBlock` when the send queue is full."""
-        self._check_can_send(data)
-        if len(self._outbox or ()) >= self._conn._options.send_queue:
+        self._check_can_send(conn, data)
+        if len(self._outbox or ()) >= conn._options.send_queue:
             raise trio.WouldBlock
-        self._queue(data)
+        self._queue(conn, data)
 
-    def _queue(self, data: bytes) -> None:
+    def _queue(self, conn: Connection, data: bytes) -> None:
         outbox = self._outbox
         if outbox is None:
             outbox = self._outbox = deque()
         outbox.append(data)
-        self.wake()
+        self.wake(conn)
 
-    def _check_can_send(self, data: bytes) -> None:
-        conn = self._conn
+    def _check_can_send(self, conn: Connection, data: bytes) -> None:
         core = conn._core
         if (
             core.state is not State.OPEN
@@ -182,7 +179,7 @@ class Writer:
                 CloseCode.TOO_BIG,
             )
 
-    def request_close(self, code: int, reason: str, *, flush: bool) -> None:
+    def request_close(self, conn: Connection, code: int, reason: str, *, flush: bool) -> None:
         """Close: after the queued DATA (``close_timeout`` at most), or at once.
 
         Senders waiting for room raise now. Only the first request counts.
@@ -194,23 +191,23 @@ class Writer:
             self._senders.unpark_all()  # they will not get room: they raise now
         now = trio.current_time()
         if flush:
-            self.flush_deadline = now + self._conn._core.config.close_timeout
-            self._conn._reader.rearm()
+            self.flush_deadline = now + conn._core.config.close_timeout
+            conn._reader.rearm(conn)
         else:
-            self._apply_close(now)
-        self.wake()
+            self._apply_close(conn, now)
+        self.wake(conn)
 
-    def end_long_flush(self, now: float) -> None:
+    def end_long_flush(self, conn: Connection, now: float) -> None:
         """The flush deadline has passed: the CLOSE goes ahead of the DATA still queued."""
-        if self.flush_deadline <= now and self._conn._core.state is State.OPEN:
-            self._apply_close(now)
+        if self.flush_deadline <= now and conn._core.state is State.OPEN:
+            self._apply_close(conn, now)
 
-    def _apply_close(self, now: float) -> None:
+    def _apply_close(self, conn: Connection, now: float) -> None:
         assert self._close_request is not None
         code, reason = self._close_request
-        self._conn._core.close(code, reason, now=now)
+        conn._core.close(code, reason, now=now)
         self.flush_deadline = inf
-        self._conn._reader.rearm()
+        conn._reader.rearm(conn)
 
     def ended(self) -> None:
         """The connection has ended: senders waiting for room find out now."""
@@ -219,15 +216,15 @@ class Writer:
 
     # -- writing -------------------------------------------------------------------
 
-    def wake(self) -> None:
+    def wake(self, conn: Connection) -> None:
         """Ask for a round of the writer task, starting it if nobody is writing."""
         self._again = True
         if self._running or self._since != inf or self._nursery is None:
             return  # the task goes round again, or whoever writes wakes it
         self._running = True
-        self._nursery.start_soon(self._run, name=_TASK_NAME)
+        self._nursery.start_soon(self._run, conn, name=_TASK_NAME)
 
-    async def write_now(self, *, shielded: bool) -> None:
+    async def write_now(self, conn: Connection, *, shielded: bool) -> None:
         """Write what the core has queued from the calling task, unless another writes.
 
         Used by the reader (PONGs, PINGs, a client's HELLO) and by
@@ -237,13 +234,12 @@ class Writer:
         never raised (a cancellation of an unshielded write is).
         """
         if self._running or self._since != inf:
-            self.wake()
+            self.wake(conn)
             return
-        conn = self._conn
         core = conn._core
         fd = socket_fd(conn.stream)
         if fd >= 0:
-            self._write_direct(fd, core.data_to_send())
+            self._write_direct(conn, fd, core.data_to_send())
         else:
             if not shielded:
                 # If the reader's timer has fired meanwhile, let its
@@ -252,29 +248,31 @@ class Writer:
                 # cut short.
                 await checkpoint_if_cancelled()
             deadline = trio.current_time() + self._timeout if shielded else inf
-            await self._send_all(core.data_to_send(), shield=shielded, deadline=deadline)
+            await self._send_all(conn, core.data_to_send(), shield=shielded, deadline=deadline)
         conn._note_open()
         if self._again or self._outbox or core.control_pending:
-            self.wake()
+            self.wake(conn)
 
-    def _write_direct(self, fd: int, data: bytes) -> None:
+    def _write_direct(self, conn: Connection, fd: int, data: bytes) -> None:
         # Every caller has just queued a frame, so data is never empty.
         if self.cut:
             return  # a write was cut short: a partial frame ends the stream
         if self._unsent is not None:
             self._unsent += data  # the task has not sent the rest yet: keep the order
-            self.wake()
+            self.wake(conn)
             return
         try:
             sent = write_nowait(fd, data)
         except _STREAM_ERRORS as exc:
-            self._conn._transport_failed(exc, by_peer=False)
+            conn._transport_failed(exc, by_peer=False)
             return
         if sent < len(data):
             self._unsent = data[sent:]
-            self.wake()
+            self.wake(conn)
 
-    async def _send_all(self, data: bytes, *, shield: bool, deadline: float) -> bool:
+    async def _send_all(
+        self, conn: Connection, data: bytes, *, shield: bool, deadline: float
+    ) -> bool:
         """One ``send_all``: the only place bytes reach the stream but a direct write.
 
         False if it was given up, which ends the connection: cut short by its
@@ -284,39 +282,38 @@ class Writer:
             return False
         self._since = trio.current_time()
         self.cut = True  # until send_all returns: a cancellation leaves it set
-        reader = self._conn._reader
-        reader.rearm()  # while it blocks, the timer watches the write, not the PING due
+        reader = conn._reader
+        reader.rearm(conn)  # while it blocks, the timer watches the write, not the PING due
         try:
             with trio.CancelScope(shield=shield, deadline=deadline):
-                await self._conn.stream.send_all(data)
+                await conn.stream.send_all(data)
                 self.cut = False
         except _STREAM_ERRORS as exc:
-            self._conn._transport_failed(exc, by_peer=False)
+            conn._transport_failed(exc, by_peer=False)
         finally:
             self._since = inf
-        reader.rearm()
+        reader.rearm(conn)
         if self.cut:
-            self._conn._write_timed_out()  # the first word wins: nothing if already ended
+            conn._write_timed_out()  # the first word wins: nothing if already ended
         return not self.cut
 
-    async def _run(self) -> None:
+    async def _run(self, conn: Connection) -> None:
         """The writer task: round after round, while a round is wanted and nobody else writes."""
         try:
             while self._again and self._since == inf:
                 self._again = False
-                if await self._round():
+                if await self._round(conn):
                     return
         except _STREAM_ERRORS as exc:
-            self._conn._transport_failed(exc, by_peer=False)
+            conn._transport_failed(exc, by_peer=False)
         finally:
             self._running = False
 
-    async def _round(self) -> bool:
+    async def _round(self, conn: Connection) -> bool:
         """Send what is queued; true once the writer is done for good."""
-        conn = self._conn
         core = conn._core
-        self.end_long_flush(trio.current_time())
-        await self._let_the_burst_finish()
+        self.end_long_flush(conn, trio.current_time())
+        await self._let_the_burst_finish(conn._options.send_queue)
         if self._since != inf:
             self._again = True  # someone started writing meanwhile: it wakes us when done
             return False
@@ -334,7 +331,7 @@ class Writer:
             if outbox:
                 self._again = True  # more queued than one batch: go round again
             elif self._close_request is not None:
-                self._apply_close(now)
+                self._apply_close(conn, now)
             if taken and self._senders:
                 self._senders.unpark(count=taken)
         # Woken just before a cancel (say the reader hit a protocol error right
@@ -350,7 +347,7 @@ class Writer:
             # shielded, for a short while at most.
             last_words = core.state in TERMINAL
             budget = BEST_EFFORT_SECONDS if last_words else self._timeout
-            if not await self._send_all(data, shield=last_words, deadline=now + budget):
+            if not await self._send_all(conn, data, shield=last_words, deadline=now + budget):
                 return True
         conn._note_open()
         if core.state in TERMINAL and not core.control_pending:
@@ -359,12 +356,11 @@ class Writer:
             return True
         return False
 
-    async def _let_the_burst_finish(self) -> None:
+    async def _let_the_burst_finish(self, limit: int) -> None:
         """Coalescing: while the application is still adding to the send queue,
         give it one more scheduling round before writing, so that a burst goes
         out in one ``send_all`` rather than one per message. Costs nothing in
         virtual time and one round (microseconds) for a lone message."""
-        limit = self._conn._options.send_queue
         queued = len(self._outbox or ())
         while 0 < queued < limit:
             await trio.lowlevel.checkpoint()
@@ -372,14 +368,13 @@ class Writer:
                 return
             queued = len(self._outbox or ())
 
-    async def last_words(self, *, linger_after: bool) -> None:
+    async def last_words(self, conn: Connection, *, linger_after: bool) -> None:
         """Best effort for what is still unwritten (a CLOSE the core queued), then close the stream.
 
         Shielded, and bounded by a short while. With ``linger_after`` (the
         CLOSE is for the peer's protocol error) it lingers before closing, so
         that a reset cannot destroy the CLOSE unread.
         """
-        conn = self._conn
         with trio.CancelScope(shield=True):
             leftover = (self._unsent or b"") + conn._core.data_to_send()
             self._unsent = None
