@@ -9,6 +9,15 @@ For connection tests there is also :class:`ScriptedPeer`, a raw peer of either
 role that records the virtual time each frame arrives, :class:`WrappedStream`
 (record ``aclose``, delay delivery, inject checkpoints, break on demand) and
 :func:`connection_pair`, both ends of a connection over memory streams.
+
+Helpers shared by several test modules live here and nowhere else (no test
+module imports another), in sections by the layer they serve: the sans-IO core
+wired by hand (:func:`open_pair`, :func:`feed`, :func:`expect_error`,
+:func:`run_prompt_pair`); one connection over memory streams with a scripted
+peer (:func:`stream_and_peer`, :func:`served_connection`, :func:`run_body`, a
+:class:`StallingStream` that leaves a write half done, and ways to watch the
+writer task); and reconnecting clients on the memory network
+(:class:`Recorder`, :func:`reconnecting`, :func:`close_first_with`).
 """
 
 from __future__ import annotations
@@ -19,19 +28,24 @@ import re
 import struct
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager, suppress
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import pytest
 import trio
 import trio.testing
+from trio.lowlevel import Task
+from vectors import SERVER_NONCE
 
 from trio_heartbeat import Connection, Server, serve_tcp
 from trio_heartbeat._config import Config
 from trio_heartbeat._connection import EventListener
+from trio_heartbeat._errors import ConnectionClosed, RemoteProtocolError
+from trio_heartbeat._events import NEED_DATA, Event, HandshakeComplete
 from trio_heartbeat._frames import (
     HEADER_SIZE,
     Close,
@@ -53,7 +67,21 @@ from trio_heartbeat._frames import (
 )
 from trio_heartbeat._handshake import compute_auth
 from trio_heartbeat._options import ConnectionOptions
+from trio_heartbeat._protocol import HeartbeatProtocol
+from trio_heartbeat._reconnect_events import (
+    AttemptFailed,
+    AttemptStarted,
+    BackingOff,
+    Connected,
+    Disconnected,
+    Stopped,
+    SupervisorEvent,
+)
+from trio_heartbeat._state import State
 from trio_heartbeat._stream_connection import open_stream_connection
+from trio_heartbeat._supervisor import open_reconnecting_client
+from trio_heartbeat._writer import _TASK_NAME as _WRITER_NAME
+from trio_heartbeat.testing import MemoryNetwork
 
 LOOPBACK = "127.0.0.1"
 #: The nonce every raw client puts in its HELLO.
@@ -622,6 +650,484 @@ async def connection_pair(
         ) as client:
             await ready.wait()
             yield Pair(client, server_ready[0], client_stream, server_stream)
+
+
+# -- the sans-IO core, wired by hand (core tests) --------------------------------------
+
+
+def state(protocol: HeartbeatProtocol) -> State:
+    """The state, read through a call so that mypy does not carry narrowing across steps."""
+    return protocol.state
+
+
+def drain(protocol: HeartbeatProtocol) -> list[Event]:
+    """Every event available now."""
+    events: list[Event] = []
+    while (event := protocol.next_event()) is not NEED_DATA:
+        assert isinstance(event, Event)
+        events.append(event)
+    return events
+
+
+def frames(data: bytes) -> list[WireFrame]:
+    """Decode bytes a protocol queued; they must be whole frames."""
+    decoder = FrameDecoder(0xFFFFFFFF)
+    decoder.receive_data(data)
+    out: list[WireFrame] = []
+    while (frame := decoder.next_frame()) is not None:
+        out.append(wire_frame(frame))
+    assert decoder.buffered == 0
+    return out
+
+
+def types(data: bytes) -> list[FrameType]:
+    return [frame.type for frame in frames(data)]
+
+
+def feed(protocol: HeartbeatProtocol, data: bytes, now: float) -> list[Event]:
+    protocol.receive_data(data, now)
+    return drain(protocol)
+
+
+def new_pair(
+    server_config: Config | None = None,
+    client_config: Config | None = None,
+    *,
+    now: float = 0.0,
+) -> tuple[HeartbeatProtocol, HeartbeatProtocol]:
+    """A server and a client at ``now``, with the nonces of the §7 vectors."""
+    server = HeartbeatProtocol(Role.SERVER, server_config, now=now, nonce=SERVER_NONCE)
+    client = HeartbeatProtocol(Role.CLIENT, client_config, now=now, nonce=CLIENT_NONCE)
+    return server, client
+
+
+def open_pair(
+    server_config: Config | None = None,
+    client_config: Config | None = None,
+    *,
+    now: float = 0.0,
+) -> tuple[HeartbeatProtocol, HeartbeatProtocol]:
+    """A server and a client that completed the handshake at ``now``, nothing queued."""
+    server, client = new_pair(server_config, client_config, now=now)
+    [done] = feed(client, server.data_to_send(), now)
+    assert isinstance(done, HandshakeComplete)
+    [done] = feed(server, client.data_to_send(), now)
+    assert isinstance(done, HandshakeComplete)
+    assert server.state is state(client) is State.OPEN
+    return server, client
+
+
+def expect_error(
+    protocol: HeartbeatProtocol, data: bytes, now: float, code: int, *, closes: bool = True
+) -> str:
+    """Feed ``data``; a RemoteProtocolError with ``code`` must follow; return its message.
+
+    Unless the side had already sent its CLOSE (``closes=False``), a CLOSE with
+    the error's code must be queued.
+    """
+    protocol.receive_data(data, now)
+    with pytest.raises(RemoteProtocolError) as info:
+        drain(protocol)
+    assert info.value.code == code
+    assert state(protocol) is State.ERROR
+    assert protocol.close_code == code
+    queued = frames(protocol.data_to_send())
+    if closes:
+        assert queued[-1].type is FrameType.CLOSE
+        assert decode_close(queued[-1].payload)[0] == code
+    else:
+        assert queued == []
+    return str(info.value)
+
+
+def run_prompt_pair(
+    server: HeartbeatProtocol,
+    client: HeartbeatProtocol,
+    until: float,
+    client_health: Sequence[tuple[float, HealthStatus]] = (),
+) -> tuple[list[float], list[float]]:
+    """Drive an open pair over a network with no delay until ``until``, as a runtime would.
+
+    The clock stops at every deadline of either side (and at each
+    ``client_health`` change), ``handle_timeout`` runs exactly then, and every
+    byte queued is delivered at once. Returns the times of the PINGs the
+    server and the client sent.
+    """
+    pings: dict[Role, list[float]] = {Role.SERVER: [], Role.CLIENT: []}
+    changes = sorted(client_health)
+    while True:
+        now = min(server.next_deadline, client.next_deadline, *(at for at, _ in changes[:1]))
+        if now > until:
+            return pings[Role.SERVER], pings[Role.CLIENT]
+        while changes and changes[0][0] == now:
+            client.set_health(changes.pop(0)[1], now)
+        for side in (client, server):
+            side.handle_timeout(now)
+        moved = True
+        while moved:
+            moved = False
+            for side, peer in ((client, server), (server, client)):
+                data = side.data_to_send()
+                if data:
+                    moved = True
+                    for frame in frames(data):
+                        if frame.type is FrameType.PING:
+                            pings[side.role].append(now)
+                    feed(peer, data, now)
+
+
+# -- one connection over memory streams (runtime tests) --------------------------------
+
+
+#: One second between PINGs, dead after three of silence: the defaults, spelled out.
+CONFIG = Config(interval=1.0, timeout=3.0)
+
+
+#: Bytes in a HELLO with no id and no auth, header included.
+HELLO_SIZE = 6 + 36
+
+
+def idle_ping_times(step: float, until: float, *, start: float = 0.0) -> list[float]:
+    """When a side that sent its last frame at ``start`` PINGs while idle, up to ``until``.
+
+    Every PING is due ``step`` after the one before, counted the way the core
+    counts it (so the floats match exactly): ``send_interval`` for a server,
+    ``send_interval * CLIENT_LEAD`` for a client.
+    """
+    times = []
+    at = start
+    while (at := at + step) <= until:
+        times.append(at)
+    return times
+
+
+async def hang_up_on_close(peer: ScriptedPeer) -> None:
+    """What a well-behaved peer does on our CLOSE: stop sending (which ends our
+    lingering close), then read to the end."""
+    while (frame := await peer.receive_frame()) is not None and frame.type is not FrameType.CLOSE:
+        pass
+    stream = peer.stream
+    assert isinstance(stream, trio.abc.HalfCloseableStream)
+    await stream.send_eof()
+    await peer.drain()
+
+
+def stream_and_peer(
+    role: Role = Role.SERVER, *, timeout: float = 3.0, max_frame: int = 1 << 20
+) -> tuple[WrappedStream, ScriptedPeer]:
+    """Our end of a memory stream pair (wrapped, to see ``aclose``) and a peer on the other."""
+    ours, theirs = trio.testing.memory_stream_pair()
+    peer = ScriptedPeer(theirs, role, timeout=timeout, max_frame=max_frame)
+    return WrappedStream(ours), peer
+
+
+def lockstep_stream_and_peer() -> tuple[WrappedStream, ScriptedPeer]:
+    """As :func:`stream_and_peer`, but every write waits until the peer reads it."""
+    ours, theirs = trio.testing.lockstep_stream_pair()
+    return WrappedStream(ours), ScriptedPeer(theirs)
+
+
+@asynccontextmanager
+async def served_connection(
+    stream: trio.abc.Stream, peer: ScriptedPeer, *, hello_only: bool = False, **kwargs: Any
+) -> AsyncIterator[Connection]:
+    """Open a connection on ``stream`` while ``peer`` greets it, then serves it.
+
+    The peer runs in a nursery of its own: :meth:`ScriptedPeer.handshake` (or,
+    with ``hello_only``, just :meth:`ScriptedPeer.send_hello`, without waiting
+    for our HELLO), then :meth:`ScriptedPeer.serve`. ``kwargs`` go to
+    ``open_stream_connection``. Leaving the block closes the connection; the
+    peer answers our CLOSE and reads to the end of the stream, so the block
+    exits only once the peer is done. An error from the block or the
+    connection cancels the peer and comes out of the peer's nursery, wrapped
+    in an ``ExceptionGroup``.
+
+    >>> async with served_connection(stream, peer, config=CONFIG) as conn:  # doctest: +SKIP
+    ...     await conn.send(b"echoed")
+    ...     assert await conn.receive() == b"echoed"
+    """
+
+    async def script() -> None:
+        if hello_only:
+            await peer.send_hello()
+        else:
+            await peer.handshake()
+        await peer.serve()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(script)
+        async with open_stream_connection(stream, **kwargs) as conn:
+            yield conn
+
+
+async def run_body(
+    stream: trio.abc.Stream, body: Callable[[Connection], Awaitable[object]], **kwargs: Any
+) -> None:
+    """Run ``body`` in an ``open_stream_connection`` block; what the block raises comes out."""
+    async with open_stream_connection(stream, **kwargs) as conn:
+        await body(conn)
+
+
+async def wait_forever(conn: Connection) -> None:
+    """A block that only waits, until something cancels it."""
+    await trio.sleep_forever()
+
+
+async def handshake_then_drain(peer: ScriptedPeer) -> None:
+    """A peer that completes the handshake, then only listens."""
+    await peer.handshake()
+    await peer.drain()
+
+
+async def handshake_then_serve(peer: ScriptedPeer) -> None:
+    """The peer's side of a healthy connection: handshake, then answer everything."""
+    await peer.handshake()
+    await peer.serve()
+
+
+#: Bound, in virtual time, on the memory-stream tests: a hang fails instead of stalling.
+VIRTUAL_BOUND = 10.0
+
+
+def how_it_ended(conn: Connection) -> tuple[type[ConnectionClosed], int, bool]:
+    """The kind, code and side of a connection's end, for one assert."""
+    closed = conn.closed
+    assert closed is not None, "the connection has not ended"
+    return type(closed), closed.code, closed.by_peer
+
+
+class StepCounter(trio.abc.Instrument):
+    """Counts the steps one task ends: a task that never yields ends none."""
+
+    def __init__(self, task: trio.lowlevel.Task) -> None:
+        self.task = task
+        self.steps = 0
+
+    def after_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task is self.task:
+            self.steps += 1
+
+
+class StallingStream(WrappedStream):
+    """A stream whose next ``send_all`` stops partway, as a full TCP buffer does.
+
+    After :meth:`stall_next_write`, the next write sends its first ``after``
+    bytes and waits for :attr:`resume` before sending the rest, so that a
+    frame can be left half on the wire.
+    """
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        super().__init__(inner)
+        self.resume = trio.Event()
+        self._stall_after: int | None = None
+
+    def stall_next_write(self, after: int) -> None:
+        self._stall_after = after
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        after, self._stall_after = self._stall_after, None
+        if after is not None:
+            await super().send_all(data[:after])
+            try:
+                await self.resume.wait()
+            except trio.Cancelled:
+                self.send_interrupted = True
+                raise
+            data = data[after:]
+        await super().send_all(data)
+
+
+def stalling_stream_and_peer(peer_role: Role = Role.SERVER) -> tuple[StallingStream, ScriptedPeer]:
+    """Our end of a memory stream pair that can stall a write midway, and a peer."""
+    ours, theirs = trio.testing.memory_stream_pair()
+    return StallingStream(ours), ScriptedPeer(theirs, peer_role)
+
+
+async def resume_at(stream: StallingStream, when: float) -> None:
+    """Let a stalled write finish at ``when``."""
+    await trio.sleep_until(when)
+    stream.resume.set()
+
+
+def task_names() -> list[str]:
+    """The names of every task in this run, walked from the root task down."""
+    root = trio.lowlevel.current_root_task()
+    assert root is not None
+    names: list[str] = []
+    pending = [root]
+    while pending:
+        task = pending.pop()
+        names.append(task.name)
+        for nursery in task.child_nurseries:
+            pending.extend(nursery.child_tasks)
+    return names
+
+
+class WriterLog(trio.abc.Instrument):
+    """When each connection writer task started and ended (``trio.current_time()``)."""
+
+    def __init__(self) -> None:
+        self.started: list[float] = []
+        self.ended: list[float] = []
+
+    def task_spawned(self, task: Task) -> None:
+        if task.name == _WRITER_NAME:
+            self.started.append(trio.current_time())
+
+    def task_exited(self, task: Task) -> None:
+        if task.name == _WRITER_NAME:
+            self.ended.append(trio.current_time())
+
+
+@contextmanager
+def watch_writers() -> Iterator[WriterLog]:
+    """A :class:`WriterLog` installed for the block."""
+    log = WriterLog()
+    trio.lowlevel.add_instrument(log)
+    try:
+        yield log
+    finally:
+        trio.lowlevel.remove_instrument(log)
+
+
+class WhoWrites(WrappedStream):
+    """Records every ``send_all``: when, from which task, and the frame types in it.
+
+    Each write here carries whole frames (the runtime never splits a frame
+    across ``send_all`` calls), so each is decoded on its own.
+    """
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        super().__init__(inner)
+        self.writes: list[tuple[float, str, list[FrameType]]] = []
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        decoder = FrameDecoder(max_frame=0xFFFFFFFF)
+        decoder.receive_data(bytes(data))
+        kinds = []
+        while (frame := decoder.next_frame()) is not None:
+            kinds.append(wire_frame(frame).type)
+        at, name = trio.current_time(), trio.lowlevel.current_task().name
+        await super().send_all(data)
+        self.writes.append((at, name, kinds))
+
+
+def memory_stream_and_peer() -> tuple[WhoWrites, ScriptedPeer]:
+    """Our end of a memory stream pair (recording its writes) and a server peer on the other."""
+    ours, theirs = trio.testing.memory_stream_pair()
+    return WhoWrites(ours), ScriptedPeer(theirs)
+
+
+# -- reconnecting clients on the memory network (service tests) ------------------------
+
+
+ENDPOINT = "server:9000"
+
+
+class Recorder:
+    """A supervisor listener that notes each event with the virtual time it came at."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[float, SupervisorEvent]] = []
+
+    def __call__(self, event: SupervisorEvent) -> None:
+        self.events.append((trio.current_time(), event))
+
+    def of(self, kind: type[SupervisorEvent]) -> list[tuple[float, Any]]:
+        return [(at, event) for at, event in self.events if isinstance(event, kind)]
+
+    def times(self, kind: type[SupervisorEvent]) -> list[float]:
+        return [at for at, _ in self.of(kind)]
+
+    def summary(self) -> list[tuple[Any, ...]]:
+        """The events as comparable tuples (exceptions compare by identity, codes do not)."""
+        return [(at, *_summarize(event)) for at, event in self.events]
+
+
+def _summarize(event: SupervisorEvent) -> tuple[Any, ...]:
+    if isinstance(event, AttemptStarted):
+        return ("attempt", event.attempt, event.endpoint)
+    if isinstance(event, AttemptFailed):
+        return ("failed", event.attempt, event.endpoint, event.error.code)
+    if isinstance(event, Connected):
+        return ("connected", event.attempt, event.endpoint)
+    if isinstance(event, Disconnected):
+        return ("disconnected", event.endpoint, event.error.code, event.uptime)
+    if isinstance(event, BackingOff):
+        return ("backoff", event.attempt, event.delay)
+    assert isinstance(event, Stopped)
+    return ("stopped", None if event.error is None else event.error.last_error)
+
+
+def reconnecting(
+    network: MemoryNetwork,
+    endpoints: Any = (ENDPOINT,),
+    record: Recorder | None = None,
+    **kwargs: Any,
+) -> Any:
+    """``open_reconnecting_client`` over the memory network, with a recorder attached."""
+    if isinstance(endpoints, tuple):
+        endpoints = list(endpoints)
+    return open_reconnecting_client(
+        endpoints,
+        connector=network.connect,
+        listeners=[record] if record is not None else None,
+        **kwargs,
+    )
+
+
+def close_first_with(code: int, after: float = 1.0) -> Callable[[Connection], Any]:
+    """A handler that closes its first connection with ``code`` after a while, and echoes later ones."""
+    served = 0
+
+    async def handler(conn: Connection) -> None:
+        nonlocal served
+        served += 1
+        if served == 1:
+            await trio.sleep(after)
+            await conn.aclose(code)
+        else:
+            await echo(conn)
+
+    return handler
+
+
+# -- the test kit's streams (test kit tests) -------------------------------------------
+
+
+async def receive_exactly(stream: trio.abc.ReceiveStream, nbytes: int) -> bytes:
+    data = b""
+    while len(data) < nbytes:
+        chunk = await stream.receive_some(nbytes - len(data))
+        assert chunk, "unexpected EOF"
+        data += chunk
+    return data
+
+
+async def blocks_for(afn: Callable[[], Any], seconds: float) -> bool:
+    """True if ``await afn()`` was still waiting after ``seconds`` (and got cancelled)."""
+    with trio.move_on_after(seconds) as scope:
+        await afn()
+    return scope.cancelled_caught
+
+
+class PlainStream(trio.abc.Stream):
+    """A stream that is not half-closeable, to wrap."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self._inner = inner
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self._inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
 
 
 # -- `python -m trio_heartbeat serve` in a subprocess -----------------------------

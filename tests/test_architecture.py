@@ -1,9 +1,15 @@
-"""The module map in docs/architecture.md against the code: the page must say what the code does.
+"""The module map in docs/architecture.md against the code, and the test layout against the modules.
 
 Each module's imports of the package, read from its source, must be exactly
 the ones the page lists (with those made under ``TYPE_CHECKING`` marked
 *(annotations)*); the layers may only point down; the sans-IO core imports
 nothing but the standard library; and no module is over 600 lines.
+
+The tests follow the same map (tests/README.md): every source module has one
+test module named for it (``test_frames.py`` for ``_frames``,
+``test_testing_wire.py`` for ``testing/_wire``), every other test module is a
+cross-cutting suite listed here, each test module says in its docstring what
+it tests, and no test module imports another.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "trio_heartbeat"
 PAGE = ROOT / "docs" / "architecture.md"
+TESTS = ROOT / "tests"
 LAYERS = ["core", "runtime", "services", "edges"]
 MAX_LINES = 600
 
@@ -32,8 +39,9 @@ def module_name(path: Path) -> str:
 
 def _target(name: str, node: ast.ImportFrom) -> list[str]:
     # The package modules an import names, in the page's spelling.
-    parts = name.split("/")
-    package = parts[:-1] if parts[-1] != "__init__" else parts[:-1]
+    # An __init__ resolves against its own package, any other module against
+    # the package that holds it: either way, the path without its last part.
+    package = name.split("/")[:-1]
     base = package[: len(package) - (node.level - 1)] if node.level > 1 else package
     if node.module is not None:
         return ["/".join([*base, *node.module.split(".")])]
@@ -147,3 +155,98 @@ def test_the_check_would_see_a_wrong_row() -> None:
 def test_no_module_is_over_600_lines(path: Path) -> None:
     lines = len(path.read_text(encoding="utf-8").splitlines())
     assert lines <= MAX_LINES, f"{module_name(path)} has {lines} lines"
+
+
+# -- the test layout -------------------------------------------------------------------
+
+#: Modules with no test module of their own: the public names (test_public_api)
+#: and the entry point (test_cli runs ``main``).
+NO_TEST_MODULE = {"__init__", "__main__", "testing/__init__"}
+#: Suites that no single module owns, and what each one covers.
+CROSS_CUTTING = {
+    "test_architecture": "the module map and this layout, against the code",
+    "test_public_api": "the public names, and every type in a public signature",
+    "test_spec": "docs/protocol.md and its test vectors, against the code",
+    "test_conformance": "raw bytes, built by hand from the spec, against the CLI server",
+    "test_cancellation": "one connection cancelled at every point it can be",
+    "test_cancellation_services": "the server, registry and reconnecting client cancelled anywhere",
+    "test_leaks": "nothing left behind, however a connection ends",
+    "test_resilience": "real server processes and a fault proxy under a reconnecting client",
+    "test_tcp": "servers and clients over real loopback sockets",
+    "test_tls": "servers and clients over TLS and mutual TLS",
+    "test_benchmarks_smoke": "the benchmark harness still runs",
+    "test_testing": "the test kit's user guide (docs/testing.md) runs",
+}
+#: A second test module of one source module, for one kind of test: named for
+#: the module too, with what sets it apart.
+COMPANIONS = {"test_protocol_stateful": "_protocol"}
+
+
+def name_of_test_module(module: str) -> str:
+    """``test_frames`` for ``_frames``, ``test_testing_wire`` for ``testing/_wire``."""
+    *packages, name = module.split("/")
+    return "_".join(["test", *packages, name.lstrip("_")])
+
+
+def modules_with_tests() -> list[str]:
+    return [module_name(path) for path in sources() if module_name(path) not in NO_TEST_MODULE]
+
+
+def suite_paths() -> list[Path]:
+    return sorted(TESTS.glob("test_*.py"))
+
+
+def test_the_layout_names_each_modules_test_module() -> None:
+    assert name_of_test_module("_frames") == "test_frames"
+    assert name_of_test_module("_stream_connection") == "test_stream_connection"
+    assert name_of_test_module("testing/_wire") == "test_testing_wire"
+    # What the layout check would refuse: test modules told apart by history.
+    allowed = {name_of_test_module(module) for module in modules_with_tests()}
+    assert "test_connection_paths" not in allowed | set(CROSS_CUTTING) | set(COMPANIONS)
+
+
+def test_every_source_module_has_its_test_module() -> None:
+    missing = [
+        f"{name_of_test_module(module)}.py for {module}"
+        for module in modules_with_tests()
+        if not (TESTS / f"{name_of_test_module(module)}.py").is_file()
+    ]
+    assert missing == []
+
+
+def test_every_test_module_is_named_for_a_module_or_is_a_listed_suite() -> None:
+    named = {name_of_test_module(module) for module in modules_with_tests()}
+    stray = {path.stem for path in suite_paths()} - named - set(CROSS_CUTTING) - set(COMPANIONS)
+    assert stray == set(), "name it for the module it tests, or list it as cross-cutting"
+
+
+def test_the_listed_suites_exist_and_are_not_named_for_a_module() -> None:
+    named = {name_of_test_module(module) for module in modules_with_tests()}
+    for suite in [*CROSS_CUTTING, *COMPANIONS]:
+        assert (TESTS / f"{suite}.py").is_file(), suite
+        assert suite not in named, suite
+    for companion, module in COMPANIONS.items():
+        assert companion.startswith(name_of_test_module(module) + "_")
+
+
+def test_the_readme_lists_every_cross_cutting_suite() -> None:
+    readme = (TESTS / "README.md").read_text(encoding="utf-8")
+    assert [suite for suite in [*CROSS_CUTTING, *COMPANIONS] if f"`{suite}.py`" not in readme] == []
+
+
+@pytest.mark.parametrize("path", suite_paths(), ids=lambda path: path.stem)
+def test_every_test_module_says_what_it_tests(path: Path) -> None:
+    docstring = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8")))
+    assert docstring, f"{path.name} has no module docstring"
+
+
+@pytest.mark.parametrize("path", sorted(TESTS.glob("*.py")), ids=lambda path: path.stem)
+def test_no_test_module_imports_another(path: Path) -> None:
+    """Shared helpers live in helpers.py (or conftest.py), never in a test module."""
+    imported: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            imported.add(node.module.split(".")[0])
+    assert {name for name in imported if name.startswith(("test_", "conftest"))} == set()

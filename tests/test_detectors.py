@@ -1,18 +1,40 @@
-"""Tests for the failure detectors (trio_heartbeat._detectors).
+"""The failure detectors (``_detectors.py``): the fixed timeout, and phi accrual.
 
-How the protocol core clamps a detector's verdict is tested in
-test_protocol.py (``test_detector_is_clamped_to_the_safe_window``).
+:class:`FixedTimeout` is the plain silence rule and holds no state. For
+:class:`PhiAccrualDetector`, exact numbers first: for a learned mean and
+deviation, :meth:`suspect_at` is ``last + (mean + acceptable_pause + std *
+z)``, with ``z`` the standard normal quantile of ``1 - 10 ** -threshold``,
+and the tests spell that arithmetic out so that the floats compare equal.
+Then the local-stall guard, the bounds on memory and rounding, properties over
+arbitrary arrival sequences, and one connection in virtual time convicted
+where the core's clamp says. How the core clamps any detector's verdict is
+tested in test_silence.py (``test_detector_is_clamped_to_the_safe_window``).
 """
 
 from __future__ import annotations
 
 import doctest
+import math
+import statistics
+from collections import deque
+from itertools import accumulate, pairwise
+from statistics import NormalDist
+from typing import Any
 
-from hypothesis import given
+import pytest
+import trio
+from helpers import CONFIG, ScriptedPeer, run_body, stream_and_peer
+from hypothesis import assume, given
 from hypothesis import strategies as st
+from trio.testing import MockClock
 
-from trio_heartbeat import _detectors
+from trio_heartbeat import Connection, ConnectionOptions, PhiAccrualDetector, _detectors
 from trio_heartbeat._detectors import FailureDetector, FixedTimeout
+from trio_heartbeat._errors import HeartbeatTimeout
+from trio_heartbeat._frames import CloseCode, FrameType, Role
+
+# -- the fixed timeout -----------------------------------------------------------------
+
 
 times = st.floats(min_value=-1e9, max_value=1e9, allow_nan=False)
 
@@ -36,3 +58,457 @@ def test_doctests() -> None:
     results = doctest.testmod(_detectors)
     assert results.attempted > 0
     assert results.failed == 0
+
+
+# -- the phi accrual detector ----------------------------------------------------------
+
+
+def z_of(threshold: float) -> float:
+    """The quantile as the detector computes it: from the lower tail, which is exact."""
+    return -NormalDist().inv_cdf(10.0**-threshold)
+
+
+#: The default threshold's quantile, about 5.612.
+Z8 = z_of(8.0)
+
+
+def regular(detector: PhiAccrualDetector, until: int, *, start: int = 0) -> float:
+    """Record one arrival a second from ``start`` to ``until``; returns the last."""
+    for second in range(start, until + 1):
+        detector.record(float(second))
+    return float(until)
+
+
+# -- phi accrual: exact numbers --------------------------------------------------------
+
+
+@pytest.mark.parametrize("threshold", [1.0, 3.0, 8.0, 12.0])
+@pytest.mark.parametrize("min_std", [0.1, 0.25])
+def test_a_perfectly_regular_peer_is_suspected_min_std_times_z_after_the_mean(
+    threshold: float, min_std: float
+) -> None:
+    detector = PhiAccrualDetector(threshold=threshold, min_std=min_std)
+    last = regular(detector, 10)
+    assert detector.intervals == (1.0,) * 10
+    assert detector.mean == 1.0
+    assert detector.std == min_std  # the measured deviation is 0: the floor applies
+    suspect = detector.suspect_at(last, timeout=3.0)
+    assert suspect == last + (1.0 + 0.0 + min_std * z_of(threshold))
+    # The same moment from the stdlib's upper quantile. 1 - 10**-threshold
+    # keeps fewer digits of the tail as the threshold grows (at 12, about
+    # four), hence the tolerance.
+    direct = NormalDist(1.0, min_std).inv_cdf(1 - 10**-threshold)
+    assert math.isclose(suspect, last + direct, rel_tol=0.0, abs_tol=1e-6)
+    # phi reaches the threshold exactly there.
+    assert math.isclose(detector.phi(suspect, last), threshold, rel_tol=1e-9)
+
+
+def test_high_thresholds_work_where_the_upper_quantile_would_round_to_one() -> None:
+    assert 1 - 10**-17 == 1.0
+    with pytest.raises(statistics.StatisticsError):
+        NormalDist(1.0, 0.1).inv_cdf(1 - 10**-17)
+    detector = PhiAccrualDetector(threshold=17.0)
+    last = regular(detector, 3)
+    suspect = detector.suspect_at(last, 3.0)
+    assert suspect == last + (1.0 + 0.1 * z_of(17.0))
+    assert round(z_of(17.0), 3) == 8.494
+    assert math.isclose(detector.phi(suspect, last), 17.0, rel_tol=1e-9)
+
+
+def test_the_default_threshold_suspects_a_regular_1s_peer_after_1_561_s() -> None:
+    detector = PhiAccrualDetector()
+    last = regular(detector, 5)
+    assert round(Z8, 6) == 5.612001
+    assert detector.suspect_at(last, 3.0) == 5.0 + (1.0 + 0.1 * Z8)
+    assert round(detector.suspect_at(last, 3.0) - last, 4) == 1.5612
+    assert math.isclose(
+        detector.suspect_at(last, 3.0), last + NormalDist(1.0, 0.1).inv_cdf(1 - 1e-8), abs_tol=1e-9
+    )
+
+
+def test_mean_and_deviation_of_an_irregular_peer() -> None:
+    detector = PhiAccrualDetector(min_std=0.01)
+    for arrival in [0.0, 0.5, 2.0, 2.5, 4.0]:  # intervals 0.5, 1.5, 0.5, 1.5
+        detector.record(arrival)
+    assert detector.intervals == (0.5, 1.5, 0.5, 1.5)
+    assert detector.mean == statistics.fmean(detector.intervals) == 1.0
+    assert detector.std == statistics.pstdev(detector.intervals) == 0.5
+    assert detector.suspect_at(4.0, 10.0) == 4.0 + (1.0 + 0.5 * Z8)
+
+
+def test_min_std_is_a_floor_under_a_small_measured_deviation() -> None:
+    detector = PhiAccrualDetector(window=4, min_std=0.1)
+    for arrival in [0.0, 0.75, 1.75, 2.5, 3.5]:  # intervals 0.75, 1.0, 0.75, 1.0
+        detector.record(arrival)
+    assert statistics.pstdev(detector.intervals) == 0.125
+    assert detector.std == 0.125  # above the floor: measured
+    for arrival in [4.375, 5.375, 6.25, 7.25]:  # now 0.875 and 1.0 alternate
+        detector.record(arrival)
+    assert statistics.pstdev(detector.intervals) == 0.0625
+    assert detector.std == 0.1  # below it: the floor
+
+
+def test_acceptable_pause_moves_the_deadline_and_the_curve() -> None:
+    plain = PhiAccrualDetector()
+    patient = PhiAccrualDetector(acceptable_pause=0.5)
+    for detector in (plain, patient):
+        regular(detector, 10)
+    assert patient.suspect_at(10.0, 3.0) == 10.0 + (1.0 + 0.5 + 0.1 * Z8)
+    assert patient.suspect_at(10.0, 3.0) - plain.suspect_at(10.0, 3.0) == pytest.approx(0.5)
+    # phi is the same curve, half a second later.
+    assert patient.phi(11.7, 10.0) == pytest.approx(plain.phi(11.2, 10.0), rel=1e-9)
+
+
+def test_phi_along_a_silence() -> None:
+    detector = PhiAccrualDetector()
+    regular(detector, 10)
+    assert detector.phi(11.0, 10.0) == pytest.approx(math.log10(2))  # the mean: even odds
+    # Rising without bound, then past what a float can hold as a probability.
+    levels = [detector.phi(10.0 + elapsed, 10.0) for elapsed in (1.2, 1.4, 1.6, 2.0, 4.0)]
+    assert levels == sorted(levels)
+    assert levels[-1] > 100
+    assert detector.phi(20.0, 10.0) == math.inf
+    # Long before the mean: no suspicion, and a plain 0.0 (not -0.0).
+    early = detector.phi(0.0, 10.0)
+    assert early == 0.0
+    assert math.copysign(1.0, early) == 1.0
+
+
+def test_too_little_history_is_the_fixed_timeout() -> None:
+    detector = PhiAccrualDetector()
+    assert detector.suspect_at(0.0, 3.0) == 3.0
+    for arrival, count in [(0.0, 0), (1.0, 1)]:
+        detector.record(arrival)
+        assert len(detector.intervals) == count
+        assert detector.mean is None
+        assert detector.std is None
+        assert detector.phi(arrival + 100.0, arrival) == 0.0
+        assert detector.suspect_at(arrival, 3.0) == arrival + 3.0
+    detector.record(2.0)  # the second interval: now it has a rhythm
+    assert detector.suspect_at(2.0, 3.0) == 2.0 + (1.0 + 0.1 * Z8)
+
+
+def test_first_interval_seeds_a_wide_rhythm() -> None:
+    detector = PhiAccrualDetector(first_interval=1.0)
+    assert detector.intervals == (0.75, 1.25)
+    assert detector.mean == 1.0
+    assert detector.std == 0.25
+    assert detector.suspect_at(0.0, 3.0) == 0.0 + (1.0 + 0.25 * Z8)
+    # Real intervals push the seeds out of the window.
+    narrow = PhiAccrualDetector(window=3, first_interval=2.0)
+    assert narrow.intervals == (1.5, 2.5)
+    regular(narrow, 3)
+    assert list(narrow.intervals) == [1.0, 1.0, 1.0]
+
+
+def test_the_window_is_bounded() -> None:
+    detector = PhiAccrualDetector(window=3)
+    for arrival in [0.0, 1.0, 3.0, 4.0, 5.5, 6.0]:
+        detector.record(arrival)
+    assert detector.intervals == (1.0, 1.5, 0.5)
+    assert detector.mean == 1.0
+
+
+def test_the_sums_are_recomputed_exactly_each_time_the_window_turns_over() -> None:
+    # A huge interval (learned: no timeout was asked about yet) then small ones.
+    # Subtracting its square from the running sum of squares leaves rounding
+    # error on the scale of 1e12's last bit; the resum at 8 intervals (two
+    # turns of a window of 4) removes it.
+    arrivals = list(accumulate([0.0, 1e6 + 0.1, *(0.1 * k for k in range(1, 8))]))
+    detector = PhiAccrualDetector(window=4, min_std=1e-9)
+    for arrival in arrivals:
+        detector.record(arrival)
+    intervals = detector.intervals
+    assert len(intervals) == 4
+    assert detector.mean == statistics.fmean(intervals)
+    assert detector.std == pytest.approx(statistics.pstdev(intervals), rel=1e-12)
+    # The test has teeth: the plain running sums have drifted by then.
+    window: deque[float] = deque(maxlen=4)
+    total = squares = 0.0
+    for interval in (b - a for a, b in pairwise(arrivals)):
+        if len(window) == 4:
+            total -= window[0]
+            squares -= window[0] ** 2
+        window.append(interval)
+        total += interval
+        squares += interval * interval
+    assert tuple(window) == intervals
+    drifted = math.sqrt(squares / 4 - (total / 4) ** 2)
+    assert drifted != pytest.approx(statistics.pstdev(intervals), rel=1e-9)
+
+
+# -- phi accrual: the local-stall guard ------------------------------------------------
+
+
+def test_frames_read_together_count_as_one_arrival() -> None:
+    # A peer that sends two frames at once every second (say DATA and PING):
+    # the zero intervals are not learned, the one-second rhythm is.
+    detector = PhiAccrualDetector()
+    for second in range(6):
+        detector.record(float(second))
+        detector.record(float(second))
+    assert detector.intervals == (1.0,) * 5
+    assert detector.suspect_at(5.0, 3.0) == 5.0 + (1.0 + 0.1 * Z8)
+
+
+def test_an_interval_longer_than_the_timeout_is_not_learned() -> None:
+    detector = PhiAccrualDetector()
+    regular(detector, 5)
+    detector.suspect_at(5.0, 3.0)
+    detector.record(9.0)  # 4 s: we would have convicted at 8.0, had we been watching
+    assert detector.intervals == (1.0,) * 5
+    detector.record(10.0)  # the rhythm resumes from the late frame
+    assert list(detector.intervals) == [1.0] * 6
+    assert detector.suspect_at(10.0, 3.0) == 10.0 + (1.0 + 0.1 * Z8)
+
+
+def test_before_any_timeout_is_known_long_intervals_are_learned() -> None:
+    detector = PhiAccrualDetector()
+    for arrival in [0.0, 4.0, 8.0]:
+        detector.record(arrival)
+    assert detector.intervals == (4.0, 4.0)
+
+
+def test_a_stall_shorter_than_the_timeout_does_not_poison_the_window() -> None:
+    # Our loop stalls from 10.0 to 12.5; the peer's PINGs of 11.0 and 12.0
+    # are read together at 12.5.
+    detector = PhiAccrualDetector()
+    regular(detector, 10)
+    before = detector.suspect_at(10.0, 3.0)
+    assert before == 10.0 + (1.0 + 0.1 * Z8)  # 2.5 s is later than the verdict
+    detector.record(12.5)
+    detector.record(12.5)
+    detector.record(13.5)
+    assert detector.intervals == (1.0,) * 11  # the 2.5 s gap is dropped
+    assert detector.std == 0.1
+    assert detector.suspect_at(13.5, 3.0) == 13.5 + (1.0 + 0.1 * Z8)
+
+
+def test_a_late_frame_that_comes_alone_is_learned() -> None:
+    # Same times, but one frame at 12.5: the peer itself was late.
+    detector = PhiAccrualDetector()
+    regular(detector, 10)
+    detector.suspect_at(10.0, 3.0)
+    detector.record(12.5)
+    assert detector.intervals == (1.0,) * 10  # held back until the next arrival
+    detector.record(13.5)
+    assert list(detector.intervals) == [*[1.0] * 10, 2.5, 1.0]
+    std = detector.std
+    assert std == pytest.approx(statistics.pstdev(detector.intervals))
+    assert std is not None
+    assert std > 0.4  # learned: the peer is given more room now
+
+
+def test_an_arrival_before_the_last_counts_as_simultaneous() -> None:
+    detector = PhiAccrualDetector()
+    regular(detector, 3)
+    detector.record(2.5)
+    detector.record(4.0)
+    assert detector.intervals == (1.0,) * 4
+
+
+def test_late_intervals_are_held_only_once_there_is_a_rhythm() -> None:
+    # With one interval there is no verdict to be late against.
+    detector = PhiAccrualDetector()
+    detector.suspect_at(0.0, 10.0)
+    for arrival in [0.0, 1.0, 6.0, 6.0]:
+        detector.record(arrival)
+    assert detector.intervals == (1.0, 5.0)
+
+
+# -- phi accrual: parameters and shape -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"threshold": 0.5}, r"threshold must be between 1 and 300, got 0\.5"),
+        ({"threshold": 301.0}, "threshold must be between 1 and 300"),
+        ({"threshold": math.nan}, "threshold must be between 1 and 300, got nan"),
+        ({"window": 1}, "window must be an integer of at least 2"),
+        ({"window": True}, "window must be an integer of at least 2"),
+        ({"window": 2.5}, r"window must be an integer of at least 2 .*got 2\.5"),
+        ({"min_std": 0.0}, "min_std must be a positive number of seconds, got 0.0"),
+        ({"min_std": math.inf}, "min_std must be a positive number of seconds"),
+        ({"min_std": math.nan}, "min_std must be a positive number of seconds"),
+        ({"acceptable_pause": -0.1}, "acceptable_pause must be a finite number of seconds >= 0"),
+        ({"acceptable_pause": math.inf}, "acceptable_pause must be a finite number"),
+        ({"first_interval": 0.0}, "first_interval must be None or a positive number"),
+        ({"first_interval": -1.0}, "first_interval must be None or a positive number"),
+        ({"first_interval": math.inf}, "first_interval must be None or a positive number"),
+    ],
+)
+def test_parameters_are_validated(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        PhiAccrualDetector(**kwargs)
+
+
+def test_extreme_thresholds_are_accepted() -> None:
+    for threshold in (1.0, 300.0):
+        detector = PhiAccrualDetector(threshold=threshold)
+        regular(detector, 3)
+        assert math.isfinite(detector.suspect_at(3.0, 3.0))
+    assert z_of(300.0) == pytest.approx(37.047, abs=1e-3)
+
+
+def test_shape() -> None:
+    detector: FailureDetector = PhiAccrualDetector()
+    assert not hasattr(detector, "__dict__")
+    assert repr(PhiAccrualDetector(first_interval=1.0)) == (
+        "PhiAccrualDetector(threshold=8.0, window=100, min_std=0.1, "
+        "acceptable_pause=0.0, first_interval=1.0)"
+    )
+
+
+# -- phi accrual: properties -----------------------------------------------------------
+
+
+thresholds = st.floats(min_value=1.0, max_value=300.0)
+
+
+gaps = st.one_of(st.just(0.0), st.floats(min_value=0.0, max_value=1e4))
+
+
+@st.composite
+def arrival_sequences(draw: st.DrawFn) -> list[float]:
+    """Non-decreasing arrival times, with frames read together now and then."""
+    start = draw(st.floats(min_value=-1e9, max_value=1e9))
+    return list(accumulate(draw(st.lists(gaps, min_size=1, max_size=40)), initial=start))
+
+
+def feed(detector: PhiAccrualDetector, arrivals: list[float], timeout: float) -> None:
+    """As the core does: record each arrival, then ask for the deadline."""
+    for arrival in arrivals:
+        detector.record(arrival)
+        assert math.isfinite(detector.suspect_at(arrival, timeout))
+
+
+@given(
+    arrivals=arrival_sequences(),
+    timeout=st.floats(min_value=0.001, max_value=1e6),
+    window=st.integers(min_value=2, max_value=8),
+    min_std=st.floats(min_value=1e-6, max_value=10.0),
+    pause=st.floats(min_value=0.0, max_value=100.0),
+)
+def test_the_verdict_is_finite_never_before_the_mean_and_memory_is_bounded(
+    arrivals: list[float], timeout: float, window: int, min_std: float, pause: float
+) -> None:
+    detector = PhiAccrualDetector(window=window, min_std=min_std, acceptable_pause=pause)
+    for arrival in arrivals:
+        detector.record(arrival)
+        assert len(detector.intervals) <= window
+        last = arrival
+        suspect = detector.suspect_at(last, timeout)
+        assert math.isfinite(suspect)
+        mean = detector.mean
+        if mean is None:
+            assert suspect == last + timeout
+        else:
+            assert suspect >= last + mean
+            assert detector.std is not None
+            assert detector.std >= min_std
+
+
+@given(arrivals=arrival_sequences(), low=thresholds, high=thresholds)
+def test_the_verdict_is_monotone_in_the_threshold(
+    arrivals: list[float], low: float, high: float
+) -> None:
+    # The normal quantile is computed to within a few units in the last
+    # place, so thresholds closer than that may come out in either order.
+    assume(abs(high - low) >= 1e-6)
+    low, high = sorted((low, high))
+    lenient, strict = PhiAccrualDetector(threshold=low), PhiAccrualDetector(threshold=high)
+    feed(lenient, arrivals, 3.0)
+    feed(strict, arrivals, 3.0)
+    last = arrivals[-1]
+    assert lenient.suspect_at(last, 3.0) <= strict.suspect_at(last, 3.0)
+
+
+# -- phi accrual: in a connection, in virtual time -------------------------------------
+
+
+#: The peer PINGs at 1, 2, ... PINGS seconds, then falls silent.
+PINGS = 5
+
+
+LAST = float(PINGS)
+
+
+#: The peer's send interval as we see it, min(1.0, 3.0 / 2), and our timeout.
+PEER_INTERVAL = 1.0
+
+
+TIMEOUT = 3.0
+
+
+def clamped(phi_time: float) -> float:
+    """Where the core puts a detector's verdict (``HeartbeatProtocol.liveness_deadline``)."""
+    return max(LAST + 2 * PEER_INTERVAL, min(phi_time, LAST + TIMEOUT))
+
+
+async def pings_then_silence(peer: ScriptedPeer) -> None:
+    """The peer's HELLO at 0.0, a PING every second up to ``LAST``, then silence."""
+    await peer.handshake()
+    for second in range(1, PINGS + 1):
+        await trio.sleep_until(float(second))
+        await peer.send_ping()
+    await peer.drain()
+
+
+@pytest.mark.parametrize(
+    ("pause", "expected"),
+    [
+        # 1.561 s after the last PING: raised to the floor of two intervals.
+        (0.0, LAST + 2.0),
+        # 2.311 s: inside the window, the detector decides.
+        (0.75, LAST + (1.0 + 0.75 + 0.1 * Z8)),
+        # 3.561 s: capped at the configured timeout.
+        (2.0, LAST + 3.0),
+    ],
+    ids=["floor", "detector", "timeout"],
+)
+async def test_a_silent_peer_is_convicted_where_the_core_clamps_the_phi_verdict(
+    pause: float, expected: float, autojump_clock: MockClock
+) -> None:
+    made: list[PhiAccrualDetector] = []
+
+    def factory() -> PhiAccrualDetector:
+        made.append(PhiAccrualDetector(threshold=8.0, acceptable_pause=pause))
+        return made[-1]
+
+    async def body(conn: Connection) -> None:
+        await trio.sleep_until(LAST + 0.5)  # the last PING is in
+        assert conn.watchdog_deadline == expected
+        await trio.sleep_forever()
+
+    stream, peer = stream_and_peer(Role.CLIENT)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(pings_then_silence, peer)
+        with pytest.raises(HeartbeatTimeout):
+            await run_body(
+                stream,
+                body,
+                role=Role.SERVER,
+                config=CONFIG,
+                options=ConnectionOptions(detector=factory),
+            )
+        assert trio.current_time() == expected
+    assert expected == clamped(LAST + (1.0 + pause + 0.1 * Z8))
+    (detector,) = made
+    # The peer's HELLO at 0.0, then a PING a second.
+    assert detector.intervals == (1.0,) * PINGS
+    assert peer.frames[-1].type is FrameType.CLOSE
+    assert peer.frames[-1].close_code == CloseCode.HEARTBEAT_TIMEOUT
+    assert peer.frames[-1].at == expected
+
+
+async def test_the_fixed_timeout_convicts_the_same_peer_later(autojump_clock: MockClock) -> None:
+    async def body(conn: Connection) -> None:
+        await trio.sleep_forever()
+
+    stream, peer = stream_and_peer(Role.CLIENT)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(pings_then_silence, peer)
+        with pytest.raises(HeartbeatTimeout):
+            await run_body(stream, body, role=Role.SERVER, config=CONFIG)
+        assert trio.current_time() == LAST + TIMEOUT

@@ -1,8 +1,11 @@
-"""The exception vocabulary (trio_heartbeat._errors, and ReconnectFailed beside it).
+"""The exception vocabulary (``_errors.py``): every error class of the package.
 
-Every public exception must survive pickle and copy with its attributes, its
-type and its notes: several of them keep their values outside ``args``, which
-the default reduction would lose or fail to rebuild from.
+Every exception must survive pickle and copy with its attributes, its type and
+its notes: several of them keep their values outside ``args``, which the
+default reduction would lose or fail to rebuild from. The public ones are
+checked against ``trio_heartbeat``'s names, the two the package keeps to
+itself (:class:`NoEndpointLeft`, :class:`UsageError`) beside them, and
+together they cover every class ``_errors`` defines.
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ from trio_heartbeat import (
     ProtocolError,
     ReconnectFailed,
     RemoteProtocolError,
+    _errors,
 )
+from trio_heartbeat._errors import NoEndpointLeft, UsageError
 
 #: One or more instances of each public exception, with every attribute set.
 EXAMPLES: list[HeartbeatError] = [
@@ -45,6 +50,12 @@ EXAMPLES: list[HeartbeatError] = [
         3,
     ),
     ReconnectFailed("the reconnecting client is closed", None, 0),
+]
+
+#: The exceptions the package keeps to itself: not exported, still picklable.
+INTERNAL_EXAMPLES: list[HeartbeatError] = [
+    NoEndpointLeft("the endpoint source ran dry"),
+    UsageError("--timeout must be longer than --interval"),
 ]
 
 
@@ -128,3 +139,41 @@ def test_the_attributes_themselves_come_back() -> None:
     assert type(failed.last_error) is HeartbeatTimeout
     assert failed.last_error.code == 1011
     assert not failed.last_error.by_peer
+
+
+# -- the exceptions the package keeps to itself ------------------------------------------
+
+
+def test_the_examples_cover_every_class_errors_defines() -> None:
+    defined = {getattr(_errors, name) for name in _errors.__all__}
+    assert {type(exc) for exc in EXAMPLES + INTERNAL_EXAMPLES} == defined
+    exported = [value for name, value in vars(trio_heartbeat).items() if not name.startswith("_")]
+    assert not [exc for exc in INTERNAL_EXAMPLES if type(exc) in exported]
+
+
+@pytest.mark.parametrize("copier", COPIERS.values(), ids=COPIERS.keys())
+@pytest.mark.parametrize("exc", INTERNAL_EXAMPLES, ids=lambda exc: type(exc).__name__)
+def test_internal_exceptions_round_trip_with_notes(
+    exc: HeartbeatError, copier: Callable[[HeartbeatError], Any]
+) -> None:
+    exc = copy.copy(exc)
+    exc.__notes__ = ["while reading the command line"]  # type: ignore[attr-defined]
+    copied = copier(exc)
+    assert copied is not exc
+    assert described(copied) == described(exc)
+    assert copied.__notes__ == ["while reading the command line"]
+    assert isinstance(copied, HeartbeatError)
+
+
+def test_the_two_families_stay_apart() -> None:
+    """Protocol errors and endings share only the base class."""
+    assert issubclass(RemoteProtocolError, ProtocolError)
+    assert issubclass(HeartbeatTimeout, ConnectionClosed)
+    assert not issubclass(ProtocolError, ConnectionClosed)
+    assert not issubclass(ConnectionClosed, ProtocolError)
+    for exc in EXAMPLES + INTERNAL_EXAMPLES:
+        assert isinstance(exc, HeartbeatError)
+    assert (
+        str(ConnectionClosed(1000))
+        == "connection closed with code 1000, initiated by the local side"
+    )

@@ -1,3 +1,16 @@
+"""TCP keepalive (``_keepalive.py``): the kernel's backstop under the heartbeats.
+
+``KeepaliveOptions.from_heartbeat`` is checked to exact numbers (whole OS
+units, Linux's ranges, a kernel that never gives up before the heartbeat
+would), and by properties over arbitrary heartbeat settings; the options
+refuse bad values. ``apply_keepalive`` and ``read_keepalive`` are checked
+against a :class:`FakeSocket` that keeps options as a kernel would (the order
+of the calls, rounding up, a platform without an option, macOS's spelling),
+then on real loopback sockets, where the kernel's refusals become errors that
+name the option. How a client and a server use them is in ``test_client.py``
+and ``test_server.py``.
+"""
+
 from __future__ import annotations
 
 import errno

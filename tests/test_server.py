@@ -13,7 +13,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from types import SimpleNamespace
-from typing import Any, cast
+from typing import cast
 
 import pytest
 import trio
@@ -34,13 +34,7 @@ from trio_heartbeat import (
     Server,
     open_stream_connection,
 )
-from trio_heartbeat._endpoints import peer_address
-from trio_heartbeat._frames import (
-    decode_close,
-    encode_close,
-    encode_data,
-    encode_ping,
-)
+from trio_heartbeat._frames import decode_close, encode_close, encode_data, encode_ping
 
 #: One second between heartbeats, three of silence; handshakes and closes get
 #: bounds of their own so that each ending has its own moment.
@@ -615,22 +609,6 @@ async def test_keepalive_that_cannot_be_set_is_only_a_warning(
 
 
 # -- small facts -----------------------------------------------------------------------------
-
-
-def test_addresses_are_described_from_the_socket() -> None:
-    def stream_with(peer: Any) -> Any:
-        def getpeername() -> Any:
-            if isinstance(peer, Exception):
-                raise peer
-            return peer
-
-        return SimpleNamespace(socket=SimpleNamespace(getpeername=getpeername))
-
-    assert peer_address(stream_with(("127.0.0.1", 80))) == "127.0.0.1:80"
-    assert peer_address(stream_with(("::1", 80, 0, 0))) == "[::1]:80"
-    assert peer_address(stream_with("/run/thb.sock")) == "/run/thb.sock"
-    assert peer_address(stream_with(OSError(errno.ENOTCONN, "gone"))) is None
-    assert peer_address(cast(trio.abc.Stream, SimpleNamespace())) is None
 
 
 def test_constructor_checks_and_defaults() -> None:

@@ -1,9 +1,19 @@
-"""The reconnect supervisor, in virtual time over the in-memory network.
+"""The reconnect supervisor (``_supervisor.py``): a client that keeps coming back, without stampeding.
 
-Every test runs under an autojump MockClock, with the servers on a
+Almost every test runs under an autojump MockClock, with the servers on a
 :class:`~trio_heartbeat.testing.MemoryNetwork` and the supervisor's
 ``connector=`` pointed at it, so each attempt, failure, backoff and reconnect
-happens at an exact virtual time that the tests assert with ``==``.
+happens at an exact virtual time that the tests assert with ``==``: how each
+close code is classified, the anti-flap reset, nudges, the send buffer and the
+inbound channel across connections, how the endpoints are walked, the attempt
+timeout, the states and events reported, and a reconnect storm of a thousand
+clients. The last two tests run over real TCP on loopback, with a server
+restarted on the same port; they run in real time, so they check the order of
+events and what arrives, with generous bounds.
+
+How endpoints are parsed and named is in ``test_endpoints.py``, how events read
+in ``test_reconnect_events.py``, and the test kit's fleet helpers in
+``test_testing_network.py``.
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from helpers import ENDPOINT, LOOPBACK, Recorder, close_first_with, reconnecting
 
 from trio_heartbeat import (
     DEFAULT_BACKOFF,
@@ -43,10 +54,12 @@ from trio_heartbeat import (
     HeartbeatTimeout,
     ReconnectFailed,
     ReconnectingClient,
+    Server,
     Stopped,
     SupervisorEvent,
     SupervisorState,
     open_reconnecting_client,
+    serve_tcp,
 )
 from trio_heartbeat._frames import (
     Close,
@@ -59,69 +72,13 @@ from trio_heartbeat._frames import (
 )
 from trio_heartbeat.testing import (
     Direction,
-    HostState,
     MemoryHost,
     MemoryNetwork,
     open_memory_network,
     run_clients,
-    run_server_and_clients,
 )
 
-ENDPOINT = "server:9000"
-
-# -- helpers ---------------------------------------------------------------------
-
-
-class Recorder:
-    """A supervisor listener that notes each event with the virtual time it came at."""
-
-    def __init__(self) -> None:
-        self.events: list[tuple[float, SupervisorEvent]] = []
-
-    def __call__(self, event: SupervisorEvent) -> None:
-        self.events.append((trio.current_time(), event))
-
-    def of(self, kind: type[SupervisorEvent]) -> list[tuple[float, Any]]:
-        return [(at, event) for at, event in self.events if isinstance(event, kind)]
-
-    def times(self, kind: type[SupervisorEvent]) -> list[float]:
-        return [at for at, _ in self.of(kind)]
-
-    def summary(self) -> list[tuple[Any, ...]]:
-        """The events as comparable tuples (exceptions compare by identity, codes do not)."""
-        return [(at, *_summarize(event)) for at, event in self.events]
-
-
-def _summarize(event: SupervisorEvent) -> tuple[Any, ...]:
-    if isinstance(event, AttemptStarted):
-        return ("attempt", event.attempt, event.endpoint)
-    if isinstance(event, AttemptFailed):
-        return ("failed", event.attempt, event.endpoint, event.error.code)
-    if isinstance(event, Connected):
-        return ("connected", event.attempt, event.endpoint)
-    if isinstance(event, Disconnected):
-        return ("disconnected", event.endpoint, event.error.code, event.uptime)
-    if isinstance(event, BackingOff):
-        return ("backoff", event.attempt, event.delay)
-    assert isinstance(event, Stopped)
-    return ("stopped", None if event.error is None else event.error.last_error)
-
-
-def reconnecting(
-    network: MemoryNetwork,
-    endpoints: Any = (ENDPOINT,),
-    record: Recorder | None = None,
-    **kwargs: Any,
-) -> Any:
-    """``open_reconnecting_client`` over the memory network, with a recorder attached."""
-    if isinstance(endpoints, tuple):
-        endpoints = list(endpoints)
-    return open_reconnecting_client(
-        endpoints,
-        connector=network.connect,
-        listeners=[record] if record is not None else None,
-        **kwargs,
-    )
+# -- helpers ---------------------------------------------------------------------------
 
 
 async def echo(conn: Connection) -> None:
@@ -145,7 +102,7 @@ def running_sums(delays: Iterable[float], start: float = 0.0) -> list[float]:
     return times
 
 
-# -- each policy drives the delays ---------------------------------------------------
+# -- each policy drives the delays -----------------------------------------------------
 
 
 POLICIES = [
@@ -190,22 +147,6 @@ async def test_each_policy_sets_the_delays_between_attempts_exactly(
 
 
 # -- close codes -----------------------------------------------------------------------
-
-
-def close_first_with(code: int, after: float = 1.0) -> Callable[[Connection], Any]:
-    """A handler that closes its first connection with ``code`` after a while, and echoes later ones."""
-    served = 0
-
-    async def handler(conn: Connection) -> None:
-        nonlocal served
-        served += 1
-        if served == 1:
-            await trio.sleep(after)
-            await conn.aclose(code)
-        else:
-            await echo(conn)
-
-    return handler
 
 
 async def test_going_away_reconnects_at_once_to_the_next_endpoint(
@@ -486,7 +427,7 @@ async def test_a_crashed_server_backs_off(autojump_clock: trio.testing.MockClock
     assert isinstance(record.of(Disconnected)[0][1].error, BrokenConnection)
 
 
-# -- the anti-flap reset -------------------------------------------------------------
+# -- the anti-flap reset ---------------------------------------------------------------
 
 
 def living_for(lifetimes: Iterable[float]) -> Callable[[Connection], Any]:
@@ -549,7 +490,7 @@ async def test_the_reset_happens_at_exactly_healthy_after(
     assert [event.delay for _, event in record.of(BackingOff)][:3] == [1.0, 2.0, 1.0]
 
 
-# -- nudge ----------------------------------------------------------------------------
+# -- nudge -----------------------------------------------------------------------------
 
 
 async def test_nudge_skips_the_rest_of_the_wait(autojump_clock: trio.testing.MockClock) -> None:
@@ -622,7 +563,7 @@ async def test_a_nudge_while_connected_does_not_skip_a_later_wait(
     ]
 
 
-# -- the send buffer ------------------------------------------------------------------
+# -- the send buffer -------------------------------------------------------------------
 
 
 def collecting(
@@ -902,7 +843,7 @@ async def test_async_for_raises_when_the_supervisor_gives_up(
     assert info.value.last_error.code == CloseCode.POLICY_VIOLATION
 
 
-# -- endpoints ---------------------------------------------------------------------------
+# -- endpoints -------------------------------------------------------------------------
 
 
 def attempted(record: Recorder) -> list[tuple[float, str]]:
@@ -1049,36 +990,6 @@ async def test_a_dry_source_reports_the_last_error_and_the_attempts(
     assert record.summary()[-1] == (2.0, "stopped", error.last_error)
 
 
-async def test_ipv6_endpoints_are_parsed_and_named(autojump_clock: trio.testing.MockClock) -> None:
-    record = Recorder()
-    async with open_memory_network() as network:
-        host = network.listen("[::1]:9000", echo)
-        assert host.address == ("::1", 9000)
-        assert host.endpoint == "[::1]:9000"
-        async with reconnecting(network, ("[::1]:9000",), record) as client:
-            await client.wait_connected()
-    assert attempted(record) == [(0.0, "[::1]:9000")]
-
-
-@pytest.mark.parametrize(
-    ("endpoints", "error"),
-    [("a:1", TypeError), (("a", 1), TypeError), ([], ValueError)],
-)
-async def test_bad_endpoint_sources_are_refused_at_once(endpoints: Any, error: type) -> None:
-    with pytest.raises(error):
-        async with open_reconnecting_client(endpoints):
-            pass  # pragma: no cover
-
-
-async def test_a_malformed_endpoint_raises_value_error(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    async with open_memory_network() as network:
-        with pytest.raises(ValueError, match="host:port"):
-            async with reconnecting(network, ("no-port",)):
-                await trio.sleep_forever()
-
-
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -1095,7 +1006,7 @@ async def test_bad_settings_are_refused_at_once(kwargs: dict[str, Any], message:
             pass  # pragma: no cover
 
 
-# -- the attempt timeout -------------------------------------------------------------------
+# -- the attempt timeout ---------------------------------------------------------------
 
 
 async def never_says_hello(stream: trio.abc.Stream, address: str) -> None:
@@ -1129,7 +1040,7 @@ async def test_connect_timeout_bounds_each_attempt(
     assert host.accepted == (3 if silence == "no hello" else 0)
 
 
-# -- events and states -----------------------------------------------------------------------
+# -- events and states -----------------------------------------------------------------
 
 
 async def test_states_follow_the_events(autojump_clock: trio.testing.MockClock) -> None:
@@ -1217,28 +1128,6 @@ async def test_a_failing_listener_is_logged_and_ignored(
     ]
 
 
-async def test_every_event_is_described_in_the_log(
-    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
-) -> None:
-    async with open_memory_network() as network:
-        network.listen(ENDPOINT, close_first_with(CloseCode.POLICY_VIOLATION))
-        with (
-            caplog.at_level(logging.INFO, logger="trio_heartbeat.supervisor"),
-            pytest.raises(ReconnectFailed),
-        ):
-            async with reconnecting(
-                network, ("nowhere:1", ENDPOINT), backoff=ConstantBackoff(0.25)
-            ):
-                await trio.sleep_forever()
-    messages = [r.getMessage() for r in caplog.records if r.name == "trio_heartbeat.supervisor"]
-    assert messages[0] == "attempt 1: connecting to nowhere:1"
-    assert messages[1].startswith("attempt 1 to nowhere:1 failed: connection closed with code 1006")
-    assert messages[2] == "backing off 0.250 s before attempt 2"
-    assert messages[4] == f"connected to {ENDPOINT} (attempt 2)"
-    assert messages[5].startswith(f"disconnected from {ENDPOINT} after 1.000 s:")
-    assert messages[6].startswith("stopped: not reconnecting after close code 1008")
-
-
 async def test_an_error_in_the_block_propagates_as_itself(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -1253,42 +1142,8 @@ async def test_an_error_in_the_block_propagates_as_itself(
     assert record.summary() == [(0.0, "attempt", 1, ENDPOINT), (0.0, "stopped", None)]
 
 
-# -- the fleet helpers ---------------------------------------------------------------------
+# -- a reconnect storm -----------------------------------------------------------------
 
-
-async def test_run_server_and_clients_brings_a_fleet_back(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    async with run_server_and_clients(echo, 5, backoff=ConstantBackoff(1.0)) as fleet:
-        await trio.testing.wait_all_tasks_blocked()  # the server side is OPEN too
-        assert len(fleet.server.registry) == 5
-        fleet.host.down()
-        assert fleet.host.state is HostState.REFUSING
-        await trio.sleep(2.5)
-        assert all(c.state is SupervisorState.BACKING_OFF for c in fleet.clients)
-        fleet.host.up(echo)  # a restarted process: a fresh server
-        for client in fleet.clients:
-            await client.wait_connected()
-        assert trio.current_time() == 3.0
-        await trio.testing.wait_all_tasks_blocked()
-        assert len(fleet.server.registry) == 5
-        assert fleet.host.refused == 10
-        for i, client in enumerate(fleet.clients):
-            await client.send(b"%d" % i)
-            assert await client.receive() == b"%d" % i
-    assert all(c.state is SupervisorState.CLOSED for c in fleet.clients)
-
-
-async def test_run_clients_passes_a_give_up_through(autojump_clock: trio.testing.MockClock) -> None:
-    async with open_memory_network() as network:
-        network.listen(ENDPOINT, close_first_with(CloseCode.POLICY_VIOLATION))
-        with pytest.raises(ReconnectFailed):
-            async with run_clients(network, ENDPOINT, 2) as clients:
-                await trio.sleep_forever()
-    assert [c.state for c in clients] == [SupervisorState.CLOSED] * 2
-
-
-# -- a reconnect storm -----------------------------------------------------------------------
 
 #: A server HELLO with hour-long heartbeats: the storm's server says it and nothing more.
 QUIET_HELLO = encode_hello(
@@ -1301,6 +1156,8 @@ QUIET_HELLO = encode_hello(
         nonce=bytes(16),
     )
 )
+
+
 QUIET = Config(interval=3600.0, timeout=3600.0)
 
 
@@ -1329,6 +1186,8 @@ def envelope(n: int) -> float:
 
 
 STORM_CLIENTS = 1000
+
+
 STORM_SEEDS = 20
 
 
@@ -1466,3 +1325,114 @@ async def test_a_caller_that_does_not_read_never_holds_up_the_reconnect(
             assert client.connection.closed is None
             received = [await client.receive() for _ in range(100)]
             assert received == [b"%d" % i for i in range(100)]
+
+
+# -- over real TCP: a server restarted on the same port --------------------------------
+
+
+#: Far more than any of these tests needs; they fail instead of hanging.
+BOUND = 10.0
+
+
+async def serve_until_drained(
+    port: int,
+    stopped: trio.Event,
+    *,
+    task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    # ``stopped`` is set once the listener is closed, so that the port can be
+    # bound again by the next server.
+    try:
+        await serve_tcp(echo, port, host=LOOPBACK, task_status=task_status)
+    finally:
+        stopped.set()
+
+
+async def test_reconnects_after_a_server_restart_on_the_same_port() -> None:
+    events: list[SupervisorEvent] = []
+    with trio.fail_after(BOUND):
+        async with trio.open_nursery() as nursery:
+            first_stopped = trio.Event()
+            first: Server = await nursery.start(serve_until_drained, 0, first_stopped)
+            port = first.port
+            async with open_reconnecting_client(
+                [f"{LOOPBACK}:{port}"], backoff=ConstantBackoff(0.05), listeners=[events.append]
+            ) as client:
+                await client.send(b"before")
+                assert await client.receive() == b"before"
+
+                await first.drain(grace=BOUND)  # CLOSE 1001 to the client, then gone
+                await first_stopped.wait()
+                await client.wait_state(SupervisorState.BACKING_OFF)
+                await client.send(b"while down")  # buffered until the next connection
+
+                second_stopped = trio.Event()
+                second: Server = await nursery.start(serve_until_drained, port, second_stopped)
+                conn = await client.wait_connected()
+                assert conn.remote_address == f"{LOOPBACK}:{port}"
+                assert await client.receive() == b"while down"
+                await client.send(b"after")
+                assert await client.receive() == b"after"
+            await second.drain(grace=BOUND)
+
+    kinds = [type(event) for event in events]
+    assert kinds[:4] == [AttemptStarted, Connected, Disconnected, AttemptStarted]
+    assert isinstance(events[2], Disconnected)
+    assert events[2].error.code == CloseCode.GOING_AWAY
+    # After 1001 the supervisor came straight back, found nobody, and backed off
+    # until the second server was listening.
+    assert kinds[4:6] == [AttemptFailed, BackingOff]
+    assert kinds[-2:] == [Connected, type(events[-1])]
+    assert all(kind in (AttemptStarted, AttemptFailed, BackingOff) for kind in kinds[4:-2])
+    assert client.connections == 2
+    assert first.statistics().closed_by_code == {CloseCode.GOING_AWAY: 1}
+    assert second.statistics().completed_handshakes == 1
+
+
+async def greet_in_turn(conn: Connection) -> None:
+    await conn.send(b"hello from %s" % conn.config.instance_id.encode())
+    await echo(conn)
+
+
+async def serve_in(
+    scope: trio.CancelScope,
+    port: int,
+    name: str,
+    stopped: trio.Event,
+    *,
+    task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    try:
+        with scope:
+            await serve_tcp(
+                greet_in_turn,
+                port,
+                host=LOOPBACK,
+                config=Config(instance_id=name),
+                task_status=task_status,
+            )
+    finally:
+        stopped.set()
+
+
+async def test_receive_carries_on_when_a_cancelled_server_comes_back_on_its_port() -> None:
+    # The first server is cancelled rather than drained, as when its process
+    # is told to stop: its connections are torn down at once.
+    with trio.fail_after(BOUND):
+        async with trio.open_nursery() as nursery:
+            first_scope, first_stopped = trio.CancelScope(), trio.Event()
+            first: Server = await nursery.start(serve_in, first_scope, 0, "first", first_stopped)
+            port = first.port
+            async with open_reconnecting_client(
+                [(LOOPBACK, port)], backoff=ConstantBackoff(0.05)
+            ) as client:
+                assert await client.receive() == b"hello from first"
+                first_scope.cancel()
+                await first_stopped.wait()
+                second_scope, second_stopped = trio.CancelScope(), trio.Event()
+                await nursery.start(serve_in, second_scope, port, "second", second_stopped)
+                assert await client.receive() == b"hello from second"
+                await client.send(b"still in touch")
+                assert await client.receive() == b"still in touch"
+            second_scope.cancel()
+    assert client.connections == 2

@@ -12,8 +12,6 @@ the machine is; exact timing lives in the virtual-time tests of
 from __future__ import annotations
 
 import dataclasses
-import errno
-import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
@@ -42,11 +40,9 @@ from trio_heartbeat import (
     ConnectionRejected,
     FrameType,
     HealthStatus,
-    HeartbeatTimeout,
     KeepaliveOptions,
     Role,
     Server,
-    _keepalive,
     open_connection,
     read_keepalive,
     serve_tcp,
@@ -139,34 +135,6 @@ async def test_two_hundred_clients_at_once() -> None:
     assert len(server.registry) == 0
 
 
-async def test_connection_refused_is_a_broken_connection() -> None:
-    listeners = await trio.open_tcp_listeners(0, host=LOOPBACK)
-    port = listeners[0].socket.getsockname()[1]
-    await listeners[0].aclose()
-    with pytest.raises(BrokenConnection) as info:
-        async with open_connection(LOOPBACK, port, config=FAST):
-            pass
-    assert info.value.code == CloseCode.ABNORMAL_CLOSURE
-    assert isinstance(info.value.__cause__, OSError)
-    assert f"cannot connect to {LOOPBACK}:{port}" in info.value.reason
-
-
-async def test_connect_timeout_is_a_heartbeat_timeout(
-    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    async def never_connects(host: str, port: int) -> trio.SocketStream:
-        await trio.sleep_forever()
-        raise AssertionError("unreachable")
-
-    monkeypatch.setattr(trio, "open_tcp_stream", never_connects)
-    with pytest.raises(HeartbeatTimeout) as info:
-        async with open_connection(LOOPBACK, 9, connect_timeout=2.5):
-            pass
-    assert trio.current_time() == 2.5
-    assert info.value.code == CloseCode.HEARTBEAT_TIMEOUT
-    assert "took over 2.5 s" in info.value.reason
-
-
 async def test_keepalive_on_both_ends() -> None:
     explicit = KeepaliveOptions(idle=7, interval=3, count=4)
     async with (
@@ -181,27 +149,6 @@ async def test_keepalive_on_both_ends() -> None:
         assert theirs.enabled
         assert server.keepalive is not None
         assert theirs.idle == server.keepalive.idle
-
-
-async def test_keepalive_off_or_refused_by_the_os(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    calls: list[object] = []
-
-    def refuse(sock: object, options: KeepaliveOptions) -> None:
-        calls.append(options)
-        raise OSError(errno.ENOPROTOOPT, "not here")
-
-    monkeypatch.setattr(_keepalive, "apply_keepalive", refuse)
-    async with serving(config=FAST, keepalive=None) as server:  # only the client applies it
-        async with open_connection(LOOPBACK, server.port, config=FAST, keepalive=None) as conn:
-            await assert_echo(conn)
-        assert calls == []
-        with caplog.at_level(logging.WARNING, logger="trio_heartbeat"):
-            async with open_connection(LOOPBACK, server.port, config=FAST) as conn:
-                await assert_echo(conn)
-        assert calls == [KeepaliveOptions.from_heartbeat(FAST.interval, FAST.timeout)]
-        assert "could not set TCP keepalive: [Errno" in caplog.text
 
 
 # -- authentication ------------------------------------------------------------------------

@@ -1,4 +1,9 @@
-"""The in-memory network of trio_heartbeat.testing, in virtual time."""
+"""The in-memory network of the test kit (``testing/_network.py``), in virtual time.
+
+Hosts that refuse, go down, come back, get killed or share one set of fault
+controls; and the fleet helpers, :func:`run_server_and_clients` and
+:func:`run_clients`, which start a server and many reconnecting clients on it.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +13,22 @@ import logging
 import pytest
 import trio
 import trio.testing
+from helpers import ENDPOINT, close_first_with
 
-from trio_heartbeat import CloseCode, Connection, Server, open_stream_connection
+from trio_heartbeat import (
+    CloseCode,
+    Connection,
+    ConstantBackoff,
+    ReconnectFailed,
+    Server,
+    SupervisorState,
+    open_stream_connection,
+)
 from trio_heartbeat.testing import (
     HostState,
     MemoryNetwork,
     open_memory_network,
+    run_clients,
     run_server_and_clients,
 )
 
@@ -189,3 +204,38 @@ async def test_run_server_and_clients_on_a_given_network(
                 await client.wait_connected()
             assert trio.current_time() == 0.0
         assert fleet.host.accepted == 3
+
+
+# -- the fleet helpers -----------------------------------------------------------------
+
+
+async def test_run_server_and_clients_brings_a_fleet_back(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with run_server_and_clients(echo, 5, backoff=ConstantBackoff(1.0)) as fleet:
+        await trio.testing.wait_all_tasks_blocked()  # the server side is OPEN too
+        assert len(fleet.server.registry) == 5
+        fleet.host.down()
+        assert fleet.host.state is HostState.REFUSING
+        await trio.sleep(2.5)
+        assert all(c.state is SupervisorState.BACKING_OFF for c in fleet.clients)
+        fleet.host.up(echo)  # a restarted process: a fresh server
+        for client in fleet.clients:
+            await client.wait_connected()
+        assert trio.current_time() == 3.0
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(fleet.server.registry) == 5
+        assert fleet.host.refused == 10
+        for i, client in enumerate(fleet.clients):
+            await client.send(b"%d" % i)
+            assert await client.receive() == b"%d" % i
+    assert all(c.state is SupervisorState.CLOSED for c in fleet.clients)
+
+
+async def test_run_clients_passes_a_give_up_through(autojump_clock: trio.testing.MockClock) -> None:
+    async with open_memory_network() as network:
+        network.listen(ENDPOINT, close_first_with(CloseCode.POLICY_VIOLATION))
+        with pytest.raises(ReconnectFailed):
+            async with run_clients(network, ENDPOINT, 2) as clients:
+                await trio.sleep_forever()
+    assert [c.state for c in clients] == [SupervisorState.CLOSED] * 2

@@ -4,7 +4,7 @@ Real sockets run on the real clock, so these tests assert behaviour, not exact
 times: a lower bound the proxy guarantees (it never delivers early), a window in
 which nothing may arrive, or an outcome (reset, EOF). Each takes well under a
 second. The exact timing of every fault is tested in virtual time in
-test_testing_faults.py; the proxy runs the same code.
+test_testing_wire.py; the proxy runs the same code.
 """
 
 from __future__ import annotations

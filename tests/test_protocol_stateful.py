@@ -1,4 +1,5 @@
-"""A client and a server HeartbeatProtocol wired together, driven by hypothesis.
+"""The stateful property test of ``_protocol``: a client and a server HeartbeatProtocol
+wired together, driven by hypothesis.
 
 The machine plays the network and the runtime around two sans-IO cores:
 
@@ -17,7 +18,7 @@ interval, which the model computes the way the core does, so deadlines are
 exact and checked with ``==``. Both sides allow any PING rate
 (``max_ping_strikes=None``): delivery bursts after a withheld period would
 otherwise be strikes, and the strike rule has its own example tests in
-test_protocol.py.
+test_rate.py.
 """
 
 from __future__ import annotations

@@ -1,0 +1,659 @@
+"""The read side of one connection (``_reader.py``): the reader task, which is also the watchdog.
+
+The reader reads inside a timer scope, and the timer is the watchdog: it
+convicts a silent peer (the handshake timeout first, then the failure
+detector's verdict), queues the PING that is due, and gives up on a write cut
+short; every frame that arrives moves it, and a frame that arrived before a
+stall of our own event loop is read before the verdict. The reader answers
+PINGs itself and hands DATA to a bounded queue: when the application falls
+behind it stops reading, and the silence that follows is not held against the
+peer; ``receive`` takes waiting DATA without a task switch.
+
+Every test runs in virtual time against a :class:`helpers.ScriptedPeer`.
+Where the outcome depends on which of two tasks woken at the same instant runs
+first, the stream fixes the order: :class:`LateReads` hands received bytes
+over a set number of scheduling rounds late, as a busy event loop would.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import trio
+import trio.testing
+from helpers import (
+    CONFIG,
+    ScriptedPeer,
+    StepCounter,
+    WrappedStream,
+    connection_pair,
+    handshake_then_drain,
+    hang_up_on_close,
+    how_it_ended,
+    idle_ping_times,
+    opaque,
+    run_body,
+    served_connection,
+    stalling_stream_and_peer,
+    stream_and_peer,
+    wait_forever,
+)
+from trio.testing import MockClock
+
+from trio_heartbeat._config import Config
+from trio_heartbeat._connection import Connection
+from trio_heartbeat._errors import (
+    BrokenConnection,
+    ConnectionClosed,
+    HeartbeatTimeout,
+    RemoteProtocolError,
+)
+from trio_heartbeat._events import Event, PingReceived, PongReceived
+from trio_heartbeat._frames import CloseCode, FrameType, HealthStatus, Role, encode_data
+from trio_heartbeat._handshake import CLIENT_LEAD
+from trio_heartbeat._options import ConnectionOptions
+from trio_heartbeat._state import State
+from trio_heartbeat._stream_connection import open_stream_connection
+
+
+class LateReads(WrappedStream):
+    """Hands every received chunk over ``rounds`` scheduling rounds after it arrived.
+
+    A stand-in for a stream that does more work after its input has arrived
+    (a decoder, say): the bytes are here, but the reader gets them only after
+    other tasks have run ``rounds`` times. Cancel-safe, as Trio's streams
+    are: a chunk whose handing over is cancelled is handed over next time.
+    """
+
+    def __init__(self, inner: trio.abc.Stream, rounds: int) -> None:
+        super().__init__(inner)
+        self.rounds = rounds
+        self.held: bytes | bytearray | None = None
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        if self.held is None:
+            self.held = await super().receive_some(max_bytes)
+        for _ in range(self.rounds):
+            await trio.lowlevel.checkpoint()
+        data, self.held = self.held, None
+        return data
+
+
+def late_stream_and_peer(
+    peer_role: Role = Role.SERVER, rounds: int = 1
+) -> tuple[LateReads, ScriptedPeer]:
+    """Our end of a memory stream pair reading ``rounds`` rounds late, and a peer."""
+    ours, theirs = trio.testing.memory_stream_pair()
+    return LateReads(ours, rounds), ScriptedPeer(theirs, peer_role)
+
+
+# -- conviction ------------------------------------------------------------------------
+
+
+async def test_silent_peer_is_convicted_exactly_at_the_timeout(autojump_clock: MockClock) -> None:
+    stream, peer = stream_and_peer()
+    conns: list[Connection] = []
+
+    async def body(conn: Connection) -> None:
+        conns.append(conn)
+        assert conn.watchdog_deadline == 3.0
+        try:
+            await trio.sleep_forever()
+        except trio.Cancelled:
+            conns.append(conn)
+            raise
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(handshake_then_drain, peer)
+        with pytest.raises(HeartbeatTimeout) as raised:
+            await run_body(stream, body, config=CONFIG)
+        assert trio.current_time() == 3.0
+    conn = conns[0]
+    assert conns == [conn, conn], "the body was not cancelled"
+    assert raised.value.code == CloseCode.HEARTBEAT_TIMEOUT
+    assert raised.value.reason == "heartbeat timeout"
+    assert not raised.value.by_peer
+    # Our PINGs kept going while the peer was silent (a client's, every
+    # CLIENT_LEAD of the interval); the CLOSE says why we left.
+    assert peer.times(FrameType.PING) == idle_ping_times(1.0 * CLIENT_LEAD, 3.0)
+    assert len(peer.of_type(FrameType.PING)) == 3
+    last = peer.frames[-1]
+    assert (last.type, last.at, last.close_code) == (FrameType.CLOSE, 3.0, 1011)
+    assert peer.eof_at == 3.0
+    assert stream.closed
+    assert conn.state is State.ERROR
+    closed = conn.closed
+    assert isinstance(closed, HeartbeatTimeout)
+
+
+async def test_a_late_frame_pushes_the_deadline(autojump_clock: MockClock) -> None:
+    stream, peer = stream_and_peer()
+
+    async def script() -> None:
+        await peer.handshake()
+        await trio.sleep(2.5)
+        await peer.send_data(b"still here")
+        await peer.drain()
+
+    deadlines: list[tuple[float, float]] = []
+
+    async def body(conn: Connection) -> None:
+        deadlines.append((trio.current_time(), conn.watchdog_deadline))
+        assert await conn.receive() == b"still here"
+        deadlines.append((trio.current_time(), conn.watchdog_deadline))
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(script)
+        with pytest.raises(HeartbeatTimeout):
+            await run_body(stream, body, config=CONFIG)
+        assert trio.current_time() == 5.5
+    assert deadlines == [(0.0, 3.0), (2.5, 5.5)]
+    assert peer.frames[-1].close_code == CloseCode.HEARTBEAT_TIMEOUT
+    assert peer.frames[-1].at == 5.5
+
+
+async def test_handshake_timeout(autojump_clock: MockClock) -> None:
+    stream, peer = stream_and_peer(role=Role.CLIENT)
+    entered = False
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(peer.drain)  # reads our HELLO, never answers
+        with pytest.raises(HeartbeatTimeout) as raised:
+            async with open_stream_connection(
+                stream, role=Role.SERVER, config=Config(handshake_timeout=2.5)
+            ):
+                entered = True  # pragma: no cover - the handshake never completes
+        assert trio.current_time() == 2.5
+    assert not entered
+    assert raised.value.reason == "handshake timeout"
+    assert [frame.type for frame in peer.frames] == [FrameType.HELLO, FrameType.CLOSE]
+    assert peer.frames[-1].close_code == CloseCode.HEARTBEAT_TIMEOUT
+    assert peer.frames[-1].at == 2.5
+    assert stream.closed
+
+
+async def test_a_write_cut_by_the_timer_past_the_abort_deadline_is_a_heartbeat_timeout(
+    autojump_clock: MockClock,
+) -> None:
+    """The peer neither reads nor writes. Our DATA write stalls at 0.5; its
+    write timeout (3 s, the default) would end it at 3.5, but the peer has
+    been silent since 0.0 and is dead at 3.0: the verdict is the heartbeat
+    timeout, and nothing more is written after the cut frame."""
+    stream, peer = stalling_stream_and_peer()
+
+    async def body(conn: Connection) -> None:
+        await trio.sleep(0.5)
+        stream.stall_next_write(after=3)
+        await conn.send(b"half of this")
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(handshake_then_drain, peer)
+        with pytest.raises(HeartbeatTimeout) as raised:
+            await run_body(stream, body, config=CONFIG)
+        assert trio.current_time() == 3.0
+    assert (raised.value.code, raised.value.reason) == (
+        CloseCode.HEARTBEAT_TIMEOUT,
+        "heartbeat timeout",
+    )
+    assert stream.send_interrupted
+    # Our idle PING was due at 0.9, but no PING goes out while a write is stuck.
+    assert [frame.type for frame in peer.frames] == [FrameType.HELLO]
+    assert peer.eof_at == 3.0
+
+
+# -- a frame that arrived before a stall of our own loop -------------------------------
+
+
+async def test_a_frame_waiting_at_the_deadline_is_honoured(
+    autojump_clock: MockClock,
+) -> None:
+    """A loaded event loop (here: a clock jump) can pass the watchdog's deadline
+    while a frame the peer sent in time waits for our reader. The local-stall
+    guard lets the reader take it in first: the peer is alive, and the
+    silence clock restarts from when we read it."""
+    stream, peer = stream_and_peer()
+    body_cancelled_at: list[float] = []
+
+    async def script() -> None:
+        await peer.handshake()
+        await trio.sleep_until(2.5)
+        await peer.send_data(b"just in time")
+        autojump_clock.jump(0.5)  # the clock reaches 3.0 before our reader runs
+        await peer.drain()
+
+    async def body(conn: Connection) -> None:
+        try:
+            assert await conn.receive() == b"just in time"
+            assert trio.current_time() == 3.0
+            await trio.sleep_forever()
+        finally:
+            body_cancelled_at.append(trio.current_time())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(script)
+        with pytest.raises(HeartbeatTimeout):
+            await run_body(stream, body, config=CONFIG)
+    assert body_cancelled_at == [6.0]  # read at 3.0, then silent for the 3 s timeout
+    assert peer.frames[-1].close_code == CloseCode.HEARTBEAT_TIMEOUT
+
+
+@pytest.mark.parametrize(("rounds", "verdict_at"), [(0, 6.0), (1, 3.0)], ids=["honoured", "late"])
+async def test_a_frame_that_arrived_before_a_stall_is_read_before_the_verdict(
+    rounds: int, verdict_at: float, autojump_clock: MockClock
+) -> None:
+    """The peer's DATA arrives at 2.5, but a stalled loop (a clock jump) brings
+    us to the 3.0 deadline before the reader has run. The reader, woken for
+    its input before Trio expires the deadline, takes it in: the frame saves
+    the peer (silent again from 3.0, it is convicted at 6.0). A stream that
+    hands the frame over a round later than that is too late: the verdict
+    stands at 3.0."""
+    stream, peer = late_stream_and_peer(Role.SERVER, rounds)
+    received: list[tuple[float, bytes]] = []
+
+    async def script() -> None:
+        await peer.handshake()
+        await trio.sleep_until(2.5)
+        await peer.send_data(b"sent in time")
+        autojump_clock.jump(0.5)
+        await peer.drain()
+
+    async def body(conn: Connection) -> None:
+        message = await conn.receive()
+        received.append((trio.current_time(), message))
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(script)
+        with pytest.raises(HeartbeatTimeout):
+            await run_body(stream, body, config=CONFIG)
+        assert trio.current_time() == verdict_at
+    assert received == ([(3.0, b"sent in time")] if verdict_at > 3.0 else [])
+    assert peer.of_type(FrameType.CLOSE)[0].at == verdict_at
+
+
+@pytest.mark.parametrize(
+    ("rounds", "client_ping_at", "server_pings"),
+    [(0, 0.75, []), (0, 1.125, [1.0]), (1, 0.75, [1.0])],
+    ids=["waiting-in-the-buffer", "arrives-later", "handed-over-late"],
+)
+async def test_a_server_answers_the_client_ping_waiting_at_its_deadline_instead_of_pinging(
+    rounds: int, client_ping_at: float, server_pings: list[float], autojump_clock: MockClock
+) -> None:
+    """The server's PING is due at 1.0 (its HELLO went out at 0.0). A client
+    PING already in our buffer then (sent earlier, but a busy loop, here a
+    clock jump, kept the reader from it) is answered, and the server sends no
+    PING of its own: Trio wakes the reader for its input before it expires
+    the timer's deadline. A PING that arrives after 1.0, or one that the
+    stream hands over only later, finds the server's PING already sent; it is
+    answered all the same (nothing is lost to the timer's cancellation)."""
+    stream, peer = late_stream_and_peer(Role.CLIENT, rounds)
+    stats = []
+
+    async def script() -> None:
+        await peer.handshake()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(peer.serve)  # reads (and answers) everything, from now on
+            await trio.sleep_until(client_ping_at)
+            await peer.send_ping()
+            if client_ping_at < 1.0:
+                autojump_clock.jump(1.0 - client_ping_at)  # our reader gets to it only at 1.0
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(script)
+        async with open_stream_connection(stream, role=Role.SERVER, config=CONFIG) as conn:
+            await trio.sleep_until(1.5)
+            stats.append(conn.statistics())
+    [at_1_5] = stats
+    assert at_1_5.send_interval == 1.0
+    assert at_1_5.pings_sent == len(server_pings)
+    assert peer.times(FrameType.PING) == server_pings
+    # The client's PING was answered when we read it: at 1.0, or when it arrived.
+    [pong] = peer.of_type(FrameType.PONG)
+    assert (pong.at, pong.opaque) == (max(client_ping_at, 1.0), opaque(1))
+    assert at_1_5.state is State.OPEN
+
+
+# -- the heartbeat the timer keeps, and the answers ------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("role", "peer_timeout", "expected"),
+    [
+        # A server PINGs after exactly its send interval of silence.
+        (Role.SERVER, 3.0, [1.0, 2.0, 3.0, 4.0]),
+        # min(own interval 1.0, peer timeout / 2): the peer's timeout sets the pace.
+        (Role.SERVER, 1.0, [0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0]),
+        # A client leads: it PINGs after exactly CLIENT_LEAD of its send interval.
+        (Role.CLIENT, 3.0, idle_ping_times(1.0 * CLIENT_LEAD, 4.25)),
+        (Role.CLIENT, 1.0, idle_ping_times(0.5 * CLIENT_LEAD, 4.25)),
+    ],
+    ids=["server", "server-peer-timeout", "client", "client-peer-timeout"],
+)
+async def test_idle_pings_server_at_the_send_interval_client_at_its_lead(
+    role: Role, peer_timeout: float, expected: list[float], autojump_clock: MockClock
+) -> None:
+    peer_role = Role.CLIENT if role is Role.SERVER else Role.SERVER
+    stream, peer = stream_and_peer(peer_role, timeout=peer_timeout)
+    # The peer answers every PING and never PINGs itself.
+    async with served_connection(stream, peer, hello_only=True, role=role, config=CONFIG) as conn:
+        await trio.sleep(4.25)
+        assert conn.statistics().pings_sent == len(expected)
+        assert conn.statistics().pongs_received == len(expected)
+    assert peer.times(FrameType.PING) == expected
+    assert [frame.opaque for frame in peer.of_type(FrameType.PING)] == [
+        opaque(n) for n in range(1, len(expected) + 1)
+    ]
+
+
+@pytest.mark.parametrize("delay", [0.0, 2**-5], ids=["prompt", "one-way-delay"])
+async def test_an_idle_pair_carries_only_the_client_heartbeat(
+    delay: float, autojump_clock: MockClock
+) -> None:
+    """The point of CLIENT_LEAD: both sides run the same send rule, but the
+    client's PING comes first and the server's PONG restarts the server's
+    timer, so an idle server only answers. One heartbeat per connection, not
+    two, also when each frame takes ``delay`` to cross."""
+    server_saw: list[tuple[float, type[Event]]] = []
+
+    def server_listener(conn: Connection, event: Event) -> None:
+        if isinstance(event, (PingReceived, PongReceived)):
+            server_saw.append((trio.current_time(), type(event)))
+
+    intervals = 20
+    async with connection_pair(
+        client_config=CONFIG,
+        server_config=CONFIG,
+        server_listeners=[server_listener],
+        receive_delay=delay,
+    ) as pair:
+        await trio.sleep_until(intervals * 1.0)
+        client, server = pair.client.statistics(), pair.server.statistics()
+        assert client.send_interval == server.send_interval == 1.0
+        # The server never PINGed: nothing to strike, nothing to answer.
+        assert server.pings_sent == server.pongs_received == 0
+        # The client PINGed every CLIENT_LEAD of the interval after its HELLO
+        # (which left once the server's HELLO had crossed), each one answered.
+        sent = idle_ping_times(1.0 * CLIENT_LEAD, intervals * 1.0, start=delay)
+        assert len(sent) == 22
+        assert client.pings_sent == client.pongs_received == len(sent)
+        assert server_saw == [(at + delay, PingReceived) for at in sent]
+        # Every client PING kept to the rate rule: the server is still OPEN.
+        assert server.state is State.OPEN
+        assert pair.client.rtt == 2 * delay
+    server_end = pair.server.closed
+    assert server_end is not None
+    assert (server_end.code, server_end.by_peer) == (CloseCode.NORMAL, True)
+
+
+async def test_no_ping_while_data_flows(autojump_clock: MockClock) -> None:
+    stream, peer = stream_and_peer()
+    async with served_connection(stream, peer, hello_only=True, config=CONFIG) as conn:
+        for _ in range(10):
+            await trio.sleep(0.5)
+            await conn.send(b"tick")
+            assert await conn.receive() == b"tick"
+    assert peer.of_type(FrameType.PING) == []
+    assert peer.times(FrameType.DATA) == [0.5 * n for n in range(1, 11)]
+
+
+async def test_every_ping_gets_a_pong_with_its_opaque_bytes(autojump_clock: MockClock) -> None:
+    stream, peer = stream_and_peer()
+    pongs: list[tuple[float, bytes, HealthStatus]] = []
+
+    async def script() -> None:
+        await peer.handshake()
+        for n, data in enumerate([b"abcdefgh", b"\x00" * 8, b"\xff" * 8], start=1):
+            await trio.sleep_until(n * 0.75)
+            await peer.send_ping(data)
+            frame = await peer.receive_frame()
+            while frame is not None and frame.type is not FrameType.PONG:
+                frame = await peer.receive_frame()
+            assert frame is not None
+            pongs.append((frame.at, frame.opaque, frame.status))
+        await peer.serve()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(script)
+        async with open_stream_connection(stream, config=CONFIG) as conn:
+            await trio.sleep(1.75)
+            conn.set_health(HealthStatus.DEGRADED)
+            await trio.sleep(0.75)
+    assert pongs == [
+        (0.75, b"abcdefgh", HealthStatus.SERVING),
+        (1.5, b"\x00" * 8, HealthStatus.SERVING),
+        (2.25, b"\xff" * 8, HealthStatus.DEGRADED),
+    ]
+
+
+# -- delivery and backpressure ---------------------------------------------------------
+
+
+async def test_slow_application_does_not_convict_a_healthy_peer(autojump_clock: MockClock) -> None:
+    stream, peer = stream_and_peer()
+
+    async def script() -> None:
+        await peer.handshake()
+        for n in range(3):
+            await peer.send_data(b"message %d" % n)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(peer.serve)
+            # Keep pinging at the agreed rate while our application is not reading.
+            for _ in range(10):
+                await trio.sleep(1.0)
+                await peer.send_ping()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(script)
+        async with open_stream_connection(
+            stream, config=CONFIG, options=ConnectionOptions(receive_queue=1)
+        ) as conn:
+            await trio.sleep(0.5)
+            assert conn.statistics().receive_queue_used == 1
+            assert conn.watchdog_deadline == float("inf")
+            await trio.sleep(9.5)  # far beyond the 3 s timeout
+            assert conn.state is State.OPEN
+            received = [await conn.receive() for _ in range(3)]
+            assert received == [b"message 0", b"message 1", b"message 2"]
+            await trio.sleep(0.5)
+            assert conn.state is State.OPEN
+            assert trio.current_time() == 10.5
+    # Our own PINGs never stopped, whatever the application was doing. (At
+    # 10.0 the PONGs to the peer's PINGs restarted our timer: no PING by 10.5.)
+    assert peer.times(FrameType.PING) == idle_ping_times(1.0 * CLIENT_LEAD, 10.0)
+    assert len(peer.of_type(FrameType.PING)) == 11
+    # The peer's PINGs, read in one go when we resumed, were answered, not struck.
+    assert len(peer.of_type(FrameType.PONG)) == 10
+
+
+async def test_receive_with_data_waiting_never_yields_yet_honours_a_cancel(
+    autojump_clock: MockClock,
+) -> None:
+    stream, peer = stream_and_peer()
+
+    async def script() -> None:
+        await peer.handshake()
+        await peer.send_data(b"one")
+        await peer.send_data(b"two")
+        await peer.serve()
+
+    received: list[bytes] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(script)
+        async with open_stream_connection(stream, config=CONFIG) as conn:
+            await trio.sleep(0.5)
+            assert conn.statistics().receive_queue_used == 2
+            counter = StepCounter(trio.lowlevel.current_task())
+            trio.lowlevel.add_instrument(counter)
+            try:
+                # receive() is a cancellation point, which Trio counts as a
+                # checkpoint, although with DATA waiting it never lets another
+                # task run: the task's step goes on through it.
+                with (
+                    pytest.raises(AssertionError, match="assert_no_checkpoints block yielded"),
+                    trio.testing.assert_no_checkpoints(),
+                ):
+                    received.append(await conn.receive())
+            finally:
+                trio.lowlevel.remove_instrument(counter)
+            assert counter.steps == 0
+            assert received == [b"one"]
+            with trio.CancelScope() as scope:
+                scope.cancel()
+                received.append(await conn.receive())  # raises Cancelled: DATA or not
+            assert scope.cancelled_caught
+            # The DATA was not taken by the cancelled call: it is still there.
+            assert conn.statistics().receive_queue_used == 1
+            received.append(await conn.receive())
+            assert received == [b"one", b"two"]
+            assert trio.current_time() == 0.5
+
+
+async def test_leaving_with_unread_data_closes_in_one_round_trip(autojump_clock: MockClock) -> None:
+    stream, peer = stream_and_peer()
+
+    async def script() -> None:
+        await peer.handshake()
+        for i in range(100):  # more than the receive queue (64) holds
+            await peer.send_data(b"%d" % i)
+        await peer.serve()  # answers our CLOSE at once
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(script)
+        async with open_stream_connection(
+            stream, config=Config(interval=1.0, timeout=3.0, close_timeout=5.0)
+        ) as conn:
+            await trio.sleep(0.5)  # the reader is now held up by the full queue
+            assert conn.statistics().receive_queue_used == 64
+        # Not at the 5 s close timeout: the unread DATA was dropped and the
+        # peer's CLOSE read at once.
+        assert trio.current_time() == 0.5
+        closed = conn.closed
+        assert closed is not None
+        assert closed.code == CloseCode.NORMAL
+        nursery.cancel_scope.cancel()
+
+
+# -- reading while we close ------------------------------------------------------------
+
+
+async def test_a_reset_in_answer_to_our_close_ends_it_like_an_eof(
+    autojump_clock: MockClock,
+) -> None:
+    # The peer reads our CLOSE and resets the connection instead of answering.
+    # The close is over, not cleanly, as when the peer just hangs up: the
+    # block that closed does not raise.
+    stream, peer = stream_and_peer()
+
+    async def script() -> None:
+        await peer.handshake()
+        while (frame := await peer.receive_frame()) is not None:
+            if frame.type is FrameType.CLOSE:
+                await trio.sleep(0.25)
+                stream.break_now()
+                return
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(script)
+        async with open_stream_connection(stream, config=CONFIG) as conn:
+            await trio.sleep(1.0)
+        assert trio.current_time() == 1.25
+    assert how_it_ended(conn) == (ConnectionClosed, CloseCode.NORMAL, False)
+    assert stream.closed
+
+
+# -- a read that fails, and the end of a connection while DATA waits -------------------
+
+
+async def test_a_read_that_fails_is_a_broken_connection_the_peer_started(
+    autojump_clock: MockClock,
+) -> None:
+    stream, peer = stream_and_peer()
+
+    async def script() -> None:
+        await peer.handshake()
+        await trio.sleep(0.75)
+        stream.break_now()  # the read under way fails, as on a reset
+        await peer.drain()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(script)
+        with pytest.raises(BrokenConnection) as raised:
+            await run_body(stream, wait_forever, config=CONFIG)
+        assert trio.current_time() == 0.75
+    assert raised.value.code == CloseCode.ABNORMAL_CLOSURE
+    assert raised.value.by_peer
+    assert raised.value.reason.startswith("transport failed: BrokenResourceError(")
+    assert isinstance(raised.value.__cause__, trio.BrokenResourceError)
+
+
+async def test_data_read_before_a_protocol_error_is_still_delivered(
+    autojump_clock: MockClock,
+) -> None:
+    stream, peer = stream_and_peer()
+    conns: list[Connection] = []
+
+    async def script() -> None:
+        await peer.handshake()
+        await trio.sleep(0.5)
+        await peer.send(encode_data(b"before") + b"\xff" * 6)  # one read: DATA, then garbage
+        await hang_up_on_close(peer)
+
+    async def body(conn: Connection) -> None:
+        conns.append(conn)
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(script)
+        with pytest.raises(ConnectionClosed) as raised:
+            await run_body(stream, body, config=CONFIG)
+        assert trio.current_time() == 0.5
+    assert raised.value.code == CloseCode.PROTOCOL_ERROR
+    assert isinstance(raised.value.__cause__, RemoteProtocolError)
+    [conn] = conns
+    assert conn.statistics().receive_queue_used == 1
+    assert await conn.receive() == b"before"
+    with pytest.raises(ConnectionClosed) as again:
+        await conn.receive()
+    assert again.value.code == CloseCode.PROTOCOL_ERROR
+
+
+async def test_a_reader_waiting_for_room_stops_when_the_connection_fails(
+    autojump_clock: MockClock,
+) -> None:
+    """The application does not read: "0" fills the queue of one, and the reader
+    holds "1" while it waits for room. Our write then fails (the peer stopped
+    accepting bytes): the reader stops waiting, and what was queued is still
+    delivered, but not what the reader held."""
+    ours, theirs = trio.testing.memory_stream_pair()
+    stream, peer = WrappedStream(ours), ScriptedPeer(theirs)
+    conns: list[Connection] = []
+
+    async def script() -> None:
+        await peer.handshake()
+        for n in range(3):
+            await peer.send_data(b"%d" % n)
+        await trio.sleep(0.5)
+        theirs.receive_stream.close()
+        await trio.sleep_forever()
+
+    async def body(conn: Connection) -> None:
+        conns.append(conn)
+        await trio.sleep(0.75)
+        assert conn.statistics().receive_queue_used == 1
+        assert conn.watchdog_deadline == math.inf  # held up: no verdict on the peer
+        await conn.send(b"lost")
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(script)
+        with pytest.raises(BrokenConnection) as raised:
+            await run_body(stream, body, config=CONFIG, options=ConnectionOptions(receive_queue=1))
+        assert trio.current_time() == 0.75
+        nursery.cancel_scope.cancel()
+    assert not raised.value.by_peer
+    [conn] = conns
+    assert await conn.receive() == b"0"
+    with pytest.raises(BrokenConnection):
+        await conn.receive()
