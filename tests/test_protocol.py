@@ -17,6 +17,7 @@ machines with hypothesis.
 from __future__ import annotations
 
 import doctest
+import gc
 from collections.abc import Sequence
 from dataclasses import replace
 from itertools import pairwise
@@ -349,6 +350,19 @@ def test_control_pending_says_whether_control_frames_wait() -> None:
     assert (server.control_pending, client.control_pending) == (True, False)
     server.data_to_send()
     assert (server.control_pending, client.control_pending) == (False, False)
+
+
+def test_an_idle_open_connection_holds_no_queues() -> None:
+    # A server holds thousands of idle connections: the queues of frames
+    # decoded and to send are made when needed and dropped once used up.
+    server, client = open_pair()
+    for core in (server, client):
+        core.send_data(b"x", 1.0)
+        core.send_ping(1.0)
+        core.data_to_send()
+        assert core.next_event() is NEED_DATA
+        held = [ref for ref in gc.get_referents(core) if isinstance(ref, list)]
+        assert held == []
 
 
 # -- the echo rule, and the order of events --------------------------------------------

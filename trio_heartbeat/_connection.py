@@ -471,8 +471,8 @@ class Connection:
         A client's HELLO is out once the core is OPEN with nothing left to
         write: the block may start, and whatever it does, the peer has heard us.
         """
-        if self._opened.is_set():
-            return
+        if self._opened is _OPENED:
+            return  # the common case, once the block has begun: every frame asks
         if self._core.state is State.OPEN and self._writer.idle and not self._core.control_pending:
             self._opened.set()
 

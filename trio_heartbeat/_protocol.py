@@ -13,26 +13,22 @@ under a real clock, a ``MockClock`` and a hypothesis test.
 Data flows one way: bytes go to the codec (``_frames``), which hands back
 typed frames; each frame moves the machine (``_state``'s table) and becomes at
 most one event (``_events``). The handshake is pure functions (``_handshake``);
-the rate rule (``_rate``), the silence rule (``_silence``) and the round trips
-(``_rtt``) each have an owner. A connection ends in one place, :meth:`_end`,
-whatever ends it: a CLOSE received or timed out, end-of-file, a silent peer, a
-protocol error.
+the rate rule (``_rate``), the silence rule (``_silence``) and our PINGs
+(``_pings``) each have an owner. Every ending goes through :meth:`_end`.
 
-Two deadlines drive the runtime: :attr:`~HeartbeatProtocol.ping_deadline`
-(the send rule wants a PING, or a health change may now be announced) and
-:attr:`~HeartbeatProtocol.abort_deadline` (the handshake timeout, then the
-verdict on a silent peer, then the close timeout). When one passes, the caller
-calls :meth:`~HeartbeatProtocol.handle_timeout`. A peer that breaks the
-protocol makes :meth:`~HeartbeatProtocol.next_event` raise
-:class:`RemoteProtocolError`: the state is then a sticky ``ERROR`` and a CLOSE
-with the error's code is queued, to be flushed without waiting before the
-transport is aborted. Misuse by our own caller raises
-:class:`LocalProtocolError` and changes nothing.
+Two deadlines drive the runtime: :attr:`~HeartbeatProtocol.ping_deadline` (a
+PING is due) and :attr:`~HeartbeatProtocol.abort_deadline` (the handshake
+timeout, then the verdict on a silent peer, then the close timeout); when one
+passes, the caller calls :meth:`~HeartbeatProtocol.handle_timeout`. A peer
+that breaks the protocol makes :meth:`~HeartbeatProtocol.next_event` raise
+:class:`RemoteProtocolError` (sticky, with a CLOSE carrying its code queued);
+misuse by our own caller raises :class:`LocalProtocolError` and changes nothing.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from enum import Enum
 from math import inf
 from typing import Literal, final
@@ -80,13 +76,12 @@ __all__ = ["HeartbeatProtocol"]
 
 
 class _Say(Enum):
-    """What an ending sends the peer, unless our CLOSE is already out."""
+    """What an ending sends the peer, unless our CLOSE is already out: nothing (the
+    transport is gone), CLOSE behind the DATA already encoded (which is committed
+    to the stream), or CLOSE at once (queued DATA is dropped)."""
 
-    #: Nothing: the transport is gone.
     NOTHING = "nothing"
-    #: CLOSE behind the DATA already encoded, which is committed to the stream.
     CLOSE_AFTER_DATA = "close after data"
-    #: CLOSE at once; queued DATA is dropped.
     CLOSE_NOW = "close now"
 
 
@@ -159,10 +154,11 @@ class HeartbeatProtocol:
 
         self._state = State.HANDSHAKE
         self._decoder = FrameDecoder(HANDSHAKE_MAX_FRAME)
-        self._inbox: list[Frame] = []  # decoded in one batch, not yet events
+        self._inbox: Sequence[Frame] = ()  # decoded in one batch, not yet events
         self._inbox_position = 0
-        self._control: list[bytes] = []
-        self._data: list[bytes] = []
+        # Made on demand, dropped once sent: an idle connection holds no lists.
+        self._control: list[bytes] | None = None
+        self._data: list[bytes] | None = None
         self._eof = False
         self._error: RemoteProtocolError | None = None
         self._ended_event: ConnectionEnded | None = None
@@ -186,9 +182,7 @@ class HeartbeatProtocol:
         self._deadline = now + self.config.handshake_timeout
         # Made once the peer may be OPEN; until then DATA and PING are refused.
         self._rate: PingRate | None = None
-
         self.last_sent = now
-
         if role is Role.SERVER:
             self._send_hello(now)
 
@@ -272,13 +266,14 @@ class HeartbeatProtocol:
     @property
     def control_pending(self) -> bool:
         """True while control frames (HELLO, PONG, CLOSE, PING) wait in :meth:`data_to_send`."""
-        return bool(self._control)
+        return self._control is not None
 
     @property
     def next_deadline(self) -> float:
         """The earlier of :attr:`ping_deadline` and :attr:`abort_deadline`."""
         if self._state is State.OPEN:
-            return min(self.ping_deadline, self.liveness_deadline)
+            # ping_deadline and liveness_deadline, inlined: this runs for every frame.
+            return min(self._heartbeat.due(self.last_sent), self._silence.deadline)
         return self.abort_deadline  # no PING is planned unless OPEN
 
     # -- receiving ------------------------------------------------------------
@@ -318,6 +313,7 @@ class HeartbeatProtocol:
                     inbox = self._inbox = self._decoder.frames()
                     self._inbox_position = 0
                     if not inbox:
+                        self._inbox = ()  # the empty batch need not stay
                         if self._eof:
                             lost = CloseCode.ABNORMAL_CLOSURE, "connection lost"
                             self._end(
@@ -433,17 +429,19 @@ class HeartbeatProtocol:
         self._queue_control(encode_hello(hello), now)
 
     def _queue_control(self, frame: bytes, now: float) -> None:
-        self._control.append(frame)
+        if self._control is None:
+            self._control = [frame]
+        else:
+            self._control.append(frame)
         self.counters.frames_out += 1
         self.last_sent = now
 
     def _queue_close(self, code: int, reason: str, now: float, *, keep_data: bool) -> None:
         frame = encode_close(code, reason)  # first: a bad code changes nothing
-        if keep_data:
-            # DATA the core already encoded is committed to the stream: it stays
-            # ahead of the CLOSE, which is the last frame this side ever sends.
-            self._control.extend(self._data)
-        self._data.clear()
+        if keep_data and self._data is not None:
+            # Encoded DATA is committed to the stream: it goes ahead of our last frame.
+            self._control = [*(self._control or ()), *self._data]
+        self._data = None
         self._queue_control(frame, now)
 
     def send_data(self, payload: bytes, now: float) -> None:
@@ -462,7 +460,10 @@ class HeartbeatProtocol:
                 f"DATA of {len(payload)} bytes exceeds the peer's limit of {self.peer.max_frame}",
                 CloseCode.TOO_BIG,
             )
-        self._data.append(encode_data(payload))
+        if self._data is None:
+            self._data = [encode_data(payload)]
+        else:
+            self._data.append(encode_data(payload))
         counters = self.counters
         counters.frames_out += 1
         counters.data_frames_out += 1
@@ -512,14 +513,14 @@ class HeartbeatProtocol:
 
     def data_to_send(self) -> bytes:
         """Everything queued for the transport, control frames ahead of DATA."""
-        if self._data:
-            chunks = self._control + self._data
-            self._data.clear()
-        elif self._control:
-            chunks = self._control
+        control, data = self._control, self._data
+        if data is None:
+            if control is None:
+                return b""
+            chunks = control
         else:
-            return b""
-        self._control = []
+            chunks = data if control is None else control + data
+        self._control = self._data = None
         out = b"".join(chunks)
         self.counters.bytes_out += len(out)
         return out

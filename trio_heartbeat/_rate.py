@@ -26,6 +26,8 @@ from ._frames import CloseCode
 
 __all__ = ["PingRate"]
 
+_LONG_AGO = -inf  # one float for every connection, not one each
+
 
 @final
 class PingRate:
@@ -64,7 +66,7 @@ class PingRate:
         self.strikes = 0
         # PINGs that may still arrive back to back without a strike, until when.
         self._untimed = 0
-        self._untimed_until = -inf
+        self._untimed_until = _LONG_AGO
 
     def ping(self, now: float) -> None:
         """A PING arrived at ``now``: count it, and raise 1008 past the allowed strikes."""
