@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from ._report import Result, Settings, format_results, machine_description
+from ._report import Check, Result, Settings, format_results, machine_description
 
 _PREFIX = "bench_"
 _DEFAULTS = Settings()
@@ -33,10 +33,10 @@ def available() -> list[str]:
     )
 
 
-def load(name: str) -> Callable[[Settings], list[Result]]:
-    """The ``run`` function of the benchmark called ``name``."""
+def load(name: str) -> Callable[[Settings], Sequence[Result | Check]]:
+    """The ``run`` function of the benchmark called ``name``: its rows, then its absolute targets."""
     module = importlib.import_module(f"{__package__}.{_PREFIX}{name}")
-    run: Callable[[Settings], list[Result]] = module.run
+    run: Callable[[Settings], Sequence[Result | Check]] = module.run
     return run
 
 
@@ -81,17 +81,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(machine_description())
     print(f"command: {' '.join(['python -m benchmarks', *argv])}")
     results: list[Result] = []
+    checks: list[Check] = []
     for name in args.names or available():
         started = time.perf_counter()
         batch = load(name)(settings)
-        print(f"\n{format_results(batch)}")
+        rows = [row for row in batch if isinstance(row, Result)]
+        print(f"\n{format_results(rows)}")
         print(f"\n({name}: {time.perf_counter() - started:.1f} s)")
-        results += batch
+        results += rows
+        checks += [row for row in batch if isinstance(row, Check)]
+    # Every target printed is counted: the ratios of the tables and the
+    # absolute targets the benchmarks printed with their own figures.
     judged = [result for result in results if result.passed is not None]
     missed = [result for result in judged if not result.passed]
-    print(f"\ntargets met: {len(judged) - len(missed)} of {len(judged)}")
+    failed = [check for check in checks if not check.passed]
+    met = len(judged) + len(checks) - len(missed) - len(failed)
+    print(f"\ntargets met: {met} of {len(judged) + len(checks)}")
     for result in missed:
         print(f"  FAIL {result.benchmark}: {result.case}, {result.subject}: {result.ratio:.2f}")
+    for check in failed:
+        print(f"  FAIL {check.benchmark}: {check.target}: {check.figure}")
     return 0
 
 

@@ -37,6 +37,7 @@ import trio
 import trio_heartbeat
 
 __all__ = [
+    "Check",
     "Result",
     "Settings",
     "Timing",
@@ -199,6 +200,25 @@ class Result:
         if self.target is None:
             return ""
         return f">= {self.target:.2f} {'PASS' if self.passed else 'FAIL'}"
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """An absolute target, such as a bound on memory per connection, and how it went.
+
+    Printed by its benchmark beside the figures it judges, and counted in the
+    report's summary with the ratio targets of the :class:`Result` rows.
+    """
+
+    benchmark: str
+    target: str
+    figure: str
+    passed: bool
+
+    @property
+    def line(self) -> str:
+        """``"  target: <target>: <figure> PASS"`` (or ``FAIL``)."""
+        return f"  target: {self.target}: {self.figure} {'PASS' if self.passed else 'FAIL'}"
 
 
 def _cpu_model() -> str:

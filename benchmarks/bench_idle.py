@@ -72,7 +72,7 @@ import trio
 
 from ._idle_peers import LATE
 from ._peers import cpu_seconds, open_child, raise_fd_limit, rss_bytes
-from ._report import Result, Settings, Timing, format_results, machine_description
+from ._report import Check, Result, Settings, Timing, format_results, machine_description
 
 __all__ = [
     "CONNECTIONS",
@@ -374,29 +374,34 @@ def describe(measurements: Sequence[Measurement], plan: Plan) -> str:
         cells = [row[0].ljust(widths[0])]
         cells += [cell.rjust(width) for cell, width in zip(row[1:], widths[1:], strict=True)]
         lines.append("  " + "  ".join(cells))
-    for m in measurements:
-        if m.kind == "thb":
-            lines += _verdicts(m)
+    lines += [check.line for check in checks(measurements)]
     return "\n".join(lines)
 
 
-def _verdicts(m: Measurement) -> list[str]:
-    per_connection = m.rss_per_connection
-    lines = [
-        f"  target: RSS per connection <= {RSS_TARGET / 1024:g} KiB: "
-        f"{per_connection / 1024:,.2f} KiB {'PASS' if per_connection <= RSS_TARGET else 'FAIL'}"
-    ]
-    worst = m.worst_delay_us
-    if worst is None:
-        lines.append(f"  target: no PONG later than {LATE * 1000:g} ms: no PONG in the window")
-        return lines
-    passed = worst <= LATE * 1e6 and not m.lost
-    lost = f", {m.lost:,} connections lost" if m.lost else ""
-    lines.append(
-        f"  target: no PONG later than {LATE * 1000:g} ms: worst {_ms(worst)} ms, "
-        f"{m.late:,} late{lost} {'PASS' if passed else 'FAIL'}"
-    )
-    return lines
+def checks(measurements: Sequence[Measurement]) -> list[Check]:
+    """The absolute targets, judged on trio-heartbeat's measurement."""
+    out: list[Check] = []
+    for m in measurements:
+        if m.kind != "thb":
+            continue
+        per_connection = m.rss_per_connection
+        out.append(
+            Check(
+                BENCHMARK,
+                f"RSS per connection <= {RSS_TARGET / 1024:g} KiB",
+                f"{per_connection / 1024:,.2f} KiB",
+                per_connection <= RSS_TARGET,
+            )
+        )
+        worst = m.worst_delay_us
+        late = f"no PONG later than {LATE * 1000:g} ms"
+        if worst is None:
+            out.append(Check(BENCHMARK, late, "no PONG in the window", False))
+            continue
+        lost = f", {m.lost:,} connections lost" if m.lost else ""
+        figure = f"worst {_ms(worst)} ms, {m.late:,} late{lost}"
+        out.append(Check(BENCHMARK, late, figure, worst <= LATE * 1e6 and not m.lost))
+    return out
 
 
 def run(
@@ -404,10 +409,11 @@ def run(
     *,
     connections: int | None = None,
     window: float | None = None,
-) -> list[Result]:
+) -> list[Result | Check]:
     """Measure each subject's server at idle scale; print the memory and delay table.
 
-    Returns the CPU rows for the report. ``connections`` and ``window``
+    Returns the CPU rows for the report, then the absolute targets (printed
+    with the table, counted in the summary). ``connections`` and ``window``
     override what the scale implies. Every child process is stopped before
     this returns, also on error. Raises :class:`RuntimeError` if a connection
     fails to open or fails during the run, and
@@ -419,7 +425,7 @@ def run(
     measurements = trio.run(_measure_all, plan, kinds)
     print(describe(measurements, plan))
     print()
-    return _cpu_results(measurements, plan)
+    return [*_cpu_results(measurements, plan), *checks(measurements)]
 
 
 def _websockets_available() -> bool:
@@ -439,7 +445,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error("--connections must be at least 1 and --window positive")
     print(machine_description())
     print(f"command: {' '.join(['python -m benchmarks.bench_idle', *argv])}")
-    print(format_results(run(connections=args.connections, window=args.window)))
+    report = run(connections=args.connections, window=args.window)
+    print(format_results([row for row in report if isinstance(row, Result)]))
 
 
 if __name__ == "__main__":

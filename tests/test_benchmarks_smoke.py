@@ -128,6 +128,26 @@ def test_command_line_prints_machine_command_and_tables(capsys: pytest.CaptureFi
     assert any(line.startswith("targets met: ") and line.endswith(" of 2") for line in lines)
 
 
+def test_the_summary_counts_the_absolute_targets_too(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import benchmarks.__main__ as command
+    from benchmarks._report import Check, Result, Settings, Timing
+
+    def run(settings: Settings) -> list[Result | Check]:
+        baseline = Result("fake", "case", "bare", "ops", 10, 0, Timing((100,)))
+        ours = Result("fake", "case", "ours", "ops", 10, 0, Timing((100,)), baseline, 0.5)
+        memory = Check("fake", "memory <= 1 KiB", "2.00 KiB", passed=False)
+        return [baseline, ours, memory, Check("fake", "nothing lost", "0 lost", passed=True)]
+
+    monkeypatch.setattr(command, "available", lambda: ["fake"])
+    monkeypatch.setattr(command, "load", lambda name: run)
+    assert command.main([]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "targets met: 2 of 3" in lines
+    assert lines[-1] == "  FAIL fake: memory <= 1 KiB: 2.00 KiB"
+
+
 def test_an_unknown_benchmark_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
     from benchmarks.__main__ import main
 
@@ -265,10 +285,17 @@ def test_rtt_percentiles_and_median_verdict() -> None:
 
 @pytest.mark.slow
 def test_idle_benchmark_reports_cpu_memory_and_delays(capsys: pytest.CaptureFixture[str]) -> None:
-    from benchmarks._report import Settings
+    from benchmarks._report import Check, Result, Settings
     from benchmarks.bench_idle import CPU_TARGET, SUBJECTS, run
 
-    results = run(Settings(scale=0.0005, repeats=2))
+    report = run(Settings(scale=0.0005, repeats=2))
+    results = [row for row in report if isinstance(row, Result)]
+    checks = [row for row in report if isinstance(row, Check)]
+    assert report == [*results, *checks]
+    assert [check.target for check in checks] == [
+        "RSS per connection <= 10 KiB",
+        "no PONG later than 100 ms",
+    ]
 
     kinds = ["watched", "raw", "thb", *(["websockets"] if _websockets_installed() else [])]
     assert [r.subject for r in results] == [SUBJECTS[kind] for kind in kinds]
@@ -289,8 +316,7 @@ def test_idle_benchmark_reports_cpu_memory_and_delays(capsys: pytest.CaptureFixt
     assert sorted(rows) == sorted(SUBJECTS[kind] for kind in kinds)
     for row in rows.values():
         assert (row["up"], row["failed"], row["dropped"]) == ("2", "0", "0")
-    assert out[2 + len(kinds)].startswith("  target: RSS per connection <= 10 KiB: ")
-    assert out[3 + len(kinds)].startswith("  target: no PONG later than 100 ms: ")
+    assert out[2 + len(kinds) : 4 + len(kinds)] == [check.line for check in checks]
 
 
 def test_idle_plan_and_measurement_arithmetic() -> None:
