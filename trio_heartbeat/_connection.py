@@ -35,6 +35,7 @@ nursery, one timer scope and about 60 objects for the garbage collector.
 from __future__ import annotations
 
 import logging
+import traceback
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Final, final
@@ -589,4 +590,10 @@ class Connection:
         assert outcome is not None
         linger = isinstance(outcome.cause, RemoteProtocolError)
         await self._writer.last_words(self, linger_after=linger)
+        if outcome.cause is not None and outcome.cause.__traceback__ is not None:
+            # The cause was raised in our tasks, whose finished frames hold
+            # the connection: keep the traceback for the record, not the
+            # frames' variables, or the connection and its buffers would live
+            # until a full garbage collection.
+            traceback.clear_frames(outcome.cause.__traceback__)
         return outcome

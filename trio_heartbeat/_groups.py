@@ -13,6 +13,7 @@ several real failures is passed on, without the cancellations.
 from __future__ import annotations
 
 import sys
+import traceback
 from typing import NoReturn
 
 import trio
@@ -22,7 +23,13 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on 3.10 only
     from exceptiongroup import BaseExceptionGroup
 
-__all__ = ["BaseExceptionGroup", "only_cancelled", "reraise_single", "single_exception"]
+__all__ = [
+    "BaseExceptionGroup",
+    "forget_frames",
+    "only_cancelled",
+    "reraise_single",
+    "single_exception",
+]
 
 
 def _leaves(exc: BaseException) -> list[BaseException]:
@@ -67,7 +74,9 @@ def reraise_single(
     A cancellation dropped here is delivered again at the next checkpoint,
     so no cancel scope misses one.
     """
-    failures = group.split(trio.Cancelled)[1]
+    cancelled, failures = group.split(trio.Cancelled)
+    if cancelled is not None:
+        _drop_tracebacks(group, cancelled, own)
     if failures is None:
         exc: BaseException = _leaves(group)[0]
     elif own is not None and {id(leaf) for leaf in _leaves(failures)} <= {
@@ -79,7 +88,47 @@ def reraise_single(
     try:
         raise exc from exc.__cause__  # keep the exception's own cause, hide the group
     finally:
-        del exc, failures, group, own  # no cycle through this frame
+        # Raised while the group is handled, the exception got the group as
+        # its context, and the group holds the exception: a reference cycle
+        # that would keep both, their tracebacks and every frame and object
+        # those hold (a whole connection) alive until a full collection.
+        if exc.__context__ is group:
+            exc.__context__ = None
+        del exc, cancelled, failures, group, own  # nor a cycle through this frame
+
+
+def _drop_tracebacks(
+    group: BaseExceptionGroup[BaseException], cancelled: BaseException, own: BaseException | None
+) -> None:
+    # Trio raises a Cancelled from deep in its own machinery, and the frames
+    # of its traceback lead back to the nursery frame that holds the group,
+    # which holds the Cancelled: a cycle that keeps every frame involved (and
+    # the tasks' variables: our connection) alive until a full collection.
+    # The cancellations and the nurseries' groups are ours to drop, so their
+    # tracebacks go; the block's own exception, group or not, is left whole.
+    for leaf in _leaves(cancelled):
+        leaf.__traceback__ = None
+    pending: list[BaseException] = [group]
+    while pending:
+        current = pending.pop()
+        if isinstance(current, BaseExceptionGroup) and current is not own:
+            current.__traceback__ = None
+            pending.extend(current.exceptions)
+
+
+def forget_frames(exc: BaseException) -> None:
+    """Clear the variables of the finished frames ``exc`` passed through, keeping its traceback.
+
+    For an exception leaving one of our tasks, a Cancelled above all: Trio
+    may keep it in a reference cycle of its own (its traceback leads back
+    through Trio's frames to the nursery that holds it) until a full garbage
+    collection, and every frame on that traceback would keep its variables,
+    a connection and its buffers among them. The task's own frame, still
+    running, is left alone: the task drops its variables itself, in a
+    ``finally`` (``del self, conn``).
+    """
+    if exc.__traceback__ is not None:
+        traceback.clear_frames(exc.__traceback__)
 
 
 def only_cancelled(exc: BaseException) -> bool:

@@ -44,6 +44,7 @@ from trio.lowlevel import ParkingLot, checkpoint_if_cancelled, wait_readable
 from ._errors import RemoteProtocolError
 from ._events import NEED_DATA, ConnectionEnded, DataReceived
 from ._state import State
+from ._groups import forget_frames
 from ._transport import RECEIVE_SIZE, read_nowait, socket_fd
 
 if TYPE_CHECKING:
@@ -218,6 +219,11 @@ class Reader:
                 "protocol error from peer %s: %s (close %d)", conn.remote_address, exc, exc.code
             )
             conn._protocol_error(exc)
+        except BaseException as exc:
+            forget_frames(exc)
+            raise
+        finally:
+            del self, conn, core, writer, stream  # see forget_frames
 
     def _deliver(self, data: bytes, limit: int) -> bool:
         """Queue received DATA for the application; false if the queue (of ``limit``) is full."""

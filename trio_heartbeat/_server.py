@@ -40,7 +40,7 @@ from ._endpoints import peer_address
 from ._errors import ConnectionClosed
 from ._events import Event, HandshakeComplete, PeerHealthChanged
 from ._frames import CloseCode, HealthStatus, Role, encode_close
-from ._groups import BaseExceptionGroup, reraise_single
+from ._groups import BaseExceptionGroup, forget_frames, reraise_single
 from ._keepalive import KeepaliveOptions, resolve_keepalive, try_apply_keepalive
 from ._options import ConnectionOptions
 from ._registry import LivenessRegistry
@@ -281,6 +281,7 @@ class Server:
         self._idle = trio.Event() if self._idle.is_set() else self._idle
         handshaking = True
         conn: Connection | None = None
+        replaced: Connection | None = None
         ending: ConnectionClosed | None = None
         try:
             async with open_stream_connection(
@@ -311,8 +312,12 @@ class Server:
                 await self.handler(conn)
         except ConnectionClosed as exc:
             ending = exc
-        except Exception:
+        except Exception as exc:
             logger.exception("%s: handler failed", address)
+            # Trio may keep the error alive in a cycle of its own (with the
+            # cancellations its nursery sent): without the variables of the
+            # frames it passed through, the connection among them.
+            forget_frames(exc)
         finally:
             if ending is None and conn is not None:
                 ending = conn.closed
@@ -328,6 +333,9 @@ class Server:
             self._active -= 1
             if self._active == 0:
                 self._idle.set()
+            # The ending's traceback holds this frame, and Trio may keep a
+            # handler's error alive for a while: hold neither it nor a connection.
+            ending = conn = replaced = None
 
     def _settle_handshake(self) -> None:
         self._handshake_settled.set()

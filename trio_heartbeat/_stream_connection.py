@@ -135,15 +135,22 @@ class _StreamConnection:
     ) -> bool:
         conn = self._conn
         assert conn is not None
-        if exc is None:
-            try:
-                await conn._close_at_exit()
-            except BaseException as close_exc:
-                exc = close_exc
-        elif not only_cancelled(exc):
-            self._body_error = exc
-            conn._abandon(exc)
-        return await self._leave(exc)
+        try:
+            if exc is None:
+                try:
+                    await conn._close_at_exit()
+                except BaseException as close_exc:
+                    exc = close_exc
+            elif not only_cancelled(exc):
+                self._body_error = exc
+                conn._abandon(exc)
+            return await self._leave(exc)
+        finally:
+            # An exception leaving here carries this frame in its traceback:
+            # the frame must not hold the exception (nor, through self, the
+            # connection), or the two keep each other alive until a full
+            # garbage collection.
+            del exc_type, exc, traceback
 
     async def _leave(self, exc: BaseException | None) -> bool:
         """Leave the nursery with ``exc``, close the stream, and report the outcome.
@@ -169,7 +176,11 @@ class _StreamConnection:
                 # raised an error of its own: that error is the news.
                 reraise_single(group, self._body_error)
         finally:
+            # Neither this frame nor self keeps the exception (no cycle).
+            exc = None
+            raised_by_block = self._body_error is not None
+            self._body_error = None
             outcome = await conn._finish()
-        if outcome.failure and self._body_error is None:
+        if outcome.failure and not raised_by_block:
             raise outcome.exception()
         return True

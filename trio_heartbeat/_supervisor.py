@@ -429,7 +429,10 @@ class ReconnectingClient:
             )
         except ConnectionClosed as exc:
             uptime = None if connected_at is None else trio.current_time() - connected_at
-            return exc, uptime
+            # Kept as a record of how it ended (in events, last_error,
+            # ReconnectFailed): without the traceback, whose frames would keep
+            # the ended connection and its buffers alive.
+            return exc.with_traceback(None), uptime
         finally:
             self._connection = None
 

@@ -49,6 +49,7 @@ from trio.lowlevel import ParkingLot, checkpoint_if_cancelled
 
 from ._errors import LocalProtocolError
 from ._frames import CloseCode
+from ._groups import forget_frames
 from ._state import TERMINAL, State
 from ._transport import linger, socket_fd, write_nowait
 
@@ -306,8 +307,12 @@ class Writer:
                     return
         except _STREAM_ERRORS as exc:
             conn._transport_failed(exc, by_peer=False)
+        except BaseException as exc:
+            forget_frames(exc)
+            raise
         finally:
             self._running = False
+            del self, conn  # see forget_frames
 
     async def _round(self, conn: Connection) -> bool:
         """Send what is queued; true once the writer is done for good."""
