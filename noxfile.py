@@ -49,7 +49,7 @@ def lint(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def typecheck(session: nox.Session) -> None:
     """mypy --strict over the package, the tests and the benchmarks."""
-    session.install("-e", ".[test,bench]", "mypy>=1.10", "nox", "exceptiongroup")
+    session.install("-e", ".[test,bench]", "mypy>=1.10", "nox")
     session.run("mypy")
 
 

@@ -397,7 +397,7 @@ async def _websockets_client(port: int, connections: int, ramp_seconds: float) -
                     waiter.cancel()
                 if not stop.is_set():
                     statistics.drop(f"closed with {ws.close_code}")
-        except (OSError, WebSocketException, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError, WebSocketException) as exc:
             if up:
                 statistics.drop(f"{type(exc).__name__}: {exc}")
             else:

@@ -30,6 +30,7 @@ from trio_heartbeat import (
     ReconnectFailed,
     RemoteProtocolError,
     _errors,
+    UndeliveredMessages,
 )
 from trio_heartbeat._errors import NoEndpointLeft, UsageError
 
@@ -50,6 +51,7 @@ EXAMPLES: list[HeartbeatError] = [
         3,
     ),
     ReconnectFailed("the reconnecting client is closed", None, 0),
+    UndeliveredMessages([b"a", b"b"], "connection refused"),
 ]
 
 #: The exceptions the package keeps to itself: not exported, still picklable.
@@ -111,8 +113,7 @@ def test_round_trip_keeps_notes_and_added_attributes(
     exc: HeartbeatError, copier: Callable[[HeartbeatError], Any]
 ) -> None:
     exc = copy.copy(exc)  # EXAMPLES are shared between tests: note a copy
-    # What ``add_note`` does on 3.11+; assigned directly so that 3.10 runs it too.
-    exc.__notes__ = ["while talking to server:9000"]  # type: ignore[attr-defined]
+    exc.add_note("while talking to server:9000")
     exc.endpoint = "server:9000"  # type: ignore[attr-defined]
     copied = copier(exc)
     assert copied.__notes__ == ["while talking to server:9000"]

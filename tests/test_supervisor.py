@@ -58,6 +58,7 @@ from trio_heartbeat import (
     Stopped,
     SupervisorEvent,
     SupervisorState,
+    UndeliveredMessages,
     open_reconnecting_client,
     serve_tcp,
 )
@@ -665,18 +666,30 @@ async def test_a_full_buffer_waits_with_when_full_wait(
 async def test_a_send_waiting_for_room_fails_once_the_client_is_closed(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    async with open_memory_network() as network, reconnecting(network, buffer_size=1) as client:
-        await client.send(b"fills the buffer")
+    # Nothing listens, so the buffered message is never delivered: the close
+    # tries for close_timeout and then says so, with the message.
+    refused_at: list[float] = []
 
-        async def close_later() -> None:
-            await trio.sleep(1.0)
-            await client.aclose()
+    async def fill_then_close(network: MemoryNetwork) -> None:
+        async with reconnecting(network, buffer_size=1) as client:
+            await client.send(b"fills the buffer")
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(close_later)
-            with pytest.raises(ReconnectFailed, match="closed"):
-                await client.send(b"no room, ever")
-        assert trio.current_time() == 1.0
+            async def close_later() -> None:
+                await trio.sleep(1.0)
+                await client.aclose()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(close_later)
+                with pytest.raises(ReconnectFailed, match="closed"):
+                    await client.send(b"no room, ever")
+                refused_at.append(trio.current_time())
+
+    async with open_memory_network() as network:
+        with pytest.raises(UndeliveredMessages) as info:
+            await fill_then_close(network)
+    assert refused_at == [1.0]  # at once, when the close began
+    assert info.value.messages == [b"fills the buffer"]
+    assert trio.current_time() == 1.0 + Config().close_timeout
 
 
 async def test_a_message_not_yet_handed_over_goes_to_the_next_connection(
@@ -685,8 +698,9 @@ async def test_a_message_not_yet_handed_over_goes_to_the_next_connection(
     # The client's outgoing bytes are held back, so its connection's queue
     # (one message) fills and the supervisor's pump waits with a message in
     # hand. When the server then closes, that message and the ones behind it
-    # go to the next connection, in order; those already handed to the dead
-    # connection are gone with it (THB/1 has no acknowledgements).
+    # go to the next connection, in order, and so does the one in the dead
+    # connection's queue, which it never wrote; those it had written are gone
+    # with it (THB/1 has no acknowledgements).
     messages = [bytes([i]) * 40_000 for i in range(6)]
     received: list[bytes] = []
     handler, first_in = collecting(received, 1)
@@ -722,7 +736,8 @@ async def test_a_message_not_yet_handed_over_goes_to_the_next_connection(
             await first_in.wait()
             await trio.testing.wait_all_tasks_blocked()
 
-    assert received == messages[len(messages) - left :]
+    # The queue of one the dead connection never wrote is sent again, first.
+    assert received == messages[len(messages) - left - 1 :]
     (lost_at, lost), (_, backing_off) = record.of(Disconnected)[0], record.of(BackingOff)[0]
     assert lost.error.code == CloseCode.NORMAL
     assert backing_off.delay == 1.0

@@ -19,7 +19,6 @@ from ._backoff import FullJitterBackoff as FullJitterBackoff
 from ._client import open_connection as open_connection
 from ._config import Config as Config
 from ._connection import Connection as Connection
-from ._connection import ConnectionStatistics as ConnectionStatistics
 from ._connection import EventListener as EventListener
 from ._detectors import FailureDetector as FailureDetector
 from ._detectors import FixedTimeout as FixedTimeout
@@ -35,6 +34,7 @@ from ._errors import LocalProtocolError as LocalProtocolError
 from ._errors import ProtocolError as ProtocolError
 from ._errors import ReconnectFailed as ReconnectFailed
 from ._errors import RemoteProtocolError as RemoteProtocolError
+from ._errors import UndeliveredMessages as UndeliveredMessages
 from ._events import NEED_DATA as NEED_DATA
 from ._events import ConnectionEnded as ConnectionEnded
 from ._events import DataReceived as DataReceived
@@ -77,6 +77,7 @@ from ._server import Server as Server
 from ._server import ServerStatistics as ServerStatistics
 from ._server import serve_tcp as serve_tcp
 from ._state import State as State
+from ._statistics import ConnectionStatistics as ConnectionStatistics
 from ._stream_connection import open_stream_connection as open_stream_connection
 from ._supervisor import DEFAULT_STOP_CODES as DEFAULT_STOP_CODES
 from ._supervisor import Connector as Connector
@@ -158,6 +159,7 @@ __all__ = [
     "SupervisorListener",
     "SupervisorState",
     "SupportsSockopt",
+    "UndeliveredMessages",
 ]
 
 __version__ = "0.1.0"

@@ -20,13 +20,9 @@ causes are few: the core's :class:`ConnectionEnded` (a CLOSE, a silent peer, a
 close timeout, end-of-file), a protocol error, a transport failure, a write
 that made no progress, and the block left early.
 
-:meth:`Connection.send` and :meth:`Connection.receive` are always
-cancellation points, but they yield to the scheduler only when they must wait
-(the send queue is full, or no DATA has arrived). A burst of sends therefore
-fills the queue before the writer runs, and goes out in one ``send_all``; a
-burst of received messages is consumed without a task switch per message.
-Both queues are bounded, so neither can starve other tasks for longer than
-one queue's worth of messages.
+``send`` and ``receive`` yield to the scheduler only when they must wait, so
+that a burst goes out in one write and is taken in without a task switch per
+message (see ``_writer`` and ``_reader``).
 
 An idle server connection is two tasks (the handler's and the reader), one
 nursery, one timer scope and about 60 objects for the garbage collector.
@@ -37,7 +33,6 @@ from __future__ import annotations
 import logging
 import traceback
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
 from typing import Final, final
 
 import trio
@@ -72,9 +67,10 @@ from ._outcome import (
 from ._protocol import HeartbeatProtocol
 from ._reader import Reader
 from ._state import State
+from ._statistics import ConnectionStatistics
 from ._writer import BEST_EFFORT_SECONDS, Writer
 
-__all__ = ["Connection", "ConnectionStatistics", "EventListener"]
+__all__ = ["Connection", "EventListener"]
 
 logger = logging.getLogger("trio_heartbeat")
 
@@ -90,34 +86,6 @@ _OPENED.set()
 
 #: Called synchronously, from the reader, with every protocol event but DATA.
 EventListener = Callable[["Connection", Event], None]
-
-
-@final
-@dataclass(frozen=True, slots=True)
-class ConnectionStatistics:
-    """A snapshot of one connection, taken without I/O. Times are ``trio.current_time()`` values."""
-
-    state: State
-    role: Role
-    peer_id: str | None
-    peer_health: HealthStatus | None
-    health: HealthStatus
-    opened_at: float | None
-    last_received: float | None
-    last_sent: float
-    rtt: float | None
-    srtt: float | None
-    send_interval: float
-    frames_in: int
-    frames_out: int
-    bytes_in: int
-    bytes_out: int
-    data_frames_in: int
-    data_frames_out: int
-    pings_sent: int
-    pongs_received: int
-    send_queue_used: int
-    receive_queue_used: int
 
 
 @final
@@ -314,6 +282,28 @@ class Connection:
         """
         return await self._reader.receive(self)
 
+    def receive_nowait(self) -> bytes:
+        """Like :meth:`receive`, but raises :class:`trio.WouldBlock` when no DATA is waiting.
+
+        Once the connection has ended it returns the DATA still queued, then
+        raises :class:`ConnectionClosed` (or the subclass that says why).
+        """
+        return self._reader.receive_nowait(self)
+
+    def take_unsent(self) -> list[bytes]:
+        """Once the connection has ended: the messages :meth:`send` queued that were never written.
+
+        Oldest first, and only once: the queue is empty afterwards. Useful to
+        send them again elsewhere (the reconnecting client does); messages
+        already handed to the transport are not among them, and THB/1 has no
+        acknowledgements to say whether those arrived. Raises
+        :class:`RuntimeError` while the connection is live, where the queue is
+        still the writer's.
+        """
+        if self._outcome is None:
+            raise RuntimeError("take_unsent() is for a connection that has ended")
+        return self._writer.take_unsent()
+
     def __aiter__(self) -> Connection:
         return self
 
@@ -445,14 +435,14 @@ class Connection:
     def _dispatch(self, event: Event) -> bool:
         """Act on an event other than DATA; true once the connection has ended."""
         kind = type(event)
+        if kind is ConnectionEnded:
+            assert isinstance(event, ConnectionEnded)
+            self._ended_by(event)  # listeners hear it once it is recorded
+            return True
         if kind is HandshakeComplete:
             self.opened_at = trio.current_time()
         if self._listeners:
-            for listener in self._listeners:
-                try:
-                    listener(self, event)
-                except Exception:
-                    logger.exception("event listener %r failed on %r", listener, event)
+            self._notify(event)
         if kind is PongReceived:
             assert isinstance(event, PongReceived)
             waiting = self._pings.get(event.opaque) if self._pings else None
@@ -460,11 +450,14 @@ class Connection:
                 done, result = waiting
                 result.append(event.rtt)
                 done.set()
-        elif kind is ConnectionEnded:
-            assert isinstance(event, ConnectionEnded)
-            self._ended_by(event)
-            return True
         return False
+
+    def _notify(self, event: Event) -> None:
+        for listener in self._listeners:
+            try:
+                listener(self, event)
+            except Exception:
+                logger.exception("event listener %r failed on %r", listener, event)
 
     def _note_open(self) -> None:
         """Open the caller's block once our HELLO is on the wire.
@@ -479,15 +472,23 @@ class Connection:
 
     # -- the ending -----------------------------------------------------------------------
 
-    def _end(self, outcome: Outcome) -> None:
+    def _end(self, outcome: Outcome, ending: ConnectionEnded | None = None) -> None:
         """Record how the connection ended, the one way every ending goes; failures cancel everything.
 
         The first word wins: a later one (a write failing after an orderly
         close, say) neither replaces it nor cancels the caller's block.
+        Listeners hear a :class:`ConnectionEnded` for every ending, once it is
+        recorded (``closed`` is set): the core's own ``ending``, or one said
+        here for an ending the core does not report (a protocol error, a
+        transport failure, a write timeout, the block left early).
         """
         if self._outcome is not None:
             return
         self._outcome = outcome
+        if self._listeners:
+            if ending is None:
+                ending = ConnectionEnded(outcome.code, outcome.reason, outcome.by_peer, False)
+            self._notify(ending)
         # Everyone waiting on the queues finds out now.
         self._writer.ended()
         self._reader.ended()
@@ -522,7 +523,7 @@ class Connection:
         )
         refused = closed and event.by_peer and (self.opened_at is None or judged)
         outcome = from_ending(event, closed=closed, refused=refused)
-        self._end(outcome)
+        self._end(outcome, event)
         if closed:
             # CLOSED has no deadline: a stale liveness or close deadline must
             # not cancel the caller's block after an orderly close.

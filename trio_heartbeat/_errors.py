@@ -19,6 +19,7 @@ any Python exception), so they can cross process boundaries.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import final
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "ProtocolError",
     "ReconnectFailed",
     "RemoteProtocolError",
+    "UndeliveredMessages",
     "UsageError",
 ]
 
@@ -156,6 +158,29 @@ class ReconnectFailed(HeartbeatError):
     def __reduce__(self) -> tuple[object, ...]:
         # ``args`` holds only the message; the default would call ``cls(message)``.
         return (type(self), (str(self), self.last_error, self.attempts), self.__dict__)
+
+
+@final
+class UndeliveredMessages(HeartbeatError):
+    """Messages that ``send()`` accepted could not be delivered before the close.
+
+    Raised when a reconnecting client is closed (its ``async with`` block left,
+    or ``aclose()``) with messages it never handed to a connection, or that a
+    connection was given and never wrote. ``messages`` are those messages,
+    oldest first, to retry or keep; ``reason`` says why (how the last
+    connection or attempt ended).
+    """
+
+    def __init__(self, messages: Sequence[bytes], reason: str) -> None:
+        count = len(messages)
+        noun = "message" if count == 1 else "messages"
+        super().__init__(f"{count} {noun} accepted by send() not delivered: {reason}")
+        self.messages = list(messages)
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # ``args`` holds only the message; the default would call ``cls(message)``.
+        return (type(self), (self.messages, self.reason), self.__dict__)
 
 
 @final

@@ -12,16 +12,11 @@ several real failures is passed on, without the cancellations.
 
 from __future__ import annotations
 
-import sys
 import traceback
+from builtins import BaseExceptionGroup
 from typing import NoReturn
 
 import trio
-
-if sys.version_info >= (3, 11):
-    from builtins import BaseExceptionGroup
-else:  # pragma: no cover - exercised on 3.10 only
-    from exceptiongroup import BaseExceptionGroup
 
 __all__ = [
     "BaseExceptionGroup",

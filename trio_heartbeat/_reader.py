@@ -43,8 +43,8 @@ from trio.lowlevel import ParkingLot, checkpoint_if_cancelled, wait_readable
 
 from ._errors import RemoteProtocolError
 from ._events import NEED_DATA, ConnectionEnded, DataReceived
-from ._state import State
 from ._groups import forget_frames
+from ._state import State
 from ._transport import RECEIVE_SIZE, read_nowait, socket_fd
 
 if TYPE_CHECKING:
@@ -103,6 +103,19 @@ class Reader:
             if self._receivers is None:
                 self._receivers = ParkingLot()
             await self._receivers.park()
+        data = inbox.popleft()
+        if self._room:
+            self._room.unpark()  # the reader was waiting for this room
+        return data
+
+    def receive_nowait(self, conn: Connection) -> bytes:
+        """The next DATA payload if one is waiting; see :meth:`Connection.receive_nowait`."""
+        inbox = self._inbox
+        if not inbox:
+            outcome = conn._outcome
+            if outcome is not None:
+                raise outcome.exception()
+            raise trio.WouldBlock
         data = inbox.popleft()
         if self._room:
             self._room.unpark()  # the reader was waiting for this room

@@ -127,14 +127,18 @@ class LivenessRegistry:
         The server calls this (and :meth:`remove` and :meth:`health_changed`)
         for its own connections; call it yourself only for connections you
         serve by hand. A server connection with a non-empty peer id takes the
-        id over from an older one, which the caller closes with 4000.
+        id over from an older one, which is unlisted at once (the caller
+        closes it with 4000): an id always names the one connection listed
+        under it.
         """
-        self._connections[conn] = None
         replaced = None
         peer_id = conn.peer_id
         if peer_id and conn.role is Role.SERVER:
             replaced = self._by_id.get(peer_id)
             self._by_id[peer_id] = conn
+            if replaced is not None:
+                del self._connections[replaced]
+        self._connections[conn] = None
         self._bump()
         return replaced
 

@@ -38,7 +38,7 @@ from ._config import Config
 from ._connection import Connection, EventListener
 from ._endpoints import peer_address
 from ._errors import ConnectionClosed
-from ._events import Event, HandshakeComplete, PeerHealthChanged
+from ._events import ConnectionEnded, Event, HandshakeComplete, PeerHealthChanged
 from ._frames import CloseCode, HealthStatus, Role, encode_close
 from ._groups import BaseExceptionGroup, forget_frames, reraise_single
 from ._keepalive import KeepaliveOptions, resolve_keepalive, try_apply_keepalive
@@ -135,6 +135,9 @@ class Server:
         self._stream_scopes: set[trio.CancelScope] = set()
         self._draining = False
         self._active = 0
+        # The connections being served, those the registry no longer lists
+        # (replaced by a newer one, still closing) included: drain waits for them.
+        self._serving: dict[Connection, None] = {}
         self._handshaking = 0
         self._handshake_settled = trio.Event()
         self._idle = trio.Event()
@@ -282,7 +285,6 @@ class Server:
         handshaking = True
         conn: Connection | None = None
         replaced: Connection | None = None
-        ending: ConnectionClosed | None = None
         try:
             async with open_stream_connection(
                 stream,
@@ -296,6 +298,7 @@ class Server:
                 self._handshaking -= 1
                 self._settle_handshake()
                 self._completed += 1
+                self._serving[conn] = None
                 replaced = self.registry.add(conn)
                 if conn.health is not self.config.status:
                     # set_health() ran during this handshake, after our HELLO.
@@ -310,8 +313,8 @@ class Server:
                 if self.draining:  # drain() began during the handshake
                     conn.close_nowait(CloseCode.GOING_AWAY, "server draining", flush=False)
                 await self.handler(conn)
-        except ConnectionClosed as exc:
-            ending = exc
+        except ConnectionClosed:
+            pass  # counted and logged the moment it ended (_on_event)
         except Exception as exc:
             logger.exception("%s: handler failed", address)
             # Trio may keep the error alive in a cycle of its own (with the
@@ -319,23 +322,18 @@ class Server:
             # frames it passed through, the connection among them.
             forget_frames(exc)
         finally:
-            if ending is None and conn is not None:
-                ending = conn.closed
-            if ending is not None:
-                # One line per connection, however it ended.
-                self._closed_by_code[ending.code] += 1
-                logger.info("%s: %s", address, _describe_ending(ending))
             if handshaking:
                 self._handshaking -= 1
                 self._settle_handshake()
             if conn is not None:
                 self.registry.remove(conn)
+                self._serving.pop(conn, None)
             self._active -= 1
             if self._active == 0:
                 self._idle.set()
-            # The ending's traceback holds this frame, and Trio may keep a
-            # handler's error alive for a while: hold neither it nor a connection.
-            ending = conn = replaced = None
+            # Trio may keep a handler's error alive for a while, and its
+            # traceback holds this frame: hold no connection.
+            conn = replaced = None
 
     def _settle_handshake(self) -> None:
         self._handshake_settled.set()
@@ -346,10 +344,14 @@ class Server:
     ) -> None:
         self._refused += 1
         logger.info("%s: refused with %d (%s)", address, code, reason)
-        with trio.move_on_after(_REFUSAL_SECONDS):
-            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                await stream.send_all(encode_close(code, reason))
-        await trio.aclose_forcefully(stream)
+        try:
+            with trio.move_on_after(_REFUSAL_SECONDS):
+                with contextlib.suppress(
+                    trio.BrokenResourceError, trio.ClosedResourceError, OSError
+                ):
+                    await stream.send_all(encode_close(code, reason))
+        finally:
+            await trio.aclose_forcefully(stream)  # even when cancelled
 
     def _on_event(self, conn: Connection, event: Event) -> None:
         if type(event) is PeerHealthChanged:
@@ -363,6 +365,15 @@ class Server:
             self.registry.health_changed(conn)
         elif type(event) is HandshakeComplete:
             logger.info("%s: connected, id %r", conn.remote_address, event.peer.instance_id)
+        elif type(event) is ConnectionEnded:
+            # Counted, logged (one line per connection, however it ended) and
+            # unlisted the moment it ends, not when its handler returns: the
+            # registry lists the live connections, and a handler may run on.
+            ending = conn.closed
+            assert ending is not None  # recorded before listeners hear of it
+            self._closed_by_code[ending.code] += 1
+            logger.info("%s: %s", conn.remote_address, _describe_ending(ending))
+            self.registry.remove(conn)
 
     # -- draining ---------------------------------------------------------------
 
@@ -378,7 +389,7 @@ class Server:
         """
         self._draining = True
         self._accept_scope.cancel()
-        for conn in self.registry.connections():
+        for conn in list(self._serving):
             conn.close_nowait(CloseCode.GOING_AWAY, "server draining", flush=False)
         with trio.move_on_after(self.drain_timeout if grace is None else grace) as bound:
             await self._connections_ended()
@@ -395,7 +406,7 @@ class Server:
 
     async def _connections_ended(self) -> None:
         while True:
-            live = [conn for conn in self.registry.connections() if conn.closed is None]
+            live = [conn for conn in self._serving if conn.closed is None]
             if live:
                 await live[0].wait_closed()
             elif self._handshaking:

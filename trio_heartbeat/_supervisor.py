@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import logging
 import ssl
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from math import inf
@@ -53,10 +52,12 @@ from ._errors import (
     HeartbeatTimeout,
     NoEndpointLeft,
     ReconnectFailed,
+    UndeliveredMessages,
 )
 from ._frames import CloseCode
-from ._groups import BaseExceptionGroup, reraise_single
+from ._groups import BaseExceptionGroup, only_cancelled, reraise_single
 from ._keepalive import KeepaliveOptions
+from ._mailbox import Mailbox
 from ._options import ConnectionOptions
 from ._reconnect_events import (
     AttemptFailed,
@@ -147,17 +148,7 @@ class ReconnectingClient:
         self._backoff = backoff
         self.connect_timeout = connect_timeout
         self.healthy_after = healthy_after
-        self._buffer: deque[bytes] = deque()
-        self._buffer_size = buffer_size
-        self._when_full = when_full
-        self._buffer_changed = trio.Event()
-        # Received messages, oldest first. Bounded by receive_buffer while a
-        # connection is open; when one ends, what it still holds (at most its
-        # own receive queue) is moved in regardless, so that a caller who is
-        # not reading never holds up the reconnect.
-        self._inbox: deque[bytes] = deque()
-        self._inbox_changed = trio.Event()
-        self._receive_buffer = receive_buffer
+        self._mailbox = Mailbox(buffer_size, when_full, receive_buffer)
         self._stop_codes = stop_codes
         self._ssl_context = ssl_context
         self._server_hostname = server_hostname
@@ -171,6 +162,7 @@ class ReconnectingClient:
         self._nudge_scope: trio.CancelScope | None = None
         self._nudged = False
         self._error: ReconnectFailed | None = None
+        self._last_error: ConnectionClosed | None = None
         self._closing = False
         self._run_scope = trio.CancelScope()
         self.attempts = 0
@@ -196,7 +188,7 @@ class ReconnectingClient:
     @property
     def buffered(self) -> int:
         """Messages accepted by :meth:`send` and not yet handed to a connection."""
-        return len(self._buffer)
+        return self._mailbox.buffered
 
     def add_listener(self, listener: SupervisorListener) -> None:
         """Call ``listener(event)`` for every :class:`SupervisorEvent` from now on."""
@@ -229,44 +221,28 @@ class ReconnectingClient:
 
         While disconnected the message waits in a buffer of ``buffer_size``
         messages; when that is full, ``send`` waits (``when_full="wait"``) or
-        raises :class:`trio.WouldBlock` (``"fail"``). Raises
-        :class:`ReconnectFailed` once the supervisor has stopped.
+        raises :class:`trio.WouldBlock` (``"fail"``). A cancelled ``send`` has
+        accepted nothing. Raises :class:`ReconnectFailed` once the client is
+        closing or has stopped.
         """
-        while len(self._buffer) >= self._buffer_size:
-            if self._state is SupervisorState.CLOSED:
-                raise self._stopped_error()
-            if self._when_full == "fail":
-                raise trio.WouldBlock
-            await self._buffer_changed.wait()
-        if self._state is SupervisorState.CLOSED:
-            raise self._stopped_error()
-        self._buffer.append(data)
-        self._notify_buffer()
-        await trio.lowlevel.checkpoint()
+        await self._mailbox.send(data, self._refusal)
+
+    def _refusal(self) -> ReconnectFailed | None:
+        if self._closing or self._state is SupervisorState.CLOSED:
+            return self._stopped_error()
+        return None
 
     async def receive(self) -> bytes:
         """The next message from whichever connection is open; waits across reconnects.
 
-        Raises :class:`ReconnectFailed` once the supervisor has stopped and
-        every message received before is delivered.
+        A cancelled ``receive`` loses nothing. Raises :class:`ReconnectFailed`
+        once the supervisor has stopped and every message received before is
+        delivered.
         """
-        while True:
-            if not self._inbox:
-                if self._state is SupervisorState.CLOSED:
-                    await trio.lowlevel.checkpoint()
-                    raise self._stopped_error()
-                await self._inbox_changed.wait()
-                continue
-            await trio.lowlevel.checkpoint()  # before taking it: a cancelled receive loses nothing
-            if self._inbox:  # unless another receiver took it meanwhile
-                break
-        message = self._inbox.popleft()
-        self._notify_inbox()
-        return message
+        return await self._mailbox.receive(self._end_of_messages)
 
-    def _notify_inbox(self) -> None:
-        self._inbox_changed.set()
-        self._inbox_changed = trio.Event()
+    def _end_of_messages(self) -> ReconnectFailed | None:
+        return self._stopped_error() if self._state is SupervisorState.CLOSED else None
 
     def __aiter__(self) -> ReconnectingClient:
         return self
@@ -297,10 +273,6 @@ class ReconnectingClient:
         if self._error is not None:
             return self._error
         return ReconnectFailed("the reconnecting client is closed", None, self.attempts)
-
-    def _notify_buffer(self) -> None:
-        self._buffer_changed.set()
-        self._buffer_changed = trio.Event()
 
     # -- the loop ----------------------------------------------------------------------
 
@@ -333,6 +305,7 @@ class ReconnectingClient:
         delays: Iterator[float] = iter(self._backoff)
         attempt = 0
         wait_first = False  # the first attempt ever goes at once
+        went_away = False  # a 1001 came since the last healthy connection
         last_error: ConnectionClosed | None = None
         while True:
             if wait_first:
@@ -357,9 +330,9 @@ class ReconnectingClient:
             self._set_state(SupervisorState.CONNECTING)
             self._emit(AttemptStarted(attempt, endpoint))
             error, uptime = await self._attempt(host, port, endpoint, attempt)
-            last_error = error
-            if self._closing:
-                return
+            last_error = self._last_error = error
+            if self._closing and not self._mailbox.buffered:
+                return  # closing, and everything accepted was handed over
             if uptime is None:
                 self._endpoints.failed()
                 self._emit(AttemptFailed(attempt, endpoint, error))
@@ -375,8 +348,13 @@ class ReconnectingClient:
                     attempt,
                 )
             if error.code == CloseCode.GOING_AWAY and uptime is not None:
-                wait_first = False  # the server asked us to come back at once
-                self._endpoints.failed()  # ...perhaps elsewhere
+                self._endpoints.failed()  # the server asked us to come back, perhaps elsewhere
+                # At once, the first time since the last healthy connection;
+                # a server that sends every newcomer away gets backoff instead.
+                wait_first = went_away
+                went_away = uptime < self.healthy_after
+            elif uptime is not None and uptime >= self.healthy_after:
+                went_away = False
 
     async def _back_off(self, attempt: int, delay: float) -> None:
         if self._nudged:
@@ -397,9 +375,11 @@ class ReconnectingClient:
         Returns how it ended and, if it reached OPEN, for how long it was up.
         """
         connected_at: float | None = None
+        opened: Connection | None = None
         try:
             with trio.CancelScope(deadline=trio.current_time() + self.connect_timeout) as deadline:
                 async with self._open(host, port, endpoint) as conn:
+                    opened = conn
                     deadline.deadline = inf
                     connected_at = trio.current_time()
                     self.connections += 1
@@ -408,17 +388,14 @@ class ReconnectingClient:
                     self._emit(Connected(attempt, endpoint, conn))
                     self._nudged = False  # a nudge skips a wait under way, not the next one
                     async with trio.open_nursery() as helpers:
-                        # Not cancelled with the pump: the forwarder ends once
-                        # it has handed on every message that arrived before
-                        # an orderly CLOSE, so none of them is dropped.
-                        helpers.start_soon(self._forward, conn)
-                        async with trio.open_nursery() as pumping:
-                            pumping.start_soon(self._pump, conn)
-                            closed = await conn.wait_closed()
-                            pumping.cancel_scope.cancel()
-                        self._connection = None
-                        self._set_state(SupervisorState.DISCONNECTED)
-                        self._notify_inbox()  # the forwarder stops waiting for room
+                        # Both are cancellation-safe: what the connection still
+                        # holds when it ends is collected below.
+                        helpers.start_soon(self._mailbox.forward, conn)
+                        helpers.start_soon(self._mailbox.pump, conn)
+                        closed = await conn.wait_closed()
+                        helpers.cancel_scope.cancel()
+                    self._connection = None
+                    self._set_state(SupervisorState.DISCONNECTED)
                     return closed, trio.current_time() - connected_at
             return (
                 HeartbeatTimeout(
@@ -435,6 +412,13 @@ class ReconnectingClient:
             return exc.with_traceback(None), uptime
         finally:
             self._connection = None
+            if opened is not None:
+                # Nothing accepted is lost with the connection: what it was
+                # given and never wrote goes out on the next one, and what it
+                # received and nobody took yet goes to the inbox.
+                self._mailbox.recover(opened)
+                self._mailbox.collect(opened)
+                opened = None
 
     def _open(self, host: str, port: int, endpoint: str) -> AbstractAsyncContextManager[Connection]:
         if self._connector is not None:
@@ -459,47 +443,44 @@ class ReconnectingClient:
             listeners=self._connection_listeners,
         )
 
-    async def _pump(self, conn: Connection) -> None:
-        buffer = self._buffer
-        while True:
-            while buffer:
-                try:
-                    await conn.send(buffer[0])
-                except ConnectionClosed:
-                    return  # the message stays at the head of the buffer for the next connection
-                buffer.popleft()
-                self._notify_buffer()
-            await self._buffer_changed.wait()
-
-    async def _forward(self, conn: Connection) -> None:
-        inbox = self._inbox
-        try:
-            while True:
-                message = await conn.receive()
-                # Backpressure reaches the peer only while the connection is
-                # open; once it has ended, the rest is bounded and moves in.
-                while len(inbox) >= self._receive_buffer and conn.closed is None:
-                    await self._inbox_changed.wait()
-                inbox.append(message)
-                self._notify_inbox()
-        except ConnectionClosed:
-            return
+    def _stop(self) -> None:
+        # Closed by the caller: CLOSED at once, whatever the loop is doing.
+        if self._state is not SupervisorState.CLOSED:
+            self._finish(None)
 
     def _finish(self, error: ReconnectFailed | None) -> None:
         self._set_state(SupervisorState.CLOSED)
-        self._notify_inbox()
-        self._notify_buffer()
+        self._mailbox.changed()
         self._emit(Stopped(error))
 
     async def aclose(self) -> None:
-        """Close the open connection gracefully (CLOSE 1000) and stop reconnecting."""
+        """Stop reconnecting, deliver what :meth:`send` accepted, and close (CLOSE 1000).
+
+        Messages still waiting for a connection get the config's
+        ``close_timeout`` to be handed to one (reconnecting meanwhile, if need
+        be, without the backoff wait under way); the connection's own close then
+        flushes its queue, as :meth:`Connection.aclose` does. Whatever could not
+        be delivered is never dropped in silence: :class:`UndeliveredMessages`
+        is raised with it. ``send`` raises :class:`ReconnectFailed` from the
+        moment the close begins. Idempotent.
+        """
         if self._state is SupervisorState.CLOSED:
             return
         self._closing = True
+        self._mailbox.changed()  # a send waiting for room refuses now
+        self.nudge()  # deliver now rather than after the wait under way
+        with trio.move_on_after(self.config.close_timeout):
+            await self._mailbox.wait_sent()
         conn = self._connection
         if conn is not None:
             await conn.aclose()
+            self._mailbox.recover(conn)
         self._run_scope.cancel()
+        self._stop()
+        undelivered = self._mailbox.take_all()
+        if undelivered:
+            last = self._last_error
+            raise UndeliveredMessages(undelivered, "never connected" if last is None else str(last))
 
 
 @asynccontextmanager
@@ -567,7 +548,14 @@ async def open_reconnecting_client(
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(client._run)
-            yield client
+            try:
+                yield client
+            except BaseException as exc:
+                if client.buffered and not only_cancelled(exc):
+                    exc.add_note(
+                        f"{client.buffered} message(s) accepted by send() were not delivered"
+                    )
+                raise
             await client.aclose()
             nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:

@@ -210,6 +210,11 @@ class Writer:
         self.flush_deadline = inf
         conn._reader.rearm(conn)
 
+    def take_unsent(self) -> list[bytes]:
+        """The queued DATA messages no write has taken yet, oldest first; the queue is left empty."""
+        outbox, self._outbox = self._outbox, None
+        return list(outbox or ())
+
     def ended(self) -> None:
         """The connection has ended: senders waiting for room find out now."""
         if self._senders:
