@@ -725,7 +725,7 @@ async def test_a_flush_that_outlasts_the_close_timeout_gives_way_to_the_close(
                 return
 
     config = Config(interval=10.0, timeout=30.0, close_timeout=close_timeout)
-    options = ConnectionOptions(write_timeout=10.0, send_queue=8)
+    options = ConnectionOptions(write_timeout=10.0, send_queue=8, send_queue_bytes=2_000_000)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(script)
         async with open_stream_connection(ours, config=config, options=options) as conn:

@@ -16,6 +16,7 @@ from ._backoff import DecorrelatedJitterBackoff as DecorrelatedJitterBackoff
 from ._backoff import EqualJitterBackoff as EqualJitterBackoff
 from ._backoff import ExponentialBackoff as ExponentialBackoff
 from ._backoff import FullJitterBackoff as FullJitterBackoff
+from ._budget import BufferBudget as BufferBudget
 from ._client import open_connection as open_connection
 from ._config import Config as Config
 from ._connection import Connection as Connection
@@ -90,6 +91,7 @@ __all__ = [
     "AttemptStarted",
     "BackingOff",
     "BrokenConnection",
+    "BufferBudget",
     "Close",
     "CloseCode",
     "compute_auth",

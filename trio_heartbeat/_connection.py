@@ -2,30 +2,21 @@
 
 Theory of operation
 -------------------
-A :class:`Connection` is what the application holds. It owns the sans-IO
-protocol core and two sides: the :class:`~trio_heartbeat._reader.Reader`
-(the reader task, which is also the watchdog, and the inbound queue) and the
-:class:`~trio_heartbeat._writer.Writer` (the send queue and the single-writer
-rule). :func:`~trio_heartbeat.open_stream_connection` runs them, and the
-caller's ``async with`` block, inside one nursery whose cancel scope failure
-cancels (see ``_stream_connection``).
+A :class:`Connection` is what the application holds. It owns the sans-IO core
+and two sides, the :class:`~trio_heartbeat._reader.Reader` (the reader task,
+which is also the watchdog, and the inbound queue) and the
+:class:`~trio_heartbeat._writer.Writer` (the send queue and the rule of who
+writes), and passes itself to them: they keep no reference to it, so nothing
+but the running tasks keeps a connection alive. ``_stream_connection`` runs
+them and the caller's block in one nursery whose scope a failure cancels.
 
-A connection ends in one place, :meth:`Connection._end`, which records how as
-an :class:`Outcome` (the first word wins), wakes everyone who waits (senders,
-receivers, ``ping()`` callers, end waiters) and, for a failure, cancels the
-connection's scope, so the tasks and the caller's block unwind at once. No task
-lets an exception escape: each reports through ``_end``, so the context
-manager raises exactly one typed exception, never an ExceptionGroup. The
-causes are few: the core's :class:`ConnectionEnded` (a CLOSE, a silent peer, a
-close timeout, end-of-file), a protocol error, a transport failure, a write
-that made no progress, and the block left early.
-
-``send`` and ``receive`` yield to the scheduler only when they must wait, so
-that a burst goes out in one write and is taken in without a task switch per
-message (see ``_writer`` and ``_reader``).
-
-An idle server connection is two tasks (the handler's and the reader), one
-nursery, one timer scope and about 60 objects for the garbage collector.
+A connection ends in one place, :meth:`Connection._end`: it records how, as an
+:class:`Outcome` (the first word wins), tells the listeners, wakes everyone who
+waits and, for a failure, cancels the scope, so the tasks and the caller's
+block unwind at once and the caller gets exactly one typed exception. The
+causes are few: the core's :class:`ConnectionEnded`, a protocol error, a
+transport failure, a write that made no progress, a shared buffer budget run
+out, and the block left early.
 """
 
 from __future__ import annotations
@@ -57,6 +48,7 @@ from ._events import ConnectionEnded, Event, HandshakeComplete, PongReceived
 from ._frames import CloseCode, HealthStatus, Hello, Role
 from ._options import ConnectionOptions
 from ._outcome import (
+    OVER_BUDGET,
     WRITE_TIMEOUT,
     Outcome,
     from_ending,
@@ -228,28 +220,9 @@ class Connection:
 
     def statistics(self) -> ConnectionStatistics:
         """Counters and timings of this connection; see :class:`ConnectionStatistics`."""
-        core = self._core
-        counters = core.counters
-        return ConnectionStatistics(
-            state=core.state,
-            role=core.role,
-            peer_id=self.peer_id,
-            peer_health=core.peer_health,
-            health=core.health,
+        return ConnectionStatistics.of(
+            self._core,
             opened_at=self.opened_at,
-            last_received=core.last_received,
-            last_sent=core.last_sent,
-            rtt=core.rtt,
-            srtt=core.srtt,
-            send_interval=core.send_interval,
-            frames_in=counters.frames_in,
-            frames_out=counters.frames_out,
-            bytes_in=counters.bytes_in,
-            bytes_out=counters.bytes_out,
-            data_frames_in=counters.data_frames_in,
-            data_frames_out=counters.data_frames_out,
-            pings_sent=counters.pings_sent,
-            pongs_received=counters.pongs_received,
             send_queue_used=self._writer.queued,
             receive_queue_used=self._reader.queued,
         )
@@ -291,14 +264,11 @@ class Connection:
         return self._reader.receive_nowait(self)
 
     def take_unsent(self) -> list[bytes]:
-        """Once the connection has ended: the messages :meth:`send` queued that were never written.
+        """Once ended: the messages :meth:`send` queued that were never written, oldest first.
 
-        Oldest first, and only once: the queue is empty afterwards. Useful to
-        send them again elsewhere (the reconnecting client does); messages
-        already handed to the transport are not among them, and THB/1 has no
-        acknowledgements to say whether those arrived. Raises
-        :class:`RuntimeError` while the connection is live, where the queue is
-        still the writer's.
+        Only once (the queue is left empty); to send them again elsewhere, as
+        the reconnecting client does. Raises :class:`RuntimeError` while the
+        connection is live.
         """
         if self._outcome is None:
             raise RuntimeError("take_unsent() is for a connection that has ended")
@@ -325,15 +295,10 @@ class Connection:
     async def ping(self) -> float:
         """Send a PING now (or as soon as the rate rule allows) and return its round trip.
 
-        Back-to-back calls are spaced at least 5/8 of the send interval apart,
-        a quarter more than the rate rule's half: the peer judges the spacing
-        as the PINGs *arrive*, and network jitter must not turn a loop of
-        ``ping()`` calls into strikes (and a 1008).
-
-        Unless the writer is at work (then it sends the PING), the PING is
-        written from the calling task: on plain TCP with a non-blocking write,
-        elsewhere shielded from the caller's cancellation and bounded by the
-        write timeout.
+        Calls are spaced at least 5/8 of the send interval apart, a quarter more
+        than the rate rule's half, so that jitter on the way never turns a loop
+        of ``ping()`` calls into strikes. The PING is written from the calling
+        task (shielded, within the write timeout) unless the writer is at work.
         Raises :class:`ConnectionClosed` if the connection ends first.
         """
         core = self._core
@@ -403,8 +368,7 @@ class Connection:
         """An awaitable that returns once the connection has ended.
 
         Not a coroutine function: the caller awaits Trio's trap directly, one
-        frame and no event object less for each of the thousands of handlers
-        a server may have waiting here.
+        frame and no event less for each of a server's waiting handlers.
         """
         if self._outcome is not None:
             return trio.lowlevel.checkpoint()  # noqa: ASYNC105 - awaited by the caller
@@ -477,10 +441,9 @@ class Connection:
 
         The first word wins: a later one (a write failing after an orderly
         close, say) neither replaces it nor cancels the caller's block.
-        Listeners hear a :class:`ConnectionEnded` for every ending, once it is
-        recorded (``closed`` is set): the core's own ``ending``, or one said
-        here for an ending the core does not report (a protocol error, a
-        transport failure, a write timeout, the block left early).
+        Listeners hear a :class:`ConnectionEnded` for every ending once it is
+        recorded: the core's own ``ending``, or one said here for the endings
+        the core does not report.
         """
         if self._outcome is not None:
             return
@@ -539,6 +502,30 @@ class Connection:
         if self._core.state not in (State.CLOSED, State.ERROR):
             self._end(transport_failed(exc, by_peer=by_peer))
 
+    def _hold(self, nbytes: int) -> None:
+        """``nbytes`` more are queued; past a shared budget, the biggest holders are cut off."""
+        budget = self._options.budget
+        if budget is not None:
+            for victim in budget.take(self, nbytes):
+                assert isinstance(victim, Connection)
+                victim._cut_off()
+
+    def _free(self, nbytes: int) -> None:
+        """``nbytes`` left the queues (written, or taken by the application)."""
+        budget = self._options.budget
+        if budget is not None:
+            budget.give(self, nbytes)
+
+    def _cut_off(self) -> None:
+        """Over the shared budget: drop what is queued, CLOSE 1013 at once, end."""
+        self._writer.take_unsent()
+        self._reader.drop()
+        budget = self._options.budget
+        if budget is not None:
+            budget.release(self)
+        self._core.close(OVER_BUDGET.code, OVER_BUDGET.reason, now=trio.current_time())
+        self._end(OVER_BUDGET)
+
     def _write_timed_out(self) -> None:
         """A write made no progress for the write timeout: the peer stopped reading."""
         self._end(WRITE_TIMEOUT)
@@ -582,6 +569,8 @@ class Connection:
 
     async def _finish(self) -> Outcome:
         """The block and the tasks are over: last words, close the stream, say how it ended."""
+        if self._options.budget is not None:
+            self._options.budget.release(self)
         if self._outcome is None:
             # Left mid-connection (cancelled from outside): say goodbye, no waiting.
             core = self._core

@@ -23,6 +23,7 @@ from ._frames import CloseCode
 from ._transport import stream_error
 
 __all__ = [
+    "OVER_BUDGET",
     "WRITE_TIMEOUT",
     "Outcome",
     "from_ending",
@@ -60,6 +61,16 @@ WRITE_TIMEOUT: Final = Outcome(
     HeartbeatTimeout,
     CloseCode.HEARTBEAT_TIMEOUT,
     "write timeout: the peer stopped reading",
+    by_peer=False,
+    failure=True,
+)
+
+
+#: Cut off for holding the most bytes when a shared buffer budget ran out.
+OVER_BUDGET: Final = Outcome(
+    ConnectionClosed,
+    CloseCode.TRY_AGAIN_LATER,
+    "buffer budget exceeded",
     by_peer=False,
     failure=True,
 )

@@ -62,6 +62,7 @@ class Reader:
     """The read side of a :class:`~trio_heartbeat.Connection`; see the module docstring."""
 
     __slots__ = (
+        "_bytes",
         "_inbox",
         "_receivers",
         "_room",
@@ -75,6 +76,7 @@ class Reader:
         # DATA waiting for the application, tasks waiting for it, and the
         # reader itself waiting for room: made on first use.
         self._inbox: deque[bytes] | None = None
+        self._bytes = 0  # in the inbox
         self._receivers: ParkingLot | None = None
         self._room: ParkingLot | None = None
         # The caller's block is over: DATA that finds the queue full is dropped.
@@ -103,7 +105,12 @@ class Reader:
             if self._receivers is None:
                 self._receivers = ParkingLot()
             await self._receivers.park()
+        return self._take(conn, inbox)
+
+    def _take(self, conn: Connection, inbox: deque[bytes]) -> bytes:
         data = inbox.popleft()
+        self._bytes -= len(data)
+        conn._free(len(data))
         if self._room:
             self._room.unpark()  # the reader was waiting for this room
         return data
@@ -116,10 +123,7 @@ class Reader:
             if outcome is not None:
                 raise outcome.exception()
             raise trio.WouldBlock
-        data = inbox.popleft()
-        if self._room:
-            self._room.unpark()  # the reader was waiting for this room
-        return data
+        return self._take(conn, inbox)
 
     def stop_receiving(self) -> None:
         """The caller's block is over: DATA that finds the queue full is dropped.
@@ -131,6 +135,12 @@ class Reader:
         self._stopped = True
         if self._room:
             self._room.unpark_all()
+
+    def drop(self) -> None:
+        """Let go of the received DATA nobody took (the connection was cut off)."""
+        self._inbox = None
+        self._undelivered = None
+        self._bytes = 0
 
     def ended(self) -> None:
         """The connection has ended: receivers, and the reader waiting for room, find out now."""
@@ -172,7 +182,6 @@ class Reader:
         writer = conn._writer
         stream = conn.stream
         direct = socket_fd(stream) >= 0
-        limit = conn._options.receive_queue
         try:
             while True:
                 self._timer_at = self._deadline(conn)
@@ -190,7 +199,7 @@ class Reader:
                             if type(event) is DataReceived:
                                 if conn._outcome is not None:
                                     return  # the connection was finished meanwhile
-                                if not self._deliver(event.data, limit):
+                                if not self._deliver(conn, event.data):
                                     self._undelivered = event.data
                                     break
                             elif conn._dispatch(event):
@@ -238,14 +247,24 @@ class Reader:
         finally:
             del self, conn, core, writer, stream  # see forget_frames
 
-    def _deliver(self, data: bytes, limit: int) -> bool:
-        """Queue received DATA for the application; false if the queue (of ``limit``) is full."""
+    def _deliver(self, conn: Connection, data: bytes) -> bool:
+        """Queue received DATA for the application; false if the queue is full.
+
+        Full at either bound, messages or bytes; an empty queue takes any message.
+        """
         inbox = self._inbox
         if inbox is None:
             inbox = self._inbox = deque()
-        if len(inbox) >= limit:
-            return False
+        elif inbox:
+            options = conn._options
+            if (
+                len(inbox) >= options.receive_queue
+                or self._bytes + len(data) > options.receive_queue_bytes
+            ):
+                return False
         inbox.append(data)
+        self._bytes += len(data)
+        conn._hold(len(data))
         if self._receivers:
             self._receivers.unpark()
         return True
@@ -263,7 +282,7 @@ class Reader:
         self.rearm(conn)
         data = self._undelivered
         assert data is not None
-        while not self._deliver(data, conn._options.receive_queue):
+        while not self._deliver(conn, data):
             if conn._outcome is not None:
                 return True
             if self._stopped:

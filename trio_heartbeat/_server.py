@@ -34,6 +34,7 @@ from typing import Final, final
 
 import trio
 
+from ._budget import BufferBudget
 from ._config import Config
 from ._connection import Connection, EventListener
 from ._endpoints import peer_address
@@ -53,6 +54,8 @@ logger = logging.getLogger("trio_heartbeat.server")
 #: What a server runs for each connection once its handshake is done.
 Handler = Callable[[Connection], Awaitable[object]]
 
+#: What all of a server's connections may hold in their queues together, by default.
+DEFAULT_BUFFER_BUDGET: Final = 256 << 20
 _ACCEPT_CAPACITY_ERRNOS: Final = frozenset(
     {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 )
@@ -94,7 +97,11 @@ class Server:
     ...         print(len(server.registry), "peers")
 
     ``config`` is the server's THB/1 side (interval, timeout, limits, secret);
-    ``options`` the runtime settings of each connection. ``keepalive`` sets TCP
+    ``options`` the runtime settings of each connection. ``max_buffered_bytes``
+    bounds the bytes all connections hold in their queues together (256 MiB
+    by default): past it, the connections that hold the most are cut off with
+    CLOSE 1013 rather than let the server grow (see :class:`BufferBudget`;
+    ``options`` with a ``budget`` of their own keep it). ``keepalive`` sets TCP
     keepalive on accepted sockets (derived from the heartbeat settings by
     default; ``None`` leaves the OS defaults). ``ssl_context`` turns on TLS;
     require client certificates in it for mutual TLS.
@@ -110,6 +117,7 @@ class Server:
         config: Config | None = None,
         options: ConnectionOptions | None = None,
         max_connections: int = 4096,
+        max_buffered_bytes: int = DEFAULT_BUFFER_BUDGET,
         drain_timeout: float = 10.0,
         ssl_context: ssl.SSLContext | None = None,
         keepalive: KeepaliveOptions | bool | None = True,
@@ -119,7 +127,10 @@ class Server:
             raise ValueError("max_connections must be at least 1")
         self.handler = handler
         self.config = config if config is not None else Config()
-        self.options = options if options is not None else ConnectionOptions()
+        options = options if options is not None else ConnectionOptions()
+        if options.budget is None:
+            options = dataclasses.replace(options, budget=BufferBudget(max_buffered_bytes))
+        self.options = options
         self.max_connections = max_connections
         self.drain_timeout = drain_timeout
         self.ssl_context = ssl_context
@@ -183,12 +194,17 @@ class Server:
     async def serve_tcp(
         self,
         port: int,
-        host: str | None = None,
+        host: str | None = "127.0.0.1",
         *,
         backlog: int | None = None,
         task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Listen on ``host:port`` (all interfaces by default) and serve until drained or cancelled."""
+        """Listen on ``host:port`` and serve until drained or cancelled.
+
+        ``host`` is loopback by default, as on the command line, so that
+        nothing is served beyond this machine by accident: pass ``"0.0.0.0"``,
+        ``"::"`` or ``None`` (every interface) to serve other machines.
+        """
         listeners = await trio.open_tcp_listeners(port, host=host, backlog=backlog)
         await self.serve_listeners(listeners, task_status=task_status)
 
@@ -419,10 +435,11 @@ async def serve_tcp(
     handler: Handler,
     port: int,
     *,
-    host: str | None = None,
+    host: str | None = "127.0.0.1",
     config: Config | None = None,
     options: ConnectionOptions | None = None,
     max_connections: int = 4096,
+    max_buffered_bytes: int = DEFAULT_BUFFER_BUDGET,
     drain_timeout: float = 10.0,
     ssl_context: ssl.SSLContext | None = None,
     keepalive: KeepaliveOptions | bool | None = True,
@@ -443,6 +460,7 @@ async def serve_tcp(
         config=config,
         options=options,
         max_connections=max_connections,
+        max_buffered_bytes=max_buffered_bytes,
         drain_timeout=drain_timeout,
         ssl_context=ssl_context,
         keepalive=keepalive,

@@ -74,6 +74,7 @@ class Writer:
 
     __slots__ = (
         "_again",
+        "_bytes",
         "_close_request",
         "_nursery",
         "_outbox",
@@ -91,6 +92,7 @@ class Writer:
         # DATA waiting to be written, and tasks waiting for room in it; made on
         # first use: a server holds thousands of connections that only heartbeat.
         self._outbox: deque[bytes] | None = None
+        self._bytes = 0  # in the outbox
         self._senders: ParkingLot | None = None
         # Where the writer task is started; None once the block is over.
         self._nursery: trio.Nursery | None = None
@@ -144,7 +146,7 @@ class Writer:
         """Queue ``data``; wait while the send queue is full. See :meth:`Connection.send`."""
         self._check_can_send(conn, data)
         await checkpoint_if_cancelled()
-        while len(self._outbox or ()) >= conn._options.send_queue:
+        while self._full(conn, len(data)):
             if self._senders is None:
                 self._senders = ParkingLot()
             await self._senders.park()
@@ -154,15 +156,26 @@ class Writer:
     def send_nowait(self, conn: Connection, data: bytes) -> None:
         """Queue ``data``, or raise :class:`trio.WouldBlock` when the send queue is full."""
         self._check_can_send(conn, data)
-        if len(self._outbox or ()) >= conn._options.send_queue:
+        if self._full(conn, len(data)):
             raise trio.WouldBlock
         self._queue(conn, data)
+
+    def _full(self, conn: Connection, size: int) -> bool:
+        # Full at either bound; an empty queue takes any message.
+        if not self._outbox:
+            return False
+        options = conn._options
+        return (
+            len(self._outbox) >= options.send_queue or self._bytes + size > options.send_queue_bytes
+        )
 
     def _queue(self, conn: Connection, data: bytes) -> None:
         outbox = self._outbox
         if outbox is None:
             outbox = self._outbox = deque()
         outbox.append(data)
+        self._bytes += len(data)
+        conn._hold(len(data))
         self.wake(conn)
 
     def _check_can_send(self, conn: Connection, data: bytes) -> None:
@@ -213,6 +226,7 @@ class Writer:
     def take_unsent(self) -> list[bytes]:
         """The queued DATA messages no write has taken yet, oldest first; the queue is left empty."""
         outbox, self._outbox = self._outbox, None
+        self._bytes = 0
         return list(outbox or ())
 
     def ended(self) -> None:
@@ -338,6 +352,8 @@ class Writer:
                 core.send_data(message, now)
                 batch += len(message)
                 taken += 1
+            self._bytes -= batch
+            conn._free(batch)
             if outbox:
                 self._again = True  # more queued than one batch: go round again
             elif self._close_request is not None:
