@@ -476,7 +476,7 @@ async def test_open_connection_behaves_as_the_spec_says(tmp_path: Path) -> None:
             ping_is_answered_with_the_same_opaque_bytes,
             # min(server interval 200 ms, client timeout / 2)
             partial(server_pings_fill_silence, 10_000, 0.2),
-            partial(server_pings_fill_silence, 200, 0.1),
+            partial(server_pings_fill_silence, 300, 0.15),
             client_close_is_answered_with_the_same_code,
             same_id_replaces_the_older_connection,
         )

@@ -78,7 +78,7 @@ def check_peer_hello(role: Role, config: Config, nonce: bytes, hello: Hello) -> 
 
     ``role`` and ``nonce`` are our own. The peer must play the other role
     (else 1002); its interval and timeout must lie in ``config``'s
-    ``accept_interval`` and ``accept_timeout`` ranges (else 1008); and a server
+    ``accepted_intervals`` and ``accepted_timeouts`` (else 1008); and a server
     with a secret requires the client's authenticator (else 1008). The codec
     has already checked everything THB/1 fixes for every side.
     """
@@ -88,13 +88,13 @@ def check_peer_hello(role: Role, config: Config, nonce: bytes, hello: Hello) -> 
             f"peer HELLO has role {hello.role.name}, expected {expected.name}",
             CloseCode.PROTOCOL_ERROR,
         )
-    low, high = config.accept_interval
+    low, high = config.accepted_intervals
     if not low <= hello.interval_ms / 1000 <= high:
         raise RemoteProtocolError(
             f"peer interval {hello.interval_ms} ms is outside {low}..{high} s",
             CloseCode.POLICY_VIOLATION,
         )
-    low, high = config.accept_timeout
+    low, high = config.accepted_timeouts
     if not low <= hello.timeout_ms / 1000 <= high:
         raise RemoteProtocolError(
             f"peer timeout {hello.timeout_ms} ms is outside {low}..{high} s",
