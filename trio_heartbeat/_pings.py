@@ -10,7 +10,9 @@ one connection:
   send interval apart.
 
 It also measures round trips: the time from a PING to the PONG that echoes
-its opaque bytes. The opaque bytes are ours to choose, so they are a counter,
+its opaque bytes. A side that would otherwise never PING (an idle server,
+whose client leads) can ask for a refresh: a PING at least every so often,
+so that its round trip stays current. The opaque bytes are ours to choose, so they are a counter,
 unique for the life of a connection; at most 32 PINGs are remembered, and the
 oldest one whose PONG never came is forgotten first. Time comes in as an
 argument; nothing here does I/O.
@@ -22,7 +24,12 @@ import struct
 from math import inf
 from typing import Final, final
 
-__all__ = ["Heartbeat"]
+__all__ = ["RTT_REFRESH", "Heartbeat"]
+
+#: A side that asks for round-trip refreshes PINGs at least once in this many
+#: send intervals (two minutes with the defaults): a sliver of an idle
+#: connection's heartbeats.
+RTT_REFRESH: Final = 120
 
 _MAX_OUTSTANDING: Final = 32
 _OPAQUE = struct.Struct(">Q")
@@ -51,6 +58,7 @@ class Heartbeat:
         "_count",
         "_outstanding",
         "_ping_after",
+        "_refresh",
         "last_ping",
         "rtt",
         "send_interval",
@@ -61,6 +69,7 @@ class Heartbeat:
         #: The send rule's interval, once agreed at the handshake (``inf`` before).
         self.send_interval = inf
         self._ping_after = inf
+        self._refresh = inf
         # When a health change was made, until a PING has announced it.
         self._announce_from: float | None = None
         self._count = 0
@@ -73,10 +82,15 @@ class Heartbeat:
         #: The smoothed round trip: an exponential average with weight 1/8, as TCP's.
         self.srtt: float | None = None
 
-    def agree(self, send_interval: float, ping_after: float) -> None:
-        """The handshake agreed the send interval; PINGs go after ``ping_after`` of silence."""
+    def agree(self, send_interval: float, ping_after: float, refresh: float = inf) -> None:
+        """The handshake agreed the send interval; PINGs go after ``ping_after`` of silence.
+
+        With ``refresh``, a PING also goes at least that long after the last
+        one, however busy the connection, to keep the round trip current.
+        """
         self.send_interval = send_interval
         self._ping_after = ping_after
+        self._refresh = refresh
 
     @property
     def earliest(self) -> float:
@@ -88,6 +102,8 @@ class Heartbeat:
     def due(self, last_sent: float) -> float:
         """When the next PING is due, if the last frame of any kind went out at ``last_sent``."""
         due = last_sent + self._ping_after
+        if self.last_ping is not None:
+            due = min(due, self.last_ping + self._refresh)
         if self._announce_from is not None:
             due = min(due, max(self.earliest, self._announce_from))
         return due

@@ -67,7 +67,7 @@ from ._frames import (
     encode_pong,
 )
 from ._handshake import agree, build_hello, check_peer_hello
-from ._pings import Heartbeat
+from ._pings import RTT_REFRESH, Heartbeat
 from ._rate import PingRate
 from ._silence import FIXED_TIMEOUT, SilenceRule
 from ._state import TERMINAL, State, Trigger, transition
@@ -399,7 +399,9 @@ class HeartbeatProtocol:
         self.peer = hello
         self.peer_health = hello.status
         timing = agree(self.role, config, hello)
-        self._heartbeat.agree(timing.send_interval, timing.ping_after)
+        # A server, whose client leads, PINGs now and then to know the round trip.
+        refresh = RTT_REFRESH * timing.send_interval if self.role is Role.SERVER else inf
+        self._heartbeat.agree(timing.send_interval, timing.ping_after, refresh)
         self._peer_send_interval = timing.peer_send_interval
         self._silence.agree(timing.peer_send_interval)
         if self._state is State.CLOSING:
@@ -413,6 +415,8 @@ class HeartbeatProtocol:
             self._send_hello(now, server_nonce=hello.nonce)
         self._open_to_peer(now)
         self._state = transition(self._state, Trigger.HANDSHAKE_DONE)
+        if self.role is Role.SERVER:
+            self.send_ping(now)  # the verdict on the client's HELLO, and a first round trip
         return HandshakeComplete(hello, timing.send_interval)
 
     def _open_to_peer(self, now: float) -> None:
