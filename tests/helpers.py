@@ -296,6 +296,10 @@ def living_tasks() -> int:
 # -- scripted peers, wrapped streams, connection pairs (connection tests) ------
 
 
+#: The opaque bytes of the PING a scripted server sends as its verdict on a client's HELLO.
+VERDICT = bytes(8)
+
+
 def opaque(number: int) -> bytes:
     """Eight opaque PING bytes that spell ``number``."""
     return struct.pack(">Q", number)
@@ -366,7 +370,9 @@ class ScriptedPeer:
 
     ``role`` is the role the peer plays (the opposite of the connection under
     test). Every frame received is appended to :attr:`frames` with its arrival
-    time; end-of-file, or a transport that fails, sets :attr:`eof_at`.
+    time, but the PONG that answers a server's verdict (part of the handshake,
+    see :meth:`send_verdict`); end-of-file, or a transport that fails, sets
+    :attr:`eof_at`.
 
     >>> async def scenario(stream: trio.abc.Stream) -> None:  # doctest: +SKIP
     ...     peer = ScriptedPeer(stream)
@@ -442,7 +448,8 @@ class ScriptedPeer:
             if decoded is not None:
                 frame = wire_frame(decoded)
                 timed = TimedFrame(trio.current_time(), frame.type, frame.payload)
-                self.frames.append(timed)
+                if not (frame.type is FrameType.PONG and frame.payload[:8] == VERDICT):
+                    self.frames.append(timed)  # the verdict's PONG is the handshake's
                 return timed
             if self.eof_at is not None:
                 return None
@@ -463,13 +470,27 @@ class ScriptedPeer:
         return frame
 
     async def handshake(self) -> TimedFrame:
-        """Exchange HELLOs in this peer's role; returns the other side's HELLO."""
+        """Exchange HELLOs in this peer's role; returns the other side's HELLO.
+
+        As a server, it then gives its verdict on the client's HELLO as our
+        server does (THB/1 §3.1): a PING, whose PONG it takes, so that the
+        client's block opens and the frames that follow are the test's own.
+        The verdict's opaque bytes are all zero; :meth:`send_ping` still
+        numbers its PINGs from 1.
+        """
         if self.role is Role.SERVER:
             await self.send_hello()
-            return await self.expect(FrameType.HELLO)
+            hello = await self.expect(FrameType.HELLO)
+            await self.send_verdict()
+            return hello
         hello = await self.expect(FrameType.HELLO)
         await self.send_hello()
         return hello
+
+    async def send_verdict(self) -> None:
+        """As a server, accept the client's HELLO: PING, and take the PONG that answers."""
+        await self.send_ping(VERDICT)
+        await self.expect(FrameType.PONG)
 
     async def drain(self) -> list[TimedFrame]:
         """Read until the stream ends; returns every frame received so far."""
@@ -479,14 +500,17 @@ class ScriptedPeer:
 
     async def serve(self) -> None:
         """Behave like a minimal well-mannered peer until the stream ends:
-        echo DATA, answer PING with PONG, answer CLOSE with CLOSE. Once a
+        echo DATA, answer PING with PONG, answer CLOSE with CLOSE, and as a
+        server, PING a client's HELLO (the verdict, as our server does). Once a
         write fails, it only reads, to the end."""
         closing = False
         while (frame := await self.receive_frame()) is not None:
             if closing:
                 continue
             answer = b""
-            if frame.type is FrameType.DATA:
+            if frame.type is FrameType.HELLO and self.role is Role.SERVER:
+                answer = encode_ping(VERDICT, self.status)
+            elif frame.type is FrameType.DATA:
                 answer = encode_data(frame.payload)
             elif frame.type is FrameType.PING:
                 answer = encode_pong(frame.opaque, self.status)

@@ -29,8 +29,8 @@ from trio_heartbeat import (
     ProtocolError,
     ReconnectFailed,
     RemoteProtocolError,
-    _errors,
     UndeliveredMessages,
+    _errors,
 )
 from trio_heartbeat._errors import NoEndpointLeft, UsageError
 

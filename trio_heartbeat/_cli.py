@@ -15,6 +15,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Final
 
@@ -24,7 +25,7 @@ from ._backoff import FullJitterBackoff
 from ._config import Config
 from ._connection import Connection
 from ._endpoints import parse_endpoint
-from ._errors import ReconnectFailed, UsageError
+from ._errors import ReconnectFailed, UndeliveredMessages, UsageError
 from ._events import (
     ConnectionEnded,
     Event,
@@ -115,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m trio_heartbeat",
         description="THB/1 heartbeats over TCP: an echo server, a reconnecting client, a demo.",
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {metadata.version('trio-heartbeat')}"
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -261,7 +265,7 @@ async def serve(args: argparse.Namespace) -> int:
         print(f"listening on {host}:{port}", flush=True)
         nursery.start_soon(_drain_on_signal, server, nursery)
     stats = server.statistics()
-    logger.info("stopped: %d accepted, %d refused", stats.accepted, stats.refused)
+    logger.info("stopped: %d served, %d refused", stats.completed_handshakes, stats.refused)
     return 0
 
 
@@ -321,17 +325,17 @@ async def connect(args: argparse.Namespace) -> int:
 
     At the end of input it waits until no message has come for ``--linger``
     seconds (the replies to the last lines may still be on their way), closes
-    with CLOSE 1000 and returns 0. Returns 1 if the client gives up (close
-    code 1008 or 4000); a malformed endpoint is a :class:`UsageError`.
+    with CLOSE 1000 and returns 0. Returns 1 if lines could not be sent (they
+    are named on stderr) or the client gives up (close code 1008 or 4000);
+    141, quietly, when stdout is closed under it (``| head -1``), as a Unix
+    tool killed by SIGPIPE; a malformed endpoint is a :class:`UsageError`.
     """
     config = _config(args)
     for endpoint in args.endpoints:
         try:
-            _, port = parse_endpoint(endpoint)
+            parse_endpoint(endpoint)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
-        if not 1 <= port <= 0xFFFF:
-            raise UsageError(f"port must be 1 to 65535 in {endpoint!r}")
     backoff = FullJitterBackoff(base=2.0, factor=2.0, cap=args.backoff_cap)
     out = sys.stdout.buffer
     status = 0
@@ -364,21 +368,48 @@ async def connect(args: argparse.Namespace) -> int:
                         while trio.current_time() < quiet_until:
                             await trio.sleep_until(quiet_until)
                             quiet_until = max(quiet_until, last_message + args.linger)
-                        await client.aclose()
+                        inner.cancel_scope.cancel()  # leaving the block closes the client
 
                     async with trio.open_nursery() as inner:
                         inner.start_soon(pump_stdin)
                         async for message in client:
                             last_message = trio.current_time()
-                            out.write(message + b"\n")
-                            out.flush()
-                        inner.cancel_scope.cancel()
+                            try:
+                                out.write(message + b"\n")
+                                out.flush()
+                            except BrokenPipeError:
+                                # Whoever read our stdout has gone (| head -1):
+                                # stop, quietly, as a Unix tool would.
+                                _let_go_of_stdout()
+                                status = 141
+                                nursery.cancel_scope.cancel()
+                                return status
             except ReconnectFailed as exc:
                 logger.error("giving up: %s", exc)
+                status = 1
+            except UndeliveredMessages as exc:
+                logger.error("not sent: %s", _lines(exc.messages))
+                logger.error("because: %s", exc.reason)
                 status = 1
             # The signal watcher and the stdin reader never end by themselves.
             nursery.cancel_scope.cancel()
     return status
+
+
+def _lines(messages: Sequence[bytes], most: int = 3) -> str:
+    """``2 lines: 'a', 'b'``, the first few of them, for a person to read."""
+    shown = ", ".join(repr(line.decode("utf-8", "replace")) for line in messages[:most])
+    more = f" and {len(messages) - most} more" if len(messages) > most else ""
+    noun = "line" if len(messages) == 1 else "lines"
+    return f"{len(messages)} {noun}: {shown}{more}"
+
+
+def _let_go_of_stdout() -> None:
+    # Python flushes stdout again at exit and would complain of the broken
+    # pipe: point the descriptor at /dev/null, so there is nothing to complain of.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 # -- entry point ----------------------------------------------------------------------

@@ -16,6 +16,7 @@ from ._frames import CloseCode, Role
 from ._keepalive import KeepaliveOptions, resolve_keepalive, try_apply_keepalive
 from ._options import ConnectionOptions
 from ._stream_connection import open_stream_connection
+from ._transport import describe_os_error
 
 __all__ = ["open_connection"]
 
@@ -59,7 +60,8 @@ async def open_connection(
             tcp = await trio.open_tcp_stream(host, port)
         except OSError as exc:
             raise BrokenConnection(
-                CloseCode.ABNORMAL_CLOSURE, f"cannot connect to {address}: {exc}"
+                CloseCode.ABNORMAL_CLOSURE,
+                f"cannot connect to {address}: {describe_os_error(exc)}",
             ) from exc
     if connect_scope.cancelled_caught:
         raise HeartbeatTimeout(

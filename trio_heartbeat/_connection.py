@@ -424,14 +424,22 @@ class Connection:
                 logger.exception("event listener %r failed on %r", listener, event)
 
     def _note_open(self) -> None:
-        """Open the caller's block once our HELLO is on the wire.
+        """Open the caller's block once the handshake is settled for both sides.
 
-        A client's HELLO is out once the core is OPEN with nothing left to
-        write: the block may start, and whatever it does, the peer has heard us.
+        Our HELLO must be on the wire (OPEN, nothing left to write), and a
+        client waits for the server's verdict on it too: any frame after the
+        server's HELLO, a PING as a rule (THB/1 §3.1). So a refused client is
+        never told it is connected, and a server has heard us either way.
         """
         if self._opened is _OPENED:
             return  # the common case, once the block has begun: every frame asks
-        if self._core.state is State.OPEN and self._writer.idle and not self._core.control_pending:
+        core = self._core
+        if (
+            core.state is State.OPEN
+            and self._writer.idle
+            and not core.control_pending
+            and (core.role is Role.SERVER or core.counters.frames_in > 1)
+        ):
             self._opened.set()
 
     # -- the ending -----------------------------------------------------------------------

@@ -57,16 +57,9 @@ class _Narrator:
         if isinstance(event, Connected):
             self.say("client", f"connected to {event.endpoint} (attempt {event.attempt})")
         elif isinstance(event, Disconnected):
-            error = event.error
-            self.say(
-                "client",
-                f"lost the connection after {event.uptime:.2f} s: "
-                f"{type(error).__name__} {error.code} {error.reason}",
-            )
+            self.say("client", f"connection lost (it was up {event.uptime:.2f} s): {event.error}")
         elif isinstance(event, AttemptFailed):
-            self.say(
-                "client", f"attempt {event.attempt} failed: {event.error.code} {event.error.reason}"
-            )
+            self.say("client", f"attempt {event.attempt} failed: {event.error}")
         elif isinstance(event, BackingOff):
             self.say("client", f"backing off {event.delay:.2f} s (full jitter)")
 
@@ -202,10 +195,14 @@ async def run_demo(fast: bool = False, write: Callable[[str], object] | None = N
 
         narrator.scene("Done")
         if stats is not None:
+            rtt = (
+                "no round trip measured"
+                if stats.srtt is None
+                else (f"smoothed round trip {stats.srtt * 1000:.1f} ms")
+            )
             narrator.say(
                 "client",
-                f"last connection: {stats.frames_out} frames out, "
-                f"{stats.frames_in} in, smoothed RTT {(stats.srtt or 0) * 1000:.1f} ms",
+                f"last connection: {stats.frames_out} frames out, {stats.frames_in} in, {rtt}",
             )
         narrator.say("client", f"{client.connections} connections over {client.attempts} attempts")
         await server.drain(grace=0.5 * scale)

@@ -45,14 +45,41 @@ def parse_endpoint(endpoint: Endpoint) -> tuple[str, int]:
     >>> parse_endpoint("[::1]:7400"), parse_endpoint(("example.org", 80))
     (('::1', 7400), ('example.org', 80))
 
-    Raises :exc:`ValueError` for anything else.
+    The host must not be empty and the port must be 1 to 65535. Raises
+    :exc:`ValueError` for anything else (:exc:`TypeError` for a tuple that is
+    not ``(str, int)``).
     """
     if isinstance(endpoint, tuple):
-        return endpoint
-    host, sep, port = endpoint.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"endpoint must be 'host:port' or (host, port), not {endpoint!r}")
-    return host.strip("[]"), int(port)
+        if not _is_single(endpoint):
+            raise TypeError(f"an endpoint tuple must be (host, port), not {endpoint!r}")
+        host, port = endpoint
+        spelled = f"{endpoint!r}"
+    else:
+        host, sep, digits = endpoint.rpartition(":")
+        spelled = repr(endpoint)
+        if not sep or not (digits.isascii() and digits.isdigit()):
+            raise ValueError(f"endpoint must be 'host:port' or (host, port), not {spelled}")
+        port = int(digits)
+        if host.startswith("[") or host.endswith("]"):
+            if not (host.startswith("[") and host.endswith("]")):
+                raise ValueError(f"unbalanced brackets in the endpoint {spelled}")
+            host = host[1:-1]
+    if not host:
+        raise ValueError(f"no host in the endpoint {spelled}")
+    if not 1 <= port <= 0xFFFF:
+        raise ValueError(f"port must be 1 to 65535 in the endpoint {spelled}")
+    return host, port
+
+
+def _is_single(value: object) -> bool:
+    # ("host", 80) is one endpoint; ("a:1", "b:2") is a list of them.
+    return (
+        isinstance(value, tuple)
+        and len(value) == 2
+        and isinstance(value[0], str)
+        and isinstance(value[1], int)
+        and not isinstance(value[1], bool)
+    )
 
 
 def format_endpoint(host: str, port: int) -> str:
@@ -98,14 +125,22 @@ class EndpointCycle:
         self._source = source
         self._pending: deque[Endpoint] = deque()
         self._iterator: AsyncIterator[Endpoint] | None = None
-        if isinstance(source, str | tuple):
-            raise TypeError(
-                "endpoints must be a list of endpoints, a callable or an async iterable"
-            )
+        if isinstance(source, str) or _is_single(source):
+            raise TypeError(f"endpoints must be a list of endpoints, not one endpoint: {source!r}")
         if isinstance(source, AsyncIterable):
             self._iterator = aiter(source)
-        elif not callable(source) and not source:
-            raise ValueError("at least one endpoint is needed")
+        elif callable(source):
+            pass
+        elif isinstance(source, Sequence):
+            if not source:
+                raise ValueError("at least one endpoint is needed")
+            for endpoint in source:
+                parse_endpoint(endpoint)  # a malformed one fails now, not at its turn
+        else:
+            raise TypeError(
+                "endpoints must be a sequence of endpoints, a callable or an async iterable, "
+                f"not {type(source).__name__}"
+            )
 
     async def next(self) -> tuple[str, int]:
         """The endpoint to try now."""

@@ -22,6 +22,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import final
 
+#: The close code of an ending without any CLOSE frame (CloseCode.ABNORMAL_CLOSURE).
+_NO_CLOSE = 1006
+
 __all__ = [
     "BrokenConnection",
     "ConnectionClosed",
@@ -89,11 +92,14 @@ class ConnectionClosed(HeartbeatError):
         self.by_peer = by_peer
 
     def __str__(self) -> str:
-        who = "peer" if self.by_peer else "local side"
-        text = f"connection closed with code {self.code}"
-        if self.reason:
-            text += f" ({self.reason})"
-        return f"{text}, initiated by the {who}"
+        # One short line for a person: 'closed with 1011: heartbeat timeout',
+        # 'closed with 1001 by the peer: server draining'; an ending without a
+        # CLOSE (1006) is its reason alone ('connection lost: connection reset').
+        if self.code == _NO_CLOSE:
+            return self.reason or "connection lost"
+        who = " by the peer" if self.by_peer else ""
+        reason = f": {self.reason}" if self.reason else ""
+        return f"closed with {self.code}{who}{reason}"
 
     def __reduce__(self) -> tuple[object, ...]:
         # ``by_peer`` is keyword-only, so it cannot travel in ``args``.
@@ -145,8 +151,8 @@ class ReconnectFailed(HeartbeatError):
     source had no endpoint left to try. ``last_error`` is the
     :class:`ConnectionClosed` of the last connection or attempt (``None`` if
     there was none), and ``attempts`` counts the attempts since the last
-    connection that stayed up ``healthy_after`` seconds, as
-    :class:`AttemptStarted` numbers them. When the caller closed the client,
+    connection that stayed up ``healthy_after`` seconds (the events number
+    them over the client's life). When the caller closed the client,
     ``attempts`` is the total over its life.
     """
 

@@ -110,6 +110,12 @@ class HealthStatus(IntEnum):
     #: Alive but not serving: send it no work.
     NOT_SERVING = 2
 
+    def __str__(self) -> str:
+        return self.name  # "SERVING", not "0", wherever a status is printed
+
+    def __format__(self, spec: str) -> str:
+        return format(self.name, spec)
+
 
 class Role(IntEnum):
     """Which end of the handshake a side plays; the values are the HELLO ``role`` byte."""

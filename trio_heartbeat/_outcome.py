@@ -20,7 +20,7 @@ from ._errors import (
 )
 from ._events import ConnectionEnded
 from ._frames import CloseCode
-from ._transport import stream_error
+from ._transport import describe_os_error, stream_error
 
 __all__ = [
     "OVER_BUDGET",
@@ -108,7 +108,7 @@ def transport_failed(exc: BaseException, *, by_peer: bool) -> Outcome:
     return Outcome(
         BrokenConnection,
         CloseCode.ABNORMAL_CLOSURE,
-        f"transport failed: {exc!r}",
+        f"connection lost: {describe_os_error(exc)}",
         by_peer,
         True,
         exc,

@@ -5,15 +5,17 @@ one connection:
 
 * the **send rule**: a side that has sent nothing for its send interval sends
   a PING (a client leads by a tenth, see ``CLIENT_LEAD`` in ``_handshake``);
-* **health**: a change of our status is announced with a PING at once, within
+* **health**: a change of our status is announced with a PING at once, as
+  soon as the rate rule allows;
 * the **rate rule**, whose sender's side is that two PINGs go at least half a
   send interval apart.
 
 It also measures round trips: the time from a PING to the PONG that echoes
 its opaque bytes. A side that would otherwise never PING (an idle server,
-whose client leads) can ask for a refresh: a PING at least every so often,
-so that its round trip stays current. The opaque bytes are ours to choose, so they are a counter,
-unique for the life of a connection; at most 32 PINGs are remembered, and the
+whose client leads) can ask for refreshes: a PING at least every
+:data:`RTT_REFRESH` send intervals, so that its round trip stays current.
+The opaque bytes are ours to choose, so they are a counter, unique for the
+life of a connection; at most 32 PINGs are remembered, and the
 oldest one whose PONG never came is forgotten first. Time comes in as an
 argument; nothing here does I/O.
 """
@@ -82,15 +84,17 @@ class Heartbeat:
         #: The smoothed round trip: an exponential average with weight 1/8, as TCP's.
         self.srtt: float | None = None
 
-    def agree(self, send_interval: float, ping_after: float, refresh: float = inf) -> None:
+    def agree(self, send_interval: float, ping_after: float, *, refresh: bool = False) -> None:
         """The handshake agreed the send interval; PINGs go after ``ping_after`` of silence.
 
-        With ``refresh``, a PING also goes at least that long after the last
-        one, however busy the connection, to keep the round trip current.
+        With ``refresh``, a PING also goes :data:`RTT_REFRESH` send intervals
+        after the last one at the latest, however busy the connection, to keep
+        the round trip current.
         """
         self.send_interval = send_interval
         self._ping_after = ping_after
-        self._refresh = refresh
+        if refresh:
+            self._refresh = RTT_REFRESH * send_interval
 
     @property
     def earliest(self) -> float:

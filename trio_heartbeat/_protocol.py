@@ -67,7 +67,7 @@ from ._frames import (
     encode_pong,
 )
 from ._handshake import agree, build_hello, check_peer_hello
-from ._pings import RTT_REFRESH, Heartbeat
+from ._pings import Heartbeat
 from ._rate import PingRate
 from ._silence import FIXED_TIMEOUT, SilenceRule
 from ._state import TERMINAL, State, Trigger, transition
@@ -98,9 +98,8 @@ class HeartbeatProtocol:
     >>> type(server.next_event()).__name__, server.state
     ('HandshakeComplete', <State.OPEN: 'OPEN'>)
 
-    A server queues its HELLO as soon as it is created; a client sends its
-    own once the server's has arrived and checked out. ``nonce`` is for tests
-    and test vectors; by default every connection draws 16 fresh random bytes.
+    A server queues its HELLO when it is created, a client its own once the
+    server's has checked out. ``nonce`` is for test vectors (default: random).
     """
 
     __slots__ = (
@@ -370,8 +369,7 @@ class HeartbeatProtocol:
         return event
 
     def _health_change(self, status: HealthStatus, then: Event) -> Event:
-        # Two events from one frame: the health change first, then the PING/PONG
-        # (which carries the status too, in case the caller stops early).
+        # Two events from one frame: the health change first, then the PING/PONG.
         previous = self.peer_health
         self.peer_health = status
         assert previous is not None
@@ -394,14 +392,12 @@ class HeartbeatProtocol:
         return ended
 
     def _on_hello(self, hello: Hello, now: float) -> Event | None:
-        config = self.config
-        check_peer_hello(self.role, config, self.nonce, hello)
+        check_peer_hello(self.role, self.config, self.nonce, hello)
         self.peer = hello
         self.peer_health = hello.status
-        timing = agree(self.role, config, hello)
-        # A server, whose client leads, PINGs now and then to know the round trip.
-        refresh = RTT_REFRESH * timing.send_interval if self.role is Role.SERVER else inf
-        self._heartbeat.agree(timing.send_interval, timing.ping_after, refresh)
+        timing = agree(self.role, self.config, hello)
+        server = self.role is Role.SERVER  # whose client leads: it PINGs only to measure
+        self._heartbeat.agree(timing.send_interval, timing.ping_after, refresh=server)
         self._peer_send_interval = timing.peer_send_interval
         self._silence.agree(timing.peer_send_interval)
         if self._state is State.CLOSING:
@@ -411,11 +407,11 @@ class HeartbeatProtocol:
             if self._hello_sent:
                 self._open_to_peer(now)
             return None
-        if self.role is Role.CLIENT:
+        if not server:
             self._send_hello(now, server_nonce=hello.nonce)
         self._open_to_peer(now)
         self._state = transition(self._state, Trigger.HANDSHAKE_DONE)
-        if self.role is Role.SERVER:
+        if server:
             self.send_ping(now)  # the verdict on the client's HELLO, and a first round trip
         return HandshakeComplete(hello, timing.send_interval)
 

@@ -317,6 +317,8 @@ class Reader:
             conn._write_timed_out()  # the writer's (or a ping()'s) write is stuck
             return True
         if now >= core.abort_deadline:
+            if self._heard_meanwhile(conn, now):
+                return False  # frames were waiting: take them in first, then judge again
             self._convict(conn, now)
             # A failure has cancelled everything, and the last words carry the
             # CLOSE; a close timeout has ended the connection in order, and the
@@ -332,6 +334,26 @@ class Reader:
                 # reader, which sends it as it goes round.
                 writer.wake(conn)
         return False
+
+    def _heard_meanwhile(self, conn: Connection, now: float) -> bool:
+        """Read what is already waiting on a plain socket; true if anything was.
+
+        After a stall of our own (a blocked event loop, a stopped process),
+        the operating system may hand Trio the expired deadline before the
+        input that arrived in time, so the peer's frames, or its verdict on
+        us, are still in the socket. They are heard before anyone is judged.
+        """
+        fd = socket_fd(conn.stream)
+        if fd < 0:
+            return False
+        try:
+            data = read_nowait(fd)
+        except _STREAM_ERRORS:
+            return False  # judged as it stands; the reader finds the failure next
+        if data is None:
+            return False
+        conn._core.receive_data(data, now)
+        return True
 
     def _convict(self, conn: Connection, now: float) -> None:
         """Let the core act on its abort deadline, and report how the connection ended."""

@@ -53,7 +53,7 @@ class SupervisorEvent:
 @final
 @dataclass(frozen=True, slots=True)
 class AttemptStarted(SupervisorEvent):
-    """Attempt number ``attempt`` (from 1, counted since the last healthy connection)."""
+    """Attempt number ``attempt`` (from 1, counted over the client's life) has begun."""
 
     attempt: int
     endpoint: str
@@ -119,8 +119,8 @@ def describe(event: SupervisorEvent) -> str:
     if isinstance(event, Connected):
         return f"connected to {event.endpoint} (attempt {event.attempt})"
     if isinstance(event, Disconnected):
-        return f"disconnected from {event.endpoint} after {event.uptime:.3f} s: {event.error}"
+        return f"disconnected from {event.endpoint} (up {event.uptime:.2f} s): {event.error}"
     if isinstance(event, BackingOff):
-        return f"backing off {event.delay:.3f} s before attempt {event.attempt}"
+        return f"backing off {event.delay:.2f} s before attempt {event.attempt}"
     assert isinstance(event, Stopped)
     return f"stopped: {event.error}" if event.error else "stopped"

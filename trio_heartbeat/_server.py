@@ -81,7 +81,7 @@ class ServerStatistics:
 def _describe_ending(ending: ConnectionClosed) -> str:
     reason = f" ({ending.reason})" if ending.reason else ""
     who = "the peer" if ending.by_peer else "us"
-    return f"ended with {ending.code}{reason}, {type(ending).__name__}, closed by {who}"
+    return f"ended with {ending.code}{reason}, closed by {who}"
 
 
 @final
@@ -388,6 +388,8 @@ class Server:
             ending = conn.closed
             assert ending is not None  # recorded before listeners hear of it
             self._closed_by_code[ending.code] += 1
+            if conn.opened_at is None and not ending.by_peer and ending.code == 1008:
+                self._refused += 1  # its HELLO was refused (credentials, values)
             logger.info("%s: %s", conn.remote_address, _describe_ending(ending))
             self.registry.remove(conn)
 

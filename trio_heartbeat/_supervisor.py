@@ -72,6 +72,7 @@ from ._reconnect_events import (
     describe,
 )
 from ._stream_connection import open_stream_connection
+from ._transport import describe_os_error
 
 __all__ = [
     "DEFAULT_STOP_CODES",
@@ -101,7 +102,7 @@ async def _open_with_connector(
         stream = await connector(host, port)
     except (OSError, trio.BrokenResourceError) as exc:
         raise BrokenConnection(
-            CloseCode.ABNORMAL_CLOSURE, f"cannot connect to {endpoint}: {exc}"
+            CloseCode.ABNORMAL_CLOSURE, f"cannot connect to {endpoint}: {describe_os_error(exc)}"
         ) from exc
     async with open_stream_connection(stream, remote_address=endpoint, **kwargs) as conn:
         yield conn
@@ -316,7 +317,7 @@ class ReconnectingClient:
                         last_error,
                         attempt,
                     )
-                await self._back_off(attempt + 1, delay)
+                await self._back_off(self.attempts + 1, delay)
             wait_first = True
             try:
                 host, port = await self._endpoints.next()
@@ -328,14 +329,16 @@ class ReconnectingClient:
             self.attempts += 1
             endpoint = format_endpoint(host, port)
             self._set_state(SupervisorState.CONNECTING)
-            self._emit(AttemptStarted(attempt, endpoint))
-            error, uptime = await self._attempt(host, port, endpoint, attempt)
+            # Events number the attempts over the client's life, as a person
+            # counts them; ``attempt`` counts those since the last healthy one.
+            self._emit(AttemptStarted(self.attempts, endpoint))
+            error, uptime = await self._attempt(host, port, endpoint, self.attempts)
             last_error = self._last_error = error
             if self._closing and not self._mailbox.buffered:
                 return  # closing, and everything accepted was handed over
             if uptime is None:
                 self._endpoints.failed()
-                self._emit(AttemptFailed(attempt, endpoint, error))
+                self._emit(AttemptFailed(self.attempts, endpoint, error))
             else:
                 self._emit(Disconnected(endpoint, error, uptime))
                 if uptime >= self.healthy_after:

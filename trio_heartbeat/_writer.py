@@ -337,10 +337,9 @@ class Writer:
         """Send what is queued; true once the writer is done for good."""
         core = conn._core
         self.end_long_flush(conn, trio.current_time())
+        # Nobody else writes meanwhile: while this task runs, write_now() only
+        # wakes it (the single-writer rule).
         await self._let_the_burst_finish(conn._options.send_queue)
-        if self._since != inf:
-            self._again = True  # someone started writing meanwhile: it wakes us when done
-            return False
         now = trio.current_time()
         if core.state is State.OPEN:
             if core.ping_deadline <= now < core.abort_deadline:
