@@ -4,8 +4,10 @@ Bad values that argparse can judge alone end in ``SystemExit(2)`` with
 argparse's usage message; values judged later (a timeout that is not longer
 than the interval, an unreadable ``--secret-file``, a port already taken, a
 malformed endpoint) make ``main`` print one ``error: ...`` line and return 2,
-with no traceback. Serving and connecting for real are covered through the
-subprocess in ``test_conformance.py``.
+with no traceback. The last tests run the command line as a shell would, as
+processes on loopback (a dead port, a reader that goes away, a wrong secret);
+the protocol itself is held to the spec through the subprocess in
+``test_conformance.py``.
 """
 
 from __future__ import annotations
@@ -15,10 +17,13 @@ import os
 import signal
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -206,8 +211,8 @@ def test_serve_on_a_port_already_taken(capsys: pytest.CaptureFixture[str]) -> No
     [
         ("localhost", "error: endpoint must be 'host:port' or (host, port), not 'localhost'"),
         ("127.0.0.1:http", "error: endpoint must be 'host:port'"),
-        ("127.0.0.1:0", "error: port must be 1 to 65535 in '127.0.0.1:0'"),
-        ("127.0.0.1:65536", "error: port must be 1 to 65535 in '127.0.0.1:65536'"),
+        ("127.0.0.1:0", "error: port must be 1 to 65535 in the endpoint '127.0.0.1:0'"),
+        ("127.0.0.1:65536", "error: port must be 1 to 65535 in the endpoint '127.0.0.1:65536'"),
     ],
 )
 def test_connect_to_a_malformed_endpoint(
@@ -269,3 +274,111 @@ def test_connect_exits_1_when_refused_with_a_code_it_does_not_retry(
     assert out == ""
     assert "giving up: not reconnecting after close code 1008 (who are you)" in err
     assert "Traceback" not in err
+
+
+# -- for real: the command line as a process on loopback, as a shell runs it (#10) ------
+
+CLI = [sys.executable, "-m", "trio_heartbeat"]
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on (it was free a moment ago)."""
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        port: int = probe.getsockname()[1]
+    return port
+
+
+@contextmanager
+def serving(*options: str) -> Iterator[tuple[int, subprocess.Popen[str]]]:
+    """``serve`` on a free loopback port; stopped with SIGTERM afterwards if still running."""
+    server = subprocess.Popen(
+        [*CLI, "serve", "--port", "0", *options],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None
+        line = server.stdout.readline()
+        assert line.startswith("listening on 127.0.0.1:"), line
+        yield int(line.rsplit(":", 1)[1]), server
+    finally:
+        if server.poll() is None:
+            server.send_signal(signal.SIGTERM)
+        server.communicate(timeout=30)
+
+
+def stop(server: subprocess.Popen[str]) -> str:
+    """SIGTERM ``server`` and return its stderr."""
+    server.send_signal(signal.SIGTERM)
+    _, err = server.communicate(timeout=30)
+    assert server.returncode == 0, err
+    return err
+
+
+def test_lines_for_a_dead_port_are_named_and_the_exit_status_is_1() -> None:
+    """Nothing is lost silently: what could not be sent is named, and the status says so."""
+    port = free_port()
+    done = subprocess.run(
+        [*CLI, "connect", "--linger", "0.1", f"127.0.0.1:{port}"],
+        input="a\nb\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1, done.stderr
+    assert done.stdout == ""
+    assert "not sent: 2 lines: 'a', 'b'" in done.stderr
+    assert f"because: cannot connect to 127.0.0.1:{port}: connection refused" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_reader_that_goes_away_ends_connect_quietly() -> None:
+    """``connect ... | head -1``: a closed stdout ends it with 141 and no traceback."""
+    with serving() as (port, _):
+        client = subprocess.Popen(
+            [*CLI, "connect", f"127.0.0.1:{port}"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert client.stdin is not None
+        assert client.stdout is not None
+        client.stdin.write("first\n")
+        client.stdin.flush()
+        assert client.stdout.readline() == "first\n"
+        client.stdout.close()  # as head -1 does once it has its line
+        client.stdin.write("second\nthird\n")
+        client.stdin.flush()
+        _, err = client.communicate(timeout=30)
+    assert client.returncode == 141
+    assert "Traceback" not in err, err
+    assert "Error" not in err, err
+
+
+def test_a_client_with_the_wrong_secret_is_never_connected_and_counted_refused(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "ours").write_text("the server's key\n")
+    (tmp_path / "theirs").write_text("another key\n")
+    with serving("--secret-file", str(tmp_path / "ours")) as (port, server):
+        done = subprocess.run(
+            [*CLI, "connect", "--secret-file", str(tmp_path / "theirs"), f"127.0.0.1:{port}"],
+            input="never sent\n",
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        served = stop(server)
+    assert done.returncode == 1
+    assert "connected to" not in done.stderr
+    assert "handshake done" not in done.stderr
+    assert "giving up: not reconnecting after close code 1008" in done.stderr
+    assert "stopped: 0 served, 1 refused" in served
+
+
+def test_version_names_the_installed_package() -> None:
+    done = subprocess.run([*CLI, "--version"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0
+    assert done.stdout == f"python -m trio_heartbeat {metadata.version('trio-heartbeat')}\n"

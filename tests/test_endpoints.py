@@ -121,6 +121,39 @@ def test_parse_endpoint_refuses_what_is_not_host_and_port(endpoint: str) -> None
 
 
 @pytest.mark.parametrize(
+    ("endpoint", "error", "message"),
+    [
+        ("127.0.0.1:0", ValueError, "port must be 1 to 65535 in the endpoint '127.0.0.1:0'"),
+        ("h:65536", ValueError, "port must be 1 to 65535 in the endpoint 'h:65536'"),
+        (":7400", ValueError, "no host in the endpoint ':7400'"),
+        ("[]:7400", ValueError, "no host in the endpoint"),
+        ("[::1:7400", ValueError, "unbalanced brackets in the endpoint"),
+        ("h:\u0661", ValueError, "endpoint must be 'host:port'"),  # a digit, but not ASCII
+        (("h", "80"), TypeError, "an endpoint tuple must be \\(host, port\\)"),
+        (("h", True), TypeError, "an endpoint tuple must be \\(host, port\\)"),
+        (("h", 80, 1), TypeError, "an endpoint tuple must be \\(host, port\\)"),
+    ],
+    ids=[
+        "port-0",
+        "port-too-big",
+        "no-host",
+        "empty-brackets",
+        "unbalanced",
+        "arabic-digit",
+        "str-port",
+        "bool-port",
+        "triple",
+    ],
+)
+def test_parse_endpoint_says_what_is_wrong(
+    endpoint: Any, error: type[Exception], message: str
+) -> None:
+    """Every endpoint is checked where it is given, so a bad one never reaches a connect (#10)."""
+    with pytest.raises(error, match=message):
+        parse_endpoint(endpoint)
+
+
+@pytest.mark.parametrize(
     ("host", "port", "text"),
     [
         ("127.0.0.1", 7400, "127.0.0.1:7400"),
@@ -138,7 +171,7 @@ def test_format_endpoint_brackets_an_ipv6_host(host: str, port: int, text: str) 
         st.ip_addresses().map(str),
         st.from_regex(r"[a-z][a-z0-9-]{0,20}(\.[a-z]{2,5})?", fullmatch=True),
     ),
-    port=st.integers(min_value=0, max_value=65535),
+    port=st.integers(min_value=1, max_value=65535),
 )
 def test_what_is_printed_parses_back(host: str, port: int) -> None:
     assert parse_endpoint(format_endpoint(host, port)) == (host, port)
@@ -214,7 +247,7 @@ async def test_a_function_with_nothing_to_offer_leaves_no_endpoint() -> None:
         (
             "a:1",
             TypeError,
-            "endpoints must be a list of endpoints, a callable or an async iterable",
+            "endpoints must be a list of endpoints, not one endpoint: 'a:1'",
         ),
         (("a", 1), TypeError, "endpoints must be a list of endpoints"),
         ([], ValueError, "at least one endpoint is needed"),

@@ -32,7 +32,7 @@ from trio_heartbeat import (
     UndeliveredMessages,
     _errors,
 )
-from trio_heartbeat._errors import NoEndpointLeft, UsageError
+from trio_heartbeat._errors import NoEndpointLeft, UsageError, describe_os_error
 
 #: One or more instances of each public exception, with every attribute set.
 EXAMPLES: list[HeartbeatError] = [
@@ -126,7 +126,7 @@ def test_the_attributes_themselves_come_back() -> None:
     closed = pickle.loads(pickle.dumps(ConnectionRejected(1013, "at capacity", by_peer=True)))
     assert type(closed) is ConnectionRejected
     assert (closed.code, closed.reason, closed.by_peer) == (1013, "at capacity", True)
-    assert str(closed) == "connection closed with code 1013 (at capacity), initiated by the peer"
+    assert str(closed) == "closed with 1013 by the peer: at capacity"
 
     protocol = pickle.loads(pickle.dumps(RemoteProtocolError("bad header", CloseCode.TOO_BIG)))
     assert type(protocol) is RemoteProtocolError
@@ -146,7 +146,7 @@ def test_the_attributes_themselves_come_back() -> None:
 
 
 def test_the_examples_cover_every_class_errors_defines() -> None:
-    defined = {getattr(_errors, name) for name in _errors.__all__}
+    defined = {getattr(_errors, name) for name in _errors.__all__} - {describe_os_error}
     assert {type(exc) for exc in EXAMPLES + INTERNAL_EXAMPLES} == defined
     exported = [value for name, value in vars(trio_heartbeat).items() if not name.startswith("_")]
     assert not [exc for exc in INTERNAL_EXAMPLES if type(exc) in exported]
@@ -174,7 +174,39 @@ def test_the_two_families_stay_apart() -> None:
     assert not issubclass(ConnectionClosed, ProtocolError)
     for exc in EXAMPLES + INTERNAL_EXAMPLES:
         assert isinstance(exc, HeartbeatError)
-    assert (
-        str(ConnectionClosed(1000))
-        == "connection closed with code 1000, initiated by the local side"
-    )
+    assert str(ConnectionClosed(1000)) == "closed with 1000"
+
+
+@pytest.mark.parametrize(
+    ("exc", "line"),
+    [
+        (HeartbeatTimeout(1011, "heartbeat timeout"), "closed with 1011: heartbeat timeout"),
+        (
+            ConnectionClosed(1001, "server draining", by_peer=True),
+            "closed with 1001 by the peer: server draining",
+        ),
+        (ConnectionRejected(1008, by_peer=True), "closed with 1008 by the peer"),
+        (
+            BrokenConnection(1006, "connection lost: connection reset"),
+            "connection lost: connection reset",
+        ),
+        (BrokenConnection(1006), "connection lost"),
+    ],
+    ids=["timeout", "by-peer", "no-reason", "abnormal", "abnormal-bare"],
+)
+def test_an_ending_reads_as_one_short_line(exc: ConnectionClosed, line: str) -> None:
+    """No Python reprs, no 'initiated by the local side': what a person needs (#10)."""
+    assert str(exc) == line
+
+
+def test_an_os_error_is_described_in_the_systems_words() -> None:
+    refused = ConnectionRefusedError(111, "Connection refused")
+    assert describe_os_error(refused) == "connection refused"
+    # Trio's "all attempts failed" wraps the OS errors in a group and a cause.
+    wrapped = OSError("all attempts to connect to 127.0.0.1:1 failed")
+    wrapped.__cause__ = ExceptionGroup("attempts", [refused])
+    assert describe_os_error(wrapped) == "connection refused"
+    trio_style = OSError(111, "error connecting to ('127.0.0.1', 1): Connection refused")
+    assert describe_os_error(trio_style) == "connection refused"  # no Python repr
+    assert describe_os_error(ValueError("odd")) == "odd"
+    assert describe_os_error(ValueError()) == "ValueError"

@@ -321,3 +321,63 @@ def test_doctests() -> None:
     results = doctest.testmod(_handshake)
     assert results.attempted >= 2
     assert results.failed == 0
+
+
+# -- the floors: what a peer may ask of us by default (#10) ------------------------------
+
+
+@pytest.mark.parametrize(
+    ("interval_ms", "timeout_ms", "refused"),
+    [
+        (100, 300, None),  # at both floors: accepted
+        (99, 3000, "peer interval 99 ms is outside 0.1..3600.0 s"),
+        (5, 3000, "peer interval 5 ms is outside 0.1..3600.0 s"),  # 200 PINGs a second to answer
+        (1000, 299, "peer timeout 299 ms is outside 0.3..3600.0 s"),
+        (
+            1000,
+            10,
+            "peer timeout 10 ms is outside 0.3..3600.0 s",
+        ),  # we would PING 200 times a second
+        (3_600_000, 3_600_000, None),
+        (3_600_001, 3_600_001, "peer interval 3600001 ms is outside 0.1..3600.0 s"),
+    ],
+    ids=[
+        "floors",
+        "interval-99",
+        "interval-5",
+        "timeout-299",
+        "timeout-10",
+        "an-hour",
+        "past-an-hour",
+    ],
+)
+def test_by_default_a_peer_cannot_make_us_ping_or_answer_often(
+    interval_ms: int, timeout_ms: int, refused: str | None
+) -> None:
+    """A peer that asks for intervals below the floors is refused with 1008, not served."""
+    hello = replace(PEER_SERVER, role=Role.CLIENT, interval_ms=interval_ms, timeout_ms=timeout_ms)
+    if refused is None:
+        check_peer_hello(Role.SERVER, Config(), bytes(16), hello)
+        return
+    with pytest.raises(RemoteProtocolError, match=refused) as raised:
+        check_peer_hello(Role.SERVER, Config(), bytes(16), hello)
+    assert raised.value.code == 1008
+
+
+def test_a_side_never_refuses_values_as_short_as_its_own() -> None:
+    """Two sides configured alike always agree, even below the default floors."""
+    fast = Config(interval=0.02, timeout=0.05)
+    assert fast.accepted_intervals == (0.02, 3600.0)
+    assert fast.accepted_timeouts == (0.05, 3600.0)
+    hello = replace(PEER_SERVER, interval_ms=20, timeout_ms=50)
+    check_peer_hello(Role.CLIENT, fast, bytes(16), hello)
+    with pytest.raises(RemoteProtocolError, match="peer interval 19 ms"):
+        check_peer_hello(Role.CLIENT, fast, bytes(16), replace(hello, interval_ms=19))
+
+
+def test_explicit_ranges_replace_the_default_floors() -> None:
+    config = Config(accept_interval=(0.005, 10.0), accept_timeout=(0.01, 10.0))
+    assert (config.accepted_intervals, config.accepted_timeouts) == ((0.005, 10.0), (0.01, 10.0))
+    check_peer_hello(
+        Role.CLIENT, config, bytes(16), replace(PEER_SERVER, interval_ms=5, timeout_ms=10)
+    )

@@ -276,8 +276,20 @@ async def serve(args: argparse.Namespace) -> int:
 class _RttReporter:
     every: float
     last_report: float = float("-inf")
+    #: The server's HELLO, until its verdict (the next frame) says we are in.
+    handshake: HandshakeComplete | None = None
 
     def __call__(self, conn: Connection, event: Event) -> None:
+        if isinstance(event, HandshakeComplete):
+            self.handshake = event  # a refused client must not read "handshake done"
+            return
+        if isinstance(event, ConnectionEnded):
+            self.handshake = None
+            logger.debug("connection ended with %d %s", event.code, event.reason)
+            return
+        if self.handshake is not None:
+            self._accepted(conn, self.handshake)
+            self.handshake = None
         if isinstance(event, (PingReceived, PongReceived)):
             logger.debug(
                 "%s %s, peer %s", type(event).__name__, event.opaque.hex(), event.status.name
@@ -290,16 +302,16 @@ class _RttReporter:
                 logger.info("rtt %.3f ms (smoothed %.3f ms)", event.rtt * 1000, srtt * 1000)
         elif isinstance(event, PeerHealthChanged):
             logger.info("peer health %s -> %s", event.previous.name, event.status.name)
-        elif isinstance(event, HandshakeComplete):
-            # A client leads the heartbeat: idle, it PINGs before its send interval is up.
-            lead = CLIENT_LEAD if conn.role is Role.CLIENT else 1.0
-            logger.info(
-                "handshake done: peer id %r, pinging every %.3f s",
-                event.peer.instance_id,
-                event.send_interval * lead,
-            )
-        elif isinstance(event, ConnectionEnded):
-            logger.debug("connection ended with %d %s", event.code, event.reason)
+
+    @staticmethod
+    def _accepted(conn: Connection, handshake: HandshakeComplete) -> None:
+        # A client leads the heartbeat: idle, it PINGs before its send interval is up.
+        lead = CLIENT_LEAD if conn.role is Role.CLIENT else 1.0
+        logger.info(
+            "handshake done: peer id %r, pinging every %.3f s",
+            handshake.peer.instance_id,
+            handshake.send_interval * lead,
+        )
 
 
 async def _read_stdin_lines(send: trio.MemorySendChannel[bytes]) -> None:

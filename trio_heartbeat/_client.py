@@ -11,12 +11,11 @@ import trio
 
 from ._config import Config
 from ._connection import Connection, EventListener
-from ._errors import BrokenConnection, HeartbeatTimeout
+from ._errors import BrokenConnection, HeartbeatTimeout, describe_os_error
 from ._frames import CloseCode, Role
 from ._keepalive import KeepaliveOptions, resolve_keepalive, try_apply_keepalive
 from ._options import ConnectionOptions
 from ._stream_connection import open_stream_connection
-from ._transport import describe_os_error
 
 __all__ = ["open_connection"]
 

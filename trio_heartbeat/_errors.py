@@ -19,6 +19,7 @@ any Python exception), so they can cross process boundaries.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import final
 
@@ -38,6 +39,7 @@ __all__ = [
     "RemoteProtocolError",
     "UndeliveredMessages",
     "UsageError",
+    "describe_os_error",
 ]
 
 
@@ -197,3 +199,26 @@ class NoEndpointLeft(HeartbeatError):
 @final
 class UsageError(HeartbeatError):
     """A command-line value that cannot be used; ``python -m trio_heartbeat`` prints it and exits 2."""
+
+
+def describe_os_error(exc: BaseException) -> str:
+    """What went wrong, in the operating system's words: ``"connection refused"``.
+
+    An error that wraps others (Trio's "all attempts to connect ... failed",
+    a stream error raised from an OS error) is described by the first OS error
+    inside it; anything else by its own message.
+    """
+    pending: list[BaseException] = [exc]
+    while pending:
+        current = pending.pop(0)
+        if isinstance(current, OSError) and (current.errno is not None or current.strerror):
+            # The system's own words for the errno: Trio's connect errors put
+            # a repr of the address in strerror.
+            words = os.strerror(current.errno) if current.errno is not None else current.strerror
+            assert words  # for mypy: one of the two is there
+            return words[:1].lower() + words[1:]
+        if isinstance(current, BaseExceptionGroup):
+            pending.extend(current.exceptions)
+        if current.__cause__ is not None:
+            pending.append(current.__cause__)
+    return str(exc) or type(exc).__name__

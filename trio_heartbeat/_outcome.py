@@ -17,10 +17,11 @@ from ._errors import (
     ConnectionRejected,
     HeartbeatTimeout,
     RemoteProtocolError,
+    describe_os_error,
 )
 from ._events import ConnectionEnded
 from ._frames import CloseCode
-from ._transport import describe_os_error, stream_error
+from ._transport import stream_error
 
 __all__ = [
     "OVER_BUDGET",

@@ -121,6 +121,6 @@ def describe(event: SupervisorEvent) -> str:
     if isinstance(event, Disconnected):
         return f"disconnected from {event.endpoint} (up {event.uptime:.2f} s): {event.error}"
     if isinstance(event, BackingOff):
-        return f"backing off {event.delay:.2f} s before attempt {event.attempt}"
+        return f"backing off {event.delay:.3f} s before attempt {event.attempt}"
     assert isinstance(event, Stopped)
     return f"stopped: {event.error}" if event.error else "stopped"

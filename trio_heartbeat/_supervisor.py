@@ -53,6 +53,7 @@ from ._errors import (
     NoEndpointLeft,
     ReconnectFailed,
     UndeliveredMessages,
+    describe_os_error,
 )
 from ._frames import CloseCode
 from ._groups import BaseExceptionGroup, only_cancelled, reraise_single
@@ -72,7 +73,6 @@ from ._reconnect_events import (
     describe,
 )
 from ._stream_connection import open_stream_connection
-from ._transport import describe_os_error
 
 __all__ = [
     "DEFAULT_STOP_CODES",

@@ -25,7 +25,6 @@ import trio
 
 __all__ = [
     "RECEIVE_SIZE",
-    "describe_os_error",
     "linger",
     "read_nowait",
     "socket_fd",
@@ -75,25 +74,6 @@ def write_nowait(fd: int, data: bytes) -> int:
         return 0
     except OSError as exc:
         raise stream_error(exc) from exc
-
-
-def describe_os_error(exc: BaseException) -> str:
-    """What went wrong, in the operating system's words: ``"connection refused"``.
-
-    An error that wraps others (Trio's "all attempts to connect ... failed",
-    a stream error raised from an OS error) is described by the first OS error
-    inside it; anything else by its own message.
-    """
-    pending: list[BaseException] = [exc]
-    while pending:
-        current = pending.pop(0)
-        if isinstance(current, OSError) and current.strerror:
-            return current.strerror[:1].lower() + current.strerror[1:]
-        if isinstance(current, BaseExceptionGroup):
-            pending.extend(current.exceptions)
-        if current.__cause__ is not None:
-            pending.append(current.__cause__)
-    return str(exc) or type(exc).__name__
 
 
 def stream_error(exc: OSError) -> trio.ClosedResourceError | trio.BrokenResourceError:
