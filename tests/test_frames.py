@@ -661,3 +661,12 @@ def test_1006_never_travels() -> None:
     with pytest.raises(RemoteProtocolError, match="1006") as info:
         decoder.frames()
     assert info.value.code == CloseCode.PROTOCOL_ERROR
+
+
+def test_a_health_status_prints_as_its_name() -> None:
+    """Wherever a status is printed (a log line, an f-string), it reads SERVING, never 0 (#10)."""
+    assert str(HealthStatus.SERVING) == "SERVING"
+    assert f"{HealthStatus.NOT_SERVING}" == "NOT_SERVING"
+    assert f"[{HealthStatus.DEGRADED:>10}]" == "[  DEGRADED]"
+    assert "%s" % HealthStatus.SERVING == "SERVING"  # noqa: UP031 (logging formats this way)
+    assert HealthStatus.DEGRADED == 1  # still the byte on the wire
