@@ -56,7 +56,7 @@ from ._errors import (
     describe_os_error,
 )
 from ._frames import CloseCode
-from ._groups import BaseExceptionGroup, only_cancelled, reraise_single
+from ._groups import BaseExceptionGroup, forget_frames, only_cancelled, reraise_single
 from ._keepalive import KeepaliveOptions
 from ._mailbox import Mailbox
 from ._options import ConnectionOptions
@@ -413,8 +413,15 @@ class ReconnectingClient:
             # ReconnectFailed): without the traceback, whose frames would keep
             # the ended connection and its buffers alive.
             return exc.with_traceback(None), uptime
+        except trio.Cancelled as exc:
+            # Trio may keep a Cancelled in a cycle of its own for a while; the
+            # finished frames it passed through (the connection's context
+            # managers) must not keep the connection alive with it.
+            forget_frames(exc)
+            raise
         finally:
             self._connection = None
+            conn = None  # nor this frame, which the Cancelled's traceback holds
             if opened is not None:
                 # Nothing accepted is lost with the connection: what it was
                 # given and never wrote goes out on the next one, and what it
