@@ -421,7 +421,7 @@ class ReconnectingClient:
             raise
         finally:
             self._connection = None
-            conn = None  # nor this frame, which the Cancelled's traceback holds
+            conn = None  # type: ignore[assignment]  # nor this frame, which the traceback holds
             if opened is not None:
                 # Nothing accepted is lost with the connection: what it was
                 # given and never wrote goes out on the next one, and what it
