@@ -75,7 +75,7 @@ class Heartbeat:
         # When a health change was made, until a PING has announced it.
         self._announce_from: float | None = None
         self._count = 0
-        # PINGs awaiting their PONG, made on the first (an idle server never sends one).
+        # PINGs awaiting their PONG: a table only while some are.
         self._outstanding: dict[bytes, float] | None = None
         #: When the last PING was sent (``None`` before the first).
         self.last_ping: float | None = None
@@ -136,6 +136,8 @@ class Heartbeat:
         sent_at = None if outstanding is None else outstanding.pop(opaque, None)
         if sent_at is None:
             return None
+        if not outstanding:
+            self._outstanding = None  # an idle server's verdict and refreshes keep no table
         rtt = self.rtt = now - sent_at
         self.srtt = rtt if self.srtt is None else self.srtt + (rtt - self.srtt) / 8
         return rtt
