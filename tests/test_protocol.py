@@ -32,6 +32,7 @@ from helpers import (
     feed,
     frames,
     new_pair,
+    opaque,
     open_pair,
     state,
     types,
@@ -72,6 +73,22 @@ from trio_heartbeat._frames import (
     encode_pong,
 )
 from trio_heartbeat._handshake import CLIENT_LEAD
+
+
+def accepted_pair(
+    server_config: Config | None = None, client_config: Config | None = None
+) -> tuple[HeartbeatProtocol, HeartbeatProtocol]:
+    """:func:`open_pair` at 0.0, and the server's verdict (its PING #1, queued as it
+    accepted the client's HELLO) delivered and answered at once: nothing queued."""
+    server, client = open_pair(server_config, client_config)
+    verdict = server.data_to_send()
+    assert verdict == encode_ping(opaque(1), HealthStatus.SERVING)
+    assert feed(client, verdict, 0.0) == [PingReceived(opaque(1), HealthStatus.SERVING)]
+    assert feed(server, client.data_to_send(), 0.0) == [
+        PongReceived(opaque(1), HealthStatus.SERVING, 0.0)
+    ]
+    return server, client
+
 
 # -- making one ------------------------------------------------------------------------
 
@@ -369,7 +386,7 @@ def test_an_idle_open_connection_holds_no_queues() -> None:
 
 
 def test_ping_vector_is_answered_with_the_pong_vector_ahead_of_data() -> None:
-    server, client = open_pair()
+    server, client = accepted_pair()
     server.set_health(HealthStatus.NOT_SERVING, 1.0)
     server.send_data(b"queued first", 1.0)
     events = feed(server, PING, 1.0)
@@ -426,7 +443,7 @@ def test_health_change_survives_a_caller_that_stops_early() -> None:
 
 
 def test_client_closes_and_server_answers_with_the_same_code() -> None:
-    server, client = open_pair()
+    server, client = accepted_pair()
     client.close(4001, "bye", now=1.0)
     assert state(client) is State.CLOSING
     assert client.abort_deadline == 1.0 + 5.0
@@ -455,7 +472,7 @@ def test_client_closes_and_server_answers_with_the_same_code() -> None:
 
 
 def test_server_closes_with_going_away() -> None:
-    server, client = open_pair()
+    server, client = accepted_pair()
     server.close(CloseCode.GOING_AWAY, now=1.0)
     [ended] = feed(client, server.data_to_send(), 1.0)
     assert ended == ConnectionEnded(1001, "", by_peer=True, clean=True)
@@ -465,7 +482,7 @@ def test_server_closes_with_going_away() -> None:
 
 
 def test_crossing_closes_each_keep_their_own_code() -> None:
-    server, client = open_pair()
+    server, client = accepted_pair()
     server.close(1001, "draining", now=1.0)
     client.close(1000, "done", now=1.0)
     to_client, to_server = server.data_to_send(), client.data_to_send()
@@ -477,7 +494,7 @@ def test_crossing_closes_each_keep_their_own_code() -> None:
 
 
 def test_data_in_flight_is_delivered_while_closing() -> None:
-    server, client = open_pair()
+    server, client = accepted_pair()
     server.send_data(b"in flight", 1.0)
     client.close(now=1.0)
     events = feed(client, server.data_to_send(), 1.5)
@@ -511,7 +528,7 @@ def test_close_with_a_code_that_does_not_fit_raises_and_changes_nothing(code: in
 
 
 def test_remote_close_answer_goes_after_data_already_queued() -> None:
-    server, client = open_pair()
+    server, client = accepted_pair()
     server.send_data(b"queued", 1.0)
     feed(server, encode_ping(b"p" * 8, HealthStatus.SERVING) + encode_close(1000), 1.0)
     # No frame after the CLOSE: the queued DATA goes first, the PONG ahead of it.

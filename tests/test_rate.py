@@ -21,6 +21,7 @@ from helpers import (
     expect_error,
     feed,
     hang_up_on_close,
+    opaque,
     open_pair,
     run_prompt_pair,
     state,
@@ -29,12 +30,37 @@ from helpers import (
 )
 from trio.testing import MockClock
 
-from trio_heartbeat import Config, Event, HeartbeatProtocol, RemoteProtocolError, State, _rate
+from trio_heartbeat import (
+    Config,
+    Event,
+    HeartbeatProtocol,
+    PingReceived,
+    PongReceived,
+    RemoteProtocolError,
+    State,
+    _rate,
+)
 from trio_heartbeat._errors import ConnectionClosed
 from trio_heartbeat._frames import CloseCode, FrameType, HealthStatus, encode_data, encode_ping
 from trio_heartbeat._handshake import CLIENT_LEAD
 from trio_heartbeat._rate import PingRate
 from trio_heartbeat._stream_connection import open_stream_connection
+
+
+def accepted_pair(
+    server_config: Config | None = None, client_config: Config | None = None
+) -> tuple[HeartbeatProtocol, HeartbeatProtocol]:
+    """:func:`open_pair` at 0.0, and the server's verdict (its PING #1, queued as it
+    accepted the client's HELLO) delivered and answered at once: nothing queued."""
+    server, client = open_pair(server_config, client_config)
+    verdict = server.data_to_send()
+    assert verdict == encode_ping(opaque(1), HealthStatus.SERVING)
+    assert feed(client, verdict, 0.0) == [PingReceived(opaque(1), HealthStatus.SERVING)]
+    assert feed(server, client.data_to_send(), 0.0) == [
+        PongReceived(opaque(1), HealthStatus.SERVING, 0.0)
+    ]
+    return server, client
+
 
 # -- strikes in a row ------------------------------------------------------------------
 
@@ -96,7 +122,7 @@ def test_strike_limit_is_configurable() -> None:
 def test_alternating_early_and_on_time_pings_never_close() -> None:
     """Jitter makes every other PING early; each on-time one clears the strike,
     so the count never builds up, however long it goes on."""
-    server, _ = open_pair()
+    server, _ = accepted_pair()
     assert server.peer_send_interval == 1.0  # early: less than 0.5 s after the previous PING
     now = 1.0
     ping_at(server, now)
@@ -221,12 +247,12 @@ def test_a_client_health_ping_at_the_earliest_moment_is_no_strike() -> None:
     # Regular PINGs at 0.9 and 1.8; the change at 1.8125 is PINGed as soon as
     # the rate rule allows, at 1.8 + 0.5. Measured as a difference, 2.3 - 1.8 =
     # 0.4999999999999998 < 0.5 would make it a strike for a PING the rule allowed.
-    server, client = open_pair()
+    server, client = accepted_pair()
     regular = 1.0 * CLIENT_LEAD
     server_pings, client_pings = run_prompt_pair(
         server, client, 3.0, [(1.8125, HealthStatus.DEGRADED)]
     )
-    assert server_pings == []
+    assert server_pings == []  # past its verdict, the server only answers
     assert client_pings[:2] == [regular, regular + regular]
     assert len(client_pings) == 3
     assert client_pings[2] < client_pings[1] + regular  # sooner than the regular one
