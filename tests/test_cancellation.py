@@ -173,10 +173,11 @@ async def test_cancel_before_every_task_step(autojump_clock: MockClock) -> None:
 @pytest.mark.parametrize(
     ("start", "expected"),
     [
-        # The handshake ends at 0.01, the first echo and ping by 0.03.
+        # The handshake ends at 0.01, the server's verdict opens the block at
+        # 0.02, the first echo and ping are done by 0.04.
         (0.0, {"handshake", "open"}),
-        # Our idle PING at 0.92 (CLIENT_LEAD of the interval after the ping at
-        # 0.02), the last echo at 1.03, CLOSE at 1.04, done at 1.05.
+        # Our idle PING at 0.93 (CLIENT_LEAD of the interval after the ping at
+        # 0.03), the last echo at 1.04, CLOSE at 1.05, done at 1.06.
         (0.9, {"open", "closing", "finished"}),
     ],
 )
@@ -235,7 +236,7 @@ async def test_cancelled_receive_loses_nothing(autojump_clock: MockClock) -> Non
     stream, peer = WrappedStream(ours), ScriptedPeer(theirs)
 
     async def script() -> None:
-        await peer.send_hello()
+        await peer.handshake()  # with the verdict that opens our block, at 0.0
         await trio.sleep(1.0)
         await peer.send_data(b"late")
         await peer.serve()
@@ -280,7 +281,7 @@ async def test_cancelled_aclose_still_closes(autojump_clock: MockClock) -> None:
     stream, peer = WrappedStream(ours), ScriptedPeer(theirs)
 
     async def script() -> None:
-        await peer.send_hello()
+        await peer.handshake()  # with the verdict that opens our block, at 0.0
         with trio.move_on_after(1.0):
             await peer.drain()  # our CLOSE arrives; the answer comes late
         await peer.send_close()

@@ -25,6 +25,7 @@ import trio.testing
 from helpers import (
     CONFIG,
     HELLO_SIZE,
+    VERDICT,
     VIRTUAL_BOUND,
     connection_pair,
     handshake_then_drain,
@@ -146,6 +147,96 @@ async def test_hello_helper_round_trips(autojump_clock: MockClock) -> None:
             assert conn.peer_id == "scripted"
 
 
+# -- the block opens on the server's verdict -------------------------------------------
+
+#: When the scripted server gives its verdict on our HELLO: judging it takes a while.
+JUDGED_AT = 0.25
+
+
+@pytest.mark.parametrize(
+    ("hello_first", "code", "reason"),
+    [
+        (True, CloseCode.POLICY_VIOLATION, "interval below the floor"),
+        (False, CloseCode.TRY_AGAIN_LATER, "at capacity"),
+    ],
+    ids=["hello-then-1008", "1013-instead-of-hello"],
+)
+async def test_a_refused_client_never_enters_its_block(
+    hello_first: bool, code: int, reason: str, autojump_clock: MockClock
+) -> None:
+    """A client is OPEN as soon as its HELLO is out, before the server has
+    judged it; its block opens only on the server's verdict. A refusal, CLOSE
+    1008 after the server's HELLO or 1013 instead of it, is raised from the
+    ``async with`` entry, and the block's body never runs."""
+    stream, peer = stream_and_peer()
+    entered: list[float] = []
+
+    async def body(conn: Connection) -> None:
+        entered.append(trio.current_time())
+        await trio.sleep_forever()
+
+    async def script() -> None:
+        if hello_first:
+            await peer.send_hello()
+            await peer.expect(FrameType.HELLO)
+        await trio.sleep_until(JUDGED_AT)
+        await peer.send_close(code, reason)
+        await peer.drain()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(script)
+        with pytest.raises(ConnectionRejected) as raised:
+            await run_body(stream, body, config=CONFIG)
+        assert trio.current_time() == JUDGED_AT
+    assert entered == []
+    # Raised from the entry, not from the exit of a block that was cancelled.
+    names = [entry.name for entry in raised.traceback]
+    assert "__aenter__" in names
+    assert "__aexit__" not in names
+    assert (raised.value.code, raised.value.reason, raised.value.by_peer) == (code, reason, True)
+    # Our HELLO at once if the server sent its own; our answer to the CLOSE as it came.
+    expected = [(0.0, FrameType.HELLO)] if hello_first else []
+    expected.append((JUDGED_AT, FrameType.CLOSE))
+    assert [(frame.at, frame.type) for frame in peer.frames] == expected
+    assert peer.frames[-1].close_code == code
+    assert peer.eof_at == JUDGED_AT
+    assert stream.closed
+
+
+async def test_an_accepted_client_enters_its_block_as_the_verdict_arrives(
+    autojump_clock: MockClock,
+) -> None:
+    """The server's verdict PING opens the client's block at the moment it
+    arrives, not when the server's HELLO did: once inside, the client knows
+    the server has accepted it."""
+    stream, peer = stream_and_peer()
+    entered: list[float] = []
+
+    async def script() -> None:
+        await peer.send_hello()
+        await peer.expect(FrameType.HELLO)
+        await trio.sleep_until(JUDGED_AT)
+        await peer.send_ping(opaque(1))  # the verdict, numbered as our server numbers it
+        await peer.serve()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(script)
+        async with open_stream_connection(stream, config=CONFIG) as conn:
+            entered.append(trio.current_time())
+            assert conn.state is State.OPEN
+            assert conn.statistics().frames_in == 2  # the server's HELLO, and its verdict
+            await conn.send(b"accepted")
+            assert await conn.receive() == b"accepted"
+    assert entered == [JUDGED_AT]
+    # Our HELLO went out at once, the PONG to the verdict as it came, then the block's DATA.
+    assert [(frame.at, frame.type) for frame in peer.frames[:3]] == [
+        (0.0, FrameType.HELLO),
+        (JUDGED_AT, FrameType.PONG),
+        (JUDGED_AT, FrameType.DATA),
+    ]
+    assert peer.frames[1].opaque == opaque(1)
+
+
 # -- ping() ----------------------------------------------------------------------------
 
 
@@ -188,10 +279,15 @@ async def test_concurrent_pings_keep_their_spacing(autojump_clock: MockClock) ->
 
 async def test_ping_measures_the_round_trip(autojump_clock: MockClock) -> None:
     async with connection_pair(receive_delay=0.125) as pair:
-        start = trio.current_time()
+        # Three crossings open the client's block: the server's HELLO, ours,
+        # and the server's verdict PING (sent at 0.25, the server's first
+        # round trip once our PONG to it has crossed back, at 0.5).
+        assert trio.current_time() == 0.375
+        await trio.sleep_until(0.5)  # the link is idle again
         assert await pair.client.ping() == 0.25
-        assert trio.current_time() == start + 0.25
+        assert trio.current_time() == 0.75
         assert pair.client.srtt == 0.25
+        assert (pair.server.rtt, pair.server.srtt) == (0.25, 0.25)
 
 
 async def test_ping_raises_when_the_connection_ends_first(autojump_clock: MockClock) -> None:
@@ -339,6 +435,7 @@ async def test_peer_health_and_listeners(autojump_clock: MockClock) -> None:
     first_ping = 1.0 * CLIENT_LEAD
     assert [(at, type(event)) for at, event in seen] == [
         (0.0, HandshakeComplete),
+        (0.0, PingReceived),  # the server's verdict on our HELLO
         (first_ping, PeerHealthChanged),
         (first_ping, PongReceived),
         (1.5, PeerHealthChanged),
@@ -346,11 +443,12 @@ async def test_peer_health_and_listeners(autojump_clock: MockClock) -> None:
         (1.75, ConnectionEnded),
     ]
     events = [event for _, event in seen]
-    assert events[1] == PeerHealthChanged(HealthStatus.DEGRADED, HealthStatus.SERVING)
-    assert events[2] == PongReceived(opaque(1), HealthStatus.DEGRADED, 0.0)
-    assert events[3] == PeerHealthChanged(HealthStatus.NOT_SERVING, HealthStatus.DEGRADED)
-    assert events[4] == PingReceived(opaque(7), HealthStatus.NOT_SERVING)
-    assert events[5] == ConnectionEnded(CloseCode.NORMAL, "", by_peer=False, clean=True)
+    assert events[1] == PingReceived(VERDICT, HealthStatus.SERVING)
+    assert events[2] == PeerHealthChanged(HealthStatus.DEGRADED, HealthStatus.SERVING)
+    assert events[3] == PongReceived(opaque(1), HealthStatus.DEGRADED, 0.0)
+    assert events[4] == PeerHealthChanged(HealthStatus.NOT_SERVING, HealthStatus.DEGRADED)
+    assert events[5] == PingReceived(opaque(7), HealthStatus.NOT_SERVING)
+    assert events[6] == ConnectionEnded(CloseCode.NORMAL, "", by_peer=False, clean=True)
     # The PONG to the peer's PING carried our own status.
     assert peer.of_type(FrameType.PONG)[0].status is HealthStatus.SERVING
 
@@ -400,11 +498,12 @@ async def test_statistics_count_what_was_exchanged(autojump_clock: MockClock) ->
     assert stats.last_sent == 1.0
     assert (stats.rtt, stats.srtt) == (0.0, 0.0)
     assert stats.send_interval == 1.0
-    # In: HELLO, 2 DATA, 2 echoed DATA, 1 PONG. Out: HELLO, 2 DATA, 1 PING.
-    assert (stats.frames_in, stats.frames_out) == (6, 4)
+    # In: HELLO, the verdict PING, 2 DATA, 2 echoed DATA, 1 PONG.
+    # Out: HELLO, the PONG to the verdict, 2 DATA, 1 PING. (PING and PONG: 6 + 9 bytes.)
+    assert (stats.frames_in, stats.frames_out) == (7, 5)
     assert (stats.data_frames_in, stats.data_frames_out) == (4, 2)
-    assert stats.bytes_in == HELLO_SIZE + (6 + 3) + 6 + (6 + 5) + (6 + 1) + 15
-    assert stats.bytes_out == HELLO_SIZE + (6 + 5) + (6 + 1) + 15
+    assert stats.bytes_in == HELLO_SIZE + 15 + (6 + 3) + 6 + (6 + 5) + (6 + 1) + 15
+    assert stats.bytes_out == HELLO_SIZE + 15 + (6 + 5) + (6 + 1) + 15
     assert (stats.pings_sent, stats.pongs_received) == (1, 1)
     assert (stats.send_queue_used, stats.receive_queue_used) == (0, 0)
 

@@ -53,6 +53,7 @@ from trio_heartbeat._events import Event, PingReceived, PongReceived
 from trio_heartbeat._frames import CloseCode, FrameType, HealthStatus, Role, encode_data
 from trio_heartbeat._handshake import CLIENT_LEAD
 from trio_heartbeat._options import ConnectionOptions
+from trio_heartbeat._pings import RTT_REFRESH
 from trio_heartbeat._state import State
 from trio_heartbeat._stream_connection import open_stream_connection
 
@@ -281,13 +282,14 @@ async def test_a_frame_that_arrived_before_a_stall_is_read_before_the_verdict(
 async def test_a_server_answers_the_client_ping_waiting_at_its_deadline_instead_of_pinging(
     rounds: int, client_ping_at: float, server_pings: list[float], autojump_clock: MockClock
 ) -> None:
-    """The server's PING is due at 1.0 (its HELLO went out at 0.0). A client
-    PING already in our buffer then (sent earlier, but a busy loop, here a
-    clock jump, kept the reader from it) is answered, and the server sends no
-    PING of its own: Trio wakes the reader for its input before it expires
-    the timer's deadline. A PING that arrives after 1.0, or one that the
-    stream hands over only later, finds the server's PING already sent; it is
-    answered all the same (nothing is lost to the timer's cancellation)."""
+    """The server PINGs its verdict on the client's HELLO at 0.0, so its next
+    PING is due at 1.0. A client PING already in our buffer then (sent
+    earlier, but a busy loop, here a clock jump, kept the reader from it) is
+    answered, and the server sends no PING of its own: Trio wakes the reader
+    for its input before it expires the timer's deadline. A PING that arrives
+    after 1.0, or one that the stream hands over only later, finds the
+    server's PING already sent; it is answered all the same (nothing is lost
+    to the timer's cancellation)."""
     stream, peer = late_stream_and_peer(Role.CLIENT, rounds)
     stats = []
 
@@ -307,8 +309,12 @@ async def test_a_server_answers_the_client_ping_waiting_at_its_deadline_instead_
             stats.append(conn.statistics())
     [at_1_5] = stats
     assert at_1_5.send_interval == 1.0
-    assert at_1_5.pings_sent == len(server_pings)
-    assert peer.times(FrameType.PING) == server_pings
+    # The verdict (our PING #1) at 0.0, then the heartbeat's own PINGs, if any.
+    assert at_1_5.pings_sent == 1 + len(server_pings)
+    assert peer.times(FrameType.PING) == [0.0, *server_pings]
+    assert [frame.opaque for frame in peer.of_type(FrameType.PING)] == [
+        opaque(n) for n in range(1, 2 + len(server_pings))
+    ]
     # The client's PING was answered when we read it: at 1.0, or when it arrived.
     [pong] = peer.of_type(FrameType.PONG)
     assert (pong.at, pong.opaque) == (max(client_ping_at, 1.0), opaque(1))
@@ -321,10 +327,11 @@ async def test_a_server_answers_the_client_ping_waiting_at_its_deadline_instead_
 @pytest.mark.parametrize(
     ("role", "peer_timeout", "expected"),
     [
-        # A server PINGs after exactly its send interval of silence.
-        (Role.SERVER, 3.0, [1.0, 2.0, 3.0, 4.0]),
+        # A server PINGs its verdict on the client's HELLO at once, then after
+        # exactly its send interval of silence.
+        (Role.SERVER, 3.0, [0.0, 1.0, 2.0, 3.0, 4.0]),
         # min(own interval 1.0, peer timeout / 2): the peer's timeout sets the pace.
-        (Role.SERVER, 1.0, [0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0]),
+        (Role.SERVER, 1.0, [0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0]),
         # A client leads: it PINGs after exactly CLIENT_LEAD of its send interval.
         (Role.CLIENT, 3.0, idle_ping_times(1.0 * CLIENT_LEAD, 4.25)),
         (Role.CLIENT, 1.0, idle_ping_times(0.5 * CLIENT_LEAD, 4.25)),
@@ -336,7 +343,9 @@ async def test_idle_pings_server_at_the_send_interval_client_at_its_lead(
 ) -> None:
     peer_role = Role.CLIENT if role is Role.SERVER else Role.SERVER
     stream, peer = stream_and_peer(peer_role, timeout=peer_timeout)
-    # The peer answers every PING and never PINGs itself.
+    # The peer answers every PING and never PINGs itself, but for a server peer's
+    # verdict on our HELLO: our PONG to it goes at 0.0, as our HELLO did, so our
+    # idle PINGs count from 0.0 all the same.
     async with served_connection(stream, peer, hello_only=True, role=role, config=CONFIG) as conn:
         await trio.sleep(4.25)
         assert conn.statistics().pings_sent == len(expected)
@@ -348,40 +357,51 @@ async def test_idle_pings_server_at_the_send_interval_client_at_its_lead(
 
 
 @pytest.mark.parametrize("delay", [0.0, 2**-5], ids=["prompt", "one-way-delay"])
-async def test_an_idle_pair_carries_only_the_client_heartbeat(
+async def test_an_idle_pair_carries_the_client_heartbeat_and_a_server_ping_per_refresh(
     delay: float, autojump_clock: MockClock
 ) -> None:
     """The point of CLIENT_LEAD: both sides run the same send rule, but the
     client's PING comes first and the server's PONG restarts the server's
-    timer, so an idle server only answers. One heartbeat per connection, not
-    two, also when each frame takes ``delay`` to cross."""
+    timer, so an idle server only answers, also when each frame takes
+    ``delay`` to cross. The server PINGs only to measure: its verdict on the
+    client's HELLO, then once every RTT_REFRESH send intervals after its last
+    PING; the client's PONG to each restarts the client's own timer."""
     server_saw: list[tuple[float, type[Event]]] = []
 
     def server_listener(conn: Connection, event: Event) -> None:
         if isinstance(event, (PingReceived, PongReceived)):
             server_saw.append((trio.current_time(), type(event)))
 
-    intervals = 20
+    until = 2.5 * RTT_REFRESH * 1.0  # two refreshes, and some
+    # The server's HELLO crosses, the client's HELLO crosses back, and the
+    # server PINGs its verdict at once; then every RTT_REFRESH intervals.
+    server_pings = [2 * delay + n * RTT_REFRESH * 1.0 for n in range(3)]
+    # The client's PONGs to them leave as they arrive; the first (to the
+    # verdict) is its last frame of the handshake, and each one restarts its
+    # timer: it PINGs every CLIENT_LEAD of the interval after its last frame.
+    client_pongs = [at + delay for at in server_pings]
+    sent: list[float] = []
+    for start, end in zip(client_pongs, [*client_pongs[1:], until], strict=True):
+        sent += idle_ping_times(1.0 * CLIENT_LEAD, end, start=start)
     async with connection_pair(
         client_config=CONFIG,
         server_config=CONFIG,
         server_listeners=[server_listener],
         receive_delay=delay,
     ) as pair:
-        await trio.sleep_until(intervals * 1.0)
+        await trio.sleep_until(until)
         client, server = pair.client.statistics(), pair.server.statistics()
         assert client.send_interval == server.send_interval == 1.0
-        # The server never PINGed: nothing to strike, nothing to answer.
-        assert server.pings_sent == server.pongs_received == 0
-        # The client PINGed every CLIENT_LEAD of the interval after its HELLO
-        # (which left once the server's HELLO had crossed), each one answered.
-        sent = idle_ping_times(1.0 * CLIENT_LEAD, intervals * 1.0, start=delay)
-        assert len(sent) == 22
+        assert server.pings_sent == server.pongs_received == len(server_pings) == 3
+        assert len(sent) == 332
         assert client.pings_sent == client.pongs_received == len(sent)
-        assert server_saw == [(at + delay, PingReceived) for at in sent]
-        # Every client PING kept to the rate rule: the server is still OPEN.
-        assert server.state is State.OPEN
-        assert pair.client.rtt == 2 * delay
+        assert server_saw == sorted(
+            [(at + 2 * delay, PongReceived) for at in server_pings]
+            + [(at + delay, PingReceived) for at in sent]
+        )
+        # Every PING of either side kept to the rate rule: both are still OPEN.
+        assert server.state is client.state is State.OPEN
+        assert pair.client.rtt == pair.server.rtt == 2 * delay
     server_end = pair.server.closed
     assert server_end is not None
     assert (server_end.code, server_end.by_peer) == (CloseCode.NORMAL, True)
@@ -584,7 +604,8 @@ async def test_a_read_that_fails_is_a_broken_connection_the_peer_started(
         assert trio.current_time() == 0.75
     assert raised.value.code == CloseCode.ABNORMAL_CLOSURE
     assert raised.value.by_peer
-    assert raised.value.reason.startswith("transport failed: BrokenResourceError(")
+    # The reason is the stream error's own words.
+    assert raised.value.reason == "connection lost: connection reset (injected)"
     assert isinstance(raised.value.__cause__, trio.BrokenResourceError)
 
 

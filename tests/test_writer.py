@@ -221,9 +221,11 @@ async def test_a_burst_of_sends_goes_out_in_one_write(autojump_clock: MockClock)
         assert [await conn.receive() for _ in messages] == messages
         writes = list(stream.writes)
     assert trio.current_time() == 0.0
-    # Our HELLO (written by the reader, inline), then all 50 DATA in one send_all.
+    # Our HELLO and the PONG to the server's verdict (each written by the
+    # reader, inline), then all 50 DATA in one send_all.
     assert [frame_types(write) for write in writes] == [
         [FrameType.HELLO],
+        [FrameType.PONG],
         [FrameType.DATA] * 50,
     ]
     assert [frame.payload for frame in peer.of_type(FrameType.DATA)] == messages
@@ -407,8 +409,10 @@ async def test_the_writer_ends_after_a_burst_and_a_later_send_starts_it_again(
                 await trio.testing.wait_all_tasks_blocked()
                 assert (writers.started, writers.ended) == ([0.0, 0.5], [0.0, 0.5])
                 assert _WRITER_NAME not in task_names()
-    assert stream.writes[:3] == [
+    # The reader writes our HELLO and the PONG to the server's verdict inline.
+    assert stream.writes[:4] == [
         (0.0, _READER_NAME, [FrameType.HELLO]),
+        (0.0, _READER_NAME, [FrameType.PONG]),
         (0.0, _WRITER_NAME, [FrameType.DATA] * len(burst)),
         (0.5, _WRITER_NAME, [FrameType.DATA]),
     ]
@@ -431,8 +435,11 @@ async def test_a_timer_ping_on_a_memory_stream_goes_out_through_the_writer(
                 assert (writers.started, writers.ended) == (expected, expected)
                 assert _WRITER_NAME not in task_names()
                 assert conn.statistics().pongs_received == len(expected)
-    assert stream.writes[: 1 + len(expected)] == [
+    # The reader writes our HELLO and the PONG to the server's verdict inline;
+    # that PONG, at 0.0, is our last frame before the first idle PING.
+    assert stream.writes[: 2 + len(expected)] == [
         (0.0, _READER_NAME, [FrameType.HELLO]),
+        (0.0, _READER_NAME, [FrameType.PONG]),
         *[(at, _WRITER_NAME, [FrameType.PING]) for at in expected],
     ]
     assert peer.times(FrameType.PING) == expected
