@@ -103,6 +103,27 @@ async def test_echo_between_two_connections_keeps_order(autojump_clock: MockCloc
     assert trio.current_time() == 0.0
 
 
+async def test_a_message_that_is_not_bytes_is_refused_at_the_call(
+    autojump_clock: MockClock,
+) -> None:
+    """A str fails in the caller's ``send``, not later in the writer task (#10)."""
+    async with connection_pair() as pair:
+        for wrong in ("a str", 42, None):
+            with pytest.raises(
+                TypeError, match=f"a message must be bytes, not {type(wrong).__name__}"
+            ):
+                await pair.client.send(wrong)  # type: ignore[arg-type]
+            with pytest.raises(TypeError, match="a message must be bytes"):
+                pair.client.send_nowait(wrong)  # type: ignore[arg-type]
+        mutable = bytearray(b"before")
+        await pair.client.send(mutable)  # type: ignore[arg-type]
+        pair.client.send_nowait(memoryview(b"viewed"))  # type: ignore[arg-type]
+        mutable[:] = b"after!"  # a copy was queued: changing it now changes nothing sent
+        assert [await pair.server.receive(), await pair.server.receive()] == [b"before", b"viewed"]
+        assert pair.client.state is State.OPEN
+        assert trio.current_time() == 0.0
+
+
 async def test_handshake_facts(autojump_clock: MockClock) -> None:
     ours, theirs = trio.testing.memory_stream_pair()
     server_config = Config(interval=2.0, timeout=5.0, instance_id="server-1")

@@ -38,12 +38,7 @@ from trio.lowlevel import (
 )
 
 from ._config import Config
-from ._errors import (
-    BrokenConnection,
-    ConnectionClosed,
-    HeartbeatTimeout,
-    RemoteProtocolError,
-)
+from ._errors import BrokenConnection, ConnectionClosed, HeartbeatTimeout, RemoteProtocolError
 from ._events import ConnectionEnded, Event, HandshakeComplete, PongReceived
 from ._frames import CloseCode, HealthStatus, Hello, Role
 from ._options import ConnectionOptions
@@ -236,14 +231,15 @@ class Connection:
         to wait for room, so that a burst of sends goes out in one write.
 
         Raises :class:`ConnectionClosed` once the connection is closing or
-        closed, and :class:`LocalProtocolError` (code 1009) for a message over
-        the peer's ``max_frame``.
+        closed, :class:`LocalProtocolError` (code 1009) for a message over
+        the peer's ``max_frame``, and :exc:`TypeError` for anything but bytes
+        (a ``bytearray`` or ``memoryview`` is copied, as it may change later).
         """
-        await self._writer.send(self, data)
+        await self._writer.send(self, data if type(data) is bytes else _as_bytes(data))
 
     def send_nowait(self, data: bytes) -> None:
         """Like :meth:`send`, but raises :class:`trio.WouldBlock` when the queue is full."""
-        self._writer.send_nowait(self, data)
+        self._writer.send_nowait(self, data if type(data) is bytes else _as_bytes(data))
 
     async def receive(self) -> bytes:
         """Wait for the next DATA payload.
@@ -595,3 +591,10 @@ class Connection:
             # until a full garbage collection.
             traceback.clear_frames(outcome.cause.__traceback__)
         return outcome
+
+
+def _as_bytes(data: object) -> bytes:
+    # At the call, not later in the writer task: a str is the usual mistake.
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return bytes(data)
+    raise TypeError(f"a message must be bytes, not {type(data).__name__}")
