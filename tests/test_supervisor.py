@@ -663,6 +663,22 @@ async def test_a_full_buffer_waits_with_when_full_wait(
     assert received == numbered(3)
 
 
+async def test_a_message_that_is_not_bytes_is_refused_at_the_call(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Not later, in the pump task, where it would have ended the client (#10)."""
+    received: list[bytes] = []
+    handler, all_in = collecting(received, 1)
+    async with open_memory_network() as network, reconnecting(network) as client:
+        network.listen(ENDPOINT, handler)
+        with pytest.raises(TypeError, match="a message must be bytes, not str"):
+            await client.send("a str")  # type: ignore[arg-type]
+        await client.send(bytearray(b"copied"))  # type: ignore[arg-type]
+        await all_in.wait()
+        assert client.state is SupervisorState.CONNECTED
+    assert received == [b"copied"]
+
+
 async def test_a_send_waiting_for_room_fails_once_the_client_is_closed(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

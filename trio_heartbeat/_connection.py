@@ -57,7 +57,7 @@ from ._state import State
 from ._statistics import ConnectionStatistics
 from ._writer import BEST_EFFORT_SECONDS, Writer
 
-__all__ = ["Connection", "EventListener"]
+__all__ = ["Connection", "EventListener", "as_bytes"]
 
 logger = logging.getLogger("trio_heartbeat")
 
@@ -235,11 +235,11 @@ class Connection:
         the peer's ``max_frame``, and :exc:`TypeError` for anything but bytes
         (a ``bytearray`` or ``memoryview`` is copied, as it may change later).
         """
-        await self._writer.send(self, data if type(data) is bytes else _as_bytes(data))
+        await self._writer.send(self, data if type(data) is bytes else as_bytes(data))
 
     def send_nowait(self, data: bytes) -> None:
         """Like :meth:`send`, but raises :class:`trio.WouldBlock` when the queue is full."""
-        self._writer.send_nowait(self, data if type(data) is bytes else _as_bytes(data))
+        self._writer.send_nowait(self, data if type(data) is bytes else as_bytes(data))
 
     async def receive(self) -> bytes:
         """Wait for the next DATA payload.
@@ -593,8 +593,8 @@ class Connection:
         return outcome
 
 
-def _as_bytes(data: object) -> bytes:
-    # At the call, not later in the writer task: a str is the usual mistake.
+def as_bytes(data: object) -> bytes:
+    """``data`` as a message, checked at the call (not later, in a task): a str is the usual slip."""
     if isinstance(data, (bytes, bytearray, memoryview)):
         return bytes(data)
     raise TypeError(f"a message must be bytes, not {type(data).__name__}")

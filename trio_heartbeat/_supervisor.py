@@ -44,7 +44,7 @@ import trio
 from ._backoff import DEFAULT_BACKOFF
 from ._client import open_connection
 from ._config import Config
-from ._connection import Connection, EventListener
+from ._connection import Connection, EventListener, as_bytes
 from ._endpoints import EndpointCycle, EndpointSource, format_endpoint
 from ._errors import (
     BrokenConnection,
@@ -224,9 +224,9 @@ class ReconnectingClient:
         messages; when that is full, ``send`` waits (``when_full="wait"``) or
         raises :class:`trio.WouldBlock` (``"fail"``). A cancelled ``send`` has
         accepted nothing. Raises :class:`ReconnectFailed` once the client is
-        closing or has stopped.
+        closing or has stopped, and :exc:`TypeError` for anything but bytes.
         """
-        await self._mailbox.send(data, self._refusal)
+        await self._mailbox.send(data if type(data) is bytes else as_bytes(data), self._refusal)
 
     def _refusal(self) -> ReconnectFailed | None:
         if self._closing or self._state is SupervisorState.CLOSED:
