@@ -69,14 +69,19 @@ class BufferBudget:
         return victims
 
     def give(self, holder: Hashable, nbytes: int) -> None:
-        """``holder`` took ``nbytes`` out of its queues (written, or received by the application)."""
+        """``holder`` took ``nbytes`` out of its queues (written, or received by the application).
+
+        Only what it holds counts: a connection released when it ended may
+        still hand its last messages to the application afterwards.
+        """
         held = self._held
-        left = held.get(holder, 0) - nbytes
-        if left > 0:
-            held[holder] = left
+        had = held.get(holder, 0)
+        if had > nbytes:
+            held[holder] = had - nbytes
+            self.used -= nbytes
         else:
             held.pop(holder, None)
-        self.used -= nbytes
+            self.used -= had
 
     def release(self, holder: Hashable) -> None:
         """``holder`` holds nothing any more (it ended, or was cut off)."""
