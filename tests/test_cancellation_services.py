@@ -19,10 +19,9 @@ virtual-time sweep. Every run must end cleanly:
 * nothing ``send`` accepted is duplicated or reordered, and a cancelled
   ``receive`` loses nothing.
 
-The sweeps found bugs. Each one has a strict xfail reproduction at the end of
-this file, and the sweeps tolerate exactly that bug (see ``KNOWN BUGS``)
-while they keep checking everything else; once a bug is fixed its xfail
-passes, fails the suite (strict), and the tolerance can go.
+The sweeps found bugs. Each one has its smallest reproduction at the end of
+this file (strict xfails until issue #10 fixed them), and the sweeps now
+tolerate none of them.
 
 Only public names are used: ``trio_heartbeat`` and ``trio_heartbeat.testing``.
 """
@@ -50,25 +49,6 @@ ENDPOINT = "server:9000"
 
 def client_config(instance_id: str) -> thb.Config:
     return thb.Config(interval=1.0, timeout=3.0, close_timeout=1.0, instance_id=instance_id)
-
-
-# -- KNOWN BUGS: what the sweeps tolerate, each pinned by a strict xfail below ---------------
-
-#: A registry disagreement that is no known bug: it fails the test.
-HARD = "hard"
-#: The replaced connection, still closing, outlives the one that took its id
-#: over and stays listed under an id that ``in``/``get()``/``connection()`` no
-#: longer know. See test_an_id_stays_known_while_a_replaced_peer_is_listed.
-ORPHANED_ID = "orphaned id"
-#: A connection that has ended stays listed until its handler (and teardown)
-#: returns. See test_an_ended_connection_is_not_listed.
-ENDED_LISTED = "ended but listed"
-#: A refusal (draining, at capacity) cancelled during its CLOSE write leaves the
-#: stream open. See test_a_cancelled_refusal_closes_the_stream.
-REFUSAL_UNCLOSED = "refusal left the stream open"
-#: A client.send() that raised Cancelled queued its message anyway. See
-#: test_a_cancelled_send_of_the_reconnecting_client_sends_nothing.
-CANCELLED_SEND_DELIVERED = "cancelled send delivered"
 
 
 # -- shared pieces ---------------------------------------------------------------------------
@@ -221,23 +201,23 @@ def health_of(peer_id: str, status: HealthStatus) -> Callable[[thb.LivenessRegis
 # -- the registry agrees with itself -----------------------------------------------------------
 
 
-def registry_problems(registry: thb.LivenessRegistry) -> list[tuple[str, str]]:
-    """Every way ``registry`` disagrees with itself right now, as (kind, what).
+def registry_problems(registry: thb.LivenessRegistry) -> list[str]:
+    """Every way ``registry`` disagrees with itself right now.
 
     Listed connections and snapshots match one to one, in order, and none has
     ended; an id answers alike in ``get``, ``connection`` and ``in``, with the
     newest listed connection that carries it (a newer one takes an id over).
     """
-    problems: list[tuple[str, str]] = []
+    problems: list[str] = []
     conns = registry.connections()
     infos = registry.snapshot()
     if not len(registry) == len(conns) == len(infos):
-        problems.append((HARD, f"len {len(registry)}, {len(conns)} conns, {len(infos)} infos"))
+        problems.append(f"len {len(registry)}, {len(conns)} conns, {len(infos)} infos")
     for conn, info in zip(conns, infos, strict=False):
         if info.peer_id != (conn.peer_id or "") or info.address != conn.remote_address:
-            problems.append((HARD, f"snapshot {info} is not {conn.remote_address}"))
+            problems.append(f"snapshot {info} is not {conn.remote_address}")
         if conn.closed is not None or info.state is thb.State.CLOSED:
-            problems.append((ENDED_LISTED, f"{conn.remote_address} listed, {info.state}"))
+            problems.append(f"{conn.remote_address} listed, {info.state}")
     newest: dict[str, thb.Connection] = {}
     for conn in conns:
         if conn.peer_id:
@@ -247,22 +227,15 @@ def registry_problems(registry: thb.LivenessRegistry) -> list[tuple[str, str]]:
         got = registry.get(peer_id)
         present = peer_id in registry
         if not (found is not None) == (got is not None) == present:
-            problems.append((HARD, f"{peer_id!r}: connection {found}, get {got}, in {present}"))
+            problems.append(f"{peer_id!r}: connection {found}, get {got}, in {present}")
         if found is not None and found not in conns:
-            problems.append((HARD, f"{peer_id!r} answers with an unlisted connection"))
+            problems.append(f"{peer_id!r} answers with an unlisted connection")
         if got is not None and got.peer_id != peer_id:
-            problems.append((HARD, f"get({peer_id!r}) is {got}"))
+            problems.append(f"get({peer_id!r}) is {got}")
         listed = newest.get(peer_id)
         if listed is not found:
-            kind = HARD
-            if found is None and listed is not None and listed.state is not thb.State.OPEN:
-                kind = ORPHANED_ID  # only replaced, closing connections carry the id
-            problems.append((kind, f"{peer_id!r} is {found}, the newest listed {listed}"))
+            problems.append(f"{peer_id!r} is {found}, the newest listed {listed}")
     return problems
-
-
-def hard(problems: list[tuple[str, str]]) -> list[str]:
-    return [what for kind, what in problems if kind == HARD]
 
 
 # -- 1. the server, cancelled at every step ------------------------------------------------------
@@ -302,7 +275,7 @@ class ServerRun:
     tasks_before: int = 0
     tasks_after: int = 0
     outside_waiter_woke: bool = False
-    problems: list[tuple[str, str]] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
 
 
 async def server_scenario(
@@ -446,15 +419,10 @@ def check_server_run(run: ServerRun) -> None:
         assert run.finished != run.cancelled
     # Nothing is left: no task, no open stream, no count, no entry.
     assert run.tasks_after == run.tasks_before
-    unclosed = []
     for name, stream in run.streams.items():
-        if not stream.closed and name == "epsilon" and run.escaped.get(f"handle_stream {name}"):
-            run.problems.append((REFUSAL_UNCLOSED, name))
-            unclosed.append(name)
-            continue
-        assert stream.closed, name
-    # A raw peer waits for the end in vain only where that bug left its stream open.
-    assert run.hung == (unclosed if run.mode == SERVER_ONLY else []), run.hung
+        assert stream.closed, name  # a cancelled refusal (epsilon's) included
+    # No raw peer waited for the end in vain.
+    assert run.hung == [], run.hung
     for stream in run.client_streams:
         assert stream.closed
     stats = server.statistics()
@@ -465,7 +433,7 @@ def check_server_run(run: ServerRun) -> None:
     assert "alpha" not in server.registry
     assert server.registry.get("alpha") is None
     assert registry_problems(server.registry) == []
-    assert hard(run.problems) == [], hard(run.problems)[:5]
+    assert run.problems == [], run.problems[:5]
     # Every change woke the watcher, in order; the waiter outside woke once all was gone.
     assert run.changes == sorted(set(run.changes))
     assert run.outside_waiter_woke == (server.registry.version > 0)
@@ -543,8 +511,9 @@ PREDICATES: list[tuple[str, Callable[[thb.LivenessRegistry], bool]]] = [
     ("b gone", lambda r: "b" not in r and r.version > 0),
     ("empty", lambda r: len(r) == 0 and r.version > 0),
 ]
-#: Registry changes in one scenario: 3 peers join and end, 2 change health.
-CHANGES = 8
+#: Registry changes in one scenario: 3 peers join, 2 change health, 2 end; the
+#: third end is the replaced peer's, unlisted in the change that lists its successor.
+CHANGES = 7
 
 
 @dataclass
@@ -555,7 +524,7 @@ class RegistryRun:
     escaped: dict[str, BaseException | None] = field(default_factory=dict)
     wakes: list[tuple[int, int]] = field(default_factory=list)  # (version before, after)
     held: list[str] = field(default_factory=list)  # wait_until() predicates, on return
-    problems: list[tuple[str, str]] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
     fresh_woke: bool = False
     tasks_before: int = 0
     tasks_after: int = 0
@@ -598,7 +567,7 @@ async def registry_scenario(server: thb.Server, nursery: trio.Nursery) -> None:
     await registry.wait_until(lambda r: len(r) == 2)
     nursery.start_soon(peer, server, nursery, "p3", "a", p3_out, HealthStatus.NOT_SERVING)
     await registry.wait_until(health_of("a", HealthStatus.NOT_SERVING))
-    await registry.wait_until(lambda r: len(r) == 2)  # p1, replaced, is gone
+    assert len(registry) == 2  # p1, replaced, went as p3 came
     p2_out.set()
     await registry.wait_until(lambda r: "b" not in r)
     p3_out.set()
@@ -677,7 +646,7 @@ def check_registry_run(run: RegistryRun) -> None:
     # The cancellations changed nothing: every change counted, and waiters still wake.
     assert registry.version == CHANGES + 2
     assert run.fresh_woke
-    assert hard(run.problems) == [], hard(run.problems)[:5]
+    assert run.problems == [], run.problems[:5]
     assert registry_problems(registry) == []
     assert len(registry) == 0
     stats = run.server.statistics()
@@ -902,7 +871,6 @@ class CallsRun:
     accepted: list[bytes] = field(default_factory=list)  # sends that returned
     refused: list[bytes] = field(default_factory=list)  # sends that raised Cancelled
     escaped: list[tuple[str, BaseException]] = field(default_factory=list)
-    known: list[str] = field(default_factory=list)
 
 
 async def calls_scenario(
@@ -997,12 +965,8 @@ def check_calls_run(run: CallsRun) -> None:
     # A cancelled receive lost nothing: every echo came, once, in order.
     assert run.received == run.server_got
     # Nothing accepted was lost (no connection died with it in hand), nothing was
-    # duplicated or reordered.
-    assert run.server_got == sorted(set(run.server_got)), run.server_got
-    assert set(run.accepted) <= set(run.server_got), (run.accepted, run.server_got)
-    assert set(run.server_got) <= set(run.accepted) | set(run.refused)
-    if set(run.refused) & set(run.server_got):
-        run.known.append(CANCELLED_SEND_DELIVERED)
+    # duplicated or reordered, and a send that raised Cancelled sent nothing.
+    assert run.server_got == run.accepted, (run.accepted, run.refused, run.server_got)
 
 
 async def test_each_call_of_the_reconnecting_client_cancelled_at_every_step(
@@ -1090,7 +1054,7 @@ async def test_serve_tcp_cancelled_from_outside_raises_one_cancelled() -> None:
     assert [type(exc) for exc in escaped] == [trio.Cancelled], escaped
 
 
-# -- bugs the sweeps found: the smallest reproductions ------------------------------------------
+# -- bugs the sweeps found, fixed since: the smallest reproductions ---------------------------
 
 
 async def mute_client(stream: trio.abc.Stream, instance_id: str) -> None:
@@ -1105,13 +1069,10 @@ async def mute_client(stream: trio.abc.Stream, instance_id: str) -> None:
     await stream.send_all(core.data_to_send())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Server._refuse() closes the stream after its CLOSE write, not in a finally: "
-    "a refusal (draining, at capacity) cancelled during that write leaves the stream "
-    "open, and the refused peer waits for an end that never comes",
-)
 async def test_a_cancelled_refusal_closes_the_stream(autojump_clock: MockClock) -> None:
+    """Before issue #10, Server._refuse() closed the stream after its CLOSE write, not in
+    a finally: a refusal (draining, at capacity) cancelled during that write left the
+    stream open, and the refused peer waited for an end that never came."""
     server = thb.Server(echo)
     await server.drain()  # nothing to drain; everyone is refused from now on
     _, server_end = trio.testing.memory_stream_pair()
@@ -1123,12 +1084,11 @@ async def test_a_cancelled_refusal_closes_the_stream(autojump_clock: MockClock) 
     assert stream.closed
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the registry drops a connection when its handler returns, not when it ends: "
-    "one whose peer closed in order stays listed (state CLOSED) while the handler runs",
-)
 async def test_an_ended_connection_is_not_listed(autojump_clock: MockClock) -> None:
+    """Before issue #10, the registry dropped a connection when its handler returned,
+    not when it ended: one whose peer closed in order stayed listed (state CLOSED)
+    while the handler ran."""
+
     async def busy(conn: thb.Connection) -> None:
         await trio.sleep(10.0)  # works on without reading
 
@@ -1143,15 +1103,10 @@ async def test_an_ended_connection_is_not_listed(autojump_clock: MockClock) -> N
         assert [info.state for info in server.registry.snapshot()] == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="when the connection that took an id over ends before the replaced one "
-    "(still closing), the replaced one stays listed under that id while `in`, get() "
-    "and connection() no longer know the id",
-)
-async def test_an_id_stays_known_while_a_replaced_peer_is_listed(
-    autojump_clock: MockClock,
-) -> None:
+async def test_a_replaced_peer_is_unlisted_at_once(autojump_clock: MockClock) -> None:
+    """Once a newer connection takes its id over, the older one leaves the registry
+    in the same change, though it is still closing: an id always names the one
+    connection listed under it, even once the newer one has gone too."""
     server = thb.Server(echo, config=SERVER_CONFIG)
     registry = server.registry
     async with trio.open_nursery() as nursery:
@@ -1159,25 +1114,29 @@ async def test_an_id_stays_known_while_a_replaced_peer_is_listed(
         nursery.start_soon(server.handle_stream, old_server_end, "old")
         await mute_client(old_end, "p")  # will never answer its CLOSE 4000
         await registry.wait_until(lambda r: "p" in r)
+        version = registry.version
         new_end, new_server_end = trio.testing.memory_stream_pair()
         nursery.start_soon(server.handle_stream, new_server_end, "new")
         async with thb.open_stream_connection(new_end, config=client_config("p")):
             await registry.wait_until(served_by("p", "new"))
-        await registry.wait_until(lambda r: len(r) == 1)  # the newer one is gone
-        assert [info.address for info in registry.snapshot()] == ["old"]
-        assert registry_problems(registry) == []  # "p" is listed, but not known
+            assert registry.version == version + 1  # one change: the old out, the new in
+            assert [info.address for info in registry.snapshot()] == ["new"]
+            assert registry_problems(registry) == []
+        await registry.wait_until(lambda r: len(r) == 0)  # the newer one is gone...
+        assert registry_problems(registry) == []
+        assert "p" not in registry
+        # ...while the older one still waits for the answer to its CLOSE 4000.
+        assert server.statistics().active == 1
+        assert trio.current_time() < SERVER_CONFIG.close_timeout
         nursery.cancel_scope.cancel()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ReconnectingClient.send() appends to its buffer before its checkpoint: a "
-    "send that raises Cancelled has queued the message anyway, so a caller who "
-    "sends it again, as Trio's rules allow, sends it twice",
-)
 async def test_a_cancelled_send_of_the_reconnecting_client_sends_nothing(
     autojump_clock: MockClock,
 ) -> None:
+    """Before issue #10, ReconnectingClient.send() appended to its buffer before its
+    checkpoint: a send that raised Cancelled had queued the message anyway, so a
+    caller who sent it again, as Trio's rules allow, sent it twice."""
     got: list[bytes] = []
     async with open_memory_network() as network:
         network.listen(ENDPOINT, collector(got))
@@ -1192,13 +1151,11 @@ async def test_a_cancelled_send_of_the_reconnecting_client_sends_nothing(
     assert got == [b"once"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ReconnectingClient.aclose() returns before the supervisor has stopped: the "
-    "state is still CONNECTED (or BACKING_OFF), .connection is the closed connection, "
-    "and send() accepts a message that is never sent instead of raising ReconnectFailed",
-)
 async def test_after_aclose_the_reconnecting_client_is_closed(autojump_clock: MockClock) -> None:
+    """Before issue #10, ReconnectingClient.aclose() returned before the supervisor had
+    stopped: the state was still CONNECTED (or BACKING_OFF), .connection the closed
+    connection, and send() accepted a message that was never sent instead of raising
+    ReconnectFailed."""
     async with open_memory_network() as network:
         network.listen(ENDPOINT, echo)
         async with thb.open_reconnecting_client([ENDPOINT], connector=network.connect) as client:
@@ -1210,15 +1167,12 @@ async def test_after_aclose_the_reconnecting_client_is_closed(autojump_clock: Mo
             assert client.connection is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="leaving open_reconnecting_client()'s block closes the connection at once: "
-    "messages send() accepted that the pump has not handed over yet stay in the "
-    "buffer and are dropped without a word",
-)
 async def test_messages_sent_just_before_leaving_are_not_dropped(
     autojump_clock: MockClock,
 ) -> None:
+    """Before issue #10, leaving open_reconnecting_client()'s block closed the
+    connection at once: messages send() accepted that the pump had not handed over
+    yet stayed in the buffer and were dropped without a word."""
     # Whether the pump runs before the block is left is up to the scheduler, so
     # try until the message is still in the buffer as the block is left.
     for _ in range(50):
@@ -1238,13 +1192,12 @@ async def test_messages_sent_just_before_leaving_are_not_dropped(
     raise AssertionError("the message never stayed in the buffer")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a connection that fails (reset, timeout) cancels its block, and with it the "
-    "supervisor's forwarder: the message in its hands and the connection's receive "
-    "queue are lost, though the connection had received them (an orderly close keeps them)",
-)
 async def test_messages_received_before_a_reset_are_delivered(autojump_clock: MockClock) -> None:
+    """Before issue #10, a connection that failed (reset, timeout) cancelled its block,
+    and with it the supervisor's forwarder: the message in its hands and the
+    connection's receive queue were lost, though the connection had received them (an
+    orderly close kept them)."""
+
     async def burst(conn: thb.Connection) -> None:
         for n in range(5):
             await conn.send(b"%d" % n)

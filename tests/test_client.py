@@ -35,6 +35,9 @@ from trio_heartbeat import (
 
 #: Small timeouts keep the file fast; the bounds in the tests stay generous.
 FAST = Config(interval=0.05, timeout=0.3, handshake_timeout=0.5, close_timeout=0.3)
+#: As fast as a server can be for a client that keeps the default floors on the
+#: peer's interval and timeout (0.1 s and 0.3 s): FAST's heartbeat is too fast for it.
+AT_THE_FLOORS = dataclasses.replace(FAST, interval=0.1)
 
 
 # -- connecting ------------------------------------------------------------------------
@@ -96,14 +99,14 @@ async def test_keepalive_off_or_refused_by_the_os(
 
 
 async def test_a_client_names_its_server_and_uses_the_default_config() -> None:
-    async with serving(config=FAST) as server:
+    async with serving(config=AT_THE_FLOORS) as server:
         with trio.fail_after(10):
             async with open_connection(LOOPBACK, server.port) as conn:
                 assert conn.role is Role.CLIENT
                 assert conn.config == Config()
                 assert conn.remote_address == f"{LOOPBACK}:{server.port}"
                 assert conn.peer is not None
-                assert conn.peer.interval_ms == 50  # the server's HELLO
+                assert conn.peer.interval_ms == 100  # the server's HELLO
                 await assert_echo(conn)
             closed = conn.closed
             assert closed is not None
@@ -116,7 +119,7 @@ async def test_a_client_names_its_server_and_uses_the_default_config() -> None:
 async def test_keepalive_is_derived_from_the_heartbeat_by_default() -> None:
     config = Config(interval=1.0, timeout=3.0)
     async with (
-        serving(config=FAST) as server,
+        serving(config=AT_THE_FLOORS) as server,
         open_connection(LOOPBACK, server.port, config=config) as conn,
     ):
         applied = read_keepalive(conn.stream.socket)  # type: ignore[attr-defined]
@@ -135,7 +138,7 @@ async def test_a_timeout_too_long_for_keepalive_only_leaves_the_os_default(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     long = Config(interval=10.0, timeout=30 * 86400.0)  # 30 days: more than the kernel takes
-    patient = dataclasses.replace(FAST, accept_timeout=(0.01, 40 * 86400.0))
+    patient = dataclasses.replace(AT_THE_FLOORS, accept_timeout=(0.01, 40 * 86400.0))
     async with serving(config=patient) as server:
         with caplog.at_level(logging.WARNING, logger="trio_heartbeat"):
             async with open_connection(LOOPBACK, server.port, config=long) as conn:

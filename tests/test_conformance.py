@@ -725,7 +725,7 @@ async def test_sigterm_sends_1001_to_every_client_and_exits_0(tmp_path: Path) ->
         assert await server.read_stdout_to_end() == b""
         log = server.stderr()
         assert "SIGTERM: draining 3 connection(s)" in log
-        assert "stopped: 3 accepted, 0 refused" in log
+        assert "stopped: 3 served, 0 refused" in log
 
 
 # -- the client command -------------------------------------------------------------------------

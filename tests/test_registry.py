@@ -15,13 +15,18 @@ from trio_heartbeat import (
     CloseCode,
     Config,
     Connection,
+    Event,
     FrameType,
     HealthStatus,
     LivenessRegistry,
+    PongReceived,
+    Role,
     Server,
     State,
+    open_stream_connection,
 )
 from trio_heartbeat._frames import encode_close, encode_data, encode_ping, encode_pong
+from trio_heartbeat.testing import faulty_stream_pair
 
 CONFIG = Config(interval=1.0, timeout=3.0, handshake_timeout=2.0, close_timeout=1.0)
 
@@ -62,7 +67,10 @@ async def test_a_peer_is_listed_from_handshake_to_end_with_live_facts(
         assert (info.peer_id, info.address, info.state) == ("alpha", "memory:alpha", State.OPEN)
         assert (info.connected_since, info.last_seen) == (0.5, 0.5)
         assert (info.rtt, info.health) == (None, HealthStatus.SERVING)
-        assert (info.frames_in, info.frames_out) == (1, 1)  # the two HELLOs
+        # Our HELLO in; the server's HELLO and its verdict PING on ours out (the
+        # verdict is left unanswered here).
+        assert (info.frames_in, info.frames_out) == (1, 2)
+        await next_frame_of(alpha, FrameType.PING)
 
         # Last seen moves with every frame, without a version bump.
         await trio.sleep(0.25)
@@ -127,6 +135,45 @@ async def test_a_peer_is_listed_from_handshake_to_end_with_live_facts(
 
 def alpha_hello_size() -> int:
     return len(client_hello(instance_id="alpha"))
+
+
+async def test_an_idle_peer_has_a_round_trip_right_after_the_handshake(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The client leads an idle connection's heartbeat, so the server never needs
+    to PING it to know it is alive; the server's verdict PING on the client's HELLO
+    (THB/1 §3.1) still gives the registry the peer's round trip one round trip
+    after the handshake, not at the first RTT refresh minutes later."""
+    measured: list[tuple[float, float | None]] = []
+
+    def on_pong(conn: Connection, event: Event) -> None:
+        if isinstance(event, PongReceived):
+            info = server.registry.get("idle")
+            measured.append((trio.current_time(), None if info is None else info.rtt))
+
+    server = Server(echo, config=CONFIG, listeners=[on_pong])
+    client_end, server_end, faults = faulty_stream_pair()
+    # Each way: a round trip takes 1/16 s, and the client's lead of a tenth of
+    # an interval (0.1 s) is more than that, so the client does lead.
+    faults.set_delay(1 / 32)
+    config = Config(interval=1.0, timeout=3.0, instance_id="idle")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.handle_stream, server_end, "memory:idle")
+        async with open_stream_connection(client_end, role=Role.CLIENT, config=config) as conn:
+            opened = trio.current_time()
+            await trio.sleep(10)  # idle: the client leads, every 0.9 s
+            # The server's HELLO goes at 0, the client's arrives at 2/32 and the
+            # verdict PING goes at once; its PONG is back at 4/32.
+            assert measured == [(4 / 32, 2 / 32)]
+            info = server.registry.get("idle")
+            assert info is not None
+            assert info.rtt == 2 / 32
+            server_conn = server.registry.connection("idle")
+            assert server_conn is not None
+            assert server_conn.statistics().pings_sent == 1  # the verdict alone
+            assert conn.statistics().pings_sent == 11  # 0.9 s after its last word, from 3/32
+            assert opened == 3 / 32  # the verdict opened the client's block
+        nursery.cancel_scope.cancel()
 
 
 async def test_health_reported_before_listing_shows_in_the_entry_without_a_bump(

@@ -108,7 +108,13 @@ async def test_handler_that_returns_closes_with_1000(
         peer = RawPeer(attach(nursery, server))
         await peer.handshake()
         assert await peer.read_close() == CloseCode.NORMAL
-        assert frame_types(peer) == [FrameType.HELLO, FrameType.DATA, FrameType.CLOSE]
+        # The verdict PING on our HELLO (answered by read_close), then the handler's words.
+        assert frame_types(peer) == [
+            FrameType.HELLO,
+            FrameType.PING,
+            FrameType.DATA,
+            FrameType.CLOSE,
+        ]
         await peer.send(encode_close(CloseCode.NORMAL))
         assert await peer.read_until_end() == []
     assert server.statistics().closed_by_code == {CloseCode.NORMAL: 1}
@@ -149,7 +155,13 @@ async def test_event_listeners_see_every_connection(
         stream = attach(nursery, server, "memory:1")
         async with open_stream_connection(stream, role=Role.CLIENT):
             pass
-    assert seen == [("memory:1", "HandshakeComplete"), ("memory:1", "ConnectionEnded")]
+    # The client's block opens on the server's verdict PING, whose PONG it sends
+    # before the CLOSE of the block it leaves at once.
+    assert seen == [
+        ("memory:1", "HandshakeComplete"),
+        ("memory:1", "PongReceived"),
+        ("memory:1", "ConnectionEnded"),
+    ]
 
 
 # -- limits --------------------------------------------------------------------------
@@ -234,13 +246,14 @@ async def test_a_blackholed_peer_is_cut_off_at_the_timeout(
         assert trio.current_time() == CONFIG.timeout
     assert ended == [3.0]
     frames = await peer.read_until_end()
-    # Our PINGs went out at the send interval until the peer was given up.
-    assert [frame.type for frame in frames] == [FrameType.PING] * 2 + [FrameType.CLOSE]
+    # Our PINGs went out, the verdict at once and then at the send interval (at
+    # 0, 1 and 2), until the peer was given up.
+    assert [frame.type for frame in frames] == [FrameType.PING] * 3 + [FrameType.CLOSE]
     assert close_codes(peer) == [CloseCode.HEARTBEAT_TIMEOUT]
     assert server.statistics().closed_by_code == {CloseCode.HEARTBEAT_TIMEOUT: 1}
 
 
-@pytest.mark.parametrize(("write_timeout", "cut_at"), [(None, 3.5), (0.25, 0.75)])
+@pytest.mark.parametrize(("write_timeout", "cut_at"), [(None, 3.0), (0.25, 0.25)])
 async def test_a_peer_that_pings_but_never_reads_is_cut_off_by_the_write_timeout(
     autojump_clock: trio.testing.MockClock, write_timeout: float | None, cut_at: float
 ) -> None:
@@ -260,7 +273,8 @@ async def test_a_peer_that_pings_but_never_reads_is_cut_off_by_the_write_timeout
         await peer.handshake()
         with suppress(trio.BrokenResourceError):  # the server hung up on us
             await ping_forever(peer)
-    # The first PONG (for the PING at 0.5) never got through.
+    # The server's first write after the handshake, its verdict PING at 0, never
+    # got through (nor did the PONGs queued behind it).
     assert ended == [cut_at]
     assert len(server.registry) == 0
     stats = server.statistics()
@@ -345,13 +359,19 @@ async def test_set_health_reaches_connected_peers_at_once_and_later_ones_in_hell
         peer = RawPeer(attach(nursery, server))
         hello = await peer.handshake()
         assert hello.status is HealthStatus.SERVING
-        await trio.sleep(0.25)
+        verdict = await peer.receive_frame()
+        assert verdict is not None
+        assert verdict.type is FrameType.PING
+        assert HealthStatus(verdict.payload[8]) is HealthStatus.SERVING
+        # Past the rate rule's half interval after the verdict (and before the
+        # next heartbeat, due at 1.0), a change of health goes out at once.
+        await trio.sleep(0.75)
         server.set_health(HealthStatus.DEGRADED)
         frame = await peer.receive_frame()
         assert frame is not None
         assert frame.type is FrameType.PING
         assert HealthStatus(frame.payload[8]) is HealthStatus.DEGRADED
-        assert trio.current_time() == 0.25
+        assert trio.current_time() == 0.75
         later = RawPeer(attach(nursery, server))
         assert (await later.read_hello()).status is HealthStatus.DEGRADED
         nursery.cancel_scope.cancel()

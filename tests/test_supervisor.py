@@ -70,6 +70,7 @@ from trio_heartbeat._frames import (
     Role,
     encode_close,
     encode_hello,
+    encode_ping,
 )
 from trio_heartbeat.testing import (
     Direction,
@@ -363,12 +364,11 @@ async def test_a_refused_secret_stops_at_the_first_attempt(
     assert info.value.last_error is not None
     assert info.value.last_error.code == CloseCode.POLICY_VIOLATION
     assert info.value.last_error.by_peer
-    # The client is OPEN once HELLOs are exchanged; the server checks the
-    # client's HELLO after that and closes at once.
+    # The client's block waits for the server's verdict on its HELLO; a refusal
+    # is that verdict, so the attempt failed and the client was never connected.
     assert record.summary() == [
         (0.0, "attempt", 1, ENDPOINT),
-        (0.0, "connected", 1, ENDPOINT),
-        (0.0, "disconnected", ENDPOINT, CloseCode.POLICY_VIOLATION, 0.0),
+        (0.0, "failed", 1, ENDPOINT, CloseCode.POLICY_VIOLATION),
         (0.0, "stopped", info.value.last_error),
     ]
 
@@ -473,7 +473,10 @@ async def test_a_connection_up_for_healthy_after_resets_the_backoff(
     delays = [event.delay for _, event in record.of(BackingOff)]
     assert delays[:6] == [first[0], first[1], first[0], first[1], first[2], first[3]]
     assert delays[2] <= 1.0  # drawn from the first envelope again
-    assert [event.attempt for _, event in record.of(BackingOff)][:6] == [2, 3, 1, 2, 3, 4]
+    # The backoff starts over; the events still number the attempts over the
+    # client's life, as a person counts them.
+    assert [event.attempt for _, event in record.of(BackingOff)][:6] == [2, 3, 4, 5, 6, 7]
+    assert [event.attempt for _, event in record.of(Connected)][:6] == [1, 2, 3, 4, 5, 6]
 
 
 async def test_the_reset_happens_at_exactly_healthy_after(
@@ -672,8 +675,8 @@ async def test_a_message_that_is_not_bytes_is_refused_at_the_call(
     async with open_memory_network() as network, reconnecting(network) as client:
         network.listen(ENDPOINT, handler)
         with pytest.raises(TypeError, match="a message must be bytes, not str"):
-            await client.send("a str")  # type: ignore[arg-type]
-        await client.send(bytearray(b"copied"))  # type: ignore[arg-type]
+            await client.send("a str")
+        await client.send(bytearray(b"copied"))
         await all_in.wait()
         assert client.state is SupervisorState.CONNECTED
     assert received == [b"copied"]
@@ -1176,7 +1179,8 @@ async def test_an_error_in_the_block_propagates_as_itself(
 # -- a reconnect storm -----------------------------------------------------------------
 
 
-#: A server HELLO with hour-long heartbeats: the storm's server says it and nothing more.
+#: A server HELLO with hour-long heartbeats: the storm's server says it, its
+#: verdict and nothing more.
 QUIET_HELLO = encode_hello(
     Hello(
         role=Role.SERVER,
@@ -1189,19 +1193,25 @@ QUIET_HELLO = encode_hello(
 )
 
 
+#: The PING that accepts a client's HELLO (THB/1 §3.1): the client is connected once it arrives.
+VERDICT_PING = encode_ping(bytes(8), HealthStatus.SERVING)
+
 QUIET = Config(interval=3600.0, timeout=3600.0)
 
 
 async def hello_then_listen(stream: trio.abc.Stream, address: str) -> None:
     # A THB/1 server cut down to its handshake and its goodbye: the cheapest
     # peer a supervisor can be connected to, so that 1,000 of them run in a
-    # second or two. With hour-long heartbeats nothing else comes.
+    # second or two. With hour-long heartbeats nothing else comes (the PONG
+    # that answers the verdict is read and ignored).
     await stream.send_all(QUIET_HELLO)
     decoder = FrameDecoder(max_frame=1 << 20)
     while data := await stream.receive_some():
         decoder.receive_data(data)
         for frame in decoder.frames():
-            if isinstance(frame, Close):
+            if isinstance(frame, Hello):
+                await stream.send_all(VERDICT_PING)
+            elif isinstance(frame, Close):
                 await stream.send_all(encode_close(frame.code, frame.reason))
                 return
 
