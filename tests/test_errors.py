@@ -158,7 +158,7 @@ def test_internal_exceptions_round_trip_with_notes(
     exc: HeartbeatError, copier: Callable[[HeartbeatError], Any]
 ) -> None:
     exc = copy.copy(exc)
-    exc.__notes__ = ["while reading the command line"]  # type: ignore[attr-defined]
+    exc.__notes__ = ["while reading the command line"]
     copied = copier(exc)
     assert copied is not exc
     assert described(copied) == described(exc)

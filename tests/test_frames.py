@@ -669,4 +669,4 @@ def test_a_health_status_prints_as_its_name() -> None:
     assert f"{HealthStatus.NOT_SERVING}" == "NOT_SERVING"
     assert f"[{HealthStatus.DEGRADED:>10}]" == "[  DEGRADED]"
     assert "%s" % HealthStatus.SERVING == "SERVING"  # noqa: UP031 (logging formats this way)
-    assert HealthStatus.DEGRADED == 1  # still the byte on the wire
+    assert int(HealthStatus.DEGRADED) == 1  # still the byte on the wire

@@ -552,7 +552,8 @@ def test_a_table_of_outstanding_pings_is_kept_only_while_some_are() -> None:
     first = heartbeat.sent(0.0)
     second = heartbeat.sent(0.5)
     assert heartbeat.answered(first, 0.25) == 0.25
-    assert heartbeat._outstanding == {second: 0.5}
+    table = heartbeat._outstanding
+    assert table == {second: 0.5}
     assert heartbeat.answered(second, 0.75) == 0.25
     assert heartbeat._outstanding is None
     assert heartbeat.answered(second, 1.0) is None  # a PONG echoed twice measures nothing
