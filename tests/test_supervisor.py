@@ -177,6 +177,53 @@ async def test_going_away_reconnects_at_once_to_the_next_endpoint(
     assert record.of(BackingOff) == []
 
 
+async def test_a_server_that_sends_everyone_away_gets_backoff_after_the_first_time(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """1001 right after every handshake: at once the first time only, then backoff (#10).
+
+    Before, each 1001 reconnected at once: about 540 reconnects a second.
+    """
+    record = Recorder()
+
+    async def go_away(conn: Connection) -> None:
+        await conn.aclose(CloseCode.GOING_AWAY)
+
+    async with open_memory_network() as network:
+        network.listen(ENDPOINT, go_away)
+        async with reconnecting(
+            network, record=record, backoff=ExponentialBackoff(base=1.0, factor=2.0, cap=8.0)
+        ):
+            await trio.sleep(20.0)
+
+    assert record.times(AttemptStarted) == [0.0, 0.0, 1.0, 3.0, 7.0, 15.0]
+    assert [event.delay for _, event in record.of(BackingOff)] == [1.0, 2.0, 4.0, 8.0, 8.0]
+    assert all(event.error.code == CloseCode.GOING_AWAY for _, event in record.of(Disconnected))
+
+
+async def test_going_away_after_a_healthy_spell_reconnects_at_once_again(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    record = Recorder()
+    lifetimes = iter([0.0, 0.0, 12.0, 0.0])
+
+    async def go_away_later(conn: Connection) -> None:
+        await trio.sleep(next(lifetimes, 3600.0))
+        await conn.aclose(CloseCode.GOING_AWAY)
+
+    async with open_memory_network() as network:
+        network.listen(ENDPOINT, go_away_later)
+        async with reconnecting(
+            network, record=record, backoff=ConstantBackoff(5.0), healthy_after=10.0
+        ):
+            await trio.sleep(30.0)
+
+    # The first 1001 at once, the second backs off; 12 s up is healthy again,
+    # so the 1001 that ends it is a first one (at once), and the next is not.
+    assert record.times(AttemptStarted) == [0.0, 0.0, 5.0, 17.0, 22.0]
+    assert record.times(BackingOff) == [0.0, 17.0]
+
+
 async def test_going_away_then_a_failed_attempt_backs_off(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -680,6 +727,42 @@ async def test_a_message_that_is_not_bytes_is_refused_at_the_call(
         await all_in.wait()
         assert client.state is SupervisorState.CONNECTED
     assert received == [b"copied"]
+
+
+@pytest.mark.parametrize("count", [1, 1000])
+async def test_what_was_sent_just_before_leaving_the_block_is_delivered(
+    autojump_clock: trio.testing.MockClock, count: int
+) -> None:
+    """Leaving the block flushes what send() accepted (#10: 1 of 1 was lost, 1 of 1,000)."""
+    received: list[bytes] = []
+    handler, _ = collecting(received, count)
+    async with open_memory_network() as network:
+        network.listen(ENDPOINT, handler)
+        async with reconnecting(network) as client:
+            for message in numbered(count):
+                await client.send(message)
+        await trio.testing.wait_all_tasks_blocked()
+    assert received == numbered(count)
+
+
+async def test_what_could_not_be_sent_by_the_close_timeout_is_named_in_the_error(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Three sends while the server is down, then leaving: never a silent loss."""
+    record = Recorder()
+
+    async def send_three_and_leave(network: MemoryNetwork) -> None:
+        async with reconnecting(network, record=record, backoff=ConstantBackoff(0.5)) as client:
+            for message in numbered(3):
+                await client.send(message)
+
+    async with open_memory_network() as network:
+        with pytest.raises(UndeliveredMessages) as info:
+            await send_three_and_leave(network)
+    assert info.value.messages == numbered(3)
+    assert str(info.value).startswith("3 messages accepted by send() not delivered: ")
+    assert trio.current_time() == Config().close_timeout  # it kept trying until then
+    assert record.of(Stopped)
 
 
 async def test_a_send_waiting_for_room_fails_once_the_client_is_closed(

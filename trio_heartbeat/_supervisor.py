@@ -350,14 +350,14 @@ class ReconnectingClient:
                     error,
                     attempt,
                 )
+            if uptime is not None and uptime >= self.healthy_after:
+                went_away = False  # a healthy spell: the next 1001 is a first one again
             if error.code == CloseCode.GOING_AWAY and uptime is not None:
                 self._endpoints.failed()  # the server asked us to come back, perhaps elsewhere
                 # At once, the first time since the last healthy connection;
                 # a server that sends every newcomer away gets backoff instead.
                 wait_first = went_away
-                went_away = uptime < self.healthy_after
-            elif uptime is not None and uptime >= self.healthy_after:
-                went_away = False
+                went_away = True
 
     async def _back_off(self, attempt: int, delay: float) -> None:
         if self._nudged:
