@@ -173,3 +173,26 @@ def test_an_outcome_is_a_frozen_value() -> None:
     assert outcome == left_early(1000, "", False)
     with pytest.raises(AttributeError):
         outcome.code = 1001  # type: ignore[misc]
+
+
+def traceback_of(exc: BaseException) -> object:
+    """``exc.__traceback__``, read afresh (mypy would narrow it from an earlier assert)."""
+    return exc.__traceback__
+
+
+def test_a_transport_error_is_kept_without_tracebacks() -> None:
+    """Their frames lead to the connection, which would outlive its end (#10)."""
+    try:
+        try:
+            raise ConnectionResetError(errno.ECONNRESET, "reset by peer")
+        except OSError as os_error:
+            raise trio.BrokenResourceError("socket connection broken") from os_error
+    except trio.BrokenResourceError as raised:
+        error = raised
+    assert error.__traceback__ is not None
+    assert error.__cause__ is not None
+    cause = error.__cause__
+    outcome = transport_failed(error, by_peer=True)
+    assert outcome.cause is error
+    assert [traceback_of(error), traceback_of(cause)] == [None, None]
+    assert outcome.reason == "connection lost: connection reset by peer"

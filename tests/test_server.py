@@ -9,9 +9,11 @@ we can assert exactly. Real sockets are in ``test_tcp.py``.
 from __future__ import annotations
 
 import errno
+import gc
 import logging
-from collections.abc import Awaitable, Callable
-from contextlib import suppress
+import weakref
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import AbstractAsyncContextManager, contextmanager, suppress
 from types import SimpleNamespace
 from typing import cast
 
@@ -20,6 +22,7 @@ import trio
 import trio.testing
 from helpers import RawPeer, client_hello, echo
 
+import trio_heartbeat as thb
 from trio_heartbeat import (
     CloseCode,
     Config,
@@ -60,6 +63,12 @@ def attach(
 
     nursery.start_soon(serve)
     return client_end
+
+
+def socket_pair() -> tuple[trio.abc.Stream, trio.abc.Stream]:
+    """Two ends of a connected Unix socket pair: real kernel buffers, real backpressure."""
+    one, other = trio.socket.socketpair()
+    return trio.SocketStream(one), trio.SocketStream(other)
 
 
 def close_codes(peer: RawPeer) -> list[int]:
@@ -300,6 +309,57 @@ async def test_a_peer_that_floods_data_but_never_reads_does_not_pin_the_server(
     assert ended == [CONFIG.timeout]
     assert server.statistics().active == 0
     assert len(server.registry) == 0
+
+
+async def test_a_flood_past_the_buffer_budget_is_cut_off_with_1013_and_others_are_served(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The server bounds what all its connections buffer together (#10).
+
+    The flooder never reads, so its echoes and its input pile up; long before
+    any timeout (the write timeout is 100 s here) the budget runs out, and
+    the connection that holds the most is cut off with 1013 at once. (A real
+    socket pair: the server's reader must keep reading while its writes wait.)
+    """
+    server = Server(
+        echo,
+        config=CONFIG,
+        options=ConnectionOptions(write_timeout=100.0),
+        max_buffered_bytes=50_000,
+    )
+    ended: list[float] = []
+    async with trio.open_nursery() as nursery:
+        good = RawPeer(attach(nursery, server, "memory:good"))
+        await good.handshake()
+        flooder = RawPeer(attach(nursery, server, "socketpair:flooder", ended, pair=socket_pair))
+        await flooder.handshake()
+        with pytest.raises(trio.BrokenResourceError):
+            await flooder.send(encode_data(b"x" * 1000) * 1000)
+        assert trio.current_time() == 0.0  # cut at once, not at a timeout
+        await flooder.aclose()
+        await good.send(encode_data(b"still served"))
+        while (frame := await good.receive_frame()) is not None:
+            if frame.type is FrameType.DATA:
+                break
+        assert frame is not None
+        assert frame.payload == b"still served"
+        assert ended == [0.0]
+        await good.send(encode_close(CloseCode.NORMAL, ""))
+    stats = server.statistics()
+    assert stats.closed_by_code == {CloseCode.TRY_AGAIN_LATER: 1, CloseCode.NORMAL: 1}
+    assert close_codes(flooder) in ([], [CloseCode.TRY_AGAIN_LATER])  # it never read
+    budget = server.options.budget
+    assert budget is not None
+    assert (budget.limit, budget.used) == (50_000, 0)  # all released
+
+
+async def test_serve_tcp_listens_on_loopback_unless_told_otherwise() -> None:
+    """One safe default, the same as the command line's (#10: it was every interface)."""
+    server = Server(echo, config=CONFIG)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve_tcp, 0)
+        assert [listener.socket.getsockname()[0] for listener in server.listeners] == ["127.0.0.1"]
+        nursery.cancel_scope.cancel()
 
 
 # -- identity and health ---------------------------------------------------------------------
@@ -666,3 +726,124 @@ async def test_the_registry_lists_handshaken_connections_only(
         assert trio.current_time() == 1
         assert [event.peer.instance_id for event in opened] == ["late"]
         nursery.cancel_scope.cancel()
+
+
+# -- memory: an ended connection is freed without the collector (real sockets) -------------
+
+
+GC_CONFIG = thb.Config(interval=0.1, timeout=0.3, close_timeout=0.2, handshake_timeout=0.5)
+ROUTES = [
+    "orderly",
+    "client-cancelled",
+    "client-block-error",
+    "eof",
+    "silent-peer",
+    "protocol-error",
+    "handler-error",
+    "handler-returns",
+    "flood-without-reading",
+    "handshake-timeout",
+    "reconnecting-client",
+]
+
+
+@contextmanager
+def collector_disabled() -> Iterator[None]:
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+async def run_route(route: str, refs: list[weakref.ref[thb.Connection]]) -> None:
+    def remember(conn: thb.Connection, event: thb.Event) -> None:
+        if not any(ref() is conn for ref in refs):
+            refs.append(weakref.ref(conn))
+
+    async def handler(conn: thb.Connection) -> None:
+        if route == "handler-error":
+            raise ValueError("the handler's own bug")
+        if route == "handler-returns":
+            return
+        async for message in conn:
+            await conn.send(message)
+
+    server = thb.Server(handler, config=GC_CONFIG, listeners=[remember])
+    hello = client_hello(interval_ms=100, timeout_ms=300)
+
+    async def client(port: int) -> None:
+        def open_it() -> AbstractAsyncContextManager[thb.Connection]:
+            return thb.open_connection("127.0.0.1", port, config=GC_CONFIG, listeners=[remember])
+
+        if route == "orderly":
+            async with open_it() as conn:
+                await conn.send(b"x")
+                assert await conn.receive() == b"x"
+        elif route == "client-cancelled":
+            with trio.move_on_after(0.05):
+                async with open_it():
+                    await trio.sleep_forever()
+        elif route == "client-block-error":
+            with pytest.raises(KeyError):
+                async with open_it():
+                    raise KeyError("the caller's own bug")
+        elif route in ("handler-error", "handler-returns"):
+            with pytest.raises(thb.ConnectionClosed):
+                async with open_it() as conn:
+                    await conn.receive()
+        elif route == "reconnecting-client":
+            async with thb.open_reconnecting_client(
+                [f"127.0.0.1:{port}"], config=GC_CONFIG, connection_listeners=[remember]
+            ) as rc:
+                await rc.send(b"x")
+                assert await rc.receive() == b"x"
+        else:
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            async with stream:
+                with suppress(trio.BrokenResourceError):  # the server cuts us off
+                    if route != "handshake-timeout":
+                        await stream.send_all(hello)
+                    if route in ("silent-peer", "handshake-timeout"):
+                        await trio.sleep(0.6)
+                    elif route == "protocol-error":
+                        await stream.send_all(b"\x09\x00\x00\x00\x00\x00")
+                        await trio.sleep(0.3)
+                    elif route == "flood-without-reading":
+                        with trio.move_on_after(2.0):
+                            while True:
+                                await stream.send_all(encode_data(bytes(1 << 19)))
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve_tcp, 0, "127.0.0.1")
+        await client(server.port)
+        with trio.fail_after(10):
+            while server.statistics().active:  # noqa: ASYNC110 (no event says "all ended")
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_an_ended_connection_is_freed_without_the_collector(route: str) -> None:
+    """Whatever ended it, a connection and its buffers go by reference counting alone (#10).
+
+    With the collector disabled, a weak reference to every Connection on
+    both sides (the server's, the client's, the reconnecting client's) must
+    be dead once the run is over. Before #10, every route but an orderly
+    close kept its connections in a reference cycle until a full collection
+    (three rounds of eight flooding peers took a server to 1.5 GB).
+    """
+    refs: list[weakref.ref[thb.Connection]] = []
+    with collector_disabled():
+        trio.run(run_route, route, refs)
+        alive = [ref() for ref in refs if ref() is not None]
+    raw = route in (
+        "eof",
+        "silent-peer",
+        "protocol-error",
+        "flood-without-reading",
+        "handshake-timeout",
+    )
+    assert len(refs) == (1 if raw else 2)  # the server's, and our client's unless it is raw bytes
+    assert alive == []

@@ -102,10 +102,14 @@ def transport_failed(exc: BaseException, *, by_peer: bool) -> Outcome:
     """The stream failed under us: a broken connection (1006), with the stream's error as cause.
 
     A stream of the caller's own that lets an :class:`OSError` out is reported
-    as Trio's streams would report it, so every transport reads alike.
+    as Trio's streams would report it, so every transport reads alike. The
+    error and the errors behind it are kept without their tracebacks: those
+    lead through our finished frames (and their callers') to the connection,
+    which would live on with its buffers until a full garbage collection.
     """
     if isinstance(exc, OSError):
         exc = stream_error(exc)
+    _drop_tracebacks(exc)
     return Outcome(
         BrokenConnection,
         CloseCode.ABNORMAL_CLOSURE,
@@ -114,6 +118,15 @@ def transport_failed(exc: BaseException, *, by_peer: bool) -> Outcome:
         True,
         exc,
     )
+
+
+def _drop_tracebacks(exc: BaseException) -> None:
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and not any(current is done for done in seen):
+        seen.append(current)
+        current.__traceback__ = None
+        current = current.__cause__ or current.__context__
 
 
 def left_early(code: int | None, reason: str, by_peer: bool) -> Outcome:
