@@ -446,3 +446,41 @@ def test_rounds_of_peers_that_flood_without_reading_leave_the_server_no_bigger()
     assert after_round[-1] - after_round[-2] < 8 << 20, sizes
     assert after_round[-1] - after_round[0] < 64 << 20, sizes
     assert log.count("ended with 1011") == 32, log  # every flooder was convicted, none hung on
+
+
+def test_a_client_stopped_longer_than_the_timeout_hears_the_servers_verdict() -> None:
+    """SIGSTOP, then SIGCONT: the server convicted it meanwhile, and it says so (#10).
+
+    On resuming, its own timer has long expired too, but the server's CLOSE
+    1011 is waiting in the socket: the client reads it before convicting
+    anyone, reports the end as the peer's, and reconnects.
+    """
+    with serving("--interval", "0.3", "--timeout", "1") as (port, server):
+        client = subprocess.Popen(
+            [*CLI, "connect", "--interval", "0.3", "--timeout", "1", f"127.0.0.1:{port}"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.extend(client.stderr or ()), daemon=True)
+        reader.start()
+        deadline = time.monotonic() + 30
+        while not any("connected to" in line for line in lines):
+            assert time.monotonic() < deadline, lines
+            time.sleep(0.05)
+        client.send_signal(signal.SIGSTOP)
+        time.sleep(2.5)  # the server's timeout is 1 s
+        client.send_signal(signal.SIGCONT)
+        while sum("connected to" in line for line in lines) < 2:
+            assert time.monotonic() < deadline, lines
+            time.sleep(0.05)
+        client.communicate(input="", timeout=30)
+        reader.join(10)
+        log = stop(server)
+    ended = [line for line in lines if "disconnected from" in line]
+    assert len(ended) == 1, lines
+    assert ended[0].rstrip().endswith("closed with 1011 by the peer: heartbeat timeout")
+    assert "ended with 1011 (heartbeat timeout), closed by us" in log
+    assert "stopped: 2 served, 0 refused" in log
