@@ -24,12 +24,7 @@ import pytest
 import trio
 
 from trio_heartbeat import _groups
-from trio_heartbeat._groups import (
-    BaseExceptionGroup,
-    only_cancelled,
-    reraise_single,
-    single_exception,
-)
+from trio_heartbeat._groups import only_cancelled, reraise_single, single_exception
 
 
 async def cancelled() -> trio.Cancelled:

@@ -32,7 +32,6 @@ from trio_heartbeat._connection import Connection
 from trio_heartbeat._detectors import FailureDetector
 from trio_heartbeat._errors import ConnectionClosed
 from trio_heartbeat._frames import CloseCode, FrameType, Role
-from trio_heartbeat._groups import BaseExceptionGroup
 from trio_heartbeat._options import ConnectionOptions
 from trio_heartbeat._state import State
 from trio_heartbeat._stream_connection import open_stream_connection

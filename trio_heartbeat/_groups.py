@@ -13,13 +13,11 @@ several real failures is passed on, without the cancellations.
 from __future__ import annotations
 
 import traceback
-from builtins import BaseExceptionGroup
 from typing import NoReturn
 
 import trio
 
 __all__ = [
-    "BaseExceptionGroup",
     "forget_frames",
     "only_cancelled",
     "reraise_single",

@@ -41,7 +41,7 @@ from ._endpoints import peer_address
 from ._errors import ConnectionClosed
 from ._events import ConnectionEnded, Event, HandshakeComplete, PeerHealthChanged
 from ._frames import CloseCode, HealthStatus, Role, encode_close
-from ._groups import BaseExceptionGroup, forget_frames, reraise_single
+from ._groups import forget_frames, reraise_single
 from ._keepalive import KeepaliveOptions, resolve_keepalive, try_apply_keepalive
 from ._options import ConnectionOptions
 from ._registry import LivenessRegistry

@@ -21,7 +21,7 @@ import trio
 from ._config import Config
 from ._connection import Connection, EventListener
 from ._frames import Role
-from ._groups import BaseExceptionGroup, only_cancelled, reraise_single
+from ._groups import only_cancelled, reraise_single
 from ._options import ConnectionOptions
 from ._protocol import HeartbeatProtocol
 

@@ -56,7 +56,7 @@ from ._errors import (
     describe_os_error,
 )
 from ._frames import CloseCode
-from ._groups import BaseExceptionGroup, forget_frames, only_cancelled, reraise_single
+from ._groups import forget_frames, only_cancelled, reraise_single
 from ._keepalive import KeepaliveOptions
 from ._mailbox import Mailbox
 from ._options import ConnectionOptions

@@ -37,7 +37,7 @@ from typing import Any, final
 import trio
 
 from .._endpoints import Endpoint, format_endpoint, parse_endpoint
-from .._groups import BaseExceptionGroup, reraise_single
+from .._groups import reraise_single
 from .._server import Handler, Server
 from .._supervisor import ReconnectingClient, open_reconnecting_client
 from ._faults import Faults

@@ -20,7 +20,7 @@ from typing import overload
 
 import trio
 
-from .._groups import BaseExceptionGroup, reraise_single
+from .._groups import reraise_single
 from ._faults import Faults, Side
 from ._pumps import splice
 from ._streams import FaultyHalfCloseableStream, FaultyStream
