@@ -45,7 +45,7 @@ from trio_heartbeat import Connection, Server, serve_tcp
 from trio_heartbeat._config import Config
 from trio_heartbeat._connection import EventListener
 from trio_heartbeat._errors import ConnectionClosed, RemoteProtocolError
-from trio_heartbeat._events import NEED_DATA, Event, HandshakeComplete
+from trio_heartbeat._events import NEED_DATA, Event, HandshakeComplete, PingReceived, PongReceived
 from trio_heartbeat._frames import (
     HEADER_SIZE,
     Close,
@@ -731,13 +731,35 @@ def open_pair(
     *,
     now: float = 0.0,
 ) -> tuple[HeartbeatProtocol, HeartbeatProtocol]:
-    """A server and a client that completed the handshake at ``now``, nothing queued."""
+    """A server and a client that completed the handshake at ``now``.
+
+    The server's verdict on the client's HELLO (its PING #1, THB/1 §3.1) is
+    still queued; :func:`accepted_pair` delivers it.
+    """
     server, client = new_pair(server_config, client_config, now=now)
     [done] = feed(client, server.data_to_send(), now)
     assert isinstance(done, HandshakeComplete)
     [done] = feed(server, client.data_to_send(), now)
     assert isinstance(done, HandshakeComplete)
     assert server.state is state(client) is State.OPEN
+    return server, client
+
+
+def accepted_pair(
+    server_config: Config | None = None,
+    client_config: Config | None = None,
+    *,
+    now: float = 0.0,
+) -> tuple[HeartbeatProtocol, HeartbeatProtocol]:
+    """:func:`open_pair`, and the server's verdict (its PING #1, queued as it
+    accepted the client's HELLO) delivered and answered at ``now``: nothing queued."""
+    server, client = open_pair(server_config, client_config, now=now)
+    verdict = server.data_to_send()
+    assert verdict == encode_ping(opaque(1), server.health)
+    assert feed(client, verdict, now) == [PingReceived(opaque(1), server.health)]
+    pong = client.data_to_send()
+    assert pong == encode_pong(opaque(1), client.health)
+    assert feed(server, pong, now) == [PongReceived(opaque(1), client.health, 0.0)]
     return server, client
 
 

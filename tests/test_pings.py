@@ -22,6 +22,7 @@ from math import inf
 import pytest
 from helpers import (
     WireFrame,
+    accepted_pair,
     client_hello,
     drain,
     feed,
@@ -61,25 +62,6 @@ from trio_heartbeat._frames import (
 )
 from trio_heartbeat._handshake import CLIENT_LEAD
 from trio_heartbeat._pings import RTT_REFRESH, Heartbeat
-
-
-def accepted_pair(
-    server_config: Config | None = None,
-    client_config: Config | None = None,
-    *,
-    now: float = 0.0,
-) -> tuple[HeartbeatProtocol, HeartbeatProtocol]:
-    """:func:`open_pair`, and the server's verdict (its PING #1, queued as it
-    accepted the client's HELLO) delivered and answered at ``now``: nothing queued."""
-    server, client = open_pair(server_config, client_config, now=now)
-    verdict = server.data_to_send()
-    assert verdict == encode_ping(opaque(1), server.health)
-    assert feed(client, verdict, now) == [PingReceived(opaque(1), server.health)]
-    pong = client.data_to_send()
-    assert pong == encode_pong(opaque(1), client.health)
-    assert feed(server, pong, now) == [PongReceived(opaque(1), client.health, 0.0)]
-    return server, client
-
 
 # -- the send rule ---------------------------------------------------------------------
 

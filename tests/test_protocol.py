@@ -26,13 +26,13 @@ from math import inf
 import pytest
 from helpers import (
     WireFrame,
+    accepted_pair,
     client_hello,
     drain,
     expect_error,
     feed,
     frames,
     new_pair,
-    opaque,
     open_pair,
     state,
     types,
@@ -73,22 +73,6 @@ from trio_heartbeat._frames import (
     encode_pong,
 )
 from trio_heartbeat._handshake import CLIENT_LEAD
-
-
-def accepted_pair(
-    server_config: Config | None = None, client_config: Config | None = None
-) -> tuple[HeartbeatProtocol, HeartbeatProtocol]:
-    """:func:`open_pair` at 0.0, and the server's verdict (its PING #1, queued as it
-    accepted the client's HELLO) delivered and answered at once: nothing queued."""
-    server, client = open_pair(server_config, client_config)
-    verdict = server.data_to_send()
-    assert verdict == encode_ping(opaque(1), HealthStatus.SERVING)
-    assert feed(client, verdict, 0.0) == [PingReceived(opaque(1), HealthStatus.SERVING)]
-    assert feed(server, client.data_to_send(), 0.0) == [
-        PongReceived(opaque(1), HealthStatus.SERVING, 0.0)
-    ]
-    return server, client
-
 
 # -- making one ------------------------------------------------------------------------
 

@@ -18,10 +18,10 @@ import pytest
 import trio
 from helpers import (
     CONFIG,
+    accepted_pair,
     expect_error,
     feed,
     hang_up_on_close,
-    opaque,
     open_pair,
     run_prompt_pair,
     state,
@@ -34,8 +34,6 @@ from trio_heartbeat import (
     Config,
     Event,
     HeartbeatProtocol,
-    PingReceived,
-    PongReceived,
     RemoteProtocolError,
     State,
     _rate,
@@ -45,22 +43,6 @@ from trio_heartbeat._frames import CloseCode, FrameType, HealthStatus, encode_da
 from trio_heartbeat._handshake import CLIENT_LEAD
 from trio_heartbeat._rate import PingRate
 from trio_heartbeat._stream_connection import open_stream_connection
-
-
-def accepted_pair(
-    server_config: Config | None = None, client_config: Config | None = None
-) -> tuple[HeartbeatProtocol, HeartbeatProtocol]:
-    """:func:`open_pair` at 0.0, and the server's verdict (its PING #1, queued as it
-    accepted the client's HELLO) delivered and answered at once: nothing queued."""
-    server, client = open_pair(server_config, client_config)
-    verdict = server.data_to_send()
-    assert verdict == encode_ping(opaque(1), HealthStatus.SERVING)
-    assert feed(client, verdict, 0.0) == [PingReceived(opaque(1), HealthStatus.SERVING)]
-    assert feed(server, client.data_to_send(), 0.0) == [
-        PongReceived(opaque(1), HealthStatus.SERVING, 0.0)
-    ]
-    return server, client
-
 
 # -- strikes in a row ------------------------------------------------------------------
 
