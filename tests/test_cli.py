@@ -335,6 +335,29 @@ def test_lines_for_a_dead_port_are_named_and_the_exit_status_is_1() -> None:
     assert "Traceback" not in done.stderr
 
 
+def test_a_signal_closes_connect_and_names_what_it_could_not_send() -> None:
+    """SIGTERM while the server is down: the lines read are not dropped in silence."""
+    client = subprocess.Popen(
+        [*CLI, "connect", f"127.0.0.1:{free_port()}"],
+        stdin=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert client.stdin is not None
+    assert client.stderr is not None
+    client.stdin.write("one\ntwo\n")
+    client.stdin.flush()  # and stdin stays open: only the signal ends it
+    for line in client.stderr:
+        if "backing off" in line:
+            break
+    time.sleep(0.5)  # the lines are read and sent long before (they wait in the client)
+    client.send_signal(signal.SIGTERM)
+    _, err = client.communicate(timeout=30)
+    assert client.returncode == 1
+    assert "SIGTERM: closing" in err
+    assert "not sent: 2 lines: 'one', 'two'" in err
+
+
 def test_a_reader_that_goes_away_ends_connect_quietly() -> None:
     """``connect ... | head -1``: a closed stdout ends it with 141 and no traceback."""
     with serving() as (port, _):
@@ -377,6 +400,7 @@ def test_a_client_with_the_wrong_secret_is_never_connected_and_counted_refused(
     assert "connected to" not in done.stderr
     assert "handshake done" not in done.stderr
     assert "giving up: not reconnecting after close code 1008" in done.stderr
+    assert "not sent: 1 line: 'never sent'" in done.stderr
     assert "stopped: 0 served, 1 refused" in served
 
 

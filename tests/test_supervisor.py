@@ -765,6 +765,25 @@ async def test_what_could_not_be_sent_by_the_close_timeout_is_named_in_the_error
     assert record.of(Stopped)
 
 
+async def test_a_client_that_gives_up_hands_back_what_it_could_not_deliver(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Its backoff ran out with messages buffered: they come with the error (#10)."""
+
+    async def send_and_wait(network: MemoryNetwork) -> None:
+        async with reconnecting(network, backoff=ConstantBackoff(1.0, max_attempts=2)) as client:
+            for message in numbered(3):
+                await client.send(message)
+            await trio.sleep_forever()
+
+    async with open_memory_network() as network:  # nothing listens
+        with pytest.raises(ReconnectFailed) as info:
+            await send_and_wait(network)
+    assert info.value.undelivered == numbered(3)
+    assert info.value.__notes__ == ["3 message(s) accepted by send() were not delivered"]
+    assert trio.current_time() == 2.0
+
+
 async def test_a_send_waiting_for_room_fails_once_the_client_is_closed(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

@@ -341,6 +341,8 @@ async def connect(args: argparse.Namespace) -> int:
     are named on stderr) or the client gives up (close code 1008 or 4000);
     141, quietly, when stdout is closed under it (``| head -1``), as a Unix
     tool killed by SIGPIPE; a malformed endpoint is a :class:`UsageError`.
+    SIGINT or SIGTERM closes as the end of input does, without the linger;
+    a second one stops at once.
     """
     config = _config(args)
     for endpoint in args.endpoints:
@@ -353,12 +355,19 @@ async def connect(args: argparse.Namespace) -> int:
     status = 0
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
+            # The first signal closes as the end of input does, delivering
+            # what was read (for the close timeout at most); a second one
+            # stops at once.
+            body = trio.CancelScope()
 
             async def stop_on_signal() -> None:
                 async for signum in signals:
+                    if body.cancel_called:
+                        logger.info("%s again: stopping now", signal.Signals(signum).name)
+                        nursery.cancel_scope.cancel()
+                        return
                     logger.info("%s: closing", signal.Signals(signum).name)
-                    nursery.cancel_scope.cancel()
-                    return
+                    body.cancel()
 
             nursery.start_soon(stop_on_signal)
             lines_in, lines_out = trio.open_memory_channel[bytes](16)
@@ -382,22 +391,25 @@ async def connect(args: argparse.Namespace) -> int:
                             quiet_until = max(quiet_until, last_message + args.linger)
                         inner.cancel_scope.cancel()  # leaving the block closes the client
 
-                    async with trio.open_nursery() as inner:
-                        inner.start_soon(pump_stdin)
-                        async for message in client:
-                            last_message = trio.current_time()
-                            try:
-                                out.write(message + b"\n")
-                                out.flush()
-                            except BrokenPipeError:
-                                # Whoever read our stdout has gone (| head -1):
-                                # stop, quietly, as a Unix tool would.
-                                _let_go_of_stdout()
-                                status = 141
-                                nursery.cancel_scope.cancel()
-                                return status
+                    with body:
+                        async with trio.open_nursery() as inner:
+                            inner.start_soon(pump_stdin)
+                            async for message in client:
+                                last_message = trio.current_time()
+                                try:
+                                    out.write(message + b"\n")
+                                    out.flush()
+                                except BrokenPipeError:
+                                    # Whoever read our stdout has gone (| head -1):
+                                    # stop, quietly, as a Unix tool would.
+                                    _let_go_of_stdout()
+                                    status = 141
+                                    nursery.cancel_scope.cancel()
+                                    return status
             except ReconnectFailed as exc:
                 logger.error("giving up: %s", exc)
+                if exc.undelivered:
+                    logger.error("not sent: %s", _lines(exc.undelivered))
                 status = 1
             except UndeliveredMessages as exc:
                 logger.error("not sent: %s", _lines(exc.messages))

@@ -155,13 +155,16 @@ class ReconnectFailed(HeartbeatError):
     there was none), and ``attempts`` counts the attempts since the last
     connection that stayed up ``healthy_after`` seconds (the events number
     them over the client's life). When the caller closed the client,
-    ``attempts`` is the total over its life.
+    ``attempts`` is the total over its life. ``undelivered`` holds the
+    messages ``send()`` had accepted when the client gave up, oldest first,
+    to retry or keep (a note says how many): nothing is dropped in silence.
     """
 
     def __init__(self, message: str, last_error: ConnectionClosed | None, attempts: int) -> None:
         super().__init__(message)
         self.last_error = last_error
         self.attempts = attempts
+        self.undelivered: list[bytes] = []
 
     def __reduce__(self) -> tuple[object, ...]:
         # ``args`` holds only the message; the default would call ``cls(message)``.

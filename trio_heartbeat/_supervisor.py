@@ -297,6 +297,10 @@ class ReconnectingClient:
                 await self._loop()
         except ReconnectFailed as exc:
             self._error = exc
+            exc.undelivered = self._mailbox.take_all()  # the caller's, not lost in silence
+            if exc.undelivered:
+                count = len(exc.undelivered)
+                exc.add_note(f"{count} message(s) accepted by send() were not delivered")
             raise
         finally:
             if self._state is not SupervisorState.CLOSED:
@@ -528,11 +532,15 @@ async def open_reconnecting_client(
     (TCP, TLS and the THB/1 handshake together). The backoff starts over only
     once a connection has stayed up ``healthy_after`` seconds.
 
-    Close codes steer it (THB/1 §5): after 1001 it reconnects at once, to
-    the next endpoint; after a code in ``stop_codes`` (1008 and 4000 by
-    default) it stops. When it stops, or the backoff runs out, the block is
-    cancelled and :class:`ReconnectFailed` is raised. Leaving the block closes
-    the open connection with CLOSE 1000.
+    Close codes steer it (THB/1 §5): after 1001 it reconnects to the next
+    endpoint, at once the first time since the last healthy connection and
+    after the backoff wait when it happens again; after a code in
+    ``stop_codes`` (1008 and 4000 by default) it stops. When it stops, or the
+    backoff runs out, the block is cancelled and :class:`ReconnectFailed` is
+    raised, with the messages it could not deliver. Leaving the block delivers
+    what :meth:`~ReconnectingClient.send` accepted (for ``close_timeout`` at
+    most; what is left is raised as :class:`UndeliveredMessages`) and closes
+    the connection with CLOSE 1000.
 
     ``connector`` replaces TCP (and TLS and keepalive) with your own transport:
     an async function ``(host, port) -> trio.abc.Stream``.
