@@ -353,6 +353,30 @@ async def test_a_flood_past_the_buffer_budget_is_cut_off_with_1013_and_others_ar
     assert (budget.limit, budget.used) == (50_000, 0)  # all released
 
 
+async def test_a_frame_that_never_finishes_arriving_counts_against_the_budget(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """All of a 100 KB DATA frame but its last byte: held by the decoder, counted, cut (#10).
+
+    Before, a peer could make the server hold up to max_frame for free, and
+    thousands of peers could hold gigabytes outside any budget.
+    """
+    server = Server(echo, config=CONFIG, max_buffered_bytes=50_000)
+    ended: list[float] = []
+    async with trio.open_nursery() as nursery:
+        peer = RawPeer(attach(nursery, server, "memory:teaser", ended))
+        await peer.handshake()
+        await trio.sleep(0.25)
+        await peer.send(encode_data(bytes(100_000))[:-1])
+        # (Answering PINGs would finish the frame: a PONG's first byte is its last.)
+        assert await peer.read_close(answer_pings=False) == CloseCode.TRY_AGAIN_LATER
+        assert peer.close_reason == "buffer budget exceeded"
+    assert ended == [0.25]
+    budget = server.options.budget
+    assert budget is not None
+    assert budget.used == 0
+
+
 async def test_serve_tcp_listens_on_loopback_unless_told_otherwise() -> None:
     """One safe default, the same as the command line's (#10: it was every interface)."""
     server = Server(echo, config=CONFIG)

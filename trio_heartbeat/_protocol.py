@@ -229,15 +229,15 @@ class HeartbeatProtocol:
 
     @property
     def ping_deadline(self) -> float:
-        """When :meth:`handle_timeout` will queue the next PING (``inf`` if none is planned).
-
-        A server PINGs after :attr:`send_interval` of silence; a client after
-        :data:`~trio_heartbeat._handshake.CLIENT_LEAD` of it, so that it leads
-        and the server only answers.
-        """
+        """When :meth:`handle_timeout` queues the next PING (``inf`` if none): see ``_pings``."""
         if self._state is not State.OPEN:
             return inf
         return self._heartbeat.due(self.last_sent)
+
+    @property
+    def receiving(self) -> int:
+        """Bytes received that make no whole frame yet: a frame still arriving."""
+        return self._decoder.buffered
 
     @property
     def earliest_ping(self) -> float:

@@ -63,6 +63,7 @@ class Reader:
 
     __slots__ = (
         "_bytes",
+        "_counted",
         "_inbox",
         "_receivers",
         "_room",
@@ -77,6 +78,7 @@ class Reader:
         # reader itself waiting for room: made on first use.
         self._inbox: deque[bytes] | None = None
         self._bytes = 0  # in the inbox
+        self._counted = 0  # held outside it: see _count_pending
         self._receivers: ParkingLot | None = None
         self._room: ParkingLot | None = None
         # The caller's block is over: DATA that finds the queue full is dropped.
@@ -208,6 +210,8 @@ class Reader:
                             core.control_pending and not (writer.writing or writer._running)
                         ):
                             continue  # deliver, or answer, before reading more
+                        if self._counted or core.receiving:
+                            self._count_pending(conn)
                         self.rearm(conn)
                         conn._note_open()
                         try:
@@ -282,6 +286,7 @@ class Reader:
         self.rearm(conn)
         data = self._undelivered
         assert data is not None
+        self._count_pending(conn)
         while not self._deliver(conn, data):
             if conn._outcome is not None:
                 return True
@@ -291,9 +296,27 @@ class Reader:
                 self._room = ParkingLot()
             await self._room.park()
         self._undelivered = None
+        self._count_pending(conn)  # it counts in the inbox now (for a moment, twice)
         core.resume_liveness(trio.current_time())
         self.rearm(conn)
         return False
+
+    def _count_pending(self, conn: Connection) -> None:
+        # What we hold outside the inbox counts against a shared budget as the
+        # queues do: a frame still arriving (up to max_frame: a peer that
+        # sends all but its last byte would hold it for free) and the DATA
+        # waiting for room.
+        if conn._outcome is not None:
+            return  # ended: it holds nothing any more (the budget has let go of it)
+        pending = conn._core.receiving
+        if self._undelivered is not None:
+            pending += len(self._undelivered)
+        change = pending - self._counted
+        self._counted = pending
+        if change > 0:
+            conn._hold(change)
+        elif change < 0:
+            conn._free(-change)
 
     def _on_timer(self, conn: Connection) -> bool:
         """The timer fired: convict, or queue the PING that is due; true once the reader is done.
