@@ -30,7 +30,7 @@ import pytest
 import trio
 from helpers import client_hello
 
-from trio_heartbeat._cli import DEFAULT_PORT, _config, build_parser, main
+from trio_heartbeat._cli import DEFAULT_PORT, _config, _lines, build_parser, main
 from trio_heartbeat._frames import encode_data
 
 
@@ -508,3 +508,27 @@ def test_a_client_stopped_longer_than_the_timeout_hears_the_servers_verdict() ->
     assert ended[0].rstrip().endswith("closed with 1011 by the peer: heartbeat timeout")
     assert "ended with 1011 (heartbeat timeout), closed by us" in log
     assert "stopped: 2 served, 0 refused" in log
+
+
+def test_connect_with_its_stdout_closed_still_reports_on_stderr() -> None:
+    """``connect ... >&-``: no traceback, and what could not be sent is still named."""
+    done = subprocess.run(
+        [*CLI, "connect", "--linger", "0.1", f"127.0.0.1:{free_port()}"],
+        input="1\n2\n3\n",
+        stdout=None,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=60,
+        preexec_fn=lambda: os.close(1),  # in the child: it starts with stdout closed
+    )
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "not sent: 3 lines: '1', '2', '3'" in done.stderr
+
+
+def test_lines_not_sent_are_named_in_one_short_line() -> None:
+    long = b"x" * 200
+    assert _lines([long]) == "1 line: 'xxxxxxxxxxxxxxxxx...'"
+    assert _lines([b"a", b"tab\there", b"\xff", b"d", b"e"]) == (
+        "5 lines: 'a', 'tab\\there', '\\ufffd' and 2 more"
+    )

@@ -745,5 +745,5 @@ async def test_connect_sends_stdin_lines_and_prints_the_echoes(tmp_path: Path) -
         assert f"connected to {server.endpoint}".encode() in result.stderr
         assert await server.terminate() == 0
         log = server.stderr()
-        assert log.count("connected, id ''") == 1
+        assert log.count(": connected\n") == 1
         assert "ended with 1000" in log

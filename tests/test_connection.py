@@ -179,8 +179,9 @@ JUDGED_AT = 0.25
     [
         (True, CloseCode.POLICY_VIOLATION, "interval below the floor"),
         (False, CloseCode.TRY_AGAIN_LATER, "at capacity"),
+        (True, CloseCode.GOING_AWAY, "server draining"),
     ],
-    ids=["hello-then-1008", "1013-instead-of-hello"],
+    ids=["hello-then-1008", "1013-instead-of-hello", "hello-then-1001"],
 )
 async def test_a_refused_client_never_enters_its_block(
     hello_first: bool, code: int, reason: str, autojump_clock: MockClock

@@ -23,6 +23,7 @@ import logging
 from bisect import bisect_right
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
+from functools import partial
 from itertools import islice
 from typing import Any
 
@@ -1579,3 +1580,32 @@ async def test_receive_carries_on_when_a_cancelled_server_comes_back_on_its_port
                 assert await client.receive() == b"still in touch"
             second_scope.cancel()
     assert client.connections == 2
+
+
+async def test_what_a_slow_server_was_not_sent_by_the_close_timeout_is_named_as_such() -> None:
+    """Connected, but the server reads nothing: the reason says so, not "never connected"."""
+    config = Config(close_timeout=0.5)
+    message = bytes(64 << 10)
+
+    async def never_reads(conn: Connection) -> None:
+        await trio.sleep_forever()
+
+    with trio.fail_after(BOUND):
+        async with trio.open_nursery() as nursery:
+            server: Server = await nursery.start(
+                partial(serve_tcp, never_reads, 0, host=LOOPBACK, config=config)
+            )
+
+            async def send_all_then_leave() -> None:
+                async with open_reconnecting_client(
+                    [(LOOPBACK, server.port)], config=config
+                ) as client:
+                    await client.wait_connected()
+                    for _ in range(400):  # 25 MiB: far more than the socket buffers hold
+                        await client.send(message)
+
+            with pytest.raises(UndeliveredMessages) as info:
+                await send_all_then_leave()
+            nursery.cancel_scope.cancel()
+    assert info.value.reason == "not written within the close timeout (0.5 s)"
+    assert 0 < len(info.value.messages) < 400

@@ -307,9 +307,10 @@ class _RttReporter:
     def _accepted(conn: Connection, handshake: HandshakeComplete) -> None:
         # A client leads the heartbeat: idle, it PINGs before its send interval is up.
         lead = CLIENT_LEAD if conn.role is Role.CLIENT else 1.0
+        name = handshake.peer.instance_id
         logger.info(
-            "handshake done: peer id %r, pinging every %.3f s",
-            handshake.peer.instance_id,
+            "handshake done%s, pinging every %.3f s",
+            f", peer id '{name}'" if name else "",
             handshake.send_interval * lead,
         )
 
@@ -420,12 +421,17 @@ async def connect(args: argparse.Namespace) -> int:
     return status
 
 
-def _lines(messages: Sequence[bytes], most: int = 3) -> str:
-    """``2 lines: 'a', 'b'``, the first few of them, for a person to read."""
-    shown = ", ".join(repr(line.decode("utf-8", "replace")) for line in messages[:most])
+def _lines(messages: Sequence[bytes], most: int = 3, width: int = 20) -> str:
+    """``2 lines: 'a', 'b'``, the first few of them and each cut short, for a person to read."""
+    shown = ", ".join(f"'{_shortened(line, width)}'" for line in messages[:most])
     more = f" and {len(messages) - most} more" if len(messages) > most else ""
     noun = "line" if len(messages) == 1 else "lines"
     return f"{len(messages)} {noun}: {shown}{more}"
+
+
+def _shortened(line: bytes, width: int) -> str:
+    text = line.decode("utf-8", "replace").encode("unicode_escape").decode("ascii")
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def _let_go_of_stdout() -> None:
@@ -441,6 +447,8 @@ def _let_go_of_stdout() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
+    if sys.stdout is None:  # started with stdout closed (>&-): what it prints goes nowhere
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
     args = build_parser().parse_args(argv)
     if args.command != "demo":
         _setup_logging(args.verbose)

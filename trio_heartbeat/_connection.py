@@ -71,6 +71,9 @@ _READER_NAME: Final = "trio_heartbeat.Connection.reader"
 _OPENED: Final = trio.Event()
 _OPENED.set()
 
+#: The close codes that, as the server's verdict on our HELLO, refuse us.
+_REFUSALS: Final = (CloseCode.POLICY_VIOLATION, CloseCode.TRY_AGAIN_LATER, CloseCode.GOING_AWAY)
+
 #: Called synchronously, from the reader, with every protocol event but DATA.
 EventListener = Callable[["Connection", Event], None]
 
@@ -422,10 +425,9 @@ class Connection:
     def _note_open(self) -> None:
         """Open the caller's block once the handshake is settled for both sides.
 
-        Our HELLO must be on the wire (OPEN, nothing left to write), and a
-        client waits for the server's verdict on it too: any frame after the
-        server's HELLO, a PING as a rule (THB/1 §3.1). So a refused client is
-        never told it is connected, and a server has heard us either way.
+        Our HELLO must be on the wire (OPEN, nothing left to write), and a client
+        waits for the server's verdict on it: any frame after the server's HELLO,
+        a PING as a rule (THB/1 §3.1), so a refused client is never told it is in.
         """
         if self._opened is _OPENED:
             return  # the common case, once the block has begun: every frame asks
@@ -479,14 +481,12 @@ class Connection:
 
     def _ended_by(self, event: ConnectionEnded) -> None:
         """The core says the connection has ended (a CLOSE, a timeout, end-of-file)."""
-        closed = self._core.state is State.CLOSED
-        # A client is OPEN once it has sent its HELLO, before the server has
-        # judged it: a refusal code as the server's first frame after its
-        # HELLO is the verdict on ours (bad credentials, say).
+        core = self._core
+        closed = core.state is State.CLOSED
+        # A client is OPEN once its HELLO is out, before the server judged it: a
+        # refusal as the server's first frame after its HELLO is that verdict.
         judged = (
-            self.role is Role.CLIENT
-            and self._core.counters.frames_in == 2
-            and event.code in (CloseCode.POLICY_VIOLATION, CloseCode.TRY_AGAIN_LATER)
+            self.role is Role.CLIENT and core.counters.frames_in == 2 and event.code in _REFUSALS
         )
         refused = closed and event.by_peer and (self.opened_at is None or judged)
         outcome = from_ending(event, closed=closed, refused=refused)

@@ -519,7 +519,7 @@ def decode_hello(payload: bytes) -> Hello:
         payload
     )
     if magic != HELLO_MAGIC:
-        raise _protocol_error(f"bad HELLO magic {magic!r}")
+        raise _protocol_error(f"bad HELLO magic 0x{magic.hex()}, not THB1")
     if role not in (Role.SERVER, Role.CLIENT):
         raise _protocol_error(f"unknown HELLO role {role}")
     if interval_ms < 1 or timeout_ms < 1:

@@ -91,13 +91,13 @@ def check_peer_hello(role: Role, config: Config, nonce: bytes, hello: Hello) -> 
     low, high = config.accepted_intervals
     if not low <= hello.interval_ms / 1000 <= high:
         raise RemoteProtocolError(
-            f"peer interval {hello.interval_ms} ms is outside {low}..{high} s",
+            f"peer interval {hello.interval_ms} ms is outside {low * 1000:.10g}..{high * 1000:.10g} ms",
             CloseCode.POLICY_VIOLATION,
         )
     low, high = config.accepted_timeouts
     if not low <= hello.timeout_ms / 1000 <= high:
         raise RemoteProtocolError(
-            f"peer timeout {hello.timeout_ms} ms is outside {low}..{high} s",
+            f"peer timeout {hello.timeout_ms} ms is outside {low * 1000:.10g}..{high * 1000:.10g} ms",
             CloseCode.POLICY_VIOLATION,
         )
     if role is Role.SERVER and config.secret is not None:

@@ -380,7 +380,8 @@ class Server:
             )
             self.registry.health_changed(conn)
         elif type(event) is HandshakeComplete:
-            logger.info("%s: connected, id %r", conn.remote_address, event.peer.instance_id)
+            name = event.peer.instance_id
+            logger.info("%s: connected%s", conn.remote_address, f", id '{name}'" if name else "")
         elif type(event) is ConnectionEnded:
             # Counted, logged (one line per connection, however it ended) and
             # unlisted the moment it ends, not when its handler returns: the

@@ -493,8 +493,13 @@ class ReconnectingClient:
         self._stop()
         undelivered = self._mailbox.take_all()
         if undelivered:
-            last = self._last_error
-            raise UndeliveredMessages(undelivered, "never connected" if last is None else str(last))
+            if conn is not None:  # connected, but not fast enough
+                reason = f"not written within the close timeout ({self.config.close_timeout:g} s)"
+            elif self._last_error is not None:
+                reason = str(self._last_error)
+            else:
+                reason = "never connected"
+            raise UndeliveredMessages(undelivered, reason)
 
 
 @asynccontextmanager
