@@ -12,9 +12,12 @@ from __future__ import annotations
 import dataclasses
 import enum
 import inspect
+import tomllib
 import types
 import typing
 from collections.abc import Callable, Iterator
+from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -167,3 +170,13 @@ def test_leaf_exceptions_are_final() -> None:
     ]
     assert leaves
     assert [cls.__name__ for cls in leaves if not getattr(cls, "__final__", False)] == []
+
+
+def test_the_python_the_readme_names_is_the_one_the_package_requires() -> None:
+    """#10: the README said 3.11 while the package accepted 3.10."""
+    root = Path(__file__).resolve().parent.parent
+    project = tomllib.loads((root / "pyproject.toml").read_text())
+    assert project["project"]["requires-python"] == ">=3.11"
+    assert project["tool"]["mypy"]["python_version"] == "3.11"
+    assert "Python 3.11 or newer" in (root / "README.md").read_text()
+    assert metadata.metadata("trio-heartbeat")["Requires-Python"] == ">=3.11"
