@@ -14,6 +14,7 @@ PYTHON = os.environ.get("NOX_PYTHON") or None
 #: Modules with no I/O: their coverage must stay at 100% of statements and branches.
 SANS_IO = [
     "trio_heartbeat/_backoff.py",
+    "trio_heartbeat/_budget.py",
     "trio_heartbeat/_config.py",
     "trio_heartbeat/_detectors.py",
     "trio_heartbeat/_errors.py",

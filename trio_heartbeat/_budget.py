@@ -59,13 +59,15 @@ class BufferBudget:
         held[holder] = held.get(holder, 0) + nbytes
         if self.used <= self.limit:
             return []
+        # The biggest first, until what they hold covers the excess (it always
+        # does in the end: ``used`` is the sum of what the holders hold).
         over = self.used - self.limit
         victims: list[Hashable] = []
-        for victim in sorted(held, key=held.__getitem__, reverse=True):
+        biggest_first = iter(sorted(held, key=held.__getitem__, reverse=True))
+        while over > 0:
+            victim = next(biggest_first)
             victims.append(victim)
             over -= held[victim]
-            if over <= 0:
-                break
         return victims
 
     def give(self, holder: Hashable, nbytes: int) -> None:
