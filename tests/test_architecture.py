@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
 import sys
+import time
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -250,3 +253,38 @@ def test_no_test_module_imports_another(path: Path) -> None:
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
             imported.add(node.module.split(".")[0])
     assert {name for name in imported if name.startswith(("test_", "conftest"))} == set()
+
+
+# -- no test hangs ---------------------------------------------------------------------
+
+
+def test_a_test_that_hangs_fails_within_the_suites_time_limit(tmp_path: Path) -> None:
+    """pytest-timeout is on for the whole suite: a regression that hangs fails instead."""
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert config["tool"]["pytest"]["ini_options"]["timeout"] == 60
+    (tmp_path / "test_hang.py").write_text(
+        "import trio\n\nasync def test_waits_forever():\n    await trio.sleep_forever()\n"
+    )
+    started = time.monotonic()
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--timeout",
+            "2",
+            "-o",
+            "trio_mode=true",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 1, done.stdout
+    assert "Timeout" in done.stdout
+    assert time.monotonic() - started < 60
