@@ -74,3 +74,17 @@ def demo(session: nox.Session) -> None:
     """A server and a client in one process, through a fault-injecting proxy."""
     session.install("-e", ".")
     session.run("python", "-m", "trio_heartbeat", "demo", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def mutate(session: nox.Session) -> None:
+    """Mutation testing with mutmut 3 over ``[tool.mutmut] only_mutate``; prints the survivors.
+
+    Not part of CI. Arguments are passed to ``mutmut run`` (mutant name globs,
+    ``--max-children``): ``nox -s mutate -- "trio_heartbeat._rate.*"``. mutmut
+    3 because it runs each mutant against only the tests that reach the
+    mutated function (cosmic-ray runs the whole suite per mutant, hours here).
+    """
+    session.install("-e", ".[test]", "mutmut>=3.3")
+    session.run("mutmut", "run", *session.posargs)
+    session.run("mutmut", "results")

@@ -353,3 +353,47 @@ def test_doctests() -> None:
     results = doctest.testmod(_rate)
     assert results.attempted > 0
     assert results.failed == 0
+
+
+# -- PingRate's boundaries, one by one (found by mutation testing, #15) -----------------
+
+
+def test_a_ping_sooner_than_half_the_interval_is_a_strike_and_half_is_not() -> None:
+    rate = PingRate(peer_send_interval=1.0, max_strikes=None, since=0.0)
+    rate.ping(1.0)
+    rate.ping(1.4)  # 0.4 after the last: sooner than half the interval
+    assert rate.strikes == 1
+    rate.ping(1.9)  # exactly half after: on time again
+    assert rate.strikes == 0
+
+
+def test_an_allowance_for_bunched_pings_is_not_extended_by_an_on_time_one() -> None:
+    rate = PingRate(peer_send_interval=1.0, max_strikes=None, since=0.0)
+    rate.ping(3.0)  # 2 s late: up to 4 bunched PINGs excused, until 4.0
+    rate.ping(3.5)
+    rate.ping(4.2)
+    rate.ping(4.3)  # too soon, after the allowance's end
+    assert rate.strikes == 1
+
+
+def test_an_expired_allowance_does_not_add_to_a_new_one() -> None:
+    rate = PingRate(peer_send_interval=1.0, max_strikes=None, since=0.0)
+    rate.ping(3.0)  # 4 excused until 4.0, none used
+    rate.ping(5.0)  # 2 s after the last: 2 excused (not 4 left over + 2)
+    for now in (5.01, 5.02, 5.03, 5.04):
+        rate.ping(now)
+    assert rate.strikes == 2
+
+
+def test_an_allowance_holds_up_to_its_last_moment() -> None:
+    paused = PingRate(peer_send_interval=1.0, max_strikes=None, since=0.0)
+    paused.excuse_pause(5.0, now=2.0)  # 11 excused, until 3.0
+    paused.ping(3.0)  # at that very moment, late: the 11 stand (a new bunch is 4)
+    for now in (3.01, 3.02, 3.03, 3.04, 3.05, 3.06):
+        paused.ping(now)
+    assert paused.strikes == 0
+    bunched = PingRate(peer_send_interval=1.0, max_strikes=None, since=0.0)
+    bunched.ping(3.0)  # 4 excused until 4.0
+    bunched.ping(3.6)
+    bunched.ping(4.0)  # too soon, at the allowance's last moment: excused
+    assert bunched.strikes == 0
