@@ -389,7 +389,11 @@ class Server:
             ending = conn.closed
             assert ending is not None  # recorded before listeners hear of it
             self._closed_by_code[ending.code] += 1
-            if conn.opened_at is None and not ending.by_peer and ending.code == 1008:
+            if (
+                conn.opened_at is None
+                and not ending.by_peer
+                and ending.code == CloseCode.POLICY_VIOLATION
+            ):
                 self._refused += 1  # its HELLO was refused (credentials, values)
             logger.info("%s: %s", conn.remote_address, _describe_ending(ending))
             self.registry.remove(conn)
