@@ -1,5 +1,10 @@
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Iterator
+from typing import Any
+
 import pytest
 import trio
 import trio.testing
@@ -19,3 +24,34 @@ settings.load_profile("thb")
 def autojump_clock() -> trio.testing.MockClock:
     """Virtual time that jumps ahead whenever every task is blocked."""
     return trio.testing.MockClock(autojump_threshold=0)
+
+
+#: How much virtual time a test under ``autojump_clock`` may take. The longest
+#: takes about 830 s (a reconnecting client cancelled at every moment). The
+#: limit is itself a deadline the clock jumps to, so a regression that waits
+#: forever fails here in a moment of real time, with a message, whether or not
+#: timers keep firing meanwhile.
+VIRTUAL_TIME_LIMIT = 3600.0
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    """Bound every virtual-time test by :data:`VIRTUAL_TIME_LIMIT` (before pytest-trio wraps it).
+
+    Tests in real time are left to the per-test limit of pytest-timeout.
+    """
+    test = getattr(item, "obj", None)
+    if "autojump_clock" in getattr(item, "fixturenames", ()) and inspect.iscoroutinefunction(test):
+
+        @functools.wraps(test)
+        async def bounded(**kwargs: Any) -> None:
+            with trio.move_on_after(VIRTUAL_TIME_LIMIT) as scope:
+                await test(**kwargs)
+            if scope.cancelled_caught:
+                pytest.fail(
+                    f"still running after {VIRTUAL_TIME_LIMIT:g} s of virtual time: it hangs",
+                    pytrace=False,
+                )
+
+        item.obj = bounded  # type: ignore[attr-defined]
+    yield

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ast
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -288,3 +289,40 @@ def test_a_test_that_hangs_fails_within_the_suites_time_limit(tmp_path: Path) ->
     assert done.returncode == 1, done.stdout
     assert "Timeout" in done.stdout
     assert time.monotonic() - started < 60
+
+
+def test_a_virtual_time_test_that_hangs_fails_at_once_with_a_message(tmp_path: Path) -> None:
+    """Under ``autojump_clock`` a test that waits forever while timers keep firing
+    fails after an hour of virtual time, in a moment of real time, not at the
+    per-test limit."""
+    shutil.copy(ROOT / "tests" / "conftest.py", tmp_path / "conftest.py")
+    (tmp_path / "test_hang.py").write_text(
+        "import trio\n\n"
+        "async def test_heartbeats_forever(autojump_clock):\n"
+        "    while True:\n"
+        "        await trio.sleep(1)\n\n"
+        "async def test_ends_in_time(autojump_clock):\n"
+        "    await trio.sleep(3599)\n"
+    )
+    started = time.monotonic()
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-o",
+            "trio_mode=true",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 1, done.stdout
+    assert "still running after 3600 s of virtual time: it hangs" in done.stdout
+    assert "1 failed, 1 passed" in done.stdout
+    assert time.monotonic() - started < 30

@@ -179,17 +179,18 @@ JUDGED_AT = 0.25
     [
         (True, CloseCode.POLICY_VIOLATION, "interval below the floor"),
         (False, CloseCode.TRY_AGAIN_LATER, "at capacity"),
+        (True, CloseCode.TRY_AGAIN_LATER, "at capacity"),
         (True, CloseCode.GOING_AWAY, "server draining"),
     ],
-    ids=["hello-then-1008", "1013-instead-of-hello", "hello-then-1001"],
+    ids=["hello-then-1008", "1013-instead-of-hello", "hello-then-1013", "hello-then-1001"],
 )
 async def test_a_refused_client_never_enters_its_block(
     hello_first: bool, code: int, reason: str, autojump_clock: MockClock
 ) -> None:
     """A client is OPEN as soon as its HELLO is out, before the server has
-    judged it; its block opens only on the server's verdict. A refusal, CLOSE
-    1008 after the server's HELLO or 1013 instead of it, is raised from the
-    ``async with`` entry, and the block's body never runs."""
+    judged it; its block opens only on the server's verdict. A refusal (CLOSE
+    1008, 1013 or 1001, after the server's HELLO or instead of it) is raised
+    from the ``async with`` entry, and the block's body never runs."""
     stream, peer = stream_and_peer()
     entered: list[float] = []
 
@@ -212,9 +213,10 @@ async def test_a_refused_client_never_enters_its_block(
         assert trio.current_time() == JUDGED_AT
     assert entered == []
     # Raised from the entry, not from the exit of a block that was cancelled.
+    # (By substring: a mutation tool renames the functions it wraps.)
     names = [entry.name for entry in raised.traceback]
-    assert "__aenter__" in names
-    assert "__aexit__" not in names
+    assert any("__aenter__" in name for name in names), names
+    assert not any("__aexit__" in name for name in names), names
     assert (raised.value.code, raised.value.reason, raised.value.by_peer) == (code, reason, True)
     # Our HELLO at once if the server sent its own; our answer to the CLOSE as it came.
     expected = [(0.0, FrameType.HELLO)] if hello_first else []

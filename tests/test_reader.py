@@ -487,6 +487,49 @@ async def test_slow_application_does_not_convict_a_healthy_peer(autojump_clock: 
     assert len(peer.of_type(FrameType.PONG)) == 10
 
 
+async def test_conviction_returns_once_the_application_catches_up(
+    autojump_clock: MockClock,
+) -> None:
+    """A full queue suspends conviction; taking the DATA restores it, from that moment.
+
+    The peer sends three messages and then nothing at all. While our
+    application does not read, the silence is ours, not the peer's; once it
+    has taken the messages, the peer has the whole timeout again, and not a
+    moment more.
+    """
+    stream, peer = stream_and_peer()
+
+    async def script() -> None:
+        await peer.handshake()
+        for n in range(3):
+            await peer.send_data(b"message %d" % n)
+        await peer.drain()  # reads what we send, answers nothing
+
+    deadlines: list[tuple[float, float]] = []
+
+    async def body(conn: Connection) -> None:
+        await trio.sleep(5.0)  # beyond the 3 s timeout, with the queue full
+        deadlines.append((trio.current_time(), conn.watchdog_deadline))
+        assert [await conn.receive() for _ in range(3)] == [
+            b"message 0",
+            b"message 1",
+            b"message 2",
+        ]
+        deadlines.append((trio.current_time(), conn.watchdog_deadline))
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(script)
+        with pytest.raises(HeartbeatTimeout):
+            await run_body(
+                stream, body, config=CONFIG, options=ConnectionOptions(receive_queue=1)
+            )
+        assert trio.current_time() == 8.0
+    assert deadlines == [(5.0, math.inf), (5.0, 8.0)]
+    assert (peer.frames[-1].type, peer.frames[-1].at) == (FrameType.CLOSE, 8.0)
+    assert peer.frames[-1].close_code == CloseCode.HEARTBEAT_TIMEOUT
+
+
 async def test_receive_with_data_waiting_never_yields_yet_honours_a_cancel(
     autojump_clock: MockClock,
 ) -> None:

@@ -461,6 +461,36 @@ async def test_set_health_reaches_connected_peers_at_once_and_later_ones_in_hell
         nursery.cancel_scope.cancel()
 
 
+async def test_set_health_during_a_handshake_reaches_that_peer_once_it_is_open(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Our HELLO went out with the old status, and the peer is not in the
+    registry yet: the change still reaches it, as soon as the rate rule allows."""
+    server = Server(echo, config=CONFIG)
+    async with trio.open_nursery() as nursery:
+        peer = RawPeer(attach(nursery, server))
+        assert (await peer.read_hello()).status is HealthStatus.SERVING
+        await trio.sleep(0.25)
+        server.set_health(HealthStatus.NOT_SERVING)
+        assert server.registry.connections() == []  # the loop over the peers missed it
+        await trio.sleep(0.25)
+        await peer.send(client_hello())
+        pings = []
+        for _ in range(2):
+            frame = await peer.receive_frame()
+            assert frame is not None
+            pings.append((trio.current_time(), frame.type, HealthStatus(frame.payload[8])))
+        # The verdict was built with the HELLO's status; the change follows as
+        # soon as the rate rule allows, half an interval later.
+        assert pings == [
+            (0.5, FrameType.PING, HealthStatus.SERVING),
+            (1.0, FrameType.PING, HealthStatus.NOT_SERVING),
+        ]
+        (conn,) = server.registry.connections()
+        assert conn.health is HealthStatus.NOT_SERVING
+        nursery.cancel_scope.cancel()
+
+
 # -- draining ----------------------------------------------------------------------------
 
 
