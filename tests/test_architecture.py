@@ -326,3 +326,26 @@ def test_a_virtual_time_test_that_hangs_fails_at_once_with_a_message(tmp_path: P
     assert "still running after 3600 s of virtual time: it hangs" in done.stdout
     assert "1 failed, 1 passed" in done.stdout
     assert time.monotonic() - started < 30
+
+
+def _noxfile_list(name: str) -> list[str]:
+    """A module-level list of strings assigned in noxfile.py."""
+    for node in ast.parse((ROOT / "noxfile.py").read_text()).body:
+        if isinstance(node, ast.AnnAssign | ast.Assign):
+            targets = [node.target] if isinstance(node, ast.AnnAssign) else node.targets
+            if any(isinstance(t, ast.Name) and t.id == name for t in targets):
+                assert node.value is not None
+                value = ast.literal_eval(node.value)
+                assert isinstance(value, list)
+                return value
+    raise AssertionError(f"no {name} in noxfile.py")
+
+
+def test_mutation_testing_covers_the_core_and_the_runtime_and_nothing_else() -> None:
+    """``[tool.mutmut] only_mutate`` is exactly the modules ``nox -s mutate -- core``
+    and ``runtime`` name (the sans-IO list is the one held at 100% coverage)."""
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    only_mutate = config["tool"]["mutmut"]["only_mutate"]
+    core, runtime = _noxfile_list("SANS_IO"), _noxfile_list("RUNTIME")
+    assert sorted(only_mutate) == sorted(core + runtime)
+    assert len(set(only_mutate)) == len(only_mutate)

@@ -521,9 +521,7 @@ async def test_conviction_returns_once_the_application_catches_up(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(script)
         with pytest.raises(HeartbeatTimeout):
-            await run_body(
-                stream, body, config=CONFIG, options=ConnectionOptions(receive_queue=1)
-            )
+            await run_body(stream, body, config=CONFIG, options=ConnectionOptions(receive_queue=1))
         assert trio.current_time() == 8.0
     assert deadlines == [(5.0, math.inf), (5.0, 8.0)]
     assert (peer.frames[-1].type, peer.frames[-1].at) == (FrameType.CLOSE, 8.0)

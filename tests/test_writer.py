@@ -19,6 +19,7 @@ every writer task start and end.
 from __future__ import annotations
 
 import math
+import socket
 from contextlib import suppress
 
 import pytest
@@ -48,6 +49,7 @@ from helpers import (
 )
 from trio.testing import MockClock
 
+from trio_heartbeat import _transport, _writer
 from trio_heartbeat._config import Config
 from trio_heartbeat._connection import _READER_NAME, Connection
 from trio_heartbeat._errors import (
@@ -847,3 +849,55 @@ async def test_senders_waiting_for_room_hear_of_a_failure_at_once(
         assert trio.current_time() == 1.0
     assert raised.value.reason == WRITE_TIMEOUT_REASON
     assert woken == [(1.0, HeartbeatTimeout)]
+
+
+# -- a direct write the socket took only part of ------------------------------------------
+
+
+async def test_the_rest_of_a_partial_direct_write_goes_out_before_anything_after_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A PONG the socket took only part of: the writer task sends the rest
+    first, then what was queued meanwhile, and the peer reads whole frames.
+
+    Over a real socket pair, in real time; the socket's taking only three
+    bytes (a nearly full buffer) is injected, and the application sends at
+    that very moment.
+    """
+    a, b = socket.socketpair()
+    ours = trio.SocketStream(trio.socket.from_stdlib_socket(a))
+    peer = ScriptedPeer(trio.SocketStream(trio.socket.from_stdlib_socket(b)))
+    conns: list[Connection] = []
+    partial: list[int] = []
+
+    def stingy(fd: int, data: bytes) -> int:
+        if conns and not partial and FrameType.PONG in frame_types(data):
+            partial.append(len(data))
+            conns[0].send_nowait(b"sent while the PONG was half out")
+            return _transport.write_nowait(fd, data[:3])
+        return _transport.write_nowait(fd, data)
+
+    monkeypatch.setattr(_writer, "write_nowait", stingy)
+
+    async def body(conn: Connection) -> None:
+        conns.append(conn)
+        await peer.send_ping()
+        assert await conn.receive() == b"the end"
+
+    async def script() -> None:
+        await peer.handshake()
+        pong = await peer.expect(FrameType.PONG)
+        data = await peer.expect(FrameType.DATA)
+        assert data.payload == b"sent while the PONG was half out"
+        assert pong.payload[:8] == opaque(1)
+        await peer.send_data(b"the end")
+        await peer.expect(FrameType.CLOSE)
+        await peer.send_close()
+        await peer.stream.aclose()
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(script)
+            await run_body(ours, body, config=CONFIG)
+    assert len(partial) == 1
+    assert partial[0] > 3  # the PONG, of which the socket took 3 bytes
