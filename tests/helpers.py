@@ -23,6 +23,7 @@ writer task); and reconnecting clients on the memory network
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import re
 import struct
@@ -1071,13 +1072,28 @@ ENDPOINT = "server:9000"
 
 
 class Recorder:
-    """A supervisor listener that notes each event with the virtual time it came at."""
+    """A supervisor listener that notes each event with the virtual time it came at.
+
+    It fails the test on a reconnect storm: more than :attr:`STORM` events at
+    one instant. Virtual time stands still while a client reconnects at once
+    over and over, so no time limit would ever end that test; the failure
+    (``pytest.fail`` is a BaseException, which the supervisor does not catch
+    from a listener) ends the client and says why.
+    """
+
+    STORM = 1000
 
     def __init__(self) -> None:
         self.events: list[tuple[float, SupervisorEvent]] = []
+        self._instant = (-math.inf, 0)  # the latest instant, and its events
 
     def __call__(self, event: SupervisorEvent) -> None:
-        self.events.append((trio.current_time(), event))
+        now = trio.current_time()
+        at, count = self._instant
+        self._instant = (now, count + 1 if now == at else 1)
+        if self._instant[1] > self.STORM:
+            pytest.fail(f"a reconnect storm: over {self.STORM} events at {now} s", pytrace=False)
+        self.events.append((now, event))
 
     def of(self, kind: type[SupervisorEvent]) -> list[tuple[float, Any]]:
         return [(at, event) for at, event in self.events if isinstance(event, kind)]
