@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
+import shutil
+from pathlib import Path
 
 import nox
 
@@ -110,3 +113,51 @@ def mutate(session: nox.Session) -> None:
             args.append(arg)
     session.run("mutmut", "run", *args)
     session.run("mutmut", "results")
+
+
+@nox.session(python=PYTHON)
+def mutate_own(session: nox.Session) -> None:
+    """Mutation testing of a module against its own test module alone; not part of CI.
+
+    ``nox -s mutate_own -- _reader _writer`` (or ``runtime``, or ``core``): each
+    module's tests should stand on their own, so a mutant that only another
+    module's tests catch shows up here as a survivor. Each module runs in a
+    scratch copy of the tree, ``.mutate-own/<module>/``, whose ``[tool.mutmut]``
+    names that module and ``tests/test_<name>.py``; its results are kept there.
+    """
+    session.install("-e", ".[test]", "mutmut>=3.3")
+    groups = {"core": SANS_IO, "runtime": RUNTIME}
+    modules: list[str] = []
+    for arg in session.posargs:
+        paths = groups.get(arg, [f"trio_heartbeat/{arg.removesuffix('.py')}.py"])
+        modules += [Path(path).stem for path in paths]
+    if not modules:
+        session.error("name the modules: nox -s mutate_own -- _reader (or runtime, or core)")
+    root = Path(__file__).parent
+    skip = shutil.ignore_patterns(".*", "mutants", "__pycache__", "_build", "*.egg-info")
+    for module in modules:
+        scratch = root / ".mutate-own" / module
+        if scratch.exists():  # refresh the code and tests; keep mutants/ (the results)
+            for child in scratch.iterdir():
+                if child.is_dir() and child.name != "mutants":
+                    shutil.rmtree(child)
+                elif child.is_file():
+                    child.unlink()
+        for child in root.iterdir():
+            if child.name.startswith(".") or child.name == "mutants":
+                continue
+            target = scratch / child.name
+            if child.is_dir():
+                shutil.copytree(child, target, ignore=skip)
+            else:
+                shutil.copy2(child, target)
+        config = (scratch / "pyproject.toml").read_text()
+        own = f'only_mutate = ["trio_heartbeat/{module}.py"]'
+        config = re.sub(r"only_mutate = \[.*?\]", own, config, count=1, flags=re.S)
+        tests = f'pytest_add_cli_args_test_selection = ["tests/test_{module.lstrip("_")}.py"]'
+        config = re.sub(r"pytest_add_cli_args_test_selection = \[.*?\]", tests, config, count=1)
+        (scratch / "pyproject.toml").write_text(config)
+        session.chdir(scratch)
+        session.run("mutmut", "run")
+        session.run("mutmut", "results")
+    session.chdir(root)
