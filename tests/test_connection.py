@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import traceback
 
 import pytest
 import trio
@@ -29,6 +30,7 @@ from helpers import (
     VIRTUAL_BOUND,
     connection_pair,
     handshake_then_drain,
+    handshake_then_serve,
     hang_up_on_close,
     hello_frame,
     lockstep_stream_and_peer,
@@ -38,9 +40,12 @@ from helpers import (
     served_connection,
     stalling_stream_and_peer,
     stream_and_peer,
+    task_names,
+    wait_forever,
 )
 from trio.testing import MockClock
 
+from trio_heartbeat._budget import BufferBudget
 from trio_heartbeat._config import Config
 from trio_heartbeat._connection import Connection
 from trio_heartbeat._errors import (
@@ -261,6 +266,40 @@ async def test_an_accepted_client_enters_its_block_as_the_verdict_arrives(
     assert peer.frames[1].opaque == opaque(1)
 
 
+async def test_a_close_right_after_the_hello_still_opens_the_block(
+    autojump_clock: MockClock,
+) -> None:
+    """A server that sends its HELLO, then a CLOSE 1000 instead of its
+    verdict PING (not a refusal), ends the connection in order before the
+    client's block could open. The block opens all the same, at that moment,
+    and finds the connection closed; leaving it raises nothing."""
+    stream, peer = stream_and_peer()
+    seen: list[tuple[float, ConnectionClosed | None]] = []
+
+    async def script() -> None:
+        await peer.send_hello()
+        await peer.expect(FrameType.HELLO)
+        await trio.sleep_until(JUDGED_AT)
+        await peer.send_close(CloseCode.NORMAL, "nothing to do")
+        await peer.drain()
+
+    with trio.fail_after(VIRTUAL_BOUND):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(script)
+            async with open_stream_connection(stream, config=CONFIG) as conn:
+                seen.append((trio.current_time(), conn.closed))
+    [(entered_at, closed)] = seen
+    assert entered_at == JUDGED_AT
+    assert closed is not None
+    assert (type(closed), closed.code, closed.reason, closed.by_peer) == (
+        ConnectionClosed,
+        CloseCode.NORMAL,
+        "nothing to do",
+        True,
+    )
+    assert [frame.close_code for frame in peer.of_type(FrameType.CLOSE)] == [CloseCode.NORMAL]
+
+
 # -- ping() ----------------------------------------------------------------------------
 
 
@@ -299,6 +338,67 @@ async def test_concurrent_pings_keep_their_spacing(autojump_clock: MockClock) ->
                 nursery.start_soon(one_ping)
         assert sorted(sent_at) == [0.0, 0.625, 1.25, 1.875]
         assert pair.server.statistics().state is State.OPEN  # no strikes, no 1008
+
+
+async def test_pings_out_at_the_same_time_each_hear_their_own_pong(
+    autojump_clock: MockClock,
+) -> None:
+    """A second ping() sent while the first still waits for its PONG must not
+    make that PONG go unheard: the peer answers both late, and in reverse
+    order, and each call returns at its own PONG with its own round trip."""
+    stream, peer = stream_and_peer()
+    returned: list[tuple[str, float, float]] = []
+
+    async def script() -> None:
+        await peer.handshake()
+        first = await peer.expect(FrameType.PING)
+        second = await peer.expect(FrameType.PING)
+        await trio.sleep_until(1.0)
+        await peer.send_pong(second.opaque)
+        await trio.sleep_until(1.25)
+        await peer.send_pong(first.opaque)
+        await peer.serve()
+
+    async def one_ping(conn: Connection, name: str) -> None:
+        rtt = await conn.ping()
+        returned.append((name, trio.current_time(), rtt))
+
+    with trio.fail_after(VIRTUAL_BOUND):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(script)
+            async with open_stream_connection(stream, config=CONFIG) as conn:
+                async with trio.open_nursery() as pingers:
+                    pingers.start_soon(one_ping, conn, "first")
+                    await trio.testing.wait_all_tasks_blocked()
+                    pingers.start_soon(one_ping, conn, "second")  # out at 0.625
+                assert conn.state is State.OPEN
+    # The second PING went out at 0.625 (the rate rule and its margin).
+    assert returned == [("second", 1.0, 0.375), ("first", 1.25, 1.25)]
+    assert peer.times(FrameType.PING)[:2] == [0.0, 0.625]
+
+
+async def test_a_cancelled_ping_still_writes_its_whole_ping(autojump_clock: MockClock) -> None:
+    """ping() writes its PING from the calling task, shielded: cancelling the
+    call while that write is held up does not cut the frame short (a partial
+    frame would leave the stream unusable and end the connection). The write
+    finishes once the stream moves again, the cancellation arrives then, and
+    the connection stays open."""
+    stream, peer = stalling_stream_and_peer()
+    async with (
+        trio.open_nursery() as nursery,
+        served_connection(stream, peer, config=CONFIG) as conn,
+    ):
+        stream.stall_next_write(after=4)
+        nursery.start_soon(resume_at, stream, 0.5)
+        with trio.move_on_after(0.25) as scope:
+            await conn.ping()
+        assert scope.cancelled_caught
+        assert trio.current_time() == 0.5  # the write went on past the cancellation
+        await trio.sleep(0.5)
+        assert conn.closed is None
+        assert conn.state is State.OPEN
+    assert not stream.send_interrupted
+    assert peer.times(FrameType.PING)[0] == 0.5
 
 
 async def test_ping_measures_the_round_trip(autojump_clock: MockClock) -> None:
@@ -480,13 +580,30 @@ async def test_peer_health_and_listeners(autojump_clock: MockClock) -> None:
 async def test_a_failing_listener_is_logged(
     caplog: pytest.LogCaptureFixture, autojump_clock: MockClock
 ) -> None:
+    """A listener that raises is logged, once per event, with the listener,
+    the event and the error; it is called with the connection itself."""
+    heard: list[tuple[Connection, Event]] = []
+
     def broken(conn: Connection, event: Event) -> None:
+        heard.append((conn, event))
         raise RuntimeError("boom")
 
     with caplog.at_level(logging.ERROR, logger="trio_heartbeat"):
         async with connection_pair(client_listeners=[broken]) as pair:
             assert pair.client.state is State.OPEN
     assert "event listener" in caplog.text
+    assert [type(event) for _, event in heard] == [
+        HandshakeComplete,
+        PingReceived,
+        ConnectionEnded,
+    ]
+    assert all(conn is pair.client for conn, _ in heard)
+    assert [record.getMessage() for record in caplog.records] == [
+        f"event listener {broken!r} failed on {event!r}" for _, event in heard
+    ]
+    for record in caplog.records:
+        assert record.exc_info is not None
+        assert isinstance(record.exc_info[1], RuntimeError)
 
 
 # -- statistics ------------------------------------------------------------------------
@@ -560,6 +677,28 @@ async def test_local_aclose_completes_the_close_handshake(autojump_clock: MockCl
     assert trio.current_time() == 0.0
     assert pair.client_stream.closed
     assert pair.server_stream.closed
+
+
+async def test_our_close_carries_the_code_and_reason_given_and_none_by_default(
+    autojump_clock: MockClock,
+) -> None:
+    """aclose(code, reason) puts both in our CLOSE and in how the connection
+    ended; close_nowait() with no arguments closes with 1000 and an empty
+    reason."""
+    ends: list[tuple[int, str, int, str]] = []
+    for explicit in (True, False):
+        stream, peer = stream_and_peer()
+        async with served_connection(stream, peer, config=CONFIG) as conn:
+            if explicit:
+                await conn.aclose(4001, "done here")
+            else:
+                conn.close_nowait()
+                await conn.wait_closed()
+            closed = conn.closed
+            assert closed is not None
+            [frame] = peer.of_type(FrameType.CLOSE)
+            ends.append((frame.close_code, frame.close_reason, closed.code, closed.reason))
+    assert ends == [(4001, "done here", 4001, "done here"), (1000, "", 1000, "")]
 
 
 async def test_peer_close_1000_ends_iteration_quietly(autojump_clock: MockClock) -> None:
@@ -672,15 +811,16 @@ async def test_senders_refused_after_close_nowait_hear_the_requested_code(
     does. With ``flush=True`` the close is only asked for until the writer has
     flushed the queue and applied it, so the core has no close code yet: the
     refusal takes the code from the request. (A regression test: it used to
-    report 1000 with an empty reason.)"""
+    report 1000 with an empty reason.) Either way the close is ours: ``by_peer``
+    is ``False`` (with ``flush=False`` the core is CLOSING, and says so)."""
     stream, peer = stalling_stream_and_peer()
-    refusals: list[tuple[str, int, str]] = []
+    refusals: list[tuple[str, int, str, object]] = []
 
     async def blocked_sender(conn: Connection) -> None:
         try:
             await conn.send(b"no room")
         except ConnectionClosed as exc:
-            refusals.append(("send", exc.code, exc.reason))
+            refusals.append(("send", exc.code, exc.reason, exc.by_peer))
 
     async with (
         trio.open_nursery() as nursery,
@@ -698,18 +838,97 @@ async def test_senders_refused_after_close_nowait_hear_the_requested_code(
             conn.close_nowait(4002, "app says bye", flush=flush)
         with pytest.raises(ConnectionClosed) as raised:
             conn.send_nowait(b"too late")
-        refusals.append(("send_nowait", raised.value.code, raised.value.reason))
+        refusals.append(
+            ("send_nowait", raised.value.code, raised.value.reason, raised.value.by_peer)
+        )
         with pytest.raises(ConnectionClosed) as raised:
             await conn.ping()
-        refusals.append(("ping", raised.value.code, raised.value.reason))
+        refusals.append(("ping", raised.value.code, raised.value.reason, raised.value.by_peer))
         nursery.start_soon(resume_at, stream, 0.5)
         closed = await conn.wait_closed()
     assert (closed.code, closed.reason) == (4002, "app says bye")
     assert refusals == [
-        ("send", 4002, "app says bye"),
-        ("send_nowait", 4002, "app says bye"),
-        ("ping", 4002, "app says bye"),
+        ("send", 4002, "app says bye", False),
+        ("send_nowait", 4002, "app says bye", False),
+        ("ping", 4002, "app says bye", False),
     ]
+
+
+# -- what is left in the queues --------------------------------------------------------
+
+
+async def test_receive_nowait_takes_what_is_queued_then_says_how_it_ended(
+    autojump_clock: MockClock,
+) -> None:
+    """receive_nowait() returns DATA that has arrived and raises WouldBlock
+    when none has; once the connection has ended it still returns what was
+    queued before the end, then raises how it ended."""
+    stream, peer = stream_and_peer()
+
+    async def script() -> None:
+        await peer.handshake()
+        await trio.sleep_until(0.25)
+        await peer.send_data(b"one")
+        await trio.sleep_until(0.75)
+        await peer.send_data(b"two")
+        await peer.send_close(4003, "that was all")
+        await peer.drain()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(script)
+        async with open_stream_connection(stream, config=CONFIG) as conn:
+            with pytest.raises(trio.WouldBlock):
+                conn.receive_nowait()
+            await trio.sleep_until(0.5)
+            assert conn.receive_nowait() == b"one"
+            with pytest.raises(trio.WouldBlock):
+                conn.receive_nowait()
+            await trio.sleep_until(1.0)
+            assert conn.closed is not None
+            assert conn.receive_nowait() == b"two"
+            with pytest.raises(ConnectionClosed) as raised:
+                conn.receive_nowait()
+    assert (raised.value.code, raised.value.reason, raised.value.by_peer) == (
+        4003,
+        "that was all",
+        True,
+    )
+
+
+async def test_take_unsent_hands_back_what_was_never_written(autojump_clock: MockClock) -> None:
+    """While the connection is live take_unsent() refuses; once it has ended
+    it returns the messages still queued (never written), oldest first, and
+    leaves the queue empty. Here our write of the first message is held up
+    when the peer's CLOSE ends the connection, so the two after it are left."""
+    stream, peer = stalling_stream_and_peer()
+
+    async def script() -> None:
+        await peer.handshake()
+        await trio.sleep_until(0.5)
+        await peer.send_close(CloseCode.GOING_AWAY, "draining")
+        await peer.drain()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(script)
+        async with open_stream_connection(stream, config=CONFIG) as conn:
+            with pytest.raises(
+                RuntimeError, match=r"^take_unsent\(\) is for a connection that has ended$"
+            ):
+                conn.take_unsent()
+            stream.stall_next_write(after=4)
+            conn.send_nowait(b"first")
+            await trio.sleep(0.25)  # its write is held up
+            conn.send_nowait(b"second")
+            conn.send_nowait(b"third")
+            closed = await conn.wait_closed()
+            assert trio.current_time() == 0.5
+            assert conn.take_unsent() == [b"second", b"third"]
+            assert conn.take_unsent() == []
+            stream.resume.set()
+    assert (closed.code, closed.by_peer) == (CloseCode.GOING_AWAY, True)
+    # Only the first message reached the peer, then our answer to its CLOSE.
+    assert [frame.payload for frame in peer.of_type(FrameType.DATA)] == [b"first"]
+    assert [frame.close_code for frame in peer.of_type(FrameType.CLOSE)] == [CloseCode.GOING_AWAY]
 
 
 # -- waiting for the end ---------------------------------------------------------------
@@ -894,7 +1113,11 @@ async def test_peer_eof_without_close_is_a_broken_connection(autojump_clock: Moc
 
 
 async def test_transport_reset_is_a_broken_connection(autojump_clock: MockClock) -> None:
+    """A reset under the reader is a broken connection that the peer's side
+    ended (1006, ``by_peer``). The core never sees it, so the connection tells
+    the listeners itself, with a ConnectionEnded that says the same (not clean)."""
     stream, peer = stream_and_peer()
+    heard: list[Event] = []
 
     async def script() -> None:
         await peer.handshake()
@@ -905,11 +1128,48 @@ async def test_transport_reset_is_a_broken_connection(autojump_clock: MockClock)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(script)
         with pytest.raises(BrokenConnection) as raised:
-            async with open_stream_connection(stream, config=CONFIG):
+            async with open_stream_connection(
+                stream, config=CONFIG, listeners=[lambda conn, event: heard.append(event)]
+            ):
                 await trio.sleep_forever()
         assert trio.current_time() == 1.25
     assert raised.value.code == CloseCode.ABNORMAL_CLOSURE
+    assert raised.value.by_peer is True
+    assert raised.value.reason.startswith("connection lost: ")
     assert isinstance(raised.value.__cause__, trio.BrokenResourceError)
+    assert stream.closed
+    assert heard[-1] == ConnectionEnded(
+        CloseCode.ABNORMAL_CLOSURE, raised.value.reason, by_peer=True, clean=False
+    )
+    assert [type(event) for event in heard].count(ConnectionEnded) == 1
+
+
+async def test_a_write_that_makes_no_progress_is_a_heartbeat_timeout(
+    autojump_clock: MockClock,
+) -> None:
+    """A write that has not finished after the write timeout means the peer
+    stopped reading: the block is cancelled at that moment and raises a
+    HeartbeatTimeout (1011) of our own, which says so."""
+    stream, peer = stalling_stream_and_peer()
+
+    async def body(conn: Connection) -> None:
+        await trio.sleep(0.25)
+        stream.stall_next_write(after=4)  # and it never resumes
+        await conn.send(b"never read")
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(handshake_then_drain, peer)
+        with pytest.raises(HeartbeatTimeout) as raised:
+            await run_body(
+                stream, body, config=CONFIG, options=ConnectionOptions(write_timeout=0.5)
+            )
+        assert trio.current_time() == 0.75
+    assert (raised.value.code, raised.value.reason, raised.value.by_peer) == (
+        CloseCode.HEARTBEAT_TIMEOUT,
+        "write timeout: the peer stopped reading",
+        False,
+    )
     assert stream.closed
 
 
@@ -941,6 +1201,77 @@ async def test_the_first_word_on_how_it_ended_wins(autojump_clock: MockClock) ->
     assert (type(closed), closed.code) == (ConnectionClosed, CloseCode.NORMAL)
 
 
+async def test_a_connection_cut_off_by_a_shared_budget_lets_go_of_its_bytes_at_once(
+    autojump_clock: MockClock,
+) -> None:
+    """Two connections share a budget of 100 bytes. One holds 60 received
+    bytes its application never takes; the other queues 50 to send, which is
+    over: the hoarder, holding more, is cut off there and then (CLOSE 1013,
+    raised from its block) and its 60 bytes are let go at once, not when its
+    block has unwound, so the sender's next 40 bytes fit and it stays open.
+    What a connection still holds when it ends is let go too."""
+    budget = BufferBudget(100)
+    options = ConnectionOptions(budget=budget)
+    hoarder_stream, hoarder_peer = stream_and_peer()
+    stream, peer = stream_and_peer()
+    hoarders: list[Connection] = []
+    raised: list[ConnectionClosed] = []
+
+    async def hoarder_script() -> None:
+        await hoarder_peer.handshake()
+        await hoarder_peer.send_data(bytes(60))
+        await hoarder_peer.drain()
+
+    async def hoard(conn: Connection) -> None:
+        hoarders.append(conn)
+        await trio.sleep_forever()  # never takes what it received
+
+    async def run_hoarder() -> None:
+        try:
+            await run_body(hoarder_stream, hoard, config=CONFIG, options=options)
+        except ConnectionClosed as exc:
+            raised.append(exc)
+
+    with trio.fail_after(VIRTUAL_BOUND):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(hoarder_script)
+            nursery.start_soon(run_hoarder)
+            async with served_connection(stream, peer, config=CONFIG, options=options) as conn:
+                await trio.sleep(0.25)
+                [hoarder] = hoarders
+                assert (budget.used, budget.holding(hoarder)) == (60, 60)
+                conn.send_nowait(bytes(50))  # 110 bytes: over
+                assert (budget.used, budget.holding(hoarder), budget.holding(conn)) == (50, 0, 50)
+                closed = hoarder.closed
+                assert closed is not None
+                assert (type(closed), closed.code, closed.reason, closed.by_peer) == (
+                    ConnectionClosed,
+                    CloseCode.TRY_AGAIN_LATER,
+                    "buffer budget exceeded",
+                    False,
+                )
+                conn.send_nowait(bytes(40))  # 90 bytes: room
+                assert budget.used == 90
+                assert await conn.receive() == bytes(50)  # the echo; the other one is left
+                await trio.sleep(0.25)
+                assert conn.closed is None
+                assert (budget.used, budget.holding(conn)) == (40, 40)
+    [exc] = raised
+    assert (type(exc), exc.code, exc.by_peer) == (
+        ConnectionClosed,
+        CloseCode.TRY_AGAIN_LATER,
+        False,
+    )
+    # The hoarder's CLOSE went out as it was cut off; it never got to read its DATA.
+    assert [
+        (frame.at, frame.close_code, frame.close_reason)
+        for frame in hoarder_peer.of_type(FrameType.CLOSE)
+    ] == [(0.25, CloseCode.TRY_AGAIN_LATER, "buffer budget exceeded")]
+    assert hoarder_stream.closed
+    # Both ended: the 40 bytes left unreceived were let go when the block was left.
+    assert (budget.used, budget.holding(conn)) == (0, 0)
+
+
 async def test_the_verdict_is_visible_while_the_block_unwinds(autojump_clock: MockClock) -> None:
     stream, peer = stream_and_peer()
     seen: list[object] = []
@@ -958,6 +1289,137 @@ async def test_the_verdict_is_visible_while_the_block_unwinds(autojump_clock: Mo
     [verdict] = seen
     assert isinstance(verdict, HeartbeatTimeout)
     assert verdict.code == CloseCode.HEARTBEAT_TIMEOUT
+
+
+# -- leaving the block -----------------------------------------------------------------
+
+
+async def test_a_block_that_raises_sends_1001_naming_the_error_ahead_of_the_queue(
+    autojump_clock: MockClock,
+) -> None:
+    """The block raised: our CLOSE says 1001 with the exception's type as the
+    reason and jumps the send queue (DATA queued just before is dropped, not
+    flushed), and the caller gets its own exception back."""
+    stream, peer = stream_and_peer()
+
+    async def body(conn: Connection) -> None:
+        await trio.sleep(0.25)
+        conn.send_nowait(b"queued, never written")
+        raise KeyError("the application's own")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(handshake_then_serve, peer)
+        with pytest.raises(KeyError, match="the application's own"):
+            await run_body(stream, body, config=CONFIG)
+    assert [
+        (frame.at, frame.type, frame.close_code, frame.close_reason)
+        for frame in peer.frames[1:]
+        if frame.type is not FrameType.PING
+    ] == [(0.25, FrameType.CLOSE, CloseCode.GOING_AWAY, "KeyError")]
+    assert peer.of_type(FrameType.DATA) == []
+    assert stream.closed
+
+
+async def test_a_block_cancelled_from_outside_says_goodbye_with_1001_cancelled(
+    autojump_clock: MockClock,
+) -> None:
+    """Cancelled from outside while live, the connection does not wait: its
+    CLOSE says 1001 "cancelled", and it records that it ended so, by us, as
+    an ending and not a failure."""
+    stream, peer = stream_and_peer()
+    conns: list[Connection] = []
+
+    async def body(conn: Connection) -> None:
+        conns.append(conn)
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(handshake_then_drain, peer)  # never answers our CLOSE
+        with trio.move_on_after(0.5):
+            await run_body(stream, body, config=CONFIG)
+        assert trio.current_time() == 0.5  # no wait for an answer
+    [conn] = conns
+    closed = conn.closed
+    assert closed is not None
+    assert (type(closed), closed.code, closed.reason, closed.by_peer) == (
+        ConnectionClosed,
+        CloseCode.GOING_AWAY,
+        "cancelled",
+        False,
+    )
+    [frame] = peer.of_type(FrameType.CLOSE)
+    assert (frame.at, frame.close_code, frame.close_reason) == (
+        0.5,
+        CloseCode.GOING_AWAY,
+        "cancelled",
+    )
+    assert stream.closed
+
+
+async def test_after_a_protocol_error_we_linger_until_the_peer_hangs_up(
+    autojump_clock: MockClock,
+) -> None:
+    """After our CLOSE for the peer's protocol error we do not close the
+    stream at once (a reset could destroy the CLOSE unread): we wait for the
+    peer's end-of-file, here sent a little after it read our CLOSE, and only
+    then close and leave."""
+    stream, peer = stream_and_peer()
+
+    async def script() -> None:
+        await peer.handshake()
+        await trio.sleep_until(1.5)
+        await peer.send(b"\xff" * 6)
+        while (frame := await peer.receive_frame()) is not None:
+            if frame.type is FrameType.CLOSE:
+                break
+        await trio.sleep(0.0625)
+        theirs = peer.stream
+        assert isinstance(theirs, trio.abc.HalfCloseableStream)
+        await theirs.send_eof()
+        await peer.drain()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(script)
+        with pytest.raises(ConnectionClosed) as raised:
+            await run_body(stream, wait_forever, config=CONFIG)
+        assert trio.current_time() == 1.5625
+    assert raised.value.code == CloseCode.PROTOCOL_ERROR
+    assert [frame.close_code for frame in peer.of_type(FrameType.CLOSE)] == [
+        CloseCode.PROTOCOL_ERROR
+    ]
+    assert peer.eof_at == 1.5625
+    assert stream.closed
+
+
+async def test_the_cause_of_an_ending_keeps_its_traceback_but_not_the_variables(
+    autojump_clock: MockClock,
+) -> None:
+    """The cause of a protocol error was raised in our tasks: it keeps its
+    traceback for the record, but the finished frames are cleared of their
+    variables, which would keep the connection and its buffers alive."""
+    stream, peer = stream_and_peer()
+
+    async def script() -> None:
+        await peer.handshake()
+        await peer.send(b"\xff" * 6)
+        await hang_up_on_close(peer)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(script)
+        with pytest.raises(ConnectionClosed) as raised:
+            await run_body(stream, wait_forever, config=CONFIG)
+    cause = raised.value.__cause__
+    assert isinstance(cause, RemoteProtocolError)
+    frames = [frame for frame, _ in traceback.walk_tb(cause.__traceback__)]
+    assert frames
+    assert [len(frame.f_locals) for frame in frames] == [0] * len(frames)
+
+
+async def test_the_reader_task_has_a_name_of_its_own(autojump_clock: MockClock) -> None:
+    """One name for every connection's reader task, to find it in a task tree."""
+    stream, peer = stream_and_peer()
+    async with served_connection(stream, peer, config=CONFIG):
+        assert task_names().count("trio_heartbeat.Connection.reader") == 1
 
 
 # -- the watchdog deadline -------------------------------------------------------------

@@ -196,3 +196,46 @@ def test_a_transport_error_is_kept_without_tracebacks() -> None:
     assert outcome.cause is error
     assert [traceback_of(error), traceback_of(cause)] == [None, None]
     assert outcome.reason == "connection lost: connection reset by peer"
+
+
+def test_every_error_behind_a_translated_os_error_loses_its_traceback() -> None:
+    """An OSError from a stream of the caller's own is translated: the
+    translation has the OSError as its cause and no context of its own. The
+    walk goes on through the cause, then through the OSError's context (the
+    error it was raised while handling), and clears each traceback."""
+    try:
+        try:
+            raise ValueError("being handled")
+        except ValueError:
+            raise ConnectionResetError(errno.ECONNRESET, "reset by peer")  # noqa: B904 - on purpose
+    except OSError as raised:
+        os_error = raised
+    handled = os_error.__context__
+    assert isinstance(handled, ValueError)
+    assert traceback_of(os_error) is not None
+    assert traceback_of(handled) is not None
+    outcome = transport_failed(os_error, by_peer=True)
+    assert isinstance(outcome.cause, trio.BrokenResourceError)
+    assert outcome.cause.__cause__ is os_error
+    assert outcome.cause.__context__ is None
+    assert [traceback_of(os_error), traceback_of(handled)] == [None, None]
+
+
+def test_dropping_tracebacks_ends_on_errors_chained_in_a_circle() -> None:
+    """Errors whose chain leads back to the first (made by hand here) are each
+    cleared once, and the walk ends: ``_drop_tracebacks`` guards against
+    cycles. A walk that lost track of what it had seen would go round for
+    ever (pytest-timeout would stop it)."""
+    errors: list[BaseException] = []
+    for error in (trio.BrokenResourceError("outer"), ValueError("inner")):
+        try:
+            raise error
+        except (trio.BrokenResourceError, ValueError) as raised:
+            errors.append(raised)
+    outer, inner = errors
+    outer.__cause__ = inner
+    inner.__context__ = outer
+    assert None not in (traceback_of(outer), traceback_of(inner))
+    outcome = transport_failed(outer, by_peer=False)
+    assert outcome.cause is outer
+    assert [traceback_of(outer), traceback_of(inner)] == [None, None]
