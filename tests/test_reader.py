@@ -18,6 +18,11 @@ over a set number of scheduling rounds late, as a busy event loop would.
 from __future__ import annotations
 
 import math
+import os
+import socket
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import pytest
 import trio
@@ -41,6 +46,7 @@ from helpers import (
 )
 from trio.testing import MockClock
 
+from trio_heartbeat._budget import BufferBudget
 from trio_heartbeat._config import Config
 from trio_heartbeat._connection import Connection
 from trio_heartbeat._errors import (
@@ -56,6 +62,7 @@ from trio_heartbeat._options import ConnectionOptions
 from trio_heartbeat._pings import RTT_REFRESH
 from trio_heartbeat._state import State
 from trio_heartbeat._stream_connection import open_stream_connection
+from trio_heartbeat._transport import RECEIVE_SIZE, socket_fd
 
 
 class LateReads(WrappedStream):
@@ -202,6 +209,48 @@ async def test_a_write_cut_by_the_timer_past_the_abort_deadline_is_a_heartbeat_t
     # Our idle PING was due at 0.9, but no PING goes out while a write is stuck.
     assert [frame.type for frame in peer.frames] == [FrameType.HELLO]
     assert peer.eof_at == 3.0
+
+
+@pytest.mark.parametrize(
+    ("write_timeout", "ended_at", "reason"),
+    [
+        (1.0, 1.5, "write timeout: the peer stopped reading"),
+        (5.0, 3.5, "heartbeat timeout"),
+    ],
+    ids=["write-timeout-first", "silence-first"],
+)
+async def test_our_own_pong_stuck_in_the_stream_is_cut_by_the_timer(
+    write_timeout: float, ended_at: float, reason: str, autojump_clock: MockClock
+) -> None:
+    """The peer PINGs at 0.5 and then neither reads nor writes: the PONG the
+    reader writes itself stalls partway. The reader's own timer cuts it at
+    whichever comes first, the write timeout (from 0.5) or the verdict on the
+    peer's silence (3.0 after its PING), and that ends the connection: a cut
+    frame leaves the stream unusable, so nothing more is written."""
+    stream, peer = stalling_stream_and_peer()
+
+    async def script() -> None:
+        await peer.handshake()
+        await trio.sleep_until(0.5)
+        stream.stall_next_write(after=4)  # our PONG
+        await peer.send_ping()
+        await peer.drain()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(script)
+        with pytest.raises(HeartbeatTimeout) as raised:
+            await run_body(
+                stream,
+                wait_forever,
+                config=CONFIG,
+                options=ConnectionOptions(write_timeout=write_timeout),
+            )
+        assert trio.current_time() == ended_at
+    assert (raised.value.code, raised.value.reason) == (CloseCode.HEARTBEAT_TIMEOUT, reason)
+    assert not raised.value.by_peer
+    assert stream.send_interrupted
+    assert [frame.type for frame in peer.frames] == [FrameType.HELLO]  # and half a PONG
+    assert peer.eof_at == ended_at
 
 
 # -- a frame that arrived before a stall of our own loop -------------------------------
@@ -596,6 +645,40 @@ async def test_leaving_with_unread_data_closes_in_one_round_trip(autojump_clock:
         nursery.cancel_scope.cancel()
 
 
+class ReadSizes(WrappedStream):
+    """Records how much every read handed over."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        super().__init__(inner)
+        self.sizes: list[int] = []
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        data = await super().receive_some(max_bytes)
+        self.sizes.append(len(data))
+        return data
+
+
+async def test_a_burst_is_read_a_bounded_piece_at_a_time(autojump_clock: MockClock) -> None:
+    """Three messages of 40,000 bytes arrive at once: the reader takes them in
+    reads of RECEIVE_SIZE bytes at most (a stream that holds more must not
+    hand it all over in one read), and every message arrives whole."""
+    ours, theirs = trio.testing.memory_stream_pair()
+    stream, peer = ReadSizes(ours), ScriptedPeer(theirs)
+    messages = [bytes([n]) * 40_000 for n in range(3)]
+
+    async def body(conn: Connection) -> None:
+        stream.sizes.clear()
+        await peer.send(b"".join(encode_data(message) for message in messages))
+        assert [await conn.receive() for _ in messages] == messages
+        assert trio.current_time() == 0.0
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(handshake_then_drain, peer)
+        await run_body(stream, body, config=CONFIG)
+    assert max(stream.sizes) == RECEIVE_SIZE
+    assert sum(stream.sizes[:2]) == sum(len(encode_data(message)) for message in messages)
+
+
 # -- reading while we close ------------------------------------------------------------
 
 
@@ -719,3 +802,281 @@ async def test_a_reader_waiting_for_room_stops_when_the_connection_fails(
     assert await conn.receive() == b"0"
     with pytest.raises(BrokenConnection):
         await conn.receive()
+
+
+# -- what the reader holds, counted against a shared budget ----------------------------
+
+
+async def test_what_the_reader_holds_counts_against_the_budget_to_the_byte(
+    autojump_clock: MockClock,
+) -> None:
+    """Received bytes count against a shared budget wherever they wait.
+
+    With a queue of one message: the DATA queued, the DATA the reader holds
+    while the queue is full, and a frame still arriving all count, and each
+    counts once; whatever leaves (taken by the application, or moved from
+    the reader's hands into the queue) stops counting at once.
+    """
+    budget = BufferBudget(10_000)
+    stream, peer = stream_and_peer()
+    big = encode_data(b"x" * 50)
+    partial = len(big) - 1  # all of that frame but its last byte
+
+    async def body(conn: Connection) -> None:
+        await peer.send(big[:-1])
+        await trio.sleep(0.125)
+        assert budget.holding(conn) == partial  # nothing queued, nothing held: a frame arriving
+        await peer.send(big[-1:])
+        await trio.sleep(0.125)
+        assert budget.holding(conn) == 50  # now a message in the queue
+        assert await conn.receive() == b"x" * 50
+        assert budget.holding(conn) == 0
+        await peer.send(encode_data(b"a") + encode_data(b"b"))
+        await trio.sleep(0.125)
+        assert budget.holding(conn) == 1 + 1  # "a" queued, "b" in the reader's hands
+        await peer.send(encode_data(b"c") + big[:-1])
+        await trio.sleep(0.125)
+        assert budget.holding(conn) == 2  # not read yet: the reader waits for room
+        assert await conn.receive() == b"a"
+        await trio.sleep(0.125)
+        # "b" moved into the queue; "c" waits in the reader's hands, the big
+        # frame in the decoder.
+        assert budget.holding(conn) == 1 + 1 + partial
+        assert await conn.receive() == b"b"
+        await trio.sleep(0.125)
+        assert budget.holding(conn) == 1 + partial
+        await peer.send(big[-1:])
+        await trio.sleep(0.125)
+        assert budget.holding(conn) == 1 + 50  # "c" queued, the whole frame held
+        assert await conn.receive() == b"c"
+        await trio.sleep(0.125)
+        assert budget.holding(conn) == 50
+        assert await conn.receive() == b"x" * 50
+        assert budget.holding(conn) == budget.used == 0
+        assert trio.current_time() == 1.0
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(handshake_then_drain, peer)
+        await run_body(
+            stream,
+            body,
+            config=CONFIG,
+            options=ConnectionOptions(receive_queue=1, budget=budget),
+        )
+    assert budget.used == 0
+
+
+async def test_the_receive_queue_holds_up_to_its_byte_bound_exactly(
+    autojump_clock: MockClock,
+) -> None:
+    """``receive_queue_bytes`` (10 here) bounds the bytes queued, exactly.
+
+    A message that would take the queue past it waits in the reader until
+    the application has taken enough; one that brings the queue to the bound
+    exactly is queued. Taken with ``receive_nowait``, which never waits.
+    """
+    stream, peer = stream_and_peer()
+
+    async def body(conn: Connection) -> None:
+        await peer.send(encode_data(b"a" * 4) + encode_data(b"b" * 6) + encode_data(b"c"))
+        await trio.sleep(0.125)
+        assert conn.statistics().receive_queue_used == 2  # 10 bytes: "c" would make 11
+        assert conn.receive_nowait() == b"a" * 4
+        await trio.sleep(0.125)
+        assert conn.statistics().receive_queue_used == 2  # 7 bytes, "c" among them
+        await peer.send(encode_data(b"d" * 4))
+        await trio.sleep(0.125)
+        assert conn.statistics().receive_queue_used == 2  # "d" would make 11
+        assert conn.receive_nowait() == b"b" * 6
+        await trio.sleep(0.125)
+        assert conn.statistics().receive_queue_used == 2  # 5 bytes
+        assert [conn.receive_nowait(), conn.receive_nowait()] == [b"c", b"d" * 4]
+        with pytest.raises(trio.WouldBlock):
+            conn.receive_nowait()
+        assert trio.current_time() == 0.5
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(handshake_then_drain, peer)
+        await run_body(
+            stream, body, config=CONFIG, options=ConnectionOptions(receive_queue_bytes=10)
+        )
+
+
+async def test_a_connection_cut_off_while_its_reader_holds_data_lets_go_of_all_of_it(
+    autojump_clock: MockClock,
+) -> None:
+    """Cut off by the shared budget, a connection drops all the DATA nobody took.
+
+    The queue holds "a" and the reader holds "b", waiting for room; our own
+    send then takes the budget past its limit, and this connection, the only
+    one, holds the most. The end wakes the reader, but "b" is not delivered
+    into the emptied queue: neither message can be received afterwards, and
+    neither counts against the budget again.
+    """
+    budget = BufferBudget(100)
+    stream, peer = stream_and_peer()
+    conns: list[Connection] = []
+
+    async def script() -> None:
+        await peer.handshake()
+        await peer.send_data(b"a" * 40)
+        await peer.send_data(b"b" * 40)
+        await peer.drain()
+
+    async def body(conn: Connection) -> None:
+        conns.append(conn)
+        await trio.sleep(0.5)
+        assert budget.holding(conn) == 80
+        await conn.send(b"c" * 30)  # 110 bytes in all
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(script)
+        with pytest.raises(ConnectionClosed) as raised:
+            await run_body(
+                stream,
+                body,
+                config=CONFIG,
+                options=ConnectionOptions(receive_queue=1, budget=budget),
+            )
+        assert trio.current_time() == 0.5
+    assert (raised.value.code, raised.value.reason) == (
+        CloseCode.TRY_AGAIN_LATER,
+        "buffer budget exceeded",
+    )
+    [conn] = conns
+    assert conn.statistics().receive_queue_used == 0
+    with pytest.raises(ConnectionClosed) as again:
+        conn.receive_nowait()
+    assert again.value.code == CloseCode.TRY_AGAIN_LATER
+    assert budget.used == 0
+    assert peer.of_type(FrameType.DATA) == []
+    assert peer.frames[-1].close_code == CloseCode.TRY_AGAIN_LATER
+
+
+# -- on a plain socket: a frame the poll has not reported yet at the deadline -----------
+
+
+direct_io = pytest.mark.skipif(sys.platform == "win32", reason="no direct socket I/O on Windows")
+
+
+class StallAfterPoll(trio.abc.Instrument):
+    """A stall of our own event loop, as a plain socket sees it.
+
+    Once armed, right after Trio's next poll for I/O it runs an action on the
+    peer's socket (the peer's frame arrives, say), then jumps the clock. What
+    the action did happened before the deadline the jump passes, but the poll
+    did not see it, and Trio expires that deadline before it polls again:
+    the order the reader's local-stall guard is for.
+    """
+
+    def __init__(self, clock: MockClock) -> None:
+        self.clock = clock
+        self.armed: tuple[Callable[[], object], float] | None = None
+
+    def arm(self, action: Callable[[], object], jump: float) -> None:
+        self.armed = (action, jump)
+
+    def after_io_wait(self, timeout: float) -> None:
+        if self.armed is not None:
+            (action, jump), self.armed = self.armed, None
+            action()
+            self.clock.jump(jump)
+
+
+@contextmanager
+def plain_socket_and_peer(
+    *, on_fd_0: bool = False
+) -> Iterator[tuple[trio.SocketStream, ScriptedPeer, socket.socket]]:
+    """Our end of a socket pair as a plain stream, a peer on the other, and the peer's socket.
+
+    ``on_fd_0`` puts our end on descriptor 0, where inetd and systemd hand a
+    program its connection (the test's own descriptor 0 is put back after).
+    """
+    ours, theirs = socket.socketpair()
+    saved = None
+    if on_fd_0:
+        saved = os.dup(0)
+        os.dup2(ours.fileno(), 0)
+        ours.close()
+        ours = socket.socket(fileno=0)
+    try:
+        stream = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
+        peer = ScriptedPeer(trio.SocketStream(trio.socket.from_stdlib_socket(theirs)))
+        yield stream, peer, theirs
+    finally:
+        ours.close()
+        theirs.close()
+        if saved is not None:
+            os.dup2(saved, 0)
+            os.close(saved)
+
+
+@direct_io
+@pytest.mark.parametrize("on_fd_0", [False, True], ids=["socket", "socket-on-fd-0"])
+async def test_on_a_plain_socket_a_frame_the_poll_missed_is_read_before_the_verdict(
+    on_fd_0: bool, autojump_clock: MockClock
+) -> None:
+    """The peer's DATA reaches our socket in time, but a stall of our own loop
+    (a clock jump from 2.5) brings the 3.0 deadline before the poll reports
+    it. The reader reads what waits in the socket before it judges: the frame
+    saves the peer, its silence counts from 3.0, and the verdict comes at 6.0.
+    The same on descriptor 0."""
+    stall = StallAfterPoll(autojump_clock)
+    received: list[tuple[float, bytes, float]] = []
+
+    with plain_socket_and_peer(on_fd_0=on_fd_0) as (stream, peer, theirs):
+        assert (socket_fd(stream) == 0) is on_fd_0
+
+        async def body(conn: Connection) -> None:
+            await trio.sleep_until(2.5)
+            stall.arm(lambda: theirs.send(encode_data(b"sent in time")), 0.5)
+            message = await conn.receive()
+            received.append((trio.current_time(), message, conn.watchdog_deadline))
+            await trio.sleep_forever()
+
+        trio.lowlevel.add_instrument(stall)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(handshake_then_drain, peer)
+                with pytest.raises(HeartbeatTimeout):
+                    await run_body(stream, body, config=CONFIG)
+                assert trio.current_time() == 6.0
+        finally:
+            trio.lowlevel.remove_instrument(stall)
+    assert received == [(3.0, b"sent in time", 6.0)]
+    closes = peer.of_type(FrameType.CLOSE)
+    assert [(close.at, close.close_code) for close in closes] == [(6.0, 1011)]
+
+
+@direct_io
+async def test_on_a_plain_socket_a_read_that_fails_at_the_deadline_leaves_the_verdict(
+    autojump_clock: MockClock,
+) -> None:
+    """The peer, silent since the handshake, closes its socket with our PINGs
+    unread (a reset) just before our 3.0 deadline, and a stall of our own
+    loop keeps the poll from reporting it in time. The reader's read before
+    the verdict fails; the silent peer is judged as it stands: a heartbeat
+    timeout, not a broken connection the peer started."""
+    stall = StallAfterPoll(autojump_clock)
+    with plain_socket_and_peer() as (stream, peer, theirs):
+
+        async def body(conn: Connection) -> None:
+            await trio.sleep_until(2.5)
+            stall.arm(theirs.close, 0.5)
+            await trio.sleep_forever()
+
+        trio.lowlevel.add_instrument(stall)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(peer.handshake)
+                with pytest.raises(HeartbeatTimeout) as raised:
+                    await run_body(stream, body, config=CONFIG)
+                assert trio.current_time() == 3.0
+        finally:
+            trio.lowlevel.remove_instrument(stall)
+    assert (raised.value.code, raised.value.reason) == (
+        CloseCode.HEARTBEAT_TIMEOUT,
+        "heartbeat timeout",
+    )
+    assert not raised.value.by_peer

@@ -287,14 +287,17 @@ class Reader:
         data = self._undelivered
         assert data is not None
         self._count_pending(conn)
-        while not self._deliver(conn, data):
-            if conn._outcome is not None:
-                return True
+        while conn._outcome is None and not self._deliver(conn, data):
             if self._stopped:
                 break  # nobody will read it
             if self._room is None:
                 self._room = ParkingLot()
             await self._room.park()
+        if conn._outcome is not None:
+            # Ended meanwhile: the DATA we hold is not delivered. (Cut off, the
+            # connection has dropped its queue: put into it now, the DATA
+            # would come back, and count against the budget again.)
+            return True
         self._undelivered = None
         self._count_pending(conn)  # it counts in the inbox now (for a moment, twice)
         core.resume_liveness(trio.current_time())
