@@ -123,7 +123,9 @@ def mutate_own(session: nox.Session) -> None:
     module's tests should stand on their own, so a mutant that only another
     module's tests catch shows up here as a survivor. Each module runs in a
     scratch copy of the tree, ``.mutate-own/<module>/``, whose ``[tool.mutmut]``
-    names that module and ``tests/test_<name>.py``; its results are kept there.
+    names that module and its tests, ``tests/test_<name>.py`` and
+    ``tests/test_<name>_*.py`` (``test_protocol_stateful.py``, say); its
+    results are kept there.
     """
     session.install("-e", ".[test]", "mutmut>=3.3")
     groups = {"core": SANS_IO, "runtime": RUNTIME}
@@ -152,9 +154,12 @@ def mutate_own(session: nox.Session) -> None:
             else:
                 shutil.copy2(child, target)
         config = (scratch / "pyproject.toml").read_text()
-        own = f'only_mutate = ["trio_heartbeat/{module}.py"]'
-        config = re.sub(r"only_mutate = \[.*?\]", own, config, count=1, flags=re.S)
-        tests = f'pytest_add_cli_args_test_selection = ["tests/test_{module.lstrip("_")}.py"]'
+        only = f'only_mutate = ["trio_heartbeat/{module}.py"]'
+        config = re.sub(r"only_mutate = \[.*?\]", only, config, count=1, flags=re.S)
+        name = module.lstrip("_")
+        own = sorted({*root.glob(f"tests/test_{name}.py"), *root.glob(f"tests/test_{name}_*.py")})
+        selection = ", ".join(f'"{path.relative_to(root)}"' for path in own)
+        tests = f"pytest_add_cli_args_test_selection = [{selection}]"
         config = re.sub(r"pytest_add_cli_args_test_selection = \[.*?\]", tests, config, count=1)
         (scratch / "pyproject.toml").write_text(config)
         session.chdir(scratch)
