@@ -473,6 +473,48 @@ async def test_collect_takes_only_what_a_live_connection_has_waiting(
     assert trio.current_time() == 0.0
 
 
+async def test_collect_wakes_a_waiting_receiver_only_when_it_moves_something(
+    autojump_clock: MockClock,
+) -> None:
+    """A receiver waiting on an empty inbox gets what ``collect`` moves in at
+    once (1.0). A ``collect`` that moves nothing (3.0) wakes nobody: the
+    receiver, whose ``stopped()`` turned at 2.0, finds out only when told of
+    a change (4.0)."""
+    mailbox = Mailbox(8, "wait", 8)
+    error = ReconnectFailed("the client stopped", None, 0)
+    got: list[tuple[float, bytes]] = []
+
+    async def receiver(stopped: Callable[[], HeartbeatError | None]) -> None:
+        message = await mailbox.receive(stopped)
+        got.append((trio.current_time(), message))
+
+    with trio.fail_after(VIRTUAL_BOUND):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(receiver, nothing)
+            await trio.sleep(1.0)
+            ended = FakeConnection()
+            ended.deliver(b"r1")
+            ended.end()
+            mailbox.collect(ended.as_connection())
+        assert got == [(1.0, b"r1")]
+
+        async def stopping_receiver() -> None:
+            with pytest.raises(ReconnectFailed):
+                await receiver(after(2.0, error))
+            got.append((trio.current_time(), b"stopped"))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stopping_receiver)
+            await trio.sleep_until(3.0)
+            empty = FakeConnection()
+            empty.end()
+            mailbox.collect(empty.as_connection())
+            await trio.sleep(1.0)
+            assert got == [(1.0, b"r1")]  # still waiting
+            mailbox.changed()
+    assert got == [(1.0, b"r1"), (4.0, b"stopped")]
+
+
 async def test_a_cancelled_receive_loses_nothing(autojump_clock: MockClock) -> None:
     mailbox = Mailbox(8, "wait", 8)
     conn = FakeConnection()

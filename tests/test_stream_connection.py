@@ -25,16 +25,21 @@ from helpers import (
     run_body,
     served_connection,
     stream_and_peer,
+    wait_forever,
 )
 from trio.testing import MockClock
 
 from trio_heartbeat._connection import Connection
 from trio_heartbeat._detectors import FailureDetector
-from trio_heartbeat._errors import ConnectionClosed
+from trio_heartbeat._errors import ConnectionClosed, HeartbeatTimeout
+from trio_heartbeat._events import ConnectionEnded, Event, HandshakeComplete, PingReceived
 from trio_heartbeat._frames import CloseCode, FrameType, Role
 from trio_heartbeat._options import ConnectionOptions
 from trio_heartbeat._state import State
 from trio_heartbeat._stream_connection import open_stream_connection
+
+#: The whole message of the error a second entry raises.
+ONLY_ONCE = r"^open_stream_connection\(\) can be entered only once$"
 
 # -- entering --------------------------------------------------------------------------
 
@@ -82,17 +87,75 @@ async def test_open_stream_connection_can_be_entered_only_once(autojump_clock: M
         async with trio.open_nursery() as nursery:
             nursery.start_soon(handshake_then_serve, peer)
             async with manager as conn:
-                with pytest.raises(RuntimeError, match="only once"):
+                with pytest.raises(RuntimeError, match=ONLY_ONCE):
                     await manager.__aenter__()
                 assert not stream.closed
                 await conn.send(b"still served")
                 assert await conn.receive() == b"still served"
     closes = stream.aclose_calls
-    with pytest.raises(RuntimeError, match="only once"):
+    with pytest.raises(RuntimeError, match=ONLY_ONCE):
         await manager.__aenter__()
     assert stream.aclose_calls == closes
     assert conn.statistics().state is State.CLOSED
     assert trio.current_time() == 0.0
+
+
+async def test_the_listeners_and_the_remote_address_given_reach_the_connection(
+    autojump_clock: MockClock,
+) -> None:
+    """What the caller passes on is the connection's: each listener hears
+    every event, from the handshake to the end, and the remote address is
+    the one given."""
+    stream, peer = stream_and_peer()
+    heard: list[tuple[str, Connection, type[Event]]] = []
+
+    def first(conn: Connection, event: Event) -> None:
+        heard.append(("first", conn, type(event)))
+
+    def second(conn: Connection, event: Event) -> None:
+        heard.append(("second", conn, type(event)))
+
+    async with served_connection(
+        stream,
+        peer,
+        config=CONFIG,
+        listeners=[first, second],
+        remote_address="peer.example:4242",
+    ) as conn:
+        assert conn.remote_address == "peer.example:4242"
+    assert [(name, kind) for name, who, kind in heard if who is conn] == [
+        ("first", HandshakeComplete),
+        ("second", HandshakeComplete),
+        ("first", PingReceived),  # the server's verdict
+        ("second", PingReceived),
+        ("first", ConnectionEnded),
+        ("second", ConnectionEnded),
+    ]
+    assert len(heard) == 6
+
+
+async def test_the_detector_of_the_options_is_the_one_that_judges(
+    autojump_clock: MockClock,
+) -> None:
+    """A detector that suspects a silent peer at once convicts it as early
+    as THB/1 lets any detector: two of the peer's send intervals (1 s) after
+    its last frame, at 2.0, where the default would wait for the timeout (3.0)."""
+
+    class Impatient:
+        def record(self, arrival: float) -> None:
+            pass
+
+        def suspect_at(self, last_arrival: float, timeout: float) -> float:
+            return last_arrival
+
+    stream, peer = stream_and_peer()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(handshake_then_drain, peer)
+        with pytest.raises(HeartbeatTimeout):
+            await run_body(
+                stream, wait_forever, config=CONFIG, options=ConnectionOptions(detector=Impatient)
+            )
+        assert trio.current_time() == 2.0
 
 
 async def test_the_stream_is_closed_even_if_setting_up_fails(autojump_clock: MockClock) -> None:

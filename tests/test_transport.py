@@ -334,7 +334,7 @@ async def test_a_direct_write_that_fails_is_a_broken_connection(fake_os: FakeOs)
     assert len(cancelled) == 1, "the block was not cancelled"
     conn = cancelled[0]
     assert raised.value.code == CloseCode.ABNORMAL_CLOSURE
-    assert not raised.value.by_peer
+    assert raised.value.by_peer is False  # ours: a bool, not merely falsy
     # Reported as the stream would report it, with the OS error behind it.
     cause = raised.value.__cause__
     assert isinstance(cause, trio.BrokenResourceError)
@@ -527,6 +527,45 @@ async def test_linger_sends_eof_and_reads_to_the_peers_eof(autojump_clock: MockC
         await linger(ours)
         assert trio.current_time() == 0.25  # until the peer's EOF, not before
     assert read_at == [0.0]
+
+
+class ReadSizes(WrappedStream):
+    """Records how many bytes each ``receive_some`` asked for, and how many it returned."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        super().__init__(inner)
+        self.asked: list[int | None] = []
+        self.returned: list[int] = []
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        self.asked.append(max_bytes)
+        data = await super().receive_some(max_bytes)
+        self.returned.append(len(data))
+        return data
+
+
+async def test_linger_discards_a_flood_in_reads_of_bounded_size(
+    autojump_clock: MockClock,
+) -> None:
+    """What the peer sends while we linger is read ``RECEIVE_SIZE`` bytes at a
+    time: a peer that floods us before its EOF never makes us hold more than
+    one read's worth at once (a memory stream would hand over all of it)."""
+    ours, theirs = trio.testing.memory_stream_pair()
+    stream = ReadSizes(ours)
+    flood = 3 * RECEIVE_SIZE + 5
+
+    async def peer() -> None:
+        await theirs.send_all(b"f" * flood)
+        await trio.sleep(0.25)
+        await theirs.aclose()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(peer)
+        await trio.sleep(0.125)  # the whole flood is buffered before we read
+        await linger(stream)
+    assert trio.current_time() == 0.25
+    assert set(stream.asked) == {RECEIVE_SIZE}
+    assert stream.returned == [RECEIVE_SIZE] * 3 + [5, 0]
 
 
 async def test_linger_on_a_stream_that_cannot_half_close_only_reads(

@@ -29,6 +29,7 @@ from helpers import (
     CONFIG,
     VIRTUAL_BOUND,
     ScriptedPeer,
+    StallingStream,
     StepCounter,
     WrappedStream,
     handshake_then_drain,
@@ -50,6 +51,7 @@ from helpers import (
 from trio.testing import MockClock
 
 from trio_heartbeat import _transport, _writer
+from trio_heartbeat._budget import BufferBudget
 from trio_heartbeat._config import Config
 from trio_heartbeat._connection import _READER_NAME, Connection
 from trio_heartbeat._errors import (
@@ -96,6 +98,15 @@ def frame_types(data: bytes) -> list[FrameType]:
     return kinds
 
 
+def data_payloads(data: bytes) -> list[bytes]:
+    """The payloads of the DATA frames in ``data``, which must hold whole frames only."""
+    decoder = FrameDecoder(max_frame=0xFFFFFFFF)
+    decoder.receive_data(data)
+    frames = [wire_frame(frame) for frame in decoder.frames()]
+    assert decoder.buffered == 0
+    return [frame.payload for frame in frames if frame.type is FrameType.DATA]
+
+
 # -- the send queue --------------------------------------------------------------------
 
 
@@ -125,6 +136,50 @@ async def test_send_waits_while_the_send_queue_is_full(autojump_clock: MockClock
     assert [frame.payload for frame in peer.of_type(FrameType.DATA)] == [b"1", b"2", b"3", b"4"]
 
 
+async def test_the_send_queue_takes_exactly_its_byte_bound_again_after_each_write(
+    autojump_clock: MockClock,
+) -> None:
+    """With ``send_queue_bytes=10`` the queue takes messages up to exactly 10
+    bytes and refuses the eleventh byte; once the writer has sent them, the
+    same 10 bytes fit again (what it wrote no longer counts)."""
+    stream, peer = stream_and_peer()
+    options = ConnectionOptions(send_queue_bytes=10)
+    async with served_connection(stream, peer, config=CONFIG, options=options) as conn:
+        for round_ in (b"1", b"2"):
+            # No checkpoint in between: the writer cannot take any of it yet.
+            conn.send_nowait(round_ * 4)
+            conn.send_nowait(round_ * 6)  # 10 bytes queued: at the bound, not past it
+            with pytest.raises(trio.WouldBlock):
+                conn.send_nowait(round_)
+            assert conn.statistics().send_queue_used == 2
+            assert [await conn.receive(), await conn.receive()] == [round_ * 4, round_ * 6]
+            assert conn.statistics().send_queue_used == 0
+    assert [frame.payload for frame in peer.of_type(FrameType.DATA)] == [
+        b"1111",
+        b"111111",
+        b"2222",
+        b"222222",
+    ]
+    assert trio.current_time() == 0.0
+
+
+async def test_queued_data_counts_against_a_shared_budget_until_it_is_written(
+    autojump_clock: MockClock,
+) -> None:
+    """What ``send`` queues is held in the shared budget, byte for byte,
+    and given back once the writer has taken it out of the queue."""
+    budget = BufferBudget(1 << 20)
+    stream, peer = stream_and_peer()
+    options = ConnectionOptions(budget=budget)
+    async with served_connection(stream, peer, config=CONFIG, options=options) as conn:
+        conn.send_nowait(b"x" * 1000)
+        conn.send_nowait(b"y" * 234)
+        assert budget.holding(conn) == budget.used == 1234
+        assert await conn.receive() == b"x" * 1000
+        assert await conn.receive() == b"y" * 234
+        assert budget.holding(conn) == budget.used == 0
+
+
 async def test_send_with_room_never_yields_yet_honours_a_cancel(autojump_clock: MockClock) -> None:
     stream, peer = stream_and_peer()
     async with served_connection(stream, peer, config=CONFIG) as conn:
@@ -150,12 +205,59 @@ async def test_send_with_room_never_yields_yet_honours_a_cancel(autojump_clock: 
     assert [frame.payload for frame in peer.of_type(FrameType.DATA)] == [b"queued"]
 
 
+@pytest.mark.parametrize("send_queue", [1, 2])
+async def test_senders_waiting_for_room_get_it_in_turn_as_each_write_frees_it(
+    send_queue: int, autojump_clock: MockClock
+) -> None:
+    """The peer reads nothing until 1.0; meanwhile the queue fills and
+    ``4 * send_queue + 1`` senders wait for room, one after another. From
+    1.0 each write takes a full queue and lets exactly that many senders in,
+    the longest waiting first: their messages go out in the order they
+    came, ``send_queue`` to a write. (A sender let in too early finds no
+    room and waits again, behind the others: its message would come late.)"""
+    ours, theirs = trio.testing.lockstep_stream_pair()
+    stream, peer = RecordingStream(ours), ScriptedPeer(theirs)
+    queued = [b"queued %d" % n for n in range(send_queue)]
+    waiting = [b"waited %02d" % n for n in range(4 * send_queue + 1)]
+
+    async def script() -> None:
+        await peer.handshake()
+        await trio.sleep_until(1.0)
+        await peer.serve()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(script)
+        async with open_stream_connection(
+            stream, config=CONFIG, options=ConnectionOptions(send_queue=send_queue)
+        ) as conn:
+            conn.send_nowait(b"first")
+            await trio.sleep(0.125)  # the writer takes it and blocks: the peer is not reading
+            for message in queued:
+                conn.send_nowait(message)
+            async with trio.open_nursery() as senders:
+                for message in waiting:
+                    senders.start_soon(conn.send, message)
+                    await trio.sleep(0.0625)  # each waits for room before the next comes
+                assert conn.statistics().send_queue_used == send_queue
+            assert trio.current_time() == 1.0
+    # The DATA of each write (a PING or the CLOSE may ride along); senders
+    # let in together may queue in either order.
+    per_write = [sorted(data_payloads(write)) for write in stream.writes]
+    assert [payloads for payloads in per_write if payloads] == [
+        [b"first"],
+        queued,
+        *[waiting[start : start + send_queue] for start in range(0, len(waiting), send_queue)],
+    ]
+
+
 async def test_oversized_send_is_refused_locally(autojump_clock: MockClock) -> None:
     stream, peer = stream_and_peer(max_frame=1024)
     async with served_connection(stream, peer, config=CONFIG) as conn:
         with pytest.raises(LocalProtocolError) as raised:
             await conn.send(b"x" * 1025)
         assert raised.value.code == CloseCode.TOO_BIG
+        # The message names both sizes: what was sent, and the peer's limit.
+        assert str(raised.value) == "DATA of 1025 bytes exceeds the peer's limit of 1024"
         await conn.send(b"x" * 1024)
         assert await conn.receive() == b"x" * 1024
 
@@ -233,6 +335,52 @@ async def test_a_burst_of_sends_goes_out_in_one_write(autojump_clock: MockClock)
     assert [frame.payload for frame in peer.of_type(FrameType.DATA)] == messages
 
 
+async def test_the_writer_waits_a_round_for_a_burst_that_is_still_growing(
+    autojump_clock: MockClock,
+) -> None:
+    """The application yields once after each of five sends, and the writer,
+    started by the first, runs in between. It does not write the first
+    message alone: it gives the application a scheduling round, and another
+    as long as the queue grew meanwhile, so its first write carries at least
+    two. (How many more depends on which task the scheduler runs first;
+    hence twenty bursts.) Every message arrives, in order."""
+    ours, theirs = trio.testing.memory_stream_pair()
+    stream, peer = RecordingStream(ours), ScriptedPeer(theirs)
+    async with served_connection(stream, peer, config=CONFIG) as conn:
+        for attempt in range(20):
+            burst = [b"burst %d, message %d" % (attempt, n) for n in range(5)]
+            writes_before = len(stream.writes)
+            for message in burst:
+                conn.send_nowait(message)
+                await trio.lowlevel.checkpoint()
+            assert [await conn.receive() for _ in burst] == burst
+            first_write = data_payloads(stream.writes[writes_before])
+            assert first_write == burst[: len(first_write)]
+            assert len(first_write) >= 2
+    assert [frame.payload for frame in peer.of_type(FrameType.DATA)] == [
+        b"burst %d, message %d" % (attempt, n) for attempt in range(20) for n in range(5)
+    ]
+    assert trio.current_time() == 0.0
+
+
+async def test_a_batch_that_reaches_256_kib_exactly_takes_nothing_more(
+    autojump_clock: MockClock,
+) -> None:
+    """Six queued messages of 64 KiB: the first write carries four of them
+    (256 KiB, the batch limit reached exactly), the second the other two."""
+    ours, theirs = trio.testing.memory_stream_pair()
+    stream, peer = RecordingStream(ours), ScriptedPeer(theirs)
+    size = 64 * 1024
+    assert 4 * size == _BATCH_BYTES
+    messages = [bytes([n]) * size for n in range(6)]
+    async with served_connection(stream, peer, config=CONFIG) as conn:
+        for message in messages:
+            conn.send_nowait(message)
+        assert [await conn.receive() for _ in messages] == messages
+        data_writes = [frame_types(write) for write in stream.writes[2:]]
+    assert data_writes == [[FrameType.DATA] * 4, [FrameType.DATA] * 2]
+
+
 async def test_pong_goes_out_ahead_of_queued_data(autojump_clock: MockClock) -> None:
     stream, peer = lockstep_stream_and_peer()
     message = b"x" * 10_000
@@ -292,6 +440,41 @@ async def test_data_queued_during_an_inline_ping_goes_out_right_after_it(
     ]
 
 
+async def test_a_close_asked_for_during_an_inline_write_follows_it_at_once(
+    autojump_clock: MockClock,
+) -> None:
+    """The reader's PONG stalls from 0.25 to 0.5; at 0.375 the application
+    closes (nothing queued to flush). The writer stands back while the PONG
+    is written, and sends the CLOSE the moment the PONG is through."""
+    stream, peer = stalling_stream_and_peer()
+
+    async def script() -> None:
+        await peer.handshake()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(peer.serve)
+            await trio.sleep_until(0.25)
+            stream.stall_next_write(after=4)  # our PONG
+            await peer.send_ping()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(script)
+        nursery.start_soon(resume_at, stream, 0.5)
+        async with open_stream_connection(stream, config=CONFIG) as conn:
+            await trio.sleep_until(0.375)
+            conn.close_nowait()
+            closed = await conn.wait_closed()
+            assert trio.current_time() == 0.5
+    assert (type(closed), closed.code, closed.by_peer) == (
+        ConnectionClosed,
+        CloseCode.NORMAL,
+        False,
+    )
+    assert [(frame.type, frame.at) for frame in peer.frames[1:]] == [
+        (FrameType.PONG, 0.5),
+        (FrameType.CLOSE, 0.5),
+    ]
+
+
 @pytest.mark.parametrize(
     ("send_queue", "messages"),
     [
@@ -347,6 +530,41 @@ async def test_data_and_a_due_ping_go_out_when_an_inline_write_ends_late(
     assert echoed_at == 1.5
 
 
+async def test_a_ping_due_during_the_writers_write_goes_out_right_after_it(
+    autojump_clock: MockClock,
+) -> None:
+    """The writer takes "a" at 0.0 and is stuck writing it (the peer reads
+    nothing until 0.9) while our PING falls due, at 0.9 exactly; "b" and "c"
+    fill the queue meanwhile. The moment the write ends, the writer's next
+    round puts the PING first: it goes out at 0.9, ahead of "b" and "c"."""
+    stream, peer = lockstep_stream_and_peer()
+    assert 1.0 * CLIENT_LEAD == 0.9
+
+    async def script() -> None:
+        await peer.handshake()
+        await trio.sleep_until(0.9)
+        await peer.serve()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(script)
+        async with open_stream_connection(
+            stream, config=CONFIG, options=ConnectionOptions(send_queue=2)
+        ) as conn:
+            conn.send_nowait(b"a")
+            await trio.sleep(0.125)  # the writer took "a" at 0.0 and is stuck in its write
+            conn.send_nowait(b"b")
+            conn.send_nowait(b"c")
+            assert [await conn.receive() for _ in range(3)] == [b"a", b"b", b"c"]
+            assert conn.statistics().pongs_received == 1
+            assert conn.rtt == 0.0  # the PING was sent, and answered, at 0.9
+    assert [(frame.type, frame.at, frame.payload[:1]) for frame in peer.frames[1:5]] == [
+        (FrameType.DATA, 0.9, b"a"),
+        (FrameType.PING, 0.9, b"\x00"),
+        (FrameType.DATA, 0.9, b"b"),
+        (FrameType.DATA, 0.9, b"c"),
+    ]
+
+
 async def test_a_ping_cancelled_during_its_write_finishes_the_frame_first(
     autojump_clock: MockClock,
 ) -> None:
@@ -382,6 +600,37 @@ async def test_a_ping_cancelled_during_its_write_finishes_the_frame_first(
         FrameType.PING,
         FrameType.CLOSE,
     ]
+
+
+async def test_an_answer_whose_timer_expired_first_is_no_cut_write(
+    autojump_clock: MockClock,
+) -> None:
+    """The peer's PING at 0.5 wakes our reader, but before the reader runs the
+    clock jumps to 1.0, past the PING we owe at 0.9: the reader holds the
+    PING's bytes and an expired timer. The timer must be taken before the
+    PONG's write starts, with the PONG still in the core; a write cancelled
+    before its first byte would count as a write cut short and end the
+    connection. The PONG goes out at 1.0 (and, being a frame sent, puts off
+    the PING we owed), and the connection carries on."""
+    stream, peer = stream_and_peer()
+
+    async def script() -> None:
+        await peer.handshake()
+        await trio.sleep(0.5)
+        await peer.send_ping()  # the reader is now runnable, with these bytes
+        autojump_clock.jump(0.5)  # and its timer expires before it runs
+        await peer.serve()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(script)
+        async with open_stream_connection(stream, config=CONFIG) as conn:
+            await trio.sleep_until(1.5)
+            assert conn.closed is None
+    assert [(frame.type, frame.at, frame.opaque) for frame in peer.frames[1:-1]] == [
+        (FrameType.PONG, 1.0, opaque(1))
+    ]
+    assert how_it_ended(conn) == (ConnectionClosed, CloseCode.NORMAL, False)
+    assert not stream.send_interrupted
 
 
 # -- the writer task on demand ---------------------------------------------------------
@@ -603,6 +852,45 @@ async def test_nothing_is_written_after_a_write_cut_halfway(autojump_clock: Mock
     assert peer._decoder.buffered == 5
 
 
+async def test_after_a_write_cut_halfway_the_stream_is_closed_without_a_goodbye(
+    autojump_clock: MockClock,
+) -> None:
+    """As above, the PING's write is cut at 1.5, after the peer's orderly
+    CLOSE (0.75). A close that says goodbye (a TLS close_notify) would write
+    after the partial frame as well: the stream is only closed forcefully,
+    by the last words, when the block is left (2.0)."""
+    ours, theirs = trio.testing.memory_stream_pair()
+    stream, peer = SlowToClose(ours, takes=0.0625), ScriptedPeer(theirs)
+
+    async def script() -> None:
+        await peer.handshake()
+        await trio.sleep_until(0.75)
+        await peer.send_close()
+        await peer.drain()
+
+    async def pinger(conn: Connection) -> None:
+        with pytest.raises(ConnectionClosed):
+            await conn.ping()
+
+    async def body(conn: Connection) -> None:
+        await trio.sleep_until(0.5)
+        stream.stall_next_write(after=5)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pinger, conn)
+        assert trio.current_time() == 1.5  # the PING's write was given up
+        await trio.sleep_until(2.0)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(script)
+        with trio.fail_after(VIRTUAL_BOUND):
+            await run_body(
+                stream, body, config=CONFIG, options=ConnectionOptions(write_timeout=1.0)
+            )
+    assert stream.send_interrupted
+    assert stream.closes == [("cut short", 2.0)]
+    assert peer.eof_at == 2.0
+
+
 # -- writes that fail ------------------------------------------------------------------
 
 
@@ -632,7 +920,7 @@ async def test_write_failure_is_a_broken_connection(autojump_clock: MockClock) -
             await run_body(stream, body, config=CONFIG)
         assert trio.current_time() == 0.75
     assert isinstance(raised.value.__cause__, trio.BrokenResourceError)
-    assert not raised.value.by_peer
+    assert raised.value.by_peer is False  # ours: a bool, not merely falsy
     # Afterwards every send reports the same failure.
     with pytest.raises(BrokenConnection):
         await conns[0].send(b"after")
@@ -640,6 +928,70 @@ async def test_write_failure_is_a_broken_connection(autojump_clock: MockClock) -
         conns[0].send_nowait(b"after")
     with pytest.raises(BrokenConnection):
         await conns[0].receive()
+
+
+class WritesFail(WrappedStream):
+    """A stream whose writes fail from :meth:`fail_writes` on, the one under way
+    included (say a reset the next write reports); reads go on as before."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        super().__init__(inner)
+        self._failed = False
+        self._writes: set[trio.CancelScope] = set()
+
+    def fail_writes(self) -> None:
+        self._failed = True
+        for scope in self._writes:
+            scope.cancel()
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        with trio.CancelScope() as scope:
+            self._writes.add(scope)
+            try:
+                if not self._failed:
+                    await super().send_all(data)
+            finally:
+                self._writes.discard(scope)
+        if self._failed:
+            raise trio.BrokenResourceError("connection reset (injected, on writes)")
+
+
+async def test_after_a_failed_write_the_writer_takes_nothing_more_from_the_queue(
+    autojump_clock: MockClock,
+) -> None:
+    """The writer is writing a batch (two 200 kB messages) when the stream
+    breaks at 0.5, with the queue full again behind it. The connection fails,
+    and every message no write had taken is still queued, for
+    ``take_unsent`` to hand back (a reconnecting client sends them again)."""
+    ours, theirs = trio.testing.lockstep_stream_pair()
+    stream, peer = WritesFail(ours), ScriptedPeer(theirs)
+    messages = [bytes([n]) * 200_000 for n in range(5)]
+    conns: list[Connection] = []
+
+    async def script() -> None:
+        await peer.handshake()
+        await trio.sleep_forever()  # reads nothing more
+
+    async def body(conn: Connection) -> None:
+        conns.append(conn)
+        for message in messages[:3]:
+            conn.send_nowait(message)
+        await trio.sleep(0.125)  # the writer took the first two and is stuck writing them
+        for message in messages[3:]:
+            conn.send_nowait(message)
+        assert conn.statistics().send_queue_used == 3
+        await trio.sleep_until(0.5)
+        stream.fail_writes()
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(script)
+        with pytest.raises(BrokenConnection) as raised:
+            await run_body(stream, body, config=CONFIG, options=ConnectionOptions(send_queue=3))
+        assert trio.current_time() == 0.5
+        nursery.cancel_scope.cancel()
+    assert raised.value.by_peer is False  # our write failed
+    assert conns[0].take_unsent() == messages[2:]
 
 
 @pytest.mark.parametrize("writer", ["pong", "ping"])
@@ -673,7 +1025,7 @@ async def test_an_inline_write_to_a_broken_transport_is_a_broken_connection(
         assert trio.current_time() == 0.75  # before our idle PING at 0.9 could find out
         nursery.cancel_scope.cancel()
     assert raised.value.code == CloseCode.ABNORMAL_CLOSURE
-    assert not raised.value.by_peer
+    assert raised.value.by_peer is False  # ours: a bool, not merely falsy
     assert isinstance(raised.value.__cause__, trio.BrokenResourceError)
     assert stream.closed
 
@@ -709,8 +1061,8 @@ async def test_close_nowait_without_flush_jumps_the_queue(autojump_clock: MockCl
 
 @pytest.mark.parametrize(
     ("close_timeout", "data_delivered", "closed_at"),
-    [(1.0, 4, 2.0), (5.0, 6, 2.8)],
-    ids=["flush-cut-short", "flush-in-time"],
+    [(1.0, 4, 2.0), (0.8, 2, 0.8 + 0.4), (5.0, 6, 2.8)],
+    ids=["flush-cut-short", "flush-ends-with-a-write", "flush-in-time"],
 )
 async def test_a_flush_that_outlasts_the_close_timeout_gives_way_to_the_close(
     close_timeout: float, data_delivered: int, closed_at: float, autojump_clock: MockClock
@@ -744,6 +1096,7 @@ async def test_a_flush_that_outlasts_the_close_timeout_gives_way_to_the_close(
             assert trio.current_time() == closed_at
     # Cut short: what was on the wire by the deadline (1.0) went out, the
     # CLOSE followed the write under way (done at 1.6), the rest was dropped.
+    # A deadline (0.8) met exactly as a write ends is over: the CLOSE goes next.
     assert [kind for _, kind in received] == [FrameType.DATA] * data_delivered + [FrameType.CLOSE]
     assert received[-1][0] == closed_at
     assert how_it_ended(conn) == (ConnectionClosed, 4001, False)
@@ -785,6 +1138,156 @@ async def test_an_answering_close_nobody_reads_is_given_up_after_a_short_while(
     assert stream.closed
 
 
+async def test_after_an_orderly_close_the_writer_closes_the_stream_while_the_block_runs(
+    autojump_clock: MockClock,
+) -> None:
+    """The peer closes at 0.5 and we answer: the stream is closed right
+    then, by the writer, not when the block is left at 1.0."""
+    stream, peer = stream_and_peer()
+
+    async def script() -> None:
+        await peer.handshake()
+        await trio.sleep(0.5)
+        await peer.send_close(CloseCode.GOING_AWAY)
+        await peer.drain()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(script)
+        async with open_stream_connection(stream, config=CONFIG) as conn:
+            with pytest.raises(ConnectionClosed):
+                await conn.receive()
+            await trio.sleep_until(1.0)
+            assert stream.aclose_calls == 1
+            assert peer.eof_at == 0.5
+    assert [frame.type for frame in peer.frames] == [FrameType.HELLO, FrameType.CLOSE]
+    assert how_it_ended(conn) == (ConnectionClosed, CloseCode.GOING_AWAY, True)
+
+
+class SlowToClose(StallingStream):
+    """A stream whose ``aclose`` says goodbye first (as TLS sends its
+    close_notify), which takes ``takes`` seconds; records how each close went.
+    It can stall a write, as :class:`helpers.StallingStream` does."""
+
+    def __init__(self, inner: trio.abc.Stream, takes: float) -> None:
+        super().__init__(inner)
+        self.takes = takes
+        self.closes: list[tuple[str, float]] = []
+
+    async def aclose(self) -> None:
+        self.aclose_calls += 1
+        try:
+            await trio.sleep(self.takes)
+            self.closes.append(("goodbye said", trio.current_time()))
+        except trio.Cancelled:
+            self.closes.append(("cut short", trio.current_time()))
+            raise
+        finally:
+            await trio.aclose_forcefully(self.inner)
+
+
+@pytest.mark.parametrize(
+    ("takes", "first_close"),
+    [(0.0625, ("goodbye said", 0.5625)), (5.0, ("cut short", 0.5 + BEST_EFFORT_SECONDS))],
+    ids=["quick-goodbye", "endless-goodbye"],
+)
+async def test_the_writer_closes_the_stream_shielded_for_a_short_while(
+    takes: float, first_close: tuple[str, float], autojump_clock: MockClock
+) -> None:
+    """After the peer's CLOSE at 0.5 the writer closes the stream, whose
+    close takes ``takes``. A cancel of the block from outside at 0.53 does
+    not cut that close short, but it gets a short while at most; then the
+    block is left (and the last words close the stream once more, at once)."""
+    ours, theirs = trio.testing.memory_stream_pair()
+    stream, peer = SlowToClose(ours, takes), ScriptedPeer(theirs)
+
+    async def script() -> None:
+        await peer.handshake()
+        await trio.sleep(0.5)
+        await peer.send_close()
+        await peer.drain()
+
+    async def cancel_at(scope: trio.CancelScope, when: float) -> None:
+        await trio.sleep_until(when)
+        scope.cancel()
+
+    with trio.fail_after(VIRTUAL_BOUND):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(script)
+            with trio.CancelScope() as outside:
+                nursery.start_soon(cancel_at, outside, 0.53125)
+                async with open_stream_connection(stream, config=CONFIG):
+                    await trio.sleep_forever()
+            assert trio.current_time() == first_close[1]
+    assert stream.closes == [first_close, ("cut short", first_close[1])]
+    assert peer.eof_at == first_close[1]
+
+
+class FailsAsItCloses(WrappedStream):
+    """A stream whose first ``aclose`` closes it and then reports a reset."""
+
+    async def aclose(self) -> None:
+        await super().aclose()
+        if self.aclose_calls == 1:
+            raise trio.BrokenResourceError("connection reset as we hung up")
+
+
+async def test_a_stream_that_fails_as_the_writer_closes_it_leaves_an_orderly_end_alone(
+    autojump_clock: MockClock,
+) -> None:
+    """The peer closes in order at 0.5; the writer then closes the stream,
+    which reports a reset. The connection has ended in order already: the
+    failure is no news, and the block carries on and is left without error."""
+    ours, theirs = trio.testing.memory_stream_pair()
+    stream, peer = FailsAsItCloses(ours), ScriptedPeer(theirs)
+
+    async def script() -> None:
+        await peer.handshake()
+        await trio.sleep(0.5)
+        await peer.send_close(CloseCode.GOING_AWAY, "bye")
+        await peer.drain()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(script)
+        async with open_stream_connection(stream, config=CONFIG) as conn:
+            await trio.sleep_until(1.0)
+            assert stream.aclose_calls == 1
+    assert how_it_ended(conn) == (ConnectionClosed, CloseCode.GOING_AWAY, True)
+    assert peer.eof_at == 0.5
+
+
+async def test_an_answering_close_is_not_cut_off_by_a_cancel_from_outside(
+    autojump_clock: MockClock,
+) -> None:
+    """The peer closes at 0.5 and reads our answer only at 0.5625; the block
+    is cancelled from outside at 0.53125, while the answer is on its way. It
+    still arrives whole (it is written shielded, within its short while),
+    and only then is the block left."""
+    ours, theirs = trio.testing.lockstep_stream_pair()
+    peer = ScriptedPeer(theirs)
+
+    async def script() -> None:
+        await peer.handshake()
+        await trio.sleep(0.5)
+        await peer.send_close(CloseCode.GOING_AWAY, "bye")
+        await trio.sleep_until(0.5625)
+        await peer.drain()
+
+    async def cancel_at(scope: trio.CancelScope, when: float) -> None:
+        await trio.sleep_until(when)
+        scope.cancel()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(script)
+        with trio.CancelScope() as outside:
+            nursery.start_soon(cancel_at, outside, 0.53125)
+            async with open_stream_connection(ours, config=CONFIG):
+                await trio.sleep_forever()
+        assert trio.current_time() == 0.5625
+    assert [(frame.at, frame.close_code, frame.close_reason) for frame in peer.frames[1:]] == [
+        (0.5625, CloseCode.GOING_AWAY, "bye")
+    ]
+
+
 async def test_last_words_nobody_reads_are_given_up_after_a_short_while(
     autojump_clock: MockClock,
 ) -> None:
@@ -811,6 +1314,28 @@ async def test_last_words_nobody_reads_are_given_up_after_a_short_while(
     assert stream.send_interrupted  # the CLOSE was cut off, not waited for
     assert stream.closed
     assert FrameType.CLOSE not in [frame.type for frame in peer.frames]
+
+
+async def test_last_words_go_out_when_the_block_is_cancelled_from_outside(
+    autojump_clock: MockClock,
+) -> None:
+    """A cancel from outside the ``async with`` at 0.5 leaves the block
+    mid-connection: the CLOSE 1001 said on the way out is written although
+    the caller's scope is still cancelled, and the stream is closed after it."""
+    stream, peer = stream_and_peer()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(handshake_then_drain, peer)
+        with trio.move_on_after(0.5) as scope:
+            async with open_stream_connection(stream, config=CONFIG) as conn:
+                await trio.sleep_forever()
+        assert scope.cancelled_caught
+        assert trio.current_time() == 0.5
+    assert [
+        (frame.at, frame.close_code, frame.close_reason) for frame in peer.of_type(FrameType.CLOSE)
+    ] == [(0.5, CloseCode.GOING_AWAY, "cancelled")]
+    assert peer.eof_at == 0.5
+    assert stream.closed
+    assert how_it_ended(conn) == (ConnectionClosed, CloseCode.GOING_AWAY, False)
 
 
 async def test_senders_waiting_for_room_hear_of_a_failure_at_once(
