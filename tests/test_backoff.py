@@ -301,6 +301,13 @@ def test_edge_values_are_accepted() -> None:
     assert take(ConstantBackoff(1.0, max_elapsed=math.inf), 3) == [1.0] * 3
 
 
+def test_a_huge_cap_is_accepted_while_its_largest_delay_is_finite() -> None:
+    """The overflow check is on ``cap * (1 + jitter)``, the largest delay, and nothing more."""
+    delays = take(ExponentialBackoff(base=1e308, cap=1e308, jitter=0.5, seed=0), 20)
+    assert all(0.5e308 <= delay <= 1.5e308 for delay in delays)
+    assert take(ExponentialBackoff(base=1e308, cap=1e308), 2) == [1e308, 1e308]
+
+
 # -- property tests ------------------------------------------------------------
 
 bases = st.floats(min_value=1e-3, max_value=1e3)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import doctest
+import re
 
 import pytest
 
@@ -34,6 +35,7 @@ def test_config_announces_whole_milliseconds() -> None:
         ({"interval": 0.0004999}, "interval must be between"),
         ({"timeout": -1.0}, "timeout must be between"),
         ({"timeout": 5e6}, "timeout must be between"),
+        ({"interval": 4294967.296}, "interval must be between"),  # 2**32 ms: one too many
         ({"max_frame": 1023}, "max_frame must be at least 1024"),
         ({"max_frame": 1 << 32}, "max_frame must be at least 1024"),
         ({"handshake_timeout": 0.0}, "handshake_timeout must be positive"),
@@ -52,6 +54,36 @@ def test_config_refuses_bad_values(changes: dict[str, object], message: str) -> 
 
 def test_config_edge_values_are_fine() -> None:
     Config(close_timeout=0.0, max_ping_strikes=None, max_frame=1024, instance_id="x" * 64)
+
+
+def test_the_largest_values_the_wire_carries_are_accepted() -> None:
+    """HELLO's interval_ms, timeout_ms and max_frame are 4-byte fields (THB/1 §3.4): 0xFFFFFFFF fits.
+
+    A handshake timeout may be as short as the caller likes, well under a second.
+    """
+    config = Config(
+        interval=4294967.295, timeout=4294967.295, max_frame=0xFFFFFFFF, handshake_timeout=0.001
+    )
+    assert (config.interval_ms, config.timeout_ms) == (0xFFFFFFFF, 0xFFFFFFFF)
+    assert config.max_frame == 0xFFFFFFFF
+    assert Config(handshake_timeout=1.0).handshake_timeout == 1.0
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (
+            {"handshake_timeout": -1.0},
+            "handshake_timeout must be positive and close_timeout not negative",
+        ),
+        ({"max_ping_strikes": 1}, "max_ping_strikes must be at least 3 (THB/1 §4.6), or None"),
+    ],
+)
+def test_the_fixed_messages_read_exactly(changes: dict[str, object], message: str) -> None:
+    """The words a person reads for the two messages that name no value."""
+    with pytest.raises(ValueError, match=re.escape(message)) as raised:
+        Config(**changes)  # type: ignore[arg-type]
+    assert str(raised.value) == message
 
 
 # -- a shared, immutable value ---------------------------------------------------------

@@ -17,6 +17,7 @@ import doctest
 import math
 import statistics
 from collections import deque
+from collections.abc import Iterable
 from itertools import accumulate, pairwise
 from statistics import NormalDist
 from typing import Any
@@ -209,6 +210,52 @@ def test_the_window_is_bounded() -> None:
     assert detector.mean == 1.0
 
 
+def test_the_statistics_follow_the_window_as_it_slides() -> None:
+    """Each interval that falls out of a full window leaves the mean and the deviation.
+
+    Distinct intervals, checked after every arrival, so that subtracting the wrong
+    one, or the wrong amount, shows before the next exact recompute hides it.
+    """
+    detector = PhiAccrualDetector(window=3, min_std=1e-9)
+    for arrival in accumulate([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0], initial=0.0):
+        detector.record(arrival)
+        intervals = detector.intervals
+        if len(intervals) >= 2:
+            assert detector.mean == statistics.fmean(intervals)
+            assert detector.std == pytest.approx(statistics.pstdev(intervals), rel=1e-12)
+    assert detector.intervals == (5.0, 6.0, 7.0)
+
+
+class CountingMath:
+    """The ``math`` module as ``_detectors`` sees it, counting the calls of ``fsum``."""
+
+    def __init__(self) -> None:
+        self.fsums = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(math, name)
+
+    def fsum(self, values: Iterable[float]) -> float:
+        self.fsums += 1
+        return math.fsum(values)
+
+
+def test_the_exact_recompute_comes_once_per_turn_of_the_window(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """record() is O(1) amortised: the sums are recomputed (two fsum calls, over the whole
+    window) after every ``window`` intervals learned, and never in between."""
+    counting = CountingMath()
+    monkeypatch.setattr(_detectors, "math", counting)
+    detector = PhiAccrualDetector(window=4)
+    calls = []
+    for second in range(13):  # the first arrival, then 12 intervals: three turns
+        detector.record(float(second))
+        calls.append(counting.fsums)
+    assert calls == [0, 0, 0, 0, 2, 2, 2, 2, 4, 4, 4, 4, 6]
+    assert (detector.mean, detector.std) == (1.0, 0.1)
+
+
 def test_the_sums_are_recomputed_exactly_each_time_the_window_turns_over() -> None:
     # A huge interval (learned: no timeout was asked about yet) then small ones.
     # Subtracting its square from the running sum of squares leaves rounding
@@ -297,6 +344,8 @@ def test_a_late_frame_that_comes_alone_is_learned() -> None:
     assert std == pytest.approx(statistics.pstdev(detector.intervals))
     assert std is not None
     assert std > 0.4  # learned: the peer is given more room now
+    detector.record(14.5)  # once learned, nothing is held any more: on with the rhythm
+    assert list(detector.intervals) == [*[1.0] * 10, 2.5, 1.0, 1.0]
 
 
 def test_an_arrival_before_the_last_counts_as_simultaneous() -> None:
@@ -314,6 +363,40 @@ def test_late_intervals_are_held_only_once_there_is_a_rhythm() -> None:
     for arrival in [0.0, 1.0, 6.0, 6.0]:
         detector.record(arrival)
     assert detector.intervals == (1.0, 5.0)
+
+
+def test_two_intervals_are_already_a_rhythm() -> None:
+    """From the second interval on there is a verdict: phi rises, and a late interval is held."""
+    detector = PhiAccrualDetector()
+    regular(detector, 2)
+    assert detector.intervals == (1.0, 1.0)
+    assert detector.phi(3.0, 2.0) == pytest.approx(math.log10(2))  # the mean: even odds
+    assert detector.suspect_at(2.0, 10.0) == 2.0 + (1.0 + 0.1 * Z8)
+    detector.record(5.0)  # 3 s, later than the verdict: held back
+    assert detector.intervals == (1.0, 1.0)
+    detector.record(5.0)  # a frame read with it: they had been waiting for us
+    detector.record(6.0)
+    assert list(detector.intervals) == [1.0, 1.0, 1.0]
+
+
+def test_the_verdict_and_the_timeout_themselves_are_not_longer() -> None:
+    """The guard holds back intervals *longer* than the verdict, and ignores those *longer*
+    than the timeout: one of exactly the verdict is learned at once, and one of exactly
+    the timeout is held like any late interval, not ignored."""
+    detector = PhiAccrualDetector()
+    regular(detector, 0, start=-10)
+    verdict = detector.suspect_at(0.0, 3.0)
+    assert verdict == 1.0 + 0.1 * Z8
+    detector.record(verdict)  # exactly the verdict after 0.0: on time, learned at once
+    assert detector.intervals == (*[1.0] * 10, verdict)
+
+    detector = PhiAccrualDetector()
+    regular(detector, 5)
+    detector.suspect_at(5.0, 3.0)
+    detector.record(8.0)  # exactly the timeout: late, so held, but not ignored
+    assert detector.intervals == (1.0,) * 5
+    detector.record(9.0)  # it came alone: learned
+    assert detector.intervals == (*[1.0] * 5, 3.0, 1.0)
 
 
 # -- phi accrual: parameters and shape -------------------------------------------------

@@ -142,6 +142,23 @@ def test_the_attributes_themselves_come_back() -> None:
     assert not failed.last_error.by_peer
 
 
+def test_the_reconnect_errors_carry_what_was_not_delivered() -> None:
+    """A fresh ReconnectFailed holds an empty list (the client fills it when it gives up);
+    UndeliveredMessages holds its messages and reason, and counts them in its line."""
+    failed = ReconnectFailed("the reconnecting client is closed", None, 0)
+    assert failed.undelivered == []
+    failed.undelivered.append(b"late")  # a list of its own, not shared with others
+    assert ReconnectFailed("again", None, 0).undelivered == []
+
+    one = UndeliveredMessages((b"a",), "connection refused")
+    assert (one.messages, one.reason) == ([b"a"], "connection refused")
+    assert str(one) == "1 message accepted by send() not delivered: connection refused"
+    two = UndeliveredMessages([b"a", b"b"], "closed with 1001 by the peer")
+    assert (two.messages, two.reason) == ([b"a", b"b"], "closed with 1001 by the peer")
+    assert str(two) == "2 messages accepted by send() not delivered: closed with 1001 by the peer"
+    assert str(UndeliveredMessages([], "x")) == "0 messages accepted by send() not delivered: x"
+
+
 # -- the exceptions the package keeps to itself ------------------------------------------
 
 
@@ -208,5 +225,8 @@ def test_an_os_error_is_described_in_the_systems_words() -> None:
     assert describe_os_error(wrapped) == "connection refused"
     trio_style = OSError(111, "error connecting to ('127.0.0.1', 1): Connection refused")
     assert describe_os_error(trio_style) == "connection refused"  # no Python repr
+    # Either half of an OSError is enough: the errno alone, or the words alone.
+    assert describe_os_error(OSError(111, "")) == "connection refused"
+    assert describe_os_error(OSError(None, "No route to host")) == "no route to host"
     assert describe_os_error(ValueError("odd")) == "odd"
     assert describe_os_error(ValueError()) == "ValueError"
