@@ -425,6 +425,39 @@ def test_limit_is_inclusive_and_follows_max_frame() -> None:
     assert info.value.code == CloseCode.TOO_BIG
 
 
+@pytest.mark.parametrize(
+    "frame", [PING, PONG, CLOSE_1011, SERVER_HELLO], ids=["ping", "pong", "close", "hello"]
+)
+def test_limit_is_inclusive_for_control_frames_too(frame: bytes) -> None:
+    """A control frame whose payload is exactly ``max_frame`` bytes is decoded, not refused."""
+    length = len(frame) - HEADER_SIZE
+    assert decode_all([frame], max_frame=length) == decode_all([frame])
+    decoder = FrameDecoder(length - 1)
+    decoder.receive_data(frame)
+    with pytest.raises(RemoteProtocolError, match="exceeds the limit") as info:
+        decoder.next_frame()
+    assert info.value.code == CloseCode.TOO_BIG
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (header(0x05, 126), "CLOSE payload must be 2 to 125 bytes, not 126"),
+        (header(0x05, 1), "CLOSE payload must be 2 to 125 bytes, not 1"),
+        (header(0x01, 35), "HELLO payload of 35 bytes is shorter than 36"),
+        (header(0x03, 10), "PING payload must be 9 bytes, not 10"),
+    ],
+    ids=["close-126", "close-1", "hello-35", "ping-10"],
+)
+def test_a_bad_size_at_exactly_the_limit_is_1002_not_1009(raw: bytes, message: str) -> None:
+    """Only a length over the limit is 1009; a length at the limit but wrong for its type is 1002."""
+    decoder = FrameDecoder(int.from_bytes(raw[2:], "big"))
+    decoder.receive_data(raw)
+    with pytest.raises(RemoteProtocolError) as info:
+        decoder.next_frame()
+    assert (str(info.value), info.value.code) == (message, CloseCode.PROTOCOL_ERROR)
+
+
 def test_decoder_buffers_partial_frames_and_keeps_leftovers() -> None:
     decoder = FrameDecoder()
     decoder.receive_data(b"")
@@ -461,6 +494,30 @@ def test_batch_returns_the_frames_before_an_error_then_the_error() -> None:
     with pytest.raises(RemoteProtocolError) as info:
         decoder.next_frame()
     assert info.value.code == CloseCode.TOO_BIG
+
+
+@pytest.mark.parametrize(
+    ("tail", "cut", "frame"),
+    [(DATA_HI, 7, b"hi"), (PING, 8, Ping(OPAQUE, HealthStatus.SERVING))],
+    ids=["data", "ping"],
+)
+def test_batch_returns_the_whole_frames_before_an_incomplete_one(
+    tail: bytes, cut: int, frame: Frame
+) -> None:
+    """frames() hands back every whole frame at once and keeps the incomplete tail.
+
+    The tail is a DATA or a PING frame whose six header bytes are in but whose
+    payload is not yet; the frames before it are returned now, not held back
+    until the tail is complete.
+    """
+    decoder = FrameDecoder()
+    decoder.receive_data(DATA_HI + PING + tail[:cut])
+    assert decoder.frames() == [b"hi", Ping(OPAQUE, HealthStatus.SERVING)]
+    assert decoder.buffered == cut
+    assert decoder.frames() == []
+    decoder.receive_data(tail[cut:])
+    assert decoder.frames() == [frame]
+    assert decoder.buffered == 0
 
 
 def test_batch_stops_after_a_hello_so_the_limit_can_change() -> None:
@@ -532,6 +589,30 @@ def test_bad_hello_is_a_protocol_error(payload: bytes, message: str) -> None:
     assert info.value.code == CloseCode.PROTOCOL_ERROR
 
 
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (SERVER_HELLO[HEADER_SIZE:-1], "HELLO is too short"),
+        (hello_payload(magic=b"THB2"), "bad HELLO magic 0x54484232, not THB1"),
+        (hello_payload(role=b"\x07"), "unknown HELLO role 7"),
+        (hello_payload(interval=bytes(4)), "HELLO interval and timeout must be at least 1 ms"),
+        (hello_payload(max_frame=bytes(4)), "HELLO max_frame 0 is below 1024"),
+        (hello_payload(id_len=b"\x41"), "HELLO id length 65 is over 64"),
+        (hello_payload(id_len=b"\x01"), "HELLO is shorter than its id length says"),
+        (hello_payload(auth_len=b"\x01") + b"x", "HELLO auth length must be 0 or 32, not 1"),
+        (hello_payload() + b"\0", "HELLO length does not match its id and auth lengths"),
+        (hello_payload(id_len=b"\x01")[:-1] + b"\xff\x00", "HELLO id is not valid UTF-8"),
+    ],
+    ids=["short", "magic", "role", "interval", "max_frame", "id_len", "id", "auth", "size", "utf8"],
+)
+def test_bad_hello_reason_word_for_word(payload: bytes, reason: str) -> None:
+    """The error's text becomes the reason of the CLOSE the peer reads, so it is pinned exactly."""
+    with pytest.raises(RemoteProtocolError) as info:
+        decode_hello(payload)
+    assert str(info.value) == reason
+    assert len(reason.encode("utf-8")) <= MAX_CLOSE_REASON  # it fits in a CLOSE as it is
+
+
 def test_hello_extremes_round_trip() -> None:
     hello = Hello(
         role=Role.CLIENT,
@@ -557,8 +638,10 @@ def test_hello_extremes_round_trip() -> None:
     ],
 )
 def test_encode_hello_refuses_what_it_cannot_encode(hello: Hello, message: str) -> None:
-    with pytest.raises(LocalProtocolError, match=message):
+    """A usage error, carrying the close code of the violation (1002) like every ProtocolError."""
+    with pytest.raises(LocalProtocolError, match=message) as info:
         encode_hello(hello)
+    assert info.value.code == CloseCode.PROTOCOL_ERROR
 
 
 @pytest.mark.parametrize("status", list(HealthStatus))
@@ -582,10 +665,11 @@ def test_unknown_health_status_is_a_protocol_error(raw: int) -> None:
 
 @pytest.mark.parametrize("opaque", [b"", bytes(7), bytes(9)])
 def test_ping_and_pong_need_eight_opaque_bytes(opaque: bytes) -> None:
-    with pytest.raises(LocalProtocolError, match="8 bytes"):
-        encode_ping(opaque, HealthStatus.SERVING)
-    with pytest.raises(LocalProtocolError, match="8 bytes"):
-        encode_pong(opaque, HealthStatus.SERVING)
+    """Refused as a usage error that names the close code of the violation, 1002."""
+    for encode in (encode_ping, encode_pong):
+        with pytest.raises(LocalProtocolError, match="8 bytes") as info:
+            encode(opaque, HealthStatus.SERVING)
+        assert info.value.code == CloseCode.PROTOCOL_ERROR
 
 
 def test_close_codes_known_and_unknown() -> None:
@@ -626,6 +710,7 @@ def test_close_reason_that_is_not_utf8_is_a_protocol_error() -> None:
     with pytest.raises(RemoteProtocolError, match="not valid UTF-8") as info:
         decode_close(b"\x03\xe8\xc3\x28")
     assert info.value.code == CloseCode.PROTOCOL_ERROR
+    assert str(info.value) == "CLOSE reason is not valid UTF-8"  # the reason of our CLOSE
 
 
 def test_encode_frame_is_the_generic_encoder() -> None:
@@ -646,21 +731,26 @@ def test_heartbeat_status_may_be_a_plain_int_but_must_name_a_status() -> None:
     one: Any = 1
     assert encode_ping(b"12345678", one) == encode_ping(b"12345678", HealthStatus(1))
     nine: Any = 9
-    with pytest.raises(ValueError, match="is not a valid HealthStatus"):
-        encode_pong(b"12345678", nine)
+    with pytest.raises(ValueError, match=r"^9 is not a valid HealthStatus"):
+        encode_pong(b"12345678", nine)  # the message names the value that was passed
 
 
 def test_1006_never_travels() -> None:
     # THB/1 §5.5: 1006 says an ending had no CLOSE; it is never encoded, and a
     # CLOSE that carries it is a protocol error.
-    with pytest.raises(ValueError, match="1006 is never sent"):
+    with pytest.raises(ValueError, match="1006 is never sent") as refused:
         encode_close(CloseCode.ABNORMAL_CLOSURE)
+    assert str(refused.value) == (
+        "close code 1006 is never sent: it says a connection ended without CLOSE"
+    )
     decoder = FrameDecoder()
     decoder.receive_data(DATA_HI + header(0x05, 2) + (1006).to_bytes(2, "big"))
     assert decoder.frames() == [b"hi"]
     with pytest.raises(RemoteProtocolError, match="1006") as info:
         decoder.frames()
     assert info.value.code == CloseCode.PROTOCOL_ERROR
+    # Word for word: this is the reason of the CLOSE 1002 the peer gets back.
+    assert str(info.value) == "CLOSE with code 1006, which is never sent"
 
 
 def test_a_health_status_prints_as_its_name() -> None:
