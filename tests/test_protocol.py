@@ -25,6 +25,7 @@ from math import inf
 
 import pytest
 from helpers import (
+    CLIENT_NONCE,
     WireFrame,
     accepted_pair,
     client_hello,
@@ -33,6 +34,7 @@ from helpers import (
     feed,
     frames,
     new_pair,
+    opaque,
     open_pair,
     state,
     types,
@@ -72,7 +74,8 @@ from trio_heartbeat._frames import (
     encode_ping,
     encode_pong,
 )
-from trio_heartbeat._handshake import CLIENT_LEAD
+from trio_heartbeat._handshake import CLIENT_LEAD, compute_auth
+from trio_heartbeat._pings import RTT_REFRESH
 
 # -- making one ------------------------------------------------------------------------
 
@@ -89,6 +92,42 @@ def test_fresh_nonce_for_every_connection() -> None:
     assert first.nonce != second.nonce
     assert isinstance(first.detector, FixedTimeout)
     assert first.config == Config()
+
+
+def test_a_fresh_machine_knows_nothing_of_its_peer_or_an_ending() -> None:
+    """Before anything is heard: no peer, no peer health, no close; last_sent is
+    the creation time, whether a HELLO went out then (server) or not (client)."""
+    for role in Role:
+        protocol = HeartbeatProtocol(role, now=5.0)
+        assert protocol.last_sent == 5.0
+        assert (protocol.peer, protocol.peer_health, protocol.close_code) == (None, None, None)
+        assert protocol.close_reason == ""
+        assert protocol.closed_by_peer is False
+
+
+class _Impatient:
+    """A failure detector that would convict half a second after the last frame."""
+
+    def __init__(self) -> None:
+        self.arrivals: list[float] = []
+
+    def record(self, arrival: float) -> None:
+        self.arrivals.append(arrival)
+
+    def suspect_at(self, last_arrival: float, timeout: float) -> float:
+        return last_arrival + 0.5
+
+
+def test_the_detector_given_judges_the_silence_within_the_floor() -> None:
+    """A detector passed in is the one consulted: it hears every frame, and its
+    verdict is clamped to no sooner than two of the peer's send intervals."""
+    detector = _Impatient()
+    server = HeartbeatProtocol(Role.SERVER, now=0.0, nonce=SERVER_NONCE)
+    client = HeartbeatProtocol(Role.CLIENT, now=0.0, nonce=CLIENT_NONCE, detector=detector)
+    assert client.detector is detector
+    feed(client, server.data_to_send(), 0.25)
+    assert detector.arrivals == [0.25]
+    assert client.liveness_deadline == 0.25 + 2 * 1.0
 
 
 def test_doctests() -> None:
@@ -203,6 +242,33 @@ def test_handshake_timeout(role: Role) -> None:
     assert not protocol.closed_by_peer
 
 
+def test_handshake_with_a_secret_signs_and_checks_the_client_hello() -> None:
+    """THB/1 §6 through the machine: the client signs its HELLO over the server's
+    nonce and its own, the server checks it with its own nonce; a wrong secret is 1008."""
+    keyed = Config(secret=b"shared", instance_id="c1")
+    server, client = new_pair(Config(secret=b"shared"), keyed)
+    feed(client, server.data_to_send(), 0.0)
+    signed = client.data_to_send()
+    expected = compute_auth(b"shared", SERVER_NONCE, CLIENT_NONCE, "c1")
+    assert decode_hello(signed[HEADER_SIZE:]).auth == expected
+    assert [type(event) for event in feed(server, signed, 0.0)] == [HandshakeComplete]
+    server, client = new_pair(Config(secret=b"other"), keyed)
+    feed(client, server.data_to_send(), 0.0)
+    message = expect_error(server, client.data_to_send(), 0.0, 1008)
+    assert message == "client authentication failed"
+
+
+def test_a_health_change_before_our_hello_rides_on_the_hello() -> None:
+    """A client whose HELLO is not out yet plans no early PING for a health
+    change: the HELLO carries it, and the send rule starts from the HELLO."""
+    server, client = new_pair()
+    client.set_health(HealthStatus.DEGRADED, 0.0)
+    feed(client, server.data_to_send(), 0.5)
+    assert decode_hello(client.data_to_send()[HEADER_SIZE:]).status is HealthStatus.DEGRADED
+    assert client.last_sent == 0.5
+    assert client.ping_deadline == 0.5 + 1.0 * CLIENT_LEAD
+
+
 # -- 1002: protocol errors -------------------------------------------------------------
 
 
@@ -252,7 +318,40 @@ def test_protocol_errors_after_open(data: bytes) -> None:
 
 def test_second_hello_from_the_client_is_a_protocol_error() -> None:
     server, _ = open_pair()
-    assert "second HELLO" in expect_error(server, CLIENT_HELLO, 0.0, 1002)
+    # Word for word: the reason travels in our CLOSE.
+    assert expect_error(server, CLIENT_HELLO, 0.0, 1002) == "unexpected second HELLO"
+
+
+@pytest.mark.parametrize(
+    ("role", "data", "reason"),
+    [
+        (Role.SERVER, encode_data(b"x"), "DATA before the handshake completed"),
+        (Role.SERVER, PING, "PING before the handshake completed"),
+        (Role.CLIENT, PONG, "PONG before the handshake completed"),
+    ],
+)
+def test_protocol_error_reasons_travel_in_the_close(role: Role, data: bytes, reason: str) -> None:
+    """The reason of a protocol error is what the peer reads in our CLOSE, word for word."""
+    protocol = HeartbeatProtocol(role, now=0.0, nonce=SERVER_NONCE)
+    protocol.data_to_send()
+    protocol.receive_data(data, 0.0)
+    with pytest.raises(RemoteProtocolError, match=f"^{reason}$"):
+        protocol.next_event()
+    assert protocol.data_to_send() == encode_close(1002, reason)
+
+
+@pytest.mark.parametrize("max_strikes", [3, 4])
+def test_a_ping_flood_is_refused_with_1008_at_the_configured_strikes(max_strikes: int) -> None:
+    """THB/1 §4.6 through the machine: the config's max_ping_strikes is the
+    rate rule's limit; the PING that reaches it ends the connection with 1008."""
+    server, _ = accepted_pair(Config(max_ping_strikes=max_strikes))
+    ping = encode_ping(bytes(8), HealthStatus.SERVING)
+    feed(server, ping, 1.0)  # on time
+    for strike in range(1, max_strikes):
+        feed(server, ping, 1.0)
+        assert server.ping_strikes == strike
+    message = expect_error(server, ping, 1.0, 1008)
+    assert message == f"{max_strikes} PINGs in a row sooner than the agreed rate"
 
 
 # -- 1009: frame limits ----------------------------------------------------------------
@@ -341,8 +440,9 @@ def test_send_data_over_the_peers_max_frame_is_refused_with_1009() -> None:
 
 def test_send_ping_before_open_is_a_local_error() -> None:
     server, _ = new_pair()
-    with pytest.raises(LocalProtocolError, match="cannot send PING in state HANDSHAKE"):
+    with pytest.raises(LocalProtocolError, match="cannot send PING in state HANDSHAKE") as info:
         server.send_ping(0.0)
+    assert info.value.code == CloseCode.PROTOCOL_ERROR
 
 
 def test_control_pending_says_whether_control_frames_wait() -> None:
@@ -364,6 +464,48 @@ def test_an_idle_open_connection_holds_no_queues() -> None:
         assert core.next_event() is NEED_DATA
         held = [ref for ref in gc.get_referents(core) if isinstance(ref, list)]
         assert held == []
+
+
+def test_frame_counters_count_each_frame_once() -> None:
+    """frames_out counts every frame queued (HELLO, DATA, PING), pings_sent our
+    PINGs, pongs_received the PONGs that came back: one each, never more."""
+    server, client = open_pair()
+    assert client.counters.frames_out == 1  # the HELLO
+    client.send_data(b"a", 1.0)
+    client.send_data(b"b", 1.0)
+    assert client.counters.frames_out == 3
+    client.send_ping(1.0)
+    client.send_ping(1.0)
+    assert (client.counters.frames_out, client.counters.pings_sent) == (5, 2)
+    feed(server, client.data_to_send(), 1.0)
+    assert client.counters.pongs_received == 0
+    feed(client, server.data_to_send(), 1.25)  # the verdict PING and two PONGs
+    assert client.counters.pongs_received == 2
+    assert (server.counters.pings_sent, server.counters.frames_out) == (1, 4)
+
+
+def test_handle_timeout_pings_at_the_ping_deadline_exactly() -> None:
+    """The send rule's deadline is inclusive: handle_timeout at ping_deadline queues the PING."""
+    server, _ = open_pair()
+    server.data_to_send()  # the verdict PING, sent at 0.0
+    assert server.ping_deadline == 1.0
+    server.handle_timeout(1.0 - 2**-20)
+    assert server.data_to_send() == b""
+    server.handle_timeout(1.0)
+    assert server.data_to_send() == encode_ping(opaque(2), HealthStatus.SERVING)
+    assert server.last_sent == 1.0
+
+
+def test_the_server_refreshes_its_round_trip_however_busy() -> None:
+    """A server PINGs RTT_REFRESH send intervals after its last PING even while
+    its DATA keeps the send rule quiet; a client, which PINGs when idle anyway, does not."""
+    server, client = open_pair()  # the server's verdict PING went out at 0.0
+    client.send_ping(0.0)
+    busy = RTT_REFRESH * 1.0 - 0.5
+    server.send_data(b"busy", busy)
+    client.send_data(b"busy", busy)
+    assert server.ping_deadline == RTT_REFRESH * 1.0
+    assert client.ping_deadline == busy + 1.0 * CLIENT_LEAD
 
 
 # -- the echo rule, and the order of events --------------------------------------------
@@ -453,6 +595,22 @@ def test_client_closes_and_server_answers_with_the_same_code() -> None:
         assert drain(side) == []
         assert side.data_to_send() == b""
         assert side.abort_deadline == side.ping_deadline == inf
+
+
+def test_every_close_we_queue_moves_last_sent() -> None:
+    """Our CLOSE is a frame sent like any other: starting a close, answering the
+    peer's and giving up on a silent peer each move last_sent to that moment.
+    Starting a close is ours, not the peer's, from the start."""
+    server, client = accepted_pair()
+    client.close(now=2.0)
+    assert (client.last_sent, client.closed_by_peer) == (2.0, False)
+    feed(server, client.data_to_send(), 2.5)
+    assert server.last_sent == 2.5
+    server, client = open_pair()
+    client.handle_timeout(3.0)  # nothing heard since 0.0: the peer is dead
+    assert drain(client) == [ConnectionEnded(1011, "heartbeat timeout", False, False)]
+    assert client.data_to_send() == encode_close(1011, "heartbeat timeout")
+    assert client.last_sent == 3.0
 
 
 def test_server_closes_with_going_away() -> None:

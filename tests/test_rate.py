@@ -271,6 +271,7 @@ async def test_ping_flood_is_closed_with_policy_violation(autojump_clock: MockCl
 
 def test_the_first_ping_is_judged_against_the_hello() -> None:
     rate = PingRate(peer_send_interval=1.0, max_strikes=3, since=10.0)
+    assert rate.strikes == 0  # none before any PING
     rate.ping(10.25)  # sooner than half an interval after the HELLO: still no strike
     assert rate.strikes == 0
     rate.ping(10.5)
