@@ -125,7 +125,7 @@ def mutate_own(session: nox.Session) -> None:
     scratch copy of the tree, ``.mutate-own/<module>/``, whose ``[tool.mutmut]``
     names that module and its tests, ``tests/test_<name>.py`` and
     ``tests/test_<name>_*.py`` (``test_protocol_stateful.py``, say); its
-    results are kept there.
+    results are kept there, and a later run tries the survivors again.
     """
     session.install("-e", ".[test]", "mutmut>=3.3")
     groups = {"core": SANS_IO, "runtime": RUNTIME}
@@ -163,6 +163,17 @@ def mutate_own(session: nox.Session) -> None:
         config = re.sub(r"pytest_add_cli_args_test_selection = \[.*?\]", tests, config, count=1)
         (scratch / "pyproject.toml").write_text(config)
         session.chdir(scratch)
+        if (scratch / "mutants").exists():
+            # mutmut keeps its verdicts: try the last run's survivors again,
+            # by name, against the tests as they are now.
+            listed = str(session.run("mutmut", "results", silent=True) or "")
+            again = [
+                line.rsplit(":", 1)[0].strip()
+                for line in listed.splitlines()
+                if line.rstrip().endswith(": survived")
+            ]
+            if again:
+                session.run("mutmut", "run", *again)
         session.run("mutmut", "run")
         session.run("mutmut", "results")
     session.chdir(root)
