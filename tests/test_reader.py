@@ -17,6 +17,7 @@ over a set number of scheduling rounds late, as a busy event loop would.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import socket
@@ -34,6 +35,7 @@ from helpers import (
     WrappedStream,
     connection_pair,
     handshake_then_drain,
+    handshake_then_serve,
     hang_up_on_close,
     how_it_ended,
     idle_ping_times,
@@ -43,6 +45,7 @@ from helpers import (
     stalling_stream_and_peer,
     stream_and_peer,
     wait_forever,
+    watch_writers,
 )
 from trio.testing import MockClock
 
@@ -251,6 +254,53 @@ async def test_our_own_pong_stuck_in_the_stream_is_cut_by_the_timer(
     assert stream.send_interrupted
     assert [frame.type for frame in peer.frames] == [FrameType.HELLO]  # and half a PONG
     assert peer.eof_at == ended_at
+
+
+async def test_a_close_timeout_that_cuts_our_own_pong_ends_the_reader_at_once(
+    autojump_clock: MockClock,
+) -> None:
+    """Our PONG to the peer's PING at 0.5 stalls partway, and at 1.0 we close
+    without flushing (the CLOSE waits behind the stuck PONG). The reader's
+    timer cuts the PONG at the close timeout (2.0): the stream is unusable,
+    so the close is over there, in order, and the reader stops at once. The
+    stream is closed at 2.0 and leaving the block takes no time at all (a
+    reader that went on reading would hold it up for the short bound on the
+    last words)."""
+    stream, peer = stalling_stream_and_peer()
+    closed_at: list[float] = []
+
+    async def script() -> None:
+        await peer.handshake()
+        await trio.sleep_until(0.5)
+        stream.stall_next_write(after=4)  # our PONG
+        await peer.send_ping()
+        await peer.drain()
+
+    async def body(conn: Connection) -> None:
+        await trio.sleep_until(1.0)
+        conn.close_nowait(4001, "done", flush=False)
+        ended = await conn.wait_closed()
+        closed_at.append(trio.current_time())
+        assert (type(ended), ended.code, ended.reason, ended.by_peer) == (
+            ConnectionClosed,
+            4001,
+            "done",
+            False,
+        )
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(script)
+        await run_body(
+            stream,
+            body,
+            config=Config(interval=1.0, timeout=3.0, close_timeout=1.0),
+            options=ConnectionOptions(write_timeout=5.0),
+        )
+        assert trio.current_time() == 2.0
+    assert closed_at == [2.0]
+    assert stream.send_interrupted
+    assert [frame.type for frame in peer.frames] == [FrameType.HELLO]  # and half a PONG
+    assert peer.eof_at == 2.0
 
 
 # -- a frame that arrived before a stall of our own loop -------------------------------
@@ -764,6 +814,62 @@ async def test_data_read_before_a_protocol_error_is_still_delivered(
     assert again.value.code == CloseCode.PROTOCOL_ERROR
 
 
+async def test_a_protocol_error_is_logged_at_debug_with_the_peer_and_the_close_code(
+    autojump_clock: MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The reader logs the peer's protocol error once, at DEBUG: who the peer
+    is, what it did wrong and the close code we answer with."""
+    stream, peer = stream_and_peer()
+
+    async def script() -> None:
+        await peer.handshake()
+        await peer.send(b"\xff" * 6)  # no frame type is 0xff
+        await hang_up_on_close(peer)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(script)
+        with (
+            caplog.at_level(logging.DEBUG, logger="trio_heartbeat"),
+            pytest.raises(ConnectionClosed) as raised,
+        ):
+            await run_body(stream, wait_forever, config=CONFIG, remote_address="192.0.2.7:4433")
+    cause = raised.value.__cause__
+    assert isinstance(cause, RemoteProtocolError)
+    assert cause.code == raised.value.code == CloseCode.PROTOCOL_ERROR
+    records = [record for record in caplog.records if record.module == "_reader"]
+    assert [(record.levelno, record.getMessage()) for record in records] == [
+        (logging.DEBUG, f"protocol error from peer 192.0.2.7:4433: {cause} (close 1002)")
+    ]
+
+
+async def test_a_reader_cancelled_from_outside_lets_the_cancellation_through(
+    autojump_clock: MockClock,
+) -> None:
+    """The caller's scope is cancelled at 1.5 while the reader waits for input:
+    the reader ends with the cancellation, as the block does, nothing else
+    comes out, and the peer hears GOING_AWAY "cancelled" in the last words."""
+    stream, peer = stream_and_peer()
+    conns: list[Connection] = []
+
+    async def body(conn: Connection) -> None:
+        conns.append(conn)
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(handshake_then_drain, peer)
+        with trio.move_on_after(1.5) as scope:
+            await run_body(stream, body, config=CONFIG)
+        assert scope.cancelled_caught
+        assert trio.current_time() == 1.5
+    [conn] = conns
+    assert how_it_ended(conn) == (ConnectionClosed, CloseCode.GOING_AWAY, False)
+    assert conn.closed is not None
+    assert conn.closed.reason == "cancelled"
+    last = peer.frames[-1]
+    assert (last.type, last.at, last.close_code) == (FrameType.CLOSE, 1.5, CloseCode.GOING_AWAY)
+    assert stream.closed
+
+
 async def test_a_reader_waiting_for_room_stops_when_the_connection_fails(
     autojump_clock: MockClock,
 ) -> None:
@@ -1080,3 +1186,40 @@ async def test_on_a_plain_socket_a_read_that_fails_at_the_deadline_leaves_the_ve
         "heartbeat timeout",
     )
     assert not raised.value.by_peer
+
+
+@direct_io
+@pytest.mark.parametrize("on_fd_0", [False, True], ids=["socket", "socket-on-fd-0"])
+async def test_on_a_plain_socket_the_reader_keeps_an_idle_connection_alive_by_itself(
+    on_fd_0: bool, autojump_clock: MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a plain socket, on descriptor 0 too, the reader does the I/O of an idle
+    connection itself: it reads through the descriptor, never through the
+    stream's ``receive_some``, and writes the PINGs its timer queues as it goes
+    round, so no writer task is ever started for the heartbeat."""
+    receive_calls: list[int | None] = []
+    with plain_socket_and_peer(on_fd_0=on_fd_0) as (stream, peer, _):
+        assert (socket_fd(stream) == 0) is on_fd_0
+        receive_some = stream.receive_some
+
+        async def counted_receive_some(  # pragma: no cover - the direct path never calls it
+            max_bytes: int | None = None,
+        ) -> bytes | bytearray:
+            receive_calls.append(max_bytes)
+            return await receive_some(max_bytes)
+
+        monkeypatch.setattr(stream, "receive_some", counted_receive_some)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(handshake_then_serve, peer)
+            async with open_stream_connection(stream, config=CONFIG) as conn:
+                with watch_writers() as writers:
+                    await trio.sleep(3.5)
+                assert writers.started == []
+                assert conn.statistics().pongs_received == len(
+                    idle_ping_times(1.0 * CLIENT_LEAD, 3.5)
+                )
+                await conn.send(b"now a message")
+            nursery.cancel_scope.cancel()
+    assert receive_calls == []
+    assert peer.times(FrameType.PING) == idle_ping_times(1.0 * CLIENT_LEAD, 3.5)
+    assert [frame.payload for frame in peer.of_type(FrameType.DATA)] == [b"now a message"]
