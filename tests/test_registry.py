@@ -283,3 +283,41 @@ async def test_registry_bookkeeping_on_its_own(autojump_clock: trio.testing.Mock
         registry.health_changed(pair.server)  # no longer listed: no bump
         assert registry.version == 4
         assert [info.peer_id for info in registry] == [""]
+
+
+async def test_ids_index_server_connections_only_and_a_newer_one_takes_over(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The id rule, on the registry alone: an empty id indexes nothing and replaces
+    nothing; a second server connection under a non-empty id takes it over and
+    unlists the first; unlisting a client-role connection that happens to carry
+    the same id leaves the server connection's entry alone."""
+    registry = LivenessRegistry()
+    named = Config(instance_id="x")
+    async with (
+        connection_pair() as anonymous_one,
+        connection_pair() as anonymous_two,
+        connection_pair(client_config=named, server_config=named) as older,
+        connection_pair(client_config=named) as newer,
+    ):
+        assert registry.add(anonymous_one.server) is None
+        assert registry.add(anonymous_two.server) is None
+        assert "" not in registry
+        assert len(registry) == 2
+        assert registry.add(older.server) is None
+        assert registry.add(older.client) is None  # its peer, the server, is "x" too
+        assert registry.add(newer.server) is older.server
+        assert registry.connections() == [
+            anonymous_one.server,
+            anonymous_two.server,
+            older.client,
+            newer.server,
+        ]
+        assert registry.connection("x") is newer.server
+        registry.remove(older.client)
+        assert registry.connection("x") is newer.server
+        (info,) = [peer for peer in registry if peer.peer_id == "x"]
+        stats = newer.server.statistics()
+        assert (info.bytes_in, info.bytes_out) == (stats.bytes_in, stats.bytes_out)
+        assert (info.frames_in, info.frames_out) == (stats.frames_in, stats.frames_out)
+        assert info.bytes_out > 0

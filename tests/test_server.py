@@ -11,15 +11,18 @@ from __future__ import annotations
 import errno
 import gc
 import logging
+import ssl
 import weakref
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, contextmanager, suppress
+from functools import partial
 from types import SimpleNamespace
 from typing import cast
 
 import pytest
 import trio
 import trio.testing
+import trustme
 from helpers import RawPeer, client_hello, echo
 
 import trio_heartbeat as thb
@@ -147,7 +150,7 @@ async def test_a_failing_handler_closes_its_own_connection_with_1001_only(
             await server.registry.wait_until(lambda registry: len(registry) == 1)
             assert [info.address for info in server.registry] == ["memory:bystander"]
             assert trio.current_time() == 0
-    assert "memory:failing: handler failed" in caplog.text
+    assert "memory:failing: handler failed" in caplog.messages
     assert server.statistics().closed_by_code == {CloseCode.GOING_AWAY: 1, CloseCode.NORMAL: 1}
 
 
@@ -584,6 +587,7 @@ async def test_a_handshake_that_completes_during_drain_is_closed_with_1001(
         await trio.sleep(0.5)
         await peer.send(client_hello())
         assert await peer.read_close() == CloseCode.GOING_AWAY
+        assert peer.close_reason == "server draining"
         assert trio.current_time() == 0.5
         await peer.send(encode_close(CloseCode.GOING_AWAY))
     assert server.statistics().active == 0
@@ -646,7 +650,7 @@ async def test_out_of_file_descriptors_backs_off_and_keeps_accepting(
         assert trio.current_time() == 0.1
 
     await serve_scripted(server, listener, body)
-    assert "accept failed (EMFILE); retrying in 100 ms" in caplog.text
+    assert "accept failed (EMFILE); retrying in 100 ms" in caplog.messages
 
 
 async def test_other_accept_errors_end_serving(autojump_clock: trio.testing.MockClock) -> None:
@@ -901,3 +905,366 @@ def test_an_ended_connection_is_freed_without_the_collector(route: str) -> None:
     )
     assert len(refs) == (1 if raw else 2)  # the server's, and our client's unless it is raw bytes
     assert alive == []
+
+
+# -- what the server logs, one line per fact ---------------------------------------------------
+
+
+def server_log(caplog: pytest.LogCaptureFixture) -> list[tuple[int, str]]:
+    return [
+        (record.levelno, record.getMessage())
+        for record in caplog.records
+        if record.name == "trio_heartbeat.server"
+    ]
+
+
+async def test_the_server_logs_each_fact_of_a_connection_once_and_exactly(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every line an operator reads: arrivals (with the id when there is one), health
+    changes, refusals, takeovers, endings (with the reason when there is one, and who
+    closed), the drain bound and the refusals a drain makes."""
+    caplog.set_level(logging.INFO, logger="trio_heartbeat.server")
+    server = Server(echo, config=CONFIG, max_connections=2)
+    registry = server.registry
+    async with trio.open_nursery() as nursery:
+        named = RawPeer(attach(nursery, server, "memory:a"))
+        await named.handshake(instance_id="node")
+        anonymous = RawPeer(attach(nursery, server, "memory:b"))
+        await anonymous.handshake()
+        await registry.wait_until(lambda r: len(r) == 2)
+        refused = RawPeer(attach(nursery, server, "memory:c"))
+        await refused.read_until_end()
+        await named.send(encode_ping(bytes(8), HealthStatus.DEGRADED))
+        await registry.wait_changed()  # a health change wakes the registry's waiters
+        assert registry.version == 3
+        await anonymous.send(encode_close(CloseCode.NORMAL))
+        await registry.wait_until(lambda r: len(r) == 1)
+        await trio.testing.wait_all_tasks_blocked()  # its task is over: a slot is free
+        newer = RawPeer(attach(nursery, server, "memory:d"))
+        await newer.handshake(instance_id="node")
+        assert await named.read_close() == CloseCode.REPLACED
+        await named.send(encode_close(CloseCode.REPLACED))
+        await registry.wait_until(lambda r: len(r) == 1)
+        await server.drain(grace=0.5)  # the newer peer never answers
+        assert trio.current_time() == 0.5
+        late = RawPeer(attach(nursery, server, "memory:e"))
+        await late.read_until_end()
+        assert [decode_close(frame.payload) for frame in late.frames] == [
+            (CloseCode.GOING_AWAY, "server draining")
+        ]
+    assert server_log(caplog) == [
+        (logging.INFO, "memory:a: connected, id 'node'"),
+        (logging.INFO, "memory:b: connected"),
+        (logging.INFO, "memory:c: refused with 1013 (server at capacity)"),
+        (logging.INFO, "memory:a: peer 'node' health SERVING -> DEGRADED"),
+        (logging.INFO, "memory:b: ended with 1000, closed by the peer"),
+        (logging.INFO, "memory:d: connected, id 'node'"),
+        (logging.INFO, "memory:a: id 'node' taken over by memory:d"),
+        # (read_close answered the replacement's PING with SERVING)
+        (logging.INFO, "memory:a: peer 'node' health DEGRADED -> SERVING"),
+        (logging.INFO, "memory:a: ended with 4000 (replaced by a newer connection), closed by us"),
+        (logging.WARNING, "drain timed out with 1 connection(s) left; cancelling them"),
+        (logging.INFO, "memory:d: ended with 1001 (server draining), closed by us"),
+        (logging.INFO, "memory:e: refused with 1001 (server draining)"),
+    ]
+
+
+async def test_the_counters_count_every_connection_not_just_the_last(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Two peers in their handshakes at once, two that complete it and end with
+    the same code, and refusals of both kinds (capacity, and a HELLO whose values
+    the server refuses with 1008): every counter adds up, and none goes negative."""
+    server = Server(echo, config=CONFIG, max_connections=2)
+    async with trio.open_nursery() as nursery:
+        first = RawPeer(attach(nursery, server))
+        second = RawPeer(attach(nursery, server))
+        await first.read_hello()
+        await second.read_hello()
+        assert server.statistics().handshaking == 2
+        at_capacity = RawPeer(attach(nursery, server))
+        assert await at_capacity.read_until_end() != []
+        await first.send(client_hello())
+        await second.send(client_hello())
+        await server.registry.wait_until(lambda r: len(r) == 2)
+        stats = server.statistics()
+        assert (stats.handshaking, stats.completed_handshakes, stats.active) == (0, 2, 2)
+        await first.send(encode_close(CloseCode.NORMAL))
+        await second.send(encode_close(CloseCode.NORMAL))
+        assert await first.read_close() == CloseCode.NORMAL
+        assert await second.read_close() == CloseCode.NORMAL
+    async with trio.open_nursery() as nursery:
+        unacceptable = RawPeer(attach(nursery, server))
+        await unacceptable.read_hello()
+        await unacceptable.send(client_hello(interval_ms=1))
+        assert await unacceptable.read_close() == CloseCode.POLICY_VIOLATION
+    stats = server.statistics()
+    assert (stats.accepted, stats.refused, stats.completed_handshakes) == (4, 2, 2)
+    assert (stats.active, stats.handshaking) == (0, 0)
+    assert stats.closed_by_code == {CloseCode.NORMAL: 2, CloseCode.POLICY_VIOLATION: 1}
+
+
+class BrokenOnSend(trio.abc.Stream):
+    """A custom transport whose every write fails with an OS error."""
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await trio.lowlevel.checkpoint()
+        raise ConnectionResetError(errno.ECONNRESET, "reset by the peer")
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        await trio.lowlevel.checkpoint()
+        return b""
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+
+async def test_a_refusal_that_cannot_be_delivered_is_dropped_quietly(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A peer already gone, a stream already closed, a transport that fails with an
+    OS error: telling each why is best effort, and handle_stream never raises."""
+    server = Server(echo, config=CONFIG, max_connections=1)
+    async with trio.open_nursery() as nursery:
+        occupant = RawPeer(attach(nursery, server))
+        await occupant.read_hello()
+        gone_client, gone_server = trio.testing.memory_stream_pair()
+        await gone_client.aclose()
+        _, closed_server = trio.testing.memory_stream_pair()
+        await closed_server.aclose()
+        for stream in (gone_server, closed_server, BrokenOnSend()):
+            await server.handle_stream(stream, "memory:refused")
+        assert trio.current_time() == 0
+        assert server.statistics().refused == 3
+        nursery.cancel_scope.cancel()
+
+
+def test_constructor_defaults_are_the_documented_ones() -> None:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server = Server(echo, ssl_context=context)
+    assert (server.max_connections, server.drain_timeout) == (4096, 10.0)
+    assert server.ssl_context is context
+    assert server.listeners == []
+    assert server.draining is False
+    with pytest.raises(ValueError, match=r"^max_connections must be at least 1$"):
+        Server(echo, max_connections=0)
+
+
+async def test_serve_tcp_passes_every_setting_to_its_server() -> None:
+    """The module-level serve_tcp is Server(...).serve_tcp(...): nothing is dropped."""
+    config = Config(interval=2.0, timeout=6.0, instance_id="served")
+    options = ConnectionOptions(write_timeout=7.0)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+
+    def listener(conn: Connection, event: Event) -> None:
+        pass
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(
+                partial(
+                    thb.serve_tcp,
+                    echo,
+                    0,
+                    host="127.0.0.2",  # loopback still, but not the default address
+                    config=config,
+                    options=options,
+                    max_connections=7,
+                    max_buffered_bytes=12_345,
+                    drain_timeout=3.5,
+                    ssl_context=context,
+                    keepalive=KeepaliveOptions(idle=5, interval=1, count=3),
+                    listeners=[listener],
+                )
+            )
+            assert isinstance(server, Server)
+            assert server.handler is echo
+            assert server.config is config
+            assert server.options.write_timeout == 7.0
+            assert server.options.budget is not None
+            assert server.options.budget.limit == 12_345
+            assert (server.max_connections, server.drain_timeout) == (7, 3.5)
+            assert server.ssl_context is context
+            assert server.keepalive == KeepaliveOptions(idle=5, interval=1, count=3)
+            assert server._event_listeners[1:] == (listener,)
+            names = [listener.socket.getsockname() for listener in server.listeners]
+            assert [name[0] for name in names] == ["127.0.0.2"]
+            assert server.port == names[0][1] != 0
+            nursery.cancel_scope.cancel()
+
+
+async def test_serve_tcp_defaults_match_the_servers() -> None:
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(thb.serve_tcp, echo, 0)
+            assert isinstance(server, Server)
+            assert server.config == Config()
+            assert (server.max_connections, server.drain_timeout) == (4096, 10.0)
+            assert server.options.budget is not None
+            assert server.options.budget.limit == 256 << 20
+            assert server.ssl_context is None
+            assert server.keepalive == KeepaliveOptions.from_heartbeat(
+                Config().interval, Config().timeout
+            )
+            assert server._event_listeners[1:] == ()
+            assert server.listeners[0].socket.getsockname()[0] == "127.0.0.1"
+            nursery.cancel_scope.cancel()
+
+
+async def test_serve_tcp_passes_its_backlog_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    backlogs: list[int | None] = []
+    real = trio.open_tcp_listeners
+
+    async def recording(
+        port: int, *, host: str | None = None, backlog: int | None = None
+    ) -> list[trio.SocketListener]:
+        backlogs.append(backlog)
+        return await real(port, host=host, backlog=backlog)
+
+    monkeypatch.setattr(trio, "open_tcp_listeners", recording)
+    server = Server(echo, config=CONFIG)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(partial(server.serve_tcp, 0, backlog=3))
+            nursery.cancel_scope.cancel()
+    assert backlogs == [3]
+
+
+async def test_drain_cancels_accepted_connections_at_its_bound_and_closes_every_listener(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Connections from the accept loop (not handle_stream) are cancelled at the
+    drain bound too, and every listener is closed, even the ones after the first,
+    while serving is being torn down by a cancellation."""
+    client_end, server_end = trio.testing.memory_stream_pair()
+    task_names: list[str] = []
+
+    async def handler(conn: Connection) -> None:
+        task_names.append(trio.lowlevel.current_task().name)
+        await trio.sleep_forever()
+
+    first = ScriptedListener([lambda: server_end])
+    second = ScriptedListener([])
+    server = Server(handler, config=CONFIG, keepalive=None)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(
+            server.serve_listeners, cast(list[trio.SocketListener], [first, second])
+        )
+        silent = RawPeer(client_end)
+        await silent.handshake()  # and then never answers
+        await server.registry.wait_until(lambda r: len(r) == 1)
+        await server.drain(grace=0.5)
+        assert trio.current_time() == 0.5  # not its own close timeout (1 s)
+        assert server.statistics().active == 0
+        nursery.cancel_scope.cancel()
+    assert (first.closed, second.closed) == (True, True)
+    assert task_names == ["trio_heartbeat.Server.connection"]
+
+
+async def test_cancelling_serving_closes_every_listener() -> None:
+    first = ScriptedListener([])
+    second = ScriptedListener([])
+    server = Server(echo, config=CONFIG, keepalive=None)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                server.serve_listeners, cast(list[trio.SocketListener], [first, second])
+            )
+            nursery.cancel_scope.cancel()
+    assert (first.closed, second.closed) == (True, True)
+
+
+@pytest.mark.parametrize("cause", ["drain", "takeover"])
+async def test_drain_and_takeover_closes_jump_the_queued_data(
+    autojump_clock: trio.testing.MockClock, cause: str
+) -> None:
+    """A peer that stops reading has DATA queued behind a blocked write: the CLOSE a
+    drain or a takeover sends goes ahead of it, with its reason, rather than wait
+    for that DATA to get through."""
+
+    async def chatty(conn: Connection) -> None:
+        await conn.send(b"in flight")
+        await trio.sleep(0.25)  # the writer is blocked on it by now
+        for _ in range(4):
+            await conn.send(b"queued")
+        await trio.sleep_forever()
+
+    server = Server(chatty, config=CONFIG)
+    async with trio.open_nursery() as nursery:
+        stuck = RawPeer(attach(nursery, server, pair=trio.testing.lockstep_stream_pair))
+        await stuck.handshake(instance_id="node")
+        verdict = await stuck.receive_frame()  # and then it stops reading
+        assert verdict is not None
+        assert verdict.type is FrameType.PING
+        await server.registry.wait_until(lambda r: "node" in r)
+        await trio.sleep(0.5)  # the first DATA is in flight, the rest queued
+        if cause == "drain":
+            nursery.start_soon(server.drain)
+            expected = (CloseCode.GOING_AWAY, "server draining")
+        else:
+            newer = RawPeer(attach(nursery, server))
+            await newer.handshake(instance_id="node")
+            expected = (CloseCode.REPLACED, "replaced by a newer connection")
+        await trio.sleep(0.1)
+        frames = await stuck.read_until_end()  # reads now, never answers
+        assert [frame.type for frame in frames] == [FrameType.DATA, FrameType.CLOSE]
+        assert frames[0].payload == b"in flight"
+        assert decode_close(frames[-1].payload) == expected
+        nursery.cancel_scope.cancel()
+
+
+async def test_tls_wraps_the_stream_before_anything_is_said(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """With an SSL context the server speaks TLS, as the server side, from the first
+    byte: a TLS client completes the handshake and is echoed; a refusal is sent over
+    TLS too, so that the client can read it."""
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost").configure_cert(server_context)
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+    server = Server(echo, config=CONFIG, ssl_context=server_context, max_connections=1)
+    async with trio.open_nursery() as nursery:
+        tls = trio.SSLStream(attach(nursery, server), client_context, server_hostname="localhost")
+        async with open_stream_connection(tls, role=Role.CLIENT) as conn:
+            await conn.send(b"private")
+            assert await conn.receive() == b"private"
+            refused = RawPeer(
+                trio.SSLStream(attach(nursery, server), client_context, server_hostname="localhost")
+            )
+            await refused.read_until_end()
+            assert close_codes(refused) == [CloseCode.TRY_AGAIN_LATER]
+
+
+async def test_an_ended_connection_is_let_go_while_its_handler_runs_on(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The registry unlists a connection the moment it ends, even while its handler
+    ignores that and runs on; once handle_stream returns, the server holds nothing
+    of it (reference counting alone frees it)."""
+    handler_done = trio.Event()
+
+    async def deaf(conn: Connection) -> None:
+        await trio.sleep(2)  # never looks at its connection
+        handler_done.set()
+
+    with collector_disabled():
+        server = Server(deaf, config=CONFIG)
+        refs: list[weakref.ref[Connection]] = []
+        async with trio.open_nursery() as nursery:
+            peer = RawPeer(attach(nursery, server))
+            await peer.handshake()
+            await server.registry.wait_until(lambda r: len(r) == 1)
+            refs.append(weakref.ref(server.registry.connections()[0]))
+            await peer.send(encode_close(CloseCode.NORMAL))
+            await server.registry.wait_until(lambda r: len(r) == 0)
+            assert trio.current_time() == 0
+            assert not handler_done.is_set()
+        assert trio.current_time() == 2
+        assert refs[0]() is None
+        assert server._stream_scopes == set()  # the scope of each call goes with it
