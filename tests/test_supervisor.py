@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import re
 from bisect import bisect_right
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
@@ -1609,3 +1610,292 @@ async def test_what_a_slow_server_was_not_sent_by_the_close_timeout_is_named_as_
             nursery.cancel_scope.cancel()
     assert info.value.reason == "not written within the close timeout (0.5 s)"
     assert 0 < len(info.value.messages) < 400
+
+
+# -- pinned details: counts, messages, states and settings passed on -------------------
+
+
+async def test_settings_at_their_limits_are_accepted_and_bad_ones_named_exactly(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The limits are inclusive where the docs say so, and each refusal says which rule."""
+    async with (
+        open_memory_network() as network,
+        reconnecting(
+            network, receive_buffer=1, buffer_size=1, connect_timeout=0.5, healthy_after=0.0
+        ) as client,
+    ):
+        assert client.connect_timeout == 0.5
+        assert client.healthy_after == 0.0
+    refusals: list[tuple[dict[str, Any], str]] = [
+        ({"receive_buffer": 0}, "buffer_size and receive_buffer must be at least 1"),
+        ({"connect_timeout": 0}, "connect_timeout must be positive and healthy_after not negative"),
+        ({"when_full": "drop"}, "when_full must be 'wait' or 'fail'"),
+    ]
+    for kwargs, message in refusals:
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+            async with open_reconnecting_client([ENDPOINT], **kwargs):
+                pass  # pragma: no cover
+
+
+async def test_a_stop_code_after_a_healthy_spell_counts_no_attempt_since(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """``ReconnectFailed.attempts`` counts attempts since the last healthy connection.
+
+    Up exactly ``healthy_after`` is healthy, so the count starts over at 0.
+    """
+    async with open_memory_network() as network:
+        network.listen(ENDPOINT, close_first_with(CloseCode.POLICY_VIOLATION, after=2.0))
+        with pytest.raises(ReconnectFailed) as healthy:
+            async with reconnecting(network, healthy_after=2.0):
+                await trio.sleep_forever()
+    assert healthy.value.attempts == 0
+    async with open_memory_network() as network:
+        network.listen(ENDPOINT, close_first_with(CloseCode.POLICY_VIOLATION, after=2.0))
+        with pytest.raises(ReconnectFailed) as flapped:
+            async with reconnecting(network, healthy_after=3.0):
+                await trio.sleep_forever()
+    assert flapped.value.attempts == 1
+
+
+async def test_going_away_after_exactly_healthy_after_reconnects_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A connection up exactly ``healthy_after`` makes the next 1001 a first one again."""
+    record = Recorder()
+    lifetimes = iter([0.0, 5.0, 5.0])
+
+    async def going_away(conn: Connection) -> None:
+        await trio.sleep(next(lifetimes, 3600.0))
+        await conn.aclose(CloseCode.GOING_AWAY)
+
+    async with open_memory_network() as network:
+        network.listen(ENDPOINT, going_away)
+        async with reconnecting(
+            network, record=record, backoff=ConstantBackoff(1.0), healthy_after=5.0
+        ):
+            await trio.sleep(20.0)
+    assert record.times(Connected) == [0.0, 0.0, 5.0, 10.0]
+    assert not record.of(BackingOff)
+
+
+async def test_a_nudge_during_an_attempt_skips_only_the_next_wait(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The skipped wait is the one after the nudged attempt; the one after that is waited in full."""
+    record = Recorder()
+    async with open_memory_network() as network:
+        network.listen_raw(ENDPOINT, never_says_hello)
+        async with reconnecting(
+            network, record=record, backoff=ConstantBackoff(1.0), connect_timeout=2.0
+        ) as client:
+            await trio.sleep(1.0)
+            assert client.state is SupervisorState.CONNECTING
+            client.nudge()
+            await trio.sleep(6.0)
+    assert record.times(AttemptStarted) == [0.0, 2.0, 5.0]
+    assert record.summary()[-2] == (5.0, "attempt", 3, ENDPOINT)
+
+
+async def test_the_events_carry_the_connection_and_the_state_after_a_drop(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """``Connected`` names the connection; once it ends the state is DISCONNECTED."""
+    states: list[tuple[str, Any]] = []
+    connections: list[Connection] = []
+
+    def listener(event: SupervisorEvent) -> None:
+        states.append((type(event).__name__, client.state))
+        if isinstance(event, Connected):
+            connections.append(event.connection)
+
+    async with open_memory_network() as network:
+        network.listen(ENDPOINT, living_for([1.0]))
+        async with reconnecting(network, backoff=ConstantBackoff(1.0)) as client:
+            client.add_listener(listener)
+            first = await client.wait_connected()
+            await trio.sleep(1.5)
+            assert client.state is SupervisorState.BACKING_OFF
+    assert connections[0] is first
+    assert ("Disconnected", SupervisorState.DISCONNECTED) in states
+
+
+async def test_an_attempt_timeout_says_where_and_how_long(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    record = Recorder()
+    async with open_memory_network() as network:
+        network.listen_raw(ENDPOINT, never_says_hello)
+        with pytest.raises(ReconnectFailed):
+            async with reconnecting(network, record=record, backoff=[], connect_timeout=2.5):
+                await trio.sleep_forever()
+    [(_, failed)] = record.of(AttemptFailed)
+    assert failed.error.reason == f"no connection to {ENDPOINT} within 2.5 s"
+
+
+async def test_connection_listeners_are_given_to_each_connection(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """``connection_listeners`` reach the connections made through a ``connector``."""
+    seen: list[Connection] = []
+    async with open_memory_network() as network:
+        network.listen(ENDPOINT, echo)
+        listener: Any = lambda conn, event: seen.append(conn)  # noqa: E731
+        async with reconnecting(network, connection_listeners=[listener]) as client:
+            conn = await client.wait_connected()
+            await trio.sleep(1.5)  # a heartbeat or two
+    assert seen
+    assert all(one is conn for one in seen)
+
+
+class Refused:
+    """Stands in for ``open_connection``'s context manager: the attempt is refused."""
+
+    async def __aenter__(self) -> Connection:
+        await trio.lowlevel.checkpoint()
+        raise BrokenConnection(CloseCode.ABNORMAL_CLOSURE, "refused")
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        pass  # pragma: no cover
+
+
+async def test_without_a_connector_every_setting_goes_to_open_connection(
+    monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    """TCP attempts get the client's config, options, TLS, timeout, keepalive and listeners."""
+    import trio_heartbeat._supervisor as supervisor
+
+    calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+
+    def fake_open_connection(*args: Any, **kwargs: Any) -> Any:
+        calls.append((args, kwargs))
+
+        return Refused()
+
+    monkeypatch.setattr(supervisor, "open_connection", fake_open_connection)
+    config = Config()
+    options = ConnectionOptions()
+    ssl_context = object()
+    listeners: list[Any] = [print]
+    with pytest.raises(ReconnectFailed):
+        async with open_reconnecting_client(
+            [ENDPOINT],
+            backoff=[],
+            config=config,
+            options=options,
+            ssl_context=ssl_context,  # type: ignore[arg-type]
+            server_hostname="example.org",
+            connect_timeout=7.0,
+            keepalive=False,
+            connection_listeners=listeners,
+        ):
+            await trio.sleep_forever()
+    [(args, kwargs)] = calls
+    host, port = ENDPOINT.rsplit(":", 1)
+    assert args == (host, int(port))
+    assert kwargs == {
+        "config": config,
+        "options": options,
+        "ssl_context": ssl_context,
+        "server_hostname": "example.org",
+        "connect_timeout": 7.0,
+        "keepalive": False,
+        "listeners": listeners,
+    }
+
+
+async def test_after_aclose_it_is_closed_at_once_and_send_says_so(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with open_memory_network() as network:
+        network.listen(ENDPOINT, echo)
+        async with reconnecting(network) as client:
+            await client.wait_connected()
+            await client.aclose()
+            assert client.state is SupervisorState.CLOSED
+            with pytest.raises(ReconnectFailed) as info:
+                await client.send(b"late")
+    assert str(info.value) == "the reconnecting client is closed"
+    assert info.value.attempts == 1
+
+
+async def test_undelivered_messages_name_the_last_error_and_it_kept_trying(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Closing with messages buffered keeps trying for ``close_timeout``, then says why."""
+    record = Recorder()
+
+    async def send_and_leave(network: MemoryNetwork) -> None:
+        async with reconnecting(network, record=record, backoff=ConstantBackoff(1.0)) as client:
+            await client.send(b"one")
+            await trio.sleep(0.5)
+
+    async with open_memory_network() as network:  # nothing listens
+        with pytest.raises(UndeliveredMessages) as info:
+            await send_and_leave(network)
+    last = record.of(AttemptFailed)[-1][1].error
+    assert info.value.reason == str(last)
+    assert record.times(AttemptStarted)[:6] == [0.0, 0.5, 1.5, 2.5, 3.5, 4.5]
+    assert record.times(Stopped) == [5.5]
+
+
+async def test_undelivered_messages_before_any_attempt_ended_say_never_connected(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with open_memory_network() as network:
+        network.listen_raw(ENDPOINT, never_says_hello)
+        with pytest.raises(UndeliveredMessages) as info:
+            async with reconnecting(network, connect_timeout=60.0) as client:
+                await client.send(b"one")
+    assert info.value.reason == "never connected"
+
+
+async def test_a_failing_listener_is_logged_with_the_listener_and_the_event(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    events: list[SupervisorEvent] = []
+
+    def broken(event: SupervisorEvent) -> None:
+        events.append(event)
+        raise RuntimeError("listener bug")
+
+    async with open_memory_network() as network:
+        network.listen(ENDPOINT, echo)
+        with caplog.at_level(logging.ERROR, logger="trio_heartbeat.supervisor"):
+            async with reconnecting(network) as client:
+                client.add_listener(broken)
+                await client.wait_connected()
+    failures = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert failures[0].getMessage() == f"supervisor listener {broken!r} failed on {events[0]!r}"
+
+
+async def test_a_source_empty_from_the_start_gives_up_with_no_last_error(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """No attempt was made, so there is no last error, and none was counted."""
+    record = Recorder()
+    async with open_memory_network() as network:
+        with pytest.raises(ReconnectFailed, match=r"after 0 attempt\(s\)") as info:
+            async with reconnecting(network, list, record):
+                await trio.sleep_forever()
+    assert info.value.last_error is None
+    assert info.value.attempts == 0
+    assert record.summary() == [(0.0, "stopped", None)]
+
+
+async def test_the_uptime_of_a_connection_that_breaks_is_measured_from_its_opening(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A reset connection (ended by an error, not a CLOSE) reports how long it was up."""
+    record = Recorder()
+    async with open_memory_network() as network:
+        host = network.listen(ENDPOINT, idle)
+        await trio.sleep(2.0)  # the connection opens at t=2, not at t=0
+        async with reconnecting(network, record=record, backoff=ConstantBackoff(2.0)):
+            await trio.sleep(1.5)
+            host.restart()  # every connection reset
+            await trio.sleep(0.5)
+    [(at, dropped)] = record.of(Disconnected)
+    assert isinstance(dropped.error, BrokenConnection)
+    assert (at, dropped.uptime) == (3.5, 1.5)
