@@ -1426,3 +1426,33 @@ async def test_the_rest_of_a_partial_direct_write_goes_out_before_anything_after
             await run_body(ours, body, config=CONFIG)
     assert len(partial) == 1
     assert partial[0] > 3  # the PONG, of which the socket took 3 bytes
+
+
+async def test_data_queued_at_a_heartbeat_timeout_never_goes_out(autojump_clock: MockClock) -> None:
+    """The peer reads but says nothing; our DATA is half written when its
+    silence reaches the timeout, with more queued behind it. The conviction
+    cuts the write: nothing follows the partial frame (no CLOSE, no queued
+    DATA), and what was queued comes back from ``take_unsent``."""
+    stream, peer = stalling_stream_and_peer()
+    conns: list[Connection] = []
+
+    async def body(conn: Connection) -> None:
+        conns.append(conn)
+        await trio.sleep_until(2.0)
+        stream.stall_next_write(after=3)
+        conn.send_nowait(b"first")
+        await trio.sleep(0.25)  # the writer has begun, and stalls
+        conn.send_nowait(b"second")
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(handshake_then_drain, peer)
+        with pytest.raises(HeartbeatTimeout):
+            await run_body(stream, body, config=CONFIG)
+        assert trio.current_time() == 3.0
+    (conn,) = conns
+    assert stream.send_interrupted
+    assert FrameType.DATA not in [frame.type for frame in peer.frames]
+    assert FrameType.CLOSE not in [frame.type for frame in peer.frames]
+    assert peer._decoder.buffered == 3  # the start of "first", and nothing after it
+    assert conn.take_unsent() == [b"second"]
