@@ -1899,3 +1899,22 @@ async def test_the_uptime_of_a_connection_that_breaks_is_measured_from_its_openi
     [(at, dropped)] = record.of(Disconnected)
     assert isinstance(dropped.error, BrokenConnection)
     assert (at, dropped.uptime) == (3.5, 1.5)
+
+
+async def test_the_recorder_fails_the_test_on_a_storm_of_events_at_one_instant(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The guard that turns a reconnect storm (virtual time standing still)
+    into a failure: 1,000 events at one instant pass, the next fails the test;
+    events spread over time never do."""
+    record = Recorder()
+    for attempt in range(Recorder.STORM):
+        record(AttemptStarted(attempt, ENDPOINT))
+    await trio.sleep(1.0)
+    for attempt in range(Recorder.STORM):
+        record(AttemptStarted(attempt, ENDPOINT))
+    with pytest.raises(
+        pytest.fail.Exception, match=r"^a reconnect storm: over 1000 events at 1.0 s$"
+    ):
+        record(AttemptStarted(0, ENDPOINT))
+    assert len(record.events) == 2 * Recorder.STORM
