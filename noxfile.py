@@ -43,6 +43,8 @@ RUNTIME = [
     "trio_heartbeat/_transport.py",
     "trio_heartbeat/_writer.py",
 ]
+#: What ``core`` and ``runtime`` stand for in the mutation sessions.
+MUTATION_GROUPS = {"core": SANS_IO, "runtime": RUNTIME}
 
 
 @nox.session(python=PYTHON)
@@ -104,11 +106,11 @@ def mutate(session: nox.Session) -> None:
     (cosmic-ray runs the whole suite per mutant, hours here).
     """
     session.install("-e", ".[test]", "mutmut>=3.3")
-    groups = {"core": SANS_IO, "runtime": RUNTIME}
     args: list[str] = []
     for arg in session.posargs:
-        if arg in groups:
-            args += [path.removesuffix(".py").replace("/", ".") + "*" for path in groups[arg]]
+        if arg in MUTATION_GROUPS:
+            paths = MUTATION_GROUPS[arg]
+            args += [path.removesuffix(".py").replace("/", ".") + "*" for path in paths]
         else:
             args.append(arg)
     session.run("mutmut", "run", *args)
@@ -128,10 +130,9 @@ def mutate_own(session: nox.Session) -> None:
     results are kept there, and a later run tries the survivors again.
     """
     session.install("-e", ".[test]", "mutmut>=3.3")
-    groups = {"core": SANS_IO, "runtime": RUNTIME}
     modules: list[str] = []
     for arg in session.posargs:
-        paths = groups.get(arg, [f"trio_heartbeat/{arg.removesuffix('.py')}.py"])
+        paths = MUTATION_GROUPS.get(arg, [f"trio_heartbeat/{arg.removesuffix('.py')}.py"])
         modules += [Path(path).stem for path in paths]
     if not modules:
         session.error("name the modules: nox -s mutate_own -- _reader (or runtime, or core)")
