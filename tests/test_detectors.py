@@ -7,7 +7,8 @@ z)``, with ``z`` the standard normal quantile of ``1 - 10 ** -threshold``,
 and the tests spell that arithmetic out so that the floats compare equal.
 Then the local-stall guard, the bounds on memory and rounding, properties over
 arbitrary arrival sequences, and one connection in virtual time convicted
-where the core's clamp says. How the core clamps any detector's verdict is
+where the core's clamp says. Akka's preset, and the suspicion levels of both
+detectors (the fixed timeout's formula, phi). How the core clamps any detector's verdict is
 tested in test_silence.py (``test_detector_is_clamped_to_the_safe_window``).
 """
 
@@ -30,7 +31,7 @@ from hypothesis import strategies as st
 from trio.testing import MockClock
 
 from trio_heartbeat import Connection, ConnectionOptions, PhiAccrualDetector, _detectors
-from trio_heartbeat._detectors import FailureDetector, FixedTimeout
+from trio_heartbeat._detectors import FailureDetector, FixedTimeout, fixed_suspicion
 from trio_heartbeat._errors import HeartbeatTimeout
 from trio_heartbeat._frames import CloseCode, FrameType, Role
 
@@ -53,6 +54,21 @@ def test_fixed_timeout_is_the_plain_silence_rule(
 def test_fixed_timeout_holds_no_state() -> None:
     assert FixedTimeout.__slots__ == ()
     assert FixedTimeout().suspect_at(last_arrival=0.5, timeout=0.25) == 0.75
+
+
+def test_the_fixed_suspicion_level() -> None:
+    """-log10(1 - silence / timeout): 0 at an arrival, 1 at nine tenths, inf from the timeout."""
+    assert fixed_suspicion(0.0, 3.0) == 0.0
+    assert math.copysign(1.0, fixed_suspicion(0.0, 3.0)) == 1.0  # not -0.0
+    assert fixed_suspicion(-1.0, 3.0) == 0.0  # "now" before the arrival
+    assert fixed_suspicion(math.nan, 3.0) == 0.0
+    assert fixed_suspicion(1.5, 3.0) == -math.log10(0.5)
+    assert fixed_suspicion(2.7, 3.0) == pytest.approx(1.0)
+    assert fixed_suspicion(3.0, 3.0) == math.inf
+    assert fixed_suspicion(1e9, 3.0) == math.inf
+    detector = FixedTimeout()
+    for now in (10.0, 11.0, 12.9, 13.0, 20.0):
+        assert detector.suspicion(now, 10.0, 3.0) == fixed_suspicion(now - 10.0, 3.0)
 
 
 def test_doctests() -> None:
@@ -173,6 +189,21 @@ def test_phi_along_a_silence() -> None:
     early = detector.phi(0.0, 10.0)
     assert early == 0.0
     assert math.copysign(1.0, early) == 1.0
+
+
+def test_suspicion_is_phi_once_there_is_a_rhythm() -> None:
+    """Before two intervals the level is the fixed timeout's; then phi, threshold at the verdict."""
+    detector = PhiAccrualDetector()
+    detector.record(0.0)
+    detector.record(1.0)
+    for now in (1.0, 2.0, 3.5, 4.0):
+        assert detector.suspicion(now, 1.0, 3.0) == fixed_suspicion(now - 1.0, 3.0)
+    assert detector.suspicion(4.0, 1.0, 3.0) == math.inf
+    detector.record(2.0)
+    for now in (2.0, 3.0, 3.5, 5.0):
+        assert detector.suspicion(now, 2.0, 3.0) == detector.phi(now, 2.0)
+    verdict = detector.suspect_at(2.0, 3.0)
+    assert detector.suspicion(verdict, 2.0, 3.0) == pytest.approx(8.0)
 
 
 def test_too_little_history_is_the_fixed_timeout() -> None:
@@ -399,6 +430,32 @@ def test_the_verdict_and_the_timeout_themselves_are_not_longer() -> None:
     assert detector.intervals == (*[1.0] * 5, 3.0, 1.0)
 
 
+# -- Akka's preset ---------------------------------------------------------------------
+
+
+def test_akka_preset_has_akkas_defaults() -> None:
+    """threshold 8, 1,000 samples, 100 ms minimum deviation, 3 s pause, 1 s first interval."""
+    akka = PhiAccrualDetector.akka()
+    assert repr(akka) == (
+        "PhiAccrualDetector(threshold=8.0, window=1000, min_std=0.1, "
+        "acceptable_pause=3.0, first_interval=1.0)"
+    )
+    assert akka.intervals == (0.75, 1.25)  # seeded from the first interval
+    assert akka.suspect_at(0.0, 60.0) == 0.0 + (1.0 + 3.0 + 0.25 * Z8)
+    assert PhiAccrualDetector.akka() is not akka  # one per connection
+
+
+def test_akka_preset_suspects_a_regular_peer_after_4_56_s() -> None:
+    """Once 1,000 real intervals have pushed the seeds out: 1 + 3 + 0.1 * 5.61 s."""
+    akka = PhiAccrualDetector.akka()
+    last = regular(akka, 1000)
+    assert akka.intervals == (1.0,) * 1000
+    assert akka.suspect_at(last, 60.0) == last + (1.0 + 3.0 + 0.1 * Z8)
+    assert round(akka.suspect_at(last, 60.0) - last, 3) == 4.561
+    akka.record(last + 1.0)  # the window holds 1,000 samples, as Akka's max-sample-size
+    assert len(akka.intervals) == 1000
+
+
 # -- phi accrual: parameters and shape -------------------------------------------------
 
 
@@ -505,6 +562,31 @@ def test_the_verdict_is_monotone_in_the_threshold(
     feed(strict, arrivals, 3.0)
     last = arrivals[-1]
     assert lenient.suspect_at(last, 3.0) <= strict.suspect_at(last, 3.0)
+
+
+@given(
+    arrivals=arrival_sequences(),
+    silences=st.lists(st.floats(min_value=-10.0, max_value=1e4), min_size=2, max_size=10),
+    timeout=st.floats(min_value=0.01, max_value=1e3),
+    pause=st.floats(min_value=0.0, max_value=10.0),
+)
+def test_suspicion_is_monotone_in_silence(
+    arrivals: list[float], silences: list[float], timeout: float, pause: float
+) -> None:
+    """For phi (any pause), Akka's preset and the fixed timeout, after any arrivals."""
+    detectors: list[PhiAccrualDetector | FixedTimeout] = [
+        PhiAccrualDetector(acceptable_pause=pause),
+        PhiAccrualDetector.akka(),
+        FixedTimeout(),
+    ]
+    last = arrivals[-1]
+    for detector in detectors:
+        for arrival in arrivals:
+            detector.record(arrival)
+            detector.suspect_at(arrival, timeout)
+        levels = [detector.suspicion(last + silence, last, timeout) for silence in sorted(silences)]
+        assert levels == sorted(levels)
+        assert all(level >= 0.0 for level in levels)
 
 
 # -- phi accrual: in a connection, in virtual time -------------------------------------
