@@ -16,6 +16,7 @@ nox.options.sessions = ["tests", "lint", "typecheck"]
 PYTHON = os.environ.get("NOX_PYTHON") or None
 #: Modules with no I/O: their coverage must stay at 100% of statements and branches.
 SANS_IO = [
+    "trio_heartbeat/_adaptive.py",
     "trio_heartbeat/_backoff.py",
     "trio_heartbeat/_budget.py",
     "trio_heartbeat/_config.py",
@@ -33,6 +34,7 @@ SANS_IO = [
 #: The runtime under mutation testing with the core: one connection, the server, the reconnecting client.
 RUNTIME = [
     "trio_heartbeat/_connection.py",
+    "trio_heartbeat/_local_health.py",
     "trio_heartbeat/_mailbox.py",
     "trio_heartbeat/_outcome.py",
     "trio_heartbeat/_reader.py",

@@ -183,7 +183,10 @@ CROSS_CUTTING = {
 }
 #: A second test module of one source module, for one kind of test: named for
 #: the module too, with what sets it apart.
-COMPANIONS = {"test_protocol_stateful": "_protocol"}
+COMPANIONS = {
+    "test_protocol_stateful": "_protocol",
+    "test_local_health_processes": "_local_health",
+}
 
 
 def name_of_test_module(module: str) -> str:

@@ -505,8 +505,10 @@ def test_a_client_stopped_longer_than_the_timeout_hears_the_servers_verdict() ->
         log = stop(server)
     ended = [line for line in lines if "disconnected from" in line]
     assert len(ended) == 1, lines
-    assert ended[0].rstrip().endswith("closed with 1011 by the peer: heartbeat timeout")
-    assert "ended with 1011 (heartbeat timeout), closed by us" in log
+    assert (
+        ended[0].rstrip().endswith("closed with 1011 by the peer: heartbeat timeout: peer silent")
+    )
+    assert "ended with 1011 (heartbeat timeout: peer silent), closed by us" in log
     assert "stopped: 2 served, 0 refused" in log
 
 

@@ -86,7 +86,7 @@ async def test_the_silent_network_is_detected_and_the_client_comes_back() -> Non
     blackholed = index_of(silent, r"^proxy blackholing both directions$")
     lost = index_of(
         silent,
-        r"^client connection lost \(it was up [\d.]+ s\): closed with 1011: heartbeat timeout$",
+        r"^client connection lost \(it was up [\d.]+ s\): closed with 1011: heartbeat timeout: peer silent$",
         blackholed,
     )
     declared = index_of(silent, r"^client declared the server dead", blackholed)

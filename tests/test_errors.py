@@ -32,7 +32,7 @@ from trio_heartbeat import (
     UndeliveredMessages,
     _errors,
 )
-from trio_heartbeat._errors import NoEndpointLeft, UsageError, describe_os_error
+from trio_heartbeat._errors import Conviction, NoEndpointLeft, UsageError, describe_os_error
 
 #: One or more instances of each public exception, with every attribute set.
 EXAMPLES: list[HeartbeatError] = [
@@ -42,7 +42,7 @@ EXAMPLES: list[HeartbeatError] = [
     RemoteProtocolError("unknown frame type 0x09", 1002),
     ConnectionClosed(4001, "application says bye", by_peer=True),
     ConnectionClosed(CloseCode.NORMAL),
-    HeartbeatTimeout(CloseCode.HEARTBEAT_TIMEOUT, "heartbeat timeout"),
+    HeartbeatTimeout(CloseCode.HEARTBEAT_TIMEOUT, "heartbeat timeout: peer silent"),
     BrokenConnection(CloseCode.ABNORMAL_CLOSURE, "connection reset"),
     ConnectionRejected(CloseCode.TRY_AGAIN_LATER, "at capacity", by_peer=True),
     ReconnectFailed(
@@ -163,7 +163,7 @@ def test_the_reconnect_errors_carry_what_was_not_delivered() -> None:
 
 
 def test_the_examples_cover_every_class_errors_defines() -> None:
-    defined = {getattr(_errors, name) for name in _errors.__all__} - {describe_os_error}
+    defined = {getattr(_errors, name) for name in _errors.__all__} - {describe_os_error, Conviction}
     assert {type(exc) for exc in EXAMPLES + INTERNAL_EXAMPLES} == defined
     exported = [value for name, value in vars(trio_heartbeat).items() if not name.startswith("_")]
     assert not [exc for exc in INTERNAL_EXAMPLES if type(exc) in exported]
@@ -197,7 +197,10 @@ def test_the_two_families_stay_apart() -> None:
 @pytest.mark.parametrize(
     ("exc", "line"),
     [
-        (HeartbeatTimeout(1011, "heartbeat timeout"), "closed with 1011: heartbeat timeout"),
+        (
+            HeartbeatTimeout(1011, "heartbeat timeout: peer silent"),
+            "closed with 1011: heartbeat timeout: peer silent",
+        ),
         (
             ConnectionClosed(1001, "server draining", by_peer=True),
             "closed with 1001 by the peer: server draining",
@@ -230,3 +233,22 @@ def test_an_os_error_is_described_in_the_systems_words() -> None:
     assert describe_os_error(OSError(None, "No route to host")) == "no route to host"
     assert describe_os_error(ValueError("odd")) == "odd"
     assert describe_os_error(ValueError()) == "ValueError"
+
+
+@pytest.mark.parametrize(
+    ("reason", "conviction"),
+    [
+        ("heartbeat timeout: peer silent", Conviction.PEER_SILENT),
+        ("heartbeat timeout: we were stalled", Conviction.LOCAL_STALL),
+        ("handshake timeout", None),
+        ("write timeout: the peer stopped reading", None),
+        ("heartbeat timeout: peer silent, or so", None),
+    ],
+)
+def test_a_heartbeat_timeout_says_which_way_the_verdict_went(
+    reason: str, conviction: Conviction | None
+) -> None:
+    """The verdict's cause is read from the reason, which is what the log and the peer see too."""
+    exc = HeartbeatTimeout(1011, reason)
+    assert exc.conviction is conviction
+    assert pickle.loads(pickle.dumps(exc)).conviction is conviction

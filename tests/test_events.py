@@ -21,6 +21,8 @@ from trio_heartbeat._events import (
     FrameCounters,
     HandshakeComplete,
     PeerHealthChanged,
+    PeerRecovered,
+    PeerSuspected,
     PingReceived,
     PongReceived,
 )
@@ -36,6 +38,8 @@ EVENTS: list[Event] = [
     PongReceived(bytes(8), HealthStatus.SERVING, 0.25),
     PeerHealthChanged(HealthStatus.NOT_SERVING, HealthStatus.SERVING),
     ConnectionEnded(1000, "bye", by_peer=True, clean=True),
+    PeerSuspected(1.5, 0.3),
+    PeerRecovered(1.75),
 ]
 
 # -- NEED_DATA -------------------------------------------------------------------------

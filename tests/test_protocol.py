@@ -175,8 +175,7 @@ def test_a_pause_reaches_both_the_silence_rule_and_the_rate_rule() -> None:
     server, _ = open_pair()
     feed(server, encode_ping(bytes(8), HealthStatus.SERVING), 1.0)
     server.pause_liveness(1.0)
-    assert server.liveness_deadline == inf
-    assert server.next_deadline == server.ping_deadline  # only the send rule is left
+    assert server.liveness_deadline == 4.0  # the timeout alone, from the last frame
     server.resume_liveness(3.0)
     # The silence rule counts from the resumption ...
     assert server.last_received == 3.0
@@ -608,8 +607,8 @@ def test_every_close_we_queue_moves_last_sent() -> None:
     assert server.last_sent == 2.5
     server, client = open_pair()
     client.handle_timeout(3.0)  # nothing heard since 0.0: the peer is dead
-    assert drain(client) == [ConnectionEnded(1011, "heartbeat timeout", False, False)]
-    assert client.data_to_send() == encode_close(1011, "heartbeat timeout")
+    assert drain(client) == [ConnectionEnded(1011, "heartbeat timeout: peer silent", False, False)]
+    assert client.data_to_send() == encode_close(1011, "heartbeat timeout: peer silent")
     assert client.last_sent == 3.0
 
 

@@ -402,7 +402,10 @@ class WiredPair(RuleBasedStateMachine):
             assert last is not None
             assert proto.last_received == last
             assert self.now == proto.abort_deadline
-            if side.adaptive:
+            if side.paused:
+                note("silent peer declared dead at the timeout while we could not read")
+                assert self.now == last + side.config.timeout
+            elif side.adaptive:
                 note("silent peer declared dead by the adaptive detector")
                 assert last + 2 * side.peer_send_interval <= self.now <= last + side.config.timeout
             else:
@@ -414,7 +417,9 @@ class WiredPair(RuleBasedStateMachine):
             assert state is State.OPEN
             assert control(frames) == [FrameType.PING]
         elif state is State.OPEN:
-            assert side.ended == ConnectionEnded(1011, "heartbeat timeout", False, False)
+            assert side.ended == ConnectionEnded(
+                1011, "heartbeat timeout: peer silent", False, False
+            )
             assert side.close_sent == 1011
         elif state is State.HANDSHAKE:
             assert side.ended == ConnectionEnded(1011, "handshake timeout", False, False)
@@ -562,7 +567,11 @@ class WiredPair(RuleBasedStateMachine):
         side.proto.pause_liveness(self.now)
         side.paused = True
         if side.proto.state is State.OPEN:
-            assert side.proto.abort_deadline == side.proto.liveness_deadline == float("inf")
+            # No early verdict while we cannot read: the timeout alone.
+            expected = (
+                float("inf") if side.last_heard is None else side.last_heard + side.config.timeout
+            )
+            assert side.proto.abort_deadline == side.proto.liveness_deadline == expected
 
     @rule(index=side_indexes)
     def resume(self, index: int) -> None:
@@ -604,13 +613,17 @@ class WiredPair(RuleBasedStateMachine):
     def liveness_deadline_is_clamped_and_never_moves_back(self) -> None:
         for side in self.sides:
             proto = side.proto
-            if proto.state is not State.OPEN or side.paused:
+            if proto.state is not State.OPEN:
                 side.deadline_seen = None
                 continue
             last = side.last_heard
             assert last is not None
             assert proto.last_received == last
             deadline = proto.abort_deadline
+            if side.paused:
+                assert deadline == last + side.config.timeout
+                side.deadline_seen = None
+                continue
             if side.adaptive:
                 assert last + 2 * side.peer_send_interval <= deadline <= last + side.config.timeout
             else:

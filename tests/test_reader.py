@@ -17,6 +17,7 @@ over a set number of scheduling rounds late, as a busy event loop would.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -55,14 +56,30 @@ from trio_heartbeat._connection import Connection
 from trio_heartbeat._errors import (
     BrokenConnection,
     ConnectionClosed,
+    Conviction,
     HeartbeatTimeout,
     RemoteProtocolError,
 )
-from trio_heartbeat._events import Event, PingReceived, PongReceived
-from trio_heartbeat._frames import CloseCode, FrameType, HealthStatus, Role, encode_data
+from trio_heartbeat._events import (
+    Event,
+    Liveness,
+    PeerRecovered,
+    PeerSuspected,
+    PingReceived,
+    PongReceived,
+)
+from trio_heartbeat._frames import (
+    CloseCode,
+    FrameType,
+    HealthStatus,
+    Role,
+    encode_data,
+    encode_ping,
+)
 from trio_heartbeat._handshake import CLIENT_LEAD
 from trio_heartbeat._options import ConnectionOptions
 from trio_heartbeat._pings import RTT_REFRESH
+from trio_heartbeat._reader import HELD_OVERHEAD
 from trio_heartbeat._state import State
 from trio_heartbeat._stream_connection import open_stream_connection
 from trio_heartbeat._transport import RECEIVE_SIZE, socket_fd
@@ -123,7 +140,7 @@ async def test_silent_peer_is_convicted_exactly_at_the_timeout(autojump_clock: M
     conn = conns[0]
     assert conns == [conn, conn], "the body was not cancelled"
     assert raised.value.code == CloseCode.HEARTBEAT_TIMEOUT
-    assert raised.value.reason == "heartbeat timeout"
+    assert raised.value.reason == "heartbeat timeout: peer silent"
     assert not raised.value.by_peer
     # Our PINGs kept going while the peer was silent (a client's, every
     # CLIENT_LEAD of the interval); the CLOSE says why we left.
@@ -206,7 +223,7 @@ async def test_a_write_cut_by_the_timer_past_the_abort_deadline_is_a_heartbeat_t
         assert trio.current_time() == 3.0
     assert (raised.value.code, raised.value.reason) == (
         CloseCode.HEARTBEAT_TIMEOUT,
-        "heartbeat timeout",
+        "heartbeat timeout: peer silent",
     )
     assert stream.send_interrupted
     # Our idle PING was due at 0.9, but no PING goes out while a write is stuck.
@@ -218,7 +235,7 @@ async def test_a_write_cut_by_the_timer_past_the_abort_deadline_is_a_heartbeat_t
     ("write_timeout", "ended_at", "reason"),
     [
         (1.0, 1.5, "write timeout: the peer stopped reading"),
-        (5.0, 3.5, "heartbeat timeout"),
+        (5.0, 3.5, "heartbeat timeout: peer silent"),
     ],
     ids=["write-timeout-first", "silence-first"],
 )
@@ -550,6 +567,9 @@ async def test_every_ping_gets_a_pong_with_its_opaque_bytes(autojump_clock: Mock
 
 
 async def test_slow_application_does_not_convict_a_healthy_peer(autojump_clock: MockClock) -> None:
+    """With a queue of one message and nobody reading, the reader goes on reading: the two
+    messages past the queue wait in its reserve, and the peer's PINGs are heard and answered
+    as they come. The watchdog keeps judging the peer, who is alive."""
     stream, peer = stream_and_peer()
 
     async def script() -> None:
@@ -569,32 +589,102 @@ async def test_slow_application_does_not_convict_a_healthy_peer(autojump_clock: 
             stream, config=CONFIG, options=ConnectionOptions(receive_queue=1)
         ) as conn:
             await trio.sleep(0.5)
-            assert conn.statistics().receive_queue_used == 1
-            assert conn.watchdog_deadline == float("inf")
+            assert conn.statistics().receive_queue_used == 3  # one queued, two in reserve
+            assert conn.watchdog_deadline == 3.0  # still judging the peer
             await trio.sleep(9.5)  # far beyond the 3 s timeout
             assert conn.state is State.OPEN
+            assert conn.watchdog_deadline > 12.0  # the peer was heard within the last second
             received = [await conn.receive() for _ in range(3)]
             assert received == [b"message 0", b"message 1", b"message 2"]
             await trio.sleep(0.5)
             assert conn.state is State.OPEN
             assert trio.current_time() == 10.5
-    # Our own PINGs never stopped, whatever the application was doing. (At
-    # 10.0 the PONGs to the peer's PINGs restarted our timer: no PING by 10.5.)
-    assert peer.times(FrameType.PING) == idle_ping_times(1.0 * CLIENT_LEAD, 10.0)
-    assert len(peer.of_type(FrameType.PING)) == 11
-    # The peer's PINGs, read in one go when we resumed, were answered, not struck.
-    assert len(peer.of_type(FrameType.PONG)) == 10
+    # The peer's PINGs were answered as they came, not when the application read.
+    assert peer.times(FrameType.PONG) == [float(second) for second in range(1, 11)]
+    # Our own heartbeat never stopped: never silent for more than the client's lead.
+    ours = sorted(peer.times(FrameType.PING) + peer.times(FrameType.PONG))
+    assert ours[0] == 1.0 * CLIENT_LEAD
+    assert max(b - a for a, b in itertools.pairwise(ours)) <= 1.0 * CLIENT_LEAD + 1e-9
+    assert ours[-1] >= 10.0
+
+
+async def test_a_full_queue_does_not_blind_the_watchdog(autojump_clock: MockClock) -> None:
+    """The peer sends three messages and then nothing at all, and our application never
+    reads: the messages wait (one queued, two in reserve), and the silent peer is convicted
+    at the timeout all the same, as a peer that went silent. What was received stays
+    readable after the end."""
+    stream, peer = stream_and_peer()
+    conns: list[Connection] = []
+
+    async def script() -> None:
+        await peer.handshake()
+        for n in range(3):
+            await peer.send_data(b"message %d" % n)
+        await peer.drain()  # reads what we send, answers nothing
+
+    async def body(conn: Connection) -> None:
+        conns.append(conn)
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(script)
+        with pytest.raises(HeartbeatTimeout) as raised:
+            await run_body(stream, body, config=CONFIG, options=ConnectionOptions(receive_queue=1))
+        assert trio.current_time() == 3.0
+    assert raised.value.conviction is Conviction.PEER_SILENT
+    [conn] = conns
+    assert [conn.receive_nowait() for _ in range(3)] == [b"message 0", b"message 1", b"message 2"]
+
+
+async def test_past_the_reserve_the_timeout_still_bounds_detection_and_the_fault_is_ours(
+    autojump_clock: MockClock,
+) -> None:
+    """A reserve too small for anything (each message counts 64 bytes more than its payload):
+    the second message stops the reader. The peer keeps pinging, unheard; at the timeout the
+    watchdog convicts, saying that we were stalled, since the silence is our reader's."""
+    stream, peer = stream_and_peer()
+
+    async def script() -> None:
+        await peer.handshake()
+        for n in range(3):
+            await peer.send_data(b"message %d" % n)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(peer.serve)
+            for _ in range(10):
+                await trio.sleep(1.0)
+                await peer.send_ping()
+
+    deadlines: list[float] = []
+
+    async def body(conn: Connection) -> None:
+        await trio.sleep(0.5)
+        deadlines.append(conn.watchdog_deadline)
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(script)
+        with pytest.raises(HeartbeatTimeout) as raised:
+            await run_body(
+                stream,
+                body,
+                config=CONFIG,
+                options=ConnectionOptions(receive_queue=1, receive_queue_bytes=64),
+            )
+        assert trio.current_time() == 3.0
+        nursery.cancel_scope.cancel()
+    assert deadlines == [3.0]
+    assert raised.value.conviction is Conviction.LOCAL_STALL
+    assert peer.of_type(FrameType.CLOSE)[0].close_reason == "heartbeat timeout: we were stalled"
 
 
 async def test_conviction_returns_once_the_application_catches_up(
     autojump_clock: MockClock,
 ) -> None:
-    """A full queue suspends conviction; taking the DATA restores it, from that moment.
+    """Past the reserve, taking the DATA resumes reading, and the silence counts from then.
 
-    The peer sends three messages and then nothing at all. While our
-    application does not read, the silence is ours, not the peer's; once it
-    has taken the messages, the peer has the whole timeout again, and not a
-    moment more.
+    The reader stops at the second message (a reserve of no use: 64 bytes); the
+    application takes all three at 2.0, inside the timeout. The peer, silent since
+    0.0, has the whole timeout again from 2.0, and not a moment more: convicted at 5.0.
     """
     stream, peer = stream_and_peer()
 
@@ -607,7 +697,7 @@ async def test_conviction_returns_once_the_application_catches_up(
     deadlines: list[tuple[float, float]] = []
 
     async def body(conn: Connection) -> None:
-        await trio.sleep(5.0)  # beyond the 3 s timeout, with the queue full
+        await trio.sleep(2.0)
         deadlines.append((trio.current_time(), conn.watchdog_deadline))
         assert [await conn.receive() for _ in range(3)] == [
             b"message 0",
@@ -619,12 +709,74 @@ async def test_conviction_returns_once_the_application_catches_up(
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(script)
-        with pytest.raises(HeartbeatTimeout):
-            await run_body(stream, body, config=CONFIG, options=ConnectionOptions(receive_queue=1))
-        assert trio.current_time() == 8.0
-    assert deadlines == [(5.0, math.inf), (5.0, 8.0)]
-    assert (peer.frames[-1].type, peer.frames[-1].at) == (FrameType.CLOSE, 8.0)
+        with pytest.raises(HeartbeatTimeout) as raised:
+            await run_body(
+                stream,
+                body,
+                config=CONFIG,
+                options=ConnectionOptions(receive_queue=1, receive_queue_bytes=64),
+            )
+        assert trio.current_time() == 5.0
+    assert deadlines == [(2.0, 3.0), (2.0, 5.0)]
+    assert raised.value.conviction is Conviction.PEER_SILENT
+    assert (peer.frames[-1].type, peer.frames[-1].at) == (FrameType.CLOSE, 5.0)
     assert peer.frames[-1].close_code == CloseCode.HEARTBEAT_TIMEOUT
+
+
+async def test_the_reserve_moves_up_into_the_queue_in_order_and_counts_once(
+    autojump_clock: MockClock,
+) -> None:
+    """Past a queue of two, messages wait in the reserve; as the application takes them,
+    the reserve moves up in order, and the shared budget counts each message once."""
+    budget = BufferBudget(10_000)
+    stream, peer = stream_and_peer()
+
+    async def body(conn: Connection) -> None:
+        await peer.send(b"".join(encode_data(b"%d" % n * 10) for n in range(6)))
+        await trio.sleep(0.125)
+        assert conn.statistics().receive_queue_used == 6
+        assert budget.holding(conn) == 60
+        taken = []
+        for left in (5, 4, 3, 2, 1, 0):
+            taken.append(conn.receive_nowait())
+            assert conn.statistics().receive_queue_used == left
+            assert budget.holding(conn) == 10 * left
+        assert taken == [b"%d" % n * 10 for n in range(6)]
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(handshake_then_drain, peer)
+        await run_body(
+            stream,
+            body,
+            config=CONFIG,
+            options=ConnectionOptions(receive_queue=2, budget=budget),
+        )
+    assert budget.used == 0
+
+
+async def test_a_flood_of_tiny_messages_is_bounded_by_the_reserve_with_its_overhead(
+    autojump_clock: MockClock,
+) -> None:
+    """Each message in the reserve counts HELD_OVERHEAD bytes more than its payload, so a
+    flood of one-byte messages stops the reader after reserve / (1 + HELD_OVERHEAD) of them,
+    not after a million."""
+    stream, peer = stream_and_peer()
+    reserve = 10 * (1 + HELD_OVERHEAD)
+
+    async def body(conn: Connection) -> None:
+        await peer.send(encode_data(b"x") * 1_000)
+        await trio.sleep(0.125)
+        # The queue (one message) and ten in reserve; the reader holds the next.
+        assert conn.statistics().receive_queue_used == 1 + 10
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(handshake_then_drain, peer)
+        await run_body(
+            stream,
+            body,
+            config=CONFIG,
+            options=ConnectionOptions(receive_queue=1, receive_queue_bytes=reserve),
+        )
 
 
 async def test_receive_with_data_waiting_never_yields_yet_honours_a_cancel(
@@ -684,8 +836,8 @@ async def test_leaving_with_unread_data_closes_in_one_round_trip(autojump_clock:
         async with open_stream_connection(
             stream, config=Config(interval=1.0, timeout=3.0, close_timeout=5.0)
         ) as conn:
-            await trio.sleep(0.5)  # the reader is now held up by the full queue
-            assert conn.statistics().receive_queue_used == 64
+            await trio.sleep(0.5)  # queue (64) and reserve (36) hold everything
+            assert conn.statistics().receive_queue_used == 100
         # Not at the 5 s close timeout: the unread DATA was dropped and the
         # peer's CLOSE read at once.
         assert trio.current_time() == 0.5
@@ -874,7 +1026,7 @@ async def test_a_reader_waiting_for_room_stops_when_the_connection_fails(
     autojump_clock: MockClock,
 ) -> None:
     """The application does not read: "0" fills the queue of one, and the reader
-    holds "1" while it waits for room. Our write then fails (the peer stopped
+    (with no usable reserve) holds "1" while it waits for room. Our write then fails (the peer stopped
     accepting bytes): the reader stops waiting, and what was queued is still
     delivered, but not what the reader held."""
     ours, theirs = trio.testing.memory_stream_pair()
@@ -893,14 +1045,19 @@ async def test_a_reader_waiting_for_room_stops_when_the_connection_fails(
         conns.append(conn)
         await trio.sleep(0.75)
         assert conn.statistics().receive_queue_used == 1
-        assert conn.watchdog_deadline == math.inf  # held up: no verdict on the peer
+        assert conn.watchdog_deadline == 3.0  # held up: the timeout alone
         await conn.send(b"lost")
         await trio.sleep_forever()
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(script)
         with pytest.raises(BrokenConnection) as raised:
-            await run_body(stream, body, config=CONFIG, options=ConnectionOptions(receive_queue=1))
+            await run_body(
+                stream,
+                body,
+                config=CONFIG,
+                options=ConnectionOptions(receive_queue=1, receive_queue_bytes=64),
+            )
         assert trio.current_time() == 0.75
         nursery.cancel_scope.cancel()
     assert not raised.value.by_peer
@@ -967,7 +1124,8 @@ async def test_what_the_reader_holds_counts_against_the_budget_to_the_byte(
             stream,
             body,
             config=CONFIG,
-            options=ConnectionOptions(receive_queue=1, budget=budget),
+            # No usable reserve (each message counts 64 bytes more than its payload).
+            options=ConnectionOptions(receive_queue=1, receive_queue_bytes=64, budget=budget),
         )
     assert budget.used == 0
 
@@ -1043,7 +1201,8 @@ async def test_a_connection_cut_off_while_its_reader_holds_data_lets_go_of_all_o
                 stream,
                 body,
                 config=CONFIG,
-                options=ConnectionOptions(receive_queue=1, budget=budget),
+                # No usable reserve: the reader holds "b" itself.
+                options=ConnectionOptions(receive_queue=1, receive_queue_bytes=64, budget=budget),
             )
         assert trio.current_time() == 0.5
     assert (raised.value.code, raised.value.reason) == (
@@ -1183,7 +1342,7 @@ async def test_on_a_plain_socket_a_read_that_fails_at_the_deadline_leaves_the_ve
             trio.lowlevel.remove_instrument(stall)
     assert (raised.value.code, raised.value.reason) == (
         CloseCode.HEARTBEAT_TIMEOUT,
-        "heartbeat timeout",
+        "heartbeat timeout: peer silent",
     )
     assert not raised.value.by_peer
 
@@ -1223,3 +1382,86 @@ async def test_on_a_plain_socket_the_reader_keeps_an_idle_connection_alive_by_it
     assert receive_calls == []
     assert peer.times(FrameType.PING) == idle_ping_times(1.0 * CLIENT_LEAD, 3.5)
     assert [frame.payload for frame in peer.of_type(FrameType.DATA)] == [b"now a message"]
+
+
+# -- suspicion: SUSPECT before the verdict, and back ------------------------------------
+
+
+async def test_an_overdue_peer_is_suspect_until_its_next_frame(autojump_clock: MockClock) -> None:
+    """Heard at 0.0, the peer (one PING a second) is SUSPECT at exactly 1.5, as the listeners
+    hear; its PING at 2.0 makes it ALIVE again; silent from then, it is SUSPECT at 3.5 and
+    convicted at 5.0. The suspicion level rises with the silence and falls with a frame."""
+    stream, peer = stream_and_peer()
+    heard: list[tuple[float, Event]] = []
+    seen: list[tuple[float, Liveness, float]] = []
+
+    def listener(conn: Connection, event: Event) -> None:
+        if isinstance(event, PeerSuspected | PeerRecovered):
+            heard.append((trio.current_time(), event))
+
+    async def script() -> None:
+        await peer.handshake()
+        await trio.sleep_until(2.0)
+        await peer.send_ping()
+        await peer.drain()
+
+    async def body(conn: Connection) -> None:
+        for when in (1.0, 1.625, 1.75, 2.25, 3.0):
+            await trio.sleep_until(when)
+            seen.append((when, conn.liveness, conn.suspicion))
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(script)
+        with pytest.raises(HeartbeatTimeout):
+            await run_body(stream, body, config=CONFIG, listeners=[listener])
+        assert trio.current_time() == 5.0
+    assert heard == [
+        (1.5, PeerSuspected(1.5, pytest.approx(-math.log10(0.5)))),  # type: ignore[arg-type]
+        (2.0, PeerRecovered(2.0)),
+        (3.5, PeerSuspected(1.5, pytest.approx(-math.log10(0.5)))),  # type: ignore[arg-type]
+    ]
+    assert [(when, liveness) for when, liveness, _ in seen] == [
+        (1.0, Liveness.ALIVE),
+        (1.625, Liveness.SUSPECT),
+        (1.75, Liveness.SUSPECT),
+        (2.25, Liveness.ALIVE),
+        (3.0, Liveness.ALIVE),
+    ]
+    levels = [level for _, _, level in seen]
+    assert levels[0] < levels[1] < levels[2]  # rising with the silence
+    assert levels[3] < levels[0]  # a frame at 2.0: a quarter of a second of silence
+    assert levels[4] == levels[0]  # one second of silence again
+
+
+async def test_a_peer_whose_frame_waits_in_the_socket_is_not_suspected(
+    autojump_clock: MockClock,
+) -> None:
+    """On a plain socket the suspicion, like the verdict, first reads what is waiting: a PING
+    that arrived before a stall of our loop saves the peer from suspicion."""
+    a, b = socket.socketpair()
+    ours = trio.SocketStream(trio.socket.from_stdlib_socket(a))
+    theirs = trio.SocketStream(trio.socket.from_stdlib_socket(b))
+    peer = ScriptedPeer(theirs)
+    heard: list[Event] = []
+
+    async def body(conn: Connection) -> None:
+        await trio.sleep_until(1.2)
+        # The peer's PING reaches our socket, and our loop is away over the 1.5 suspicion.
+        b.send(encode_ping(bytes(8), HealthStatus.SERVING))
+        autojump_clock.jump(0.4)
+        await trio.sleep(0.1)
+        assert conn.liveness is Liveness.ALIVE
+        assert conn.last_received == 1.6
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(handshake_then_drain, peer)
+        await run_body(
+            ours,
+            body,
+            config=CONFIG,
+            listeners=[lambda conn, event: heard.append(event)],
+        )
+        nursery.cancel_scope.cancel()
+    await theirs.aclose()
+    assert not [event for event in heard if isinstance(event, PeerSuspected)]

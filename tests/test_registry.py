@@ -7,6 +7,9 @@ trip, its health) can be checked to the exact virtual second.
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import trio
 import trio.testing
 from helpers import RawPeer, client_hello, connection_pair, echo
@@ -15,9 +18,11 @@ from trio_heartbeat import (
     CloseCode,
     Config,
     Connection,
+    Departure,
     Event,
     FrameType,
     HealthStatus,
+    Liveness,
     LivenessRegistry,
     PongReceived,
     Role,
@@ -26,6 +31,7 @@ from trio_heartbeat import (
     open_stream_connection,
 )
 from trio_heartbeat._frames import encode_close, encode_data, encode_ping, encode_pong
+from trio_heartbeat._registry import DEPARTURES_KEPT
 from trio_heartbeat.testing import faulty_stream_pair
 
 CONFIG = Config(interval=1.0, timeout=3.0, handshake_timeout=2.0, close_timeout=1.0)
@@ -321,3 +327,53 @@ async def test_ids_index_server_connections_only_and_a_newer_one_takes_over(
         assert (info.bytes_in, info.bytes_out) == (stats.bytes_in, stats.bytes_out)
         assert (info.frames_in, info.frames_out) == (stats.frames_in, stats.frames_out)
         assert info.bytes_out > 0
+
+
+async def test_a_silent_peer_is_suspect_then_heard_then_gone_with_the_reason_kept(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The registry shows a peer's suspicion as it changes (each change wakes the waiters), and
+    keeps the departures: when each peer left, and why, in the words of the verdict."""
+    server = Server(echo, config=CONFIG)
+    registry = server.registry
+    changes: list[tuple[float, Liveness | None]] = []
+
+    async def watch() -> None:
+        while True:
+            await registry.wait_changed()
+            info = registry.get("alpha")
+            changes.append((trio.current_time(), None if info is None else info.liveness))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch)
+        alpha = attach(nursery, server, "memory:alpha")
+        await alpha.handshake(instance_id="alpha")  # heard at 0.0, then silent
+        await trio.sleep_until(1.0)
+        info = registry.get("alpha")
+        assert info is not None
+        assert info.liveness is Liveness.ALIVE
+        assert info.suspicion == pytest.approx(math.log10(1.5))
+        await trio.sleep_until(1.75)
+        info = registry.get("alpha")
+        assert info is not None
+        assert info.liveness is Liveness.SUSPECT
+        await alpha.send(encode_ping(bytes(8), HealthStatus.SERVING))  # heard at 1.75
+        await registry.wait_until(lambda r: "alpha" not in r)
+        assert trio.current_time() == 4.75
+        nursery.cancel_scope.cancel()
+    assert changes == [
+        (0.0, Liveness.ALIVE),  # joined
+        (1.5, Liveness.SUSPECT),
+        (1.75, Liveness.ALIVE),
+        (3.25, Liveness.SUSPECT),
+        (4.75, None),  # convicted
+    ]
+    [departure] = registry.departures
+    assert departure == Departure(
+        "alpha", "memory:alpha", 4.75, 1011, "heartbeat timeout: peer silent", False
+    )
+
+
+def test_the_departures_keep_the_last_ones_only() -> None:
+    registry = LivenessRegistry()
+    assert registry.departures.maxlen == DEPARTURES_KEPT == 256

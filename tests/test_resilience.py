@@ -46,6 +46,7 @@ from trio_heartbeat import (
     ConnectionOptions,
     Disconnected,
     Event,
+    FixedTimeout,
     FullJitterBackoff,
     HeartbeatTimeout,
     PingReceived,
@@ -338,6 +339,7 @@ class Rig:
 async def proxied(
     *,
     server_config: Config = SERVER_CONFIG,
+    server_options: ConnectionOptions | None = None,
     options: ConnectionOptions | None = None,
     buffer_size: int = 1024,
 ) -> AsyncIterator[Rig]:
@@ -358,6 +360,7 @@ async def proxied(
                 0,
                 host=LOOPBACK,
                 config=server_config,
+                options=server_options,
                 listeners=[on_server_event],
             )
         )
@@ -564,10 +567,15 @@ async def test_slow_reader_is_backpressure_and_a_stopped_reader_a_write_timeout(
     size = 16_384
     buffer_size = 64
     server_config = Config(interval=INTERVAL, timeout=4 * TIMEOUT, handshake_timeout=5.0)
+    # The plain timeout: an adaptive detector would convict the client sooner.
+    server_options = ConnectionOptions(detector=FixedTimeout)
     options = ConnectionOptions(send_queue=4)  # small batches: one write never waits long
     with trio.fail_after(BOUND):
         async with proxied(
-            server_config=server_config, options=options, buffer_size=buffer_size
+            server_config=server_config,
+            server_options=server_options,
+            options=options,
+            buffer_size=buffer_size,
         ) as rig:
             client = rig.client
             sent = received = fullest = 0

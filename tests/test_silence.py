@@ -12,6 +12,7 @@ its own, and one connection shows the clamp in the runtime.
 from __future__ import annotations
 
 import doctest
+import math
 from math import inf
 
 import pytest
@@ -29,7 +30,6 @@ from helpers import (
     types,
 )
 from trio.testing import MockClock
-from vectors import CLOSE_1011
 
 from trio_heartbeat import NEED_DATA, Config, ConnectionEnded, HeartbeatProtocol, State, _silence
 from trio_heartbeat._connection import Connection
@@ -38,11 +38,11 @@ from trio_heartbeat._frames import (
     FrameType,
     HealthStatus,
     Role,
+    encode_close,
     encode_data,
     encode_ping,
     encode_pong,
 )
-from trio_heartbeat._handshake import CLIENT_LEAD
 from trio_heartbeat._options import ConnectionOptions
 from trio_heartbeat._silence import FIXED_TIMEOUT, SilenceRule
 
@@ -61,9 +61,12 @@ def test_silent_peer_is_dead_exactly_at_last_received_plus_timeout() -> None:
     assert FrameType.CLOSE not in types(client.data_to_send())
     client.handle_timeout(5.75)
     assert state(client) is State.ERROR
-    assert drain(client) == [ConnectionEnded(1011, "heartbeat timeout", by_peer=False, clean=False)]
-    # The CLOSE is the §7 vector byte for byte, and queued DATA is dropped.
-    assert client.data_to_send() == CLOSE_1011
+    assert drain(client) == [
+        ConnectionEnded(1011, "heartbeat timeout: peer silent", by_peer=False, clean=False)
+    ]
+    # The CLOSE says why (the §7 vector's code, with the verdict's cause), and queued
+    # DATA is dropped.
+    assert client.data_to_send() == encode_close(1011, "heartbeat timeout: peer silent")
     assert client.close_code == 1011
     assert client.abort_deadline == client.next_deadline == inf
     assert client.next_event() is NEED_DATA
@@ -133,7 +136,7 @@ def test_detector_is_clamped_to_the_safe_window(delay: float, deadline: float) -
     assert state(client) is State.OPEN
     client.handle_timeout(deadline)
     assert state(client) is State.ERROR
-    assert drain(client) == [ConnectionEnded(1011, "heartbeat timeout", False, False)]
+    assert drain(client) == [ConnectionEnded(1011, "heartbeat timeout: peer silent", False, False)]
 
 
 async def test_custom_detector_convicts_sooner_but_never_before_two_peer_intervals(
@@ -165,21 +168,24 @@ async def test_custom_detector_convicts_sooner_but_never_before_two_peer_interva
 
 
 def test_pause_and_resume_liveness() -> None:
+    """A pause takes the early verdict away but never the timeout; resuming restarts the silence."""
     server, client = open_pair()
     feed(client, encode_data(b"x"), 1.0)
     client.pause_liveness(2.0)
     client.pause_liveness(2.5)  # a second pause changes nothing
-    assert client.liveness_deadline == client.abort_deadline == inf
-    client.handle_timeout(50.0)  # long silence, but we were not reading
+    assert client.liveness_deadline == client.abort_deadline == 4.0  # the timeout alone
+    client.handle_timeout(3.5)  # a long silence, but we were not reading
     assert state(client) is State.OPEN
     assert types(client.data_to_send()) == [FrameType.PING]  # still pinging
-    assert client.next_deadline == 50.0 + 1.0 * CLIENT_LEAD
-    client.resume_liveness(60.0)
-    assert client.last_received == 60.0
-    assert client.abort_deadline == 63.0
-    client.resume_liveness(70.0)  # not paused: nothing happens
-    assert client.abort_deadline == 63.0
-    client.handle_timeout(63.0)
+    client.resume_liveness(3.5)
+    assert client.last_received == 3.5
+    assert client.abort_deadline == 6.5
+    client.resume_liveness(5.0)  # not paused: nothing happens
+    assert client.abort_deadline == 6.5
+    client.pause_liveness(5.0)
+    client.handle_timeout(6.5 - 2**-20)
+    assert state(client) is State.OPEN
+    client.handle_timeout(6.5)  # 3.5 + the 3 s timeout: the verdict comes, paused or not
     assert state(client) is State.ERROR
 
 
@@ -253,16 +259,68 @@ def test_before_the_handshake_agrees_there_is_no_floor() -> None:
     assert rule.deadline == 1.25
 
 
-def test_a_pause_suspends_the_verdict_and_the_silence_counts_from_the_resumption() -> None:
+def test_a_pause_leaves_only_the_timeout_and_the_silence_counts_from_the_resumption() -> None:
     rule = SilenceRule(FIXED_TIMEOUT, timeout=3.0)
     rule.heard(1.0)
     rule.pause(2.0)
     rule.pause(2.5)  # a second pause changes nothing
-    assert rule.deadline == inf
+    assert rule.deadline == 4.0  # the timeout still bounds it
+    assert rule.suspect_deadline == inf  # no suspicion while we cannot hear
+    assert rule.suspicion(3.0) == 0.0
     assert rule.resume(6.0) == 4.0  # paused since 2.0
     assert rule.last_heard == 6.0
     assert rule.deadline == 9.0
     assert rule.resume(7.0) is None  # not paused
+
+
+def test_a_pause_takes_the_early_verdict_and_the_stretch_away_but_not_the_timeout() -> None:
+    rule = SilenceRule(Recording(0.5), timeout=3.0)
+    rule.agree(1.0)
+    rule.heard(10.0)
+    assert rule.deadline == 12.0  # the detector's 10.5, raised to the floor of two intervals
+    rule.stretch = 5.0
+    assert rule.deadline == 12.5  # our loop is slow: 0.5 s stretched five times
+    rule.stretch = 100.0
+    assert rule.deadline == 13.0  # never past the timeout
+    rule.stretch = 1.0
+    rule.pause(11.0)
+    assert rule.deadline == 13.0  # we cannot hear: the timeout alone
+    rule.resume(11.5)
+    assert rule.deadline == 13.5
+
+
+def test_suspect_after_one_and_a_half_send_intervals_until_the_next_frame() -> None:
+    rule = SilenceRule(FIXED_TIMEOUT, timeout=3.0)
+    rule.heard(1.0)
+    assert rule.suspect_deadline == inf  # no interval agreed yet: no rhythm to be late for
+    rule.agree(0.8)
+    assert rule.suspect_deadline == 1.0 + 1.2
+    rule.heard(2.0)
+    assert rule.suspect_deadline == 2.0 + 1.2
+    assert rule.suspect_deadline < rule.deadline == 5.0
+
+
+def test_the_suspicion_level_without_a_model_rises_to_infinity_at_the_timeout() -> None:
+    rule = SilenceRule(FIXED_TIMEOUT, timeout=4.0)
+    assert rule.suspicion(5.0) == 0.0  # nothing heard yet: nothing to suspect
+    rule.heard(10.0)
+    assert rule.suspicion(10.0) == 0.0
+    assert rule.suspicion(9.0) == 0.0  # a clock read before the frame: no suspicion
+    assert rule.suspicion(12.0) == pytest.approx(math.log10(2))  # half the timeout
+    assert rule.suspicion(13.6) == pytest.approx(1.0)  # 90%
+    assert rule.suspicion(14.0) == rule.suspicion(20.0) == math.inf
+    levels = [rule.suspicion(10.0 + step / 10) for step in range(41)]
+    assert levels == sorted(levels)
+
+
+def test_the_suspicion_level_is_the_detectors_own_when_it_has_one() -> None:
+    class Leveled(Recording):
+        def suspicion(self, now: float, last_arrival: float, timeout: float) -> float:
+            return (now - last_arrival) * 100 + timeout
+
+    rule = SilenceRule(Leveled(1.0), timeout=3.0)
+    rule.heard(1.0)
+    assert rule.suspicion(1.5) == 53.0
 
 
 def test_resuming_never_moves_the_last_frame_back() -> None:

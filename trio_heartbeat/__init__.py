@@ -8,6 +8,7 @@ nothing from Trio and can drive any I/O layer.
 
 from __future__ import annotations
 
+from ._adaptive import AdaptiveDetector as AdaptiveDetector
 from ._backoff import DEFAULT_BACKOFF as DEFAULT_BACKOFF
 from ._backoff import GRPC_BACKOFF as GRPC_BACKOFF
 from ._backoff import GRPC_MIN_CONNECT_TIMEOUT as GRPC_MIN_CONNECT_TIMEOUT
@@ -29,6 +30,7 @@ from ._endpoints import EndpointSource as EndpointSource
 from ._errors import BrokenConnection as BrokenConnection
 from ._errors import ConnectionClosed as ConnectionClosed
 from ._errors import ConnectionRejected as ConnectionRejected
+from ._errors import Conviction as Conviction
 from ._errors import HeartbeatError as HeartbeatError
 from ._errors import HeartbeatTimeout as HeartbeatTimeout
 from ._errors import LocalProtocolError as LocalProtocolError
@@ -42,7 +44,10 @@ from ._events import DataReceived as DataReceived
 from ._events import Event as Event
 from ._events import FrameCounters as FrameCounters
 from ._events import HandshakeComplete as HandshakeComplete
+from ._events import Liveness as Liveness
 from ._events import PeerHealthChanged as PeerHealthChanged
+from ._events import PeerRecovered as PeerRecovered
+from ._events import PeerSuspected as PeerSuspected
 from ._events import PingReceived as PingReceived
 from ._events import PongReceived as PongReceived
 from ._frames import Close as Close
@@ -60,6 +65,8 @@ from ._keepalive import KeepaliveOptions as KeepaliveOptions
 from ._keepalive import SupportsSockopt as SupportsSockopt
 from ._keepalive import apply_keepalive as apply_keepalive
 from ._keepalive import read_keepalive as read_keepalive
+from ._local_health import LocalHealth as LocalHealth
+from ._local_health import local_health as local_health
 from ._options import ConnectionOptions as ConnectionOptions
 from ._protocol import HeartbeatProtocol as HeartbeatProtocol
 from ._reconnect_events import AttemptFailed as AttemptFailed
@@ -71,12 +78,14 @@ from ._reconnect_events import Stopped as Stopped
 from ._reconnect_events import SupervisorEvent as SupervisorEvent
 from ._reconnect_events import SupervisorListener as SupervisorListener
 from ._reconnect_events import SupervisorState as SupervisorState
+from ._registry import Departure as Departure
 from ._registry import LivenessRegistry as LivenessRegistry
 from ._registry import PeerInfo as PeerInfo
 from ._server import Handler as Handler
 from ._server import Server as Server
 from ._server import ServerStatistics as ServerStatistics
 from ._server import serve_tcp as serve_tcp
+from ._silence import SilenceRule as SilenceRule
 from ._state import State as State
 from ._statistics import ConnectionStatistics as ConnectionStatistics
 from ._stream_connection import open_stream_connection as open_stream_connection
@@ -86,6 +95,7 @@ from ._supervisor import ReconnectingClient as ReconnectingClient
 from ._supervisor import open_reconnecting_client as open_reconnecting_client
 
 __all__ = [
+    "AdaptiveDetector",
     "apply_keepalive",
     "AttemptFailed",
     "AttemptStarted",
@@ -104,9 +114,11 @@ __all__ = [
     "ConnectionRejected",
     "ConnectionStatistics",
     "Connector",
+    "Conviction",
     "ConstantBackoff",
     "DataReceived",
     "DecorrelatedJitterBackoff",
+    "Departure",
     "DEFAULT_BACKOFF",
     "DEFAULT_STOP_CODES",
     "Disconnected",
@@ -133,7 +145,10 @@ __all__ = [
     "HeartbeatTimeout",
     "Hello",
     "KeepaliveOptions",
+    "Liveness",
     "LivenessRegistry",
+    "LocalHealth",
+    "local_health",
     "LocalProtocolError",
     "NEED_DATA",
     "open_connection",
@@ -141,6 +156,8 @@ __all__ = [
     "open_stream_connection",
     "PeerHealthChanged",
     "PeerInfo",
+    "PeerRecovered",
+    "PeerSuspected",
     "PhiAccrualDetector",
     "Ping",
     "PingReceived",
@@ -155,6 +172,7 @@ __all__ = [
     "serve_tcp",
     "Server",
     "ServerStatistics",
+    "SilenceRule",
     "State",
     "Stopped",
     "SupervisorEvent",

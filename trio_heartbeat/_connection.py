@@ -39,7 +39,7 @@ from trio.lowlevel import (
 
 from ._config import Config
 from ._errors import BrokenConnection, ConnectionClosed, HeartbeatTimeout, RemoteProtocolError
-from ._events import ConnectionEnded, Event, HandshakeComplete, PongReceived
+from ._events import ConnectionEnded, Event, HandshakeComplete, Liveness, PongReceived
 from ._frames import CloseCode, HealthStatus, Hello, Role
 from ._options import ConnectionOptions
 from ._outcome import (
@@ -61,8 +61,7 @@ __all__ = ["Connection", "EventListener", "as_bytes"]
 
 logger = logging.getLogger("trio_heartbeat")
 
-#: Extra spacing of :meth:`Connection.ping` calls beyond the rate rule, as a
-#: fraction of the send interval (the rule itself asks for half of it).
+#: Extra spacing of ping() calls beyond the rate rule's half a send interval, as a fraction of it.
 _PING_MARGIN: Final = 0.125
 
 #: The reader task's name, shared by every connection (Trio would build a string per task).
@@ -74,7 +73,7 @@ _OPENED.set()
 #: The close codes that, as the server's verdict on our HELLO, refuse us.
 _REFUSALS: Final = (CloseCode.POLICY_VIOLATION, CloseCode.TRY_AGAIN_LATER, CloseCode.GOING_AWAY)
 
-#: Called synchronously, from the reader, with every protocol event but DATA.
+#: Called synchronously, from the reader, with every event but DATA.
 EventListener = Callable[["Connection", Event], None]
 
 
@@ -203,13 +202,20 @@ class Connection:
 
     @property
     def watchdog_deadline(self) -> float:
-        """When the watchdog gives up on the connection if nothing arrives before.
-
-        The handshake deadline, then the failure detector's verdict on a silent
-        peer (``inf`` while our application holds the reader up), then the
-        close timeout; ``inf`` once the connection has ended.
-        """
+        """When the watchdog gives up if nothing arrives: the handshake deadline, the failure
+        detector's verdict on a silent peer (``inf`` while our application holds the reader
+        up), then the close timeout; ``inf`` once ended."""
         return self._core.abort_deadline
+
+    @property
+    def liveness(self) -> Liveness:
+        """ALIVE, or SUSPECT while a heartbeat is overdue (:class:`PeerSuspected`)."""
+        return self._reader.liveness
+
+    @property
+    def suspicion(self) -> float:
+        """How suspicious the peer's silence is now: phi-like, 0 after a frame, rising."""
+        return self._core.silence.suspicion(trio.current_time())
 
     @property
     def closed(self) -> ConnectionClosed | None:
@@ -265,9 +271,8 @@ class Connection:
     def take_unsent(self) -> list[bytes]:
         """Once ended: the messages :meth:`send` queued that were never written, oldest first.
 
-        Only once (the queue is left empty); to send them again elsewhere, as
-        the reconnecting client does. Raises :class:`RuntimeError` while the
-        connection is live.
+        Only once (the queue is left empty), to send them elsewhere as the reconnecting
+        client does. Raises :class:`RuntimeError` while the connection is live.
         """
         if self._outcome is None:
             raise RuntimeError("take_unsent() is for a connection that has ended")
@@ -350,10 +355,8 @@ class Connection:
     def close_nowait(
         self, code: int = CloseCode.NORMAL, reason: str = "", *, flush: bool = True
     ) -> None:
-        """Start closing without waiting. With ``flush=False`` the CLOSE jumps the send queue.
-
-        With ``flush=True`` queued DATA goes first, for ``close_timeout`` at most.
-        """
+        """Start closing without waiting. With ``flush=True`` queued DATA goes first (for
+        ``close_timeout`` at most); with ``flush=False`` the CLOSE jumps the send queue."""
         if self._outcome is None:
             self._writer.request_close(self, code, reason, flush=flush)
 
@@ -364,11 +367,8 @@ class Connection:
         return self._outcome.exception()
 
     def _wait_ended(self) -> Coroutine[object, object, object]:
-        """An awaitable that returns once the connection has ended.
-
-        Not a coroutine function: the caller awaits Trio's trap directly, one
-        frame and no event less for each of a server's waiting handlers.
-        """
+        """An awaitable that returns once the connection has ended. Not a coroutine function:
+        the caller awaits Trio's trap directly (a frame less per waiting handler)."""
         if self._outcome is not None:
             return trio.lowlevel.checkpoint()  # noqa: ASYNC105 - awaited by the caller
         if self._end_waiter is None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from enum import Enum
 from typing import final
 
 #: The close code of an ending without any CLOSE frame (CloseCode.ABNORMAL_CLOSURE).
@@ -30,6 +31,7 @@ __all__ = [
     "BrokenConnection",
     "ConnectionClosed",
     "ConnectionRejected",
+    "Conviction",
     "HeartbeatError",
     "HeartbeatTimeout",
     "LocalProtocolError",
@@ -118,13 +120,36 @@ def _rebuild_closed(
     return cls(code, reason, by_peer=by_peer)
 
 
+class Conviction(Enum):
+    """Which way a verdict on a silent peer went: see :attr:`HeartbeatTimeout.conviction`."""
+
+    #: The peer went silent while we were listening.
+    PEER_SILENT = "peer silent"
+    #: Our own event loop was stalled when the verdict came: the fault may be ours.
+    LOCAL_STALL = "we were stalled"
+
+
 @final
 class HeartbeatTimeout(ConnectionClosed):
     """The peer was silent for longer than the failure detector allows (1011).
 
     Also raised when the handshake does not finish within its timeout, and when
     a write makes no progress for the write timeout (a peer that stopped reading).
+    :attr:`conviction` tells a verdict on a silent peer from the others.
     """
+
+    @property
+    def conviction(self) -> Conviction | None:
+        """For a verdict on a silent peer, whether the peer went silent or we were stalled.
+
+        ``None`` for a handshake or write timeout. Read from the reason, which
+        says the same to the log, the listeners and the peer:
+        ``heartbeat timeout: peer silent`` or ``heartbeat timeout: we were stalled``.
+        """
+        for conviction in Conviction:
+            if self.reason == f"heartbeat timeout: {conviction.value}":
+                return conviction
+        return None
 
 
 @final

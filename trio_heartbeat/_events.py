@@ -22,7 +22,10 @@ __all__ = [
     "Event",
     "FrameCounters",
     "HandshakeComplete",
+    "Liveness",
     "PeerHealthChanged",
+    "PeerRecovered",
+    "PeerSuspected",
     "PingReceived",
     "PongReceived",
 ]
@@ -92,6 +95,42 @@ class PeerHealthChanged(Event):
 
     status: HealthStatus
     previous: HealthStatus
+
+
+class Liveness(Enum):
+    """What our side makes of the peer's silence, before any verdict.
+
+    ``ALIVE``: heard from within one and a half of its send intervals.
+    ``SUSPECT``: a heartbeat is overdue; the next frame makes it ALIVE again,
+    and the failure detector's verdict, if it comes, ends the connection.
+    """
+
+    ALIVE = "ALIVE"
+    SUSPECT = "SUSPECT"
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class PeerSuspected(Event):
+    """The peer became SUSPECT after ``silence`` seconds without a frame (reversible).
+
+    ``suspicion`` is the silence rule's level at that moment. Reported to
+    listeners by the Trio runtime; the core's :meth:`next_event` never returns it.
+    """
+
+    silence: float
+    suspicion: float
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class PeerRecovered(Event):
+    """A SUSPECT peer was heard from again, after ``silence`` seconds: ALIVE again.
+
+    Reported to listeners by the Trio runtime, like :class:`PeerSuspected`.
+    """
+
+    silence: float
 
 
 @final

@@ -22,14 +22,21 @@ class ConnectionOptions:
     ``send_queue_bytes`` and ``receive_queue_bytes`` bound their bytes: a
     queue is full at either bound (a message bigger than the byte bound still
     goes into an empty queue, so that any message the peer accepts can be
-    sent). ``budget`` is a :class:`BufferBudget` shared with other
+    sent). While the receive queue is full the reader goes on reading, and
+    holds what arrives in a reserve of ``receive_queue_bytes`` more (each
+    message counted with 64 bytes of overhead), so that the peer's heartbeats
+    are still heard; past the reserve it stops reading (TCP pushes back) and the
+    peer is held to the configured timeout alone, a verdict that then says we
+    were stalled. ``budget`` is a :class:`BufferBudget` shared with other
     connections, which bounds their queues' bytes together (a server makes
     one for its connections).
     ``write_timeout`` bounds each ``send_all`` as a whole (the writer's can
     carry a batch of up to 256 KiB): a write not done after that long convicts
     the peer as one that stopped reading (``None``: the config's ``timeout``).
     Allow for the slowest reader you mean to keep.
-    ``detector`` picks the failure detector (default: a fixed timeout).
+    ``detector`` makes the failure detector of each connection (default:
+    :class:`AdaptiveDetector`, which learns the peer's rhythm, loss and
+    jitter; :class:`FixedTimeout` for the plain timeout).
     """
 
     send_queue: int = 64

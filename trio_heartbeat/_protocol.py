@@ -31,7 +31,7 @@ import os
 from collections.abc import Sequence
 from enum import Enum
 from math import inf
-from typing import Literal, final
+from typing import Final, Literal, final
 
 from ._config import Config
 from ._detectors import FailureDetector
@@ -74,11 +74,13 @@ from ._state import TERMINAL, State, Trigger, transition
 
 __all__ = ["HeartbeatProtocol"]
 
+#: The reason of a verdict on a silent peer: its silence, or our own stall.
+_VERDICT: Final = ("heartbeat timeout: peer silent", "heartbeat timeout: we were stalled")
+
 
 class _Say(Enum):
-    """What an ending sends the peer, unless our CLOSE is already out: nothing (the
-    transport is gone), CLOSE behind the DATA already encoded (which is committed
-    to the stream), or CLOSE at once (queued DATA is dropped)."""
+    """What an ending sends the peer, unless our CLOSE is out: nothing (the transport
+    is gone), CLOSE behind the DATA already encoded, or CLOSE at once (DATA dropped)."""
 
     NOTHING = "nothing"
     CLOSE_AFTER_DATA = "close after data"
@@ -208,6 +210,11 @@ class HeartbeatProtocol:
         return self._silence.detector
 
     @property
+    def silence(self) -> SilenceRule:
+        """The silence rule: when the peer is suspected, and convicted (``_silence``)."""
+        return self._silence
+
+    @property
     def last_received(self) -> float | None:
         """When the last frame arrived (``None`` before the first)."""
         return self._silence.last_heard
@@ -246,7 +253,7 @@ class HeartbeatProtocol:
 
     @property
     def liveness_deadline(self) -> float:
-        """When the silent peer is declared dead (``inf`` while paused or not OPEN); see ``_silence``."""
+        """When the silent peer is declared dead (``inf`` unless OPEN); see ``_silence``."""
         if self._state is not State.OPEN:
             return inf
         return self._silence.deadline
@@ -470,11 +477,8 @@ class HeartbeatProtocol:
         self.last_sent = now
 
     def send_ping(self, now: float) -> bytes:
-        """Queue a PING at once and return its opaque bytes.
-
-        The caller is responsible for the rate rule; :attr:`earliest_ping`
-        says when a PING will not count against us.
-        """
+        """Queue a PING at once and return its opaque bytes. The caller keeps to the rate
+        rule: :attr:`earliest_ping` says when a PING will not count against us."""
         if self._state is not State.OPEN:
             raise LocalProtocolError(
                 f"cannot send PING in state {self._state.name}", CloseCode.PROTOCOL_ERROR
@@ -485,12 +489,8 @@ class HeartbeatProtocol:
         return opaque
 
     def set_health(self, status: HealthStatus, now: float) -> None:
-        """Change the health status we report; the peer hears of it within one PING.
-
-        While OPEN, a change makes :attr:`ping_deadline` the earliest moment
-        the rate rule allows, so the caller's next :meth:`handle_timeout`
-        sends it.
-        """
+        """Change the health status we report; while OPEN, :attr:`ping_deadline` moves to the
+        earliest moment the rate rule allows, so the peer hears of it within one PING."""
         status = HealthStatus(status)
         if status is self.health:
             return
@@ -527,33 +527,32 @@ class HeartbeatProtocol:
 
     # -- time -----------------------------------------------------------------
 
-    def handle_timeout(self, now: float) -> None:
+    def handle_timeout(self, now: float, *, stalled: bool = False) -> None:
         """Act on every deadline that has passed by ``now``.
 
         Queues the PING the send rule asks for, or gives up on the connection
         (handshake timeout, silent peer: 1011; close timeout: CLOSED), in which
-        case the next :meth:`next_event` returns :class:`ConnectionEnded`.
-        """
+        case the next :meth:`next_event` returns :class:`ConnectionEnded`. A
+        verdict on a silent peer says "peer silent", or "we were stalled" with
+        ``stalled`` (our own loop was away)."""
         state = self._state
         if state in TERMINAL:
             return
         if now >= self.abort_deadline:
             if state is State.CLOSING:
                 trigger, reason = Trigger.CLOSE_TIMEOUT, "close timeout"
+            elif state is State.HANDSHAKE:
+                trigger, reason = Trigger.TIMEOUT, "handshake timeout"
             else:
-                trigger = Trigger.TIMEOUT
-                reason = "handshake timeout" if state is State.HANDSHAKE else "heartbeat timeout"
+                trigger, reason = Trigger.TIMEOUT, _VERDICT[stalled]
             self._end(trigger, CloseCode.HEARTBEAT_TIMEOUT, reason, now=now, say=_Say.CLOSE_NOW)
             return
         if now >= self.ping_deadline:
             self.send_ping(now)
 
     def pause_liveness(self, now: float) -> None:
-        """The reader stopped reading (our application is slow): suspend conviction.
-
-        A peer cannot be heard while we are not reading, so its silence proves
-        nothing. :attr:`liveness_deadline` is ``inf`` until :meth:`resume_liveness`.
-        """
+        """We cannot read (our application is slow, our loop was away): until
+        :meth:`resume_liveness`, no early verdict, only the timeout (THB/1 §4.2)."""
         self._silence.pause(now)
 
     def resume_liveness(self, now: float) -> None:

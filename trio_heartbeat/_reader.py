@@ -20,10 +20,26 @@ all unwind at once. Trio wakes a task for its input before it expires
 deadlines, so a frame that arrived before a stall of our own event loop is
 read before the verdict: the peer is not convicted for our lateness.
 
-When the inbound queue is full the reader stops reading (backpressure reaches
-the peer through TCP) and tells the core, which suspends conviction
-meanwhile: a slow *application* must not make a healthy *peer* look dead. Its
-PINGs and PONGs still go out.
+Our own stalls are not the peer's silence. Each time the timer fires, how
+late it fired is reported to the run's :class:`~trio_heartbeat.LocalHealth`
+(``_local_health``). A timer that fires a stall late (our process was stopped,
+our loop blocked) restarts the silence clock instead of convicting: the
+peer's frames that waited in the socket are read first, and a peer that
+really died is convicted one verdict later. Once per silence: if the next
+verdict is late again with nothing heard, the conviction says "we were
+stalled". A peer one and a half send intervals overdue is SUSPECT
+(:class:`~trio_heartbeat.PeerSuspected`, reported to the listeners) until its
+next frame (:class:`~trio_heartbeat.PeerRecovered`).
+
+A slow *application* must not make a healthy *peer* look dead, nor blind us
+to a dead one. When the inbound queue is full the reader goes on reading,
+holding the DATA that arrives in a reserve of as many bytes again
+(``receive_queue_bytes``, each message counted with :data:`HELD_OVERHEAD`
+bytes more), so the peer's PINGs and PONGs are still heard and answered. Only
+when the reserve is full too does it stop reading (backpressure reaches the
+peer through TCP) and tell the core, which then holds the peer to its
+configured timeout alone: past it, nothing heard, the conviction says "we were
+stalled". The timeout bounds detection whatever the application does.
 
 On a plain socket it waits with :func:`trio.lowlevel.wait_readable` and reads
 with :func:`~trio_heartbeat._transport.read_nowait`; on other streams it uses
@@ -42,8 +58,16 @@ import trio
 from trio.lowlevel import ParkingLot, checkpoint_if_cancelled, wait_readable
 
 from ._errors import RemoteProtocolError
-from ._events import NEED_DATA, ConnectionEnded, DataReceived
+from ._events import (
+    NEED_DATA,
+    ConnectionEnded,
+    DataReceived,
+    Liveness,
+    PeerRecovered,
+    PeerSuspected,
+)
 from ._groups import forget_frames
+from ._local_health import LocalHealth, local_health
 from ._state import State
 from ._transport import RECEIVE_SIZE, read_nowait, socket_fd
 
@@ -56,6 +80,10 @@ logger = logging.getLogger("trio_heartbeat")
 
 _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
+#: Bytes each message in the reserve counts for beyond its payload (its object and slot),
+#: so that a flood of tiny messages is bounded as surely as one of big ones.
+HELD_OVERHEAD = 64
+
 
 @final
 class Reader:
@@ -64,10 +92,16 @@ class Reader:
     __slots__ = (
         "_bytes",
         "_counted",
+        "_excused",
+        "_fired_at",
+        "_health",
+        "_held",
+        "_held_bytes",
         "_inbox",
         "_receivers",
         "_room",
         "_stopped",
+        "_suspect",
         "_timer",
         "_timer_at",
         "_undelivered",
@@ -81,6 +115,10 @@ class Reader:
         self._counted = 0  # held outside it: see _count_pending
         self._receivers: ParkingLot | None = None
         self._room: ParkingLot | None = None
+        # DATA that came while the queue was full (the reserve), and its bytes
+        # with HELD_OVERHEAD each.
+        self._held: deque[bytes] | None = None
+        self._held_bytes = 0
         # The caller's block is over: DATA that finds the queue full is dropped.
         self._stopped = False
         # DATA the reader holds while the application's queue is full.
@@ -89,11 +127,23 @@ class Reader:
         # (kept here to spare Trio's property on the per-frame path).
         self._timer = trio.CancelScope()
         self._timer_at = inf
+        # Our loop's punctuality (the run's, set when the task starts); when
+        # the timer last fired; the last frame's time when we last excused a
+        # stall of ours, and when the peer became SUSPECT (None: it is not).
+        self._health: LocalHealth | None = None
+        self._fired_at = -inf
+        self._excused: float | None = None
+        self._suspect: float | None = None
 
     @property
     def queued(self) -> int:
-        """DATA messages waiting for the application."""
-        return len(self._inbox or ())
+        """DATA messages waiting for the application (the reserve included)."""
+        return len(self._inbox or ()) + len(self._held or ())
+
+    @property
+    def liveness(self) -> Liveness:
+        """SUSPECT while the peer is overdue, else ALIVE."""
+        return Liveness.ALIVE if self._suspect is None else Liveness.SUSPECT
 
     # -- the application's side ------------------------------------------------------
 
@@ -113,6 +163,8 @@ class Reader:
         data = inbox.popleft()
         self._bytes -= len(data)
         conn._free(len(data))
+        if self._held:
+            self._refill(conn, inbox)
         if self._room:
             self._room.unpark()  # the reader was waiting for this room
         return data
@@ -140,9 +192,9 @@ class Reader:
 
     def drop(self) -> None:
         """Let go of the received DATA nobody took (the connection was cut off)."""
-        self._inbox = None
+        self._inbox = self._held = None
         self._undelivered = None
-        self._bytes = 0
+        self._bytes = self._held_bytes = 0
 
     def ended(self) -> None:
         """The connection has ended: receivers, and the reader waiting for room, find out now."""
@@ -159,10 +211,13 @@ class Reader:
         if writer.writing:
             # No PING can go out before the write is over.
             return min(core.abort_deadline, writer.write_deadline)
+        deadline = core.next_deadline
+        if self._suspect is None and core.state is State.OPEN:
+            deadline = min(deadline, core.silence.suspect_deadline)
         flush = writer.flush_deadline
         if flush == inf:
-            return core.next_deadline  # the per-frame case: no flush to bound
-        return min(core.next_deadline, flush)
+            return deadline  # the per-frame case: no flush to bound
+        return min(deadline, flush)
 
     def rearm(self, conn: Connection) -> None:
         """Move the timer to ``conn``'s current deadlines (after frames, writes, settings)."""
@@ -184,6 +239,7 @@ class Reader:
         writer = conn._writer
         stream = conn.stream
         direct = socket_fd(stream) >= 0
+        self._health = local_health()
         try:
             while True:
                 self._timer_at = self._deadline(conn)
@@ -212,6 +268,8 @@ class Reader:
                             continue  # deliver, or answer, before reading more
                         if self._counted or core.receiving:
                             self._count_pending(conn)
+                        if self._suspect is not None and core.last_received != self._suspect:
+                            self._recovered(conn)
                         self.rearm(conn)
                         conn._note_open()
                         try:
@@ -252,7 +310,8 @@ class Reader:
             del self, conn, core, writer, stream  # see forget_frames
 
     def _deliver(self, conn: Connection, data: bytes) -> bool:
-        """Queue received DATA for the application; false if the queue is full.
+        """Queue received DATA for the application, or hold it in the reserve while the
+        queue is full; false if the reserve is full too.
 
         Full at either bound, messages or bytes; an empty queue takes any message.
         """
@@ -262,10 +321,11 @@ class Reader:
         elif inbox:
             options = conn._options
             if (
-                len(inbox) >= options.receive_queue
+                self._held
+                or len(inbox) >= options.receive_queue
                 or self._bytes + len(data) > options.receive_queue_bytes
             ):
-                return False
+                return self._hold(conn, data)
         inbox.append(data)
         self._bytes += len(data)
         conn._hold(len(data))
@@ -273,13 +333,46 @@ class Reader:
             self._receivers.unpark()
         return True
 
+    def _hold(self, conn: Connection, data: bytes) -> bool:
+        """Keep DATA in the reserve while the queue is full; false if the reserve is full too
+        (or nobody will read it: the caller's block is over)."""
+        size = len(data) + HELD_OVERHEAD
+        if self._stopped or self._held_bytes + size > conn._options.receive_queue_bytes:
+            return False
+        held = self._held
+        if held is None:
+            held = self._held = deque()
+        held.append(data)
+        self._held_bytes += size
+        conn._hold(len(data))
+        return True
+
+    def _refill(self, conn: Connection, inbox: deque[bytes]) -> None:
+        # The application took a message: the reserve moves up into the queue,
+        # oldest first, as far as the queue's bounds allow. (Counted against a
+        # budget when it arrived: moving it changes nothing there.)
+        held = self._held
+        assert held is not None
+        options = conn._options
+        while held and (
+            not inbox
+            or (
+                len(inbox) < options.receive_queue
+                and self._bytes + len(held[0]) <= options.receive_queue_bytes
+            )
+        ):
+            data = held.popleft()
+            self._held_bytes -= len(data) + HELD_OVERHEAD
+            inbox.append(data)
+            self._bytes += len(data)
+
     async def _deliver_slowly(self, conn: Connection) -> bool:
         """Wait for room for ``_undelivered``; true if the connection ended meanwhile.
 
-        The application is not keeping up. Stop reading (TCP pushes back on
-        the peer) and do not hold the resulting silence against the peer,
-        until the DATA is delivered: the timer (our PINGs must keep flowing)
-        does not count as reading again.
+        The application is not keeping up, and the reserve is full. Stop
+        reading (TCP pushes back on the peer) and tell the core, which holds
+        the peer to its timeout alone until the DATA is delivered: the timer
+        (our PINGs must keep flowing) does not count as reading again.
         """
         core = conn._core
         core.pause_liveness(trio.current_time())  # kept from the first wait to delivery
@@ -331,25 +424,47 @@ class Reader:
         core = conn._core
         writer = conn._writer
         now = trio.current_time()
+        health = self._health
+        assert health is not None
+        # How late we are: from the deadline, or from the last firing if the
+        # timer was set to a moment already past.
+        stalled = health.timer_fired(max(self._timer_at, self._fired_at), now)
+        self._fired_at = now
+        core.silence.stretch = health.multiplier(now)
         if writer.cut and not writer.writing:
             # A write was cut short by the timer: the stream is unusable,
             # whatever arrives now.
             if now >= core.abort_deadline:
-                self._convict(conn, now)
+                self._convict(conn, now, stalled)
             else:
                 conn._write_timed_out()
             return True
         if writer.writing and now >= writer.write_deadline:
             conn._write_timed_out()  # the writer's (or a ping()'s) write is stuck
             return True
+        if (
+            stalled
+            and core.state is State.OPEN
+            and self._undelivered is None  # reading (else only the timeout applies)
+            and core.last_received != self._excused
+        ):
+            # Our loop was away (once per silence): the silence restarts from now.
+            core.pause_liveness(self._timer_at)
+            core.resume_liveness(now)
+            self._excused = core.last_received
         if now >= core.abort_deadline:
             if self._heard_meanwhile(conn, now):
                 return False  # frames were waiting: take them in first, then judge again
-            self._convict(conn, now)
+            # Not reading (the reserve is full), we cannot hear the peer: ours is the fault.
+            self._convict(conn, now, stalled or self._undelivered is not None)
             # A failure has cancelled everything, and the last words carry the
             # CLOSE; a close timeout has ended the connection in order, and the
             # writer closes the stream.
             return True
+        if self._suspect is None and core.state is State.OPEN:
+            silence = core.silence
+            if now >= silence.suspect_deadline and not self._heard_meanwhile(conn, now):
+                self._suspected(conn, now)
         writer.end_long_flush(conn, now)
         if core.ping_deadline <= now and not writer.writing and core.state is State.OPEN:
             core.send_ping(now)
@@ -381,10 +496,26 @@ class Reader:
         conn._core.receive_data(data, now)
         return True
 
-    def _convict(self, conn: Connection, now: float) -> None:
+    def _suspected(self, conn: Connection, now: float) -> None:
+        """The peer is overdue: SUSPECT until its next frame (the listeners hear of both)."""
+        core = conn._core
+        last = core.last_received
+        assert last is not None
+        self._suspect = last
+        conn._dispatch(PeerSuspected(now - last, core.silence.suspicion(now)))
+
+    def _recovered(self, conn: Connection) -> None:
+        suspect = self._suspect
+        last = conn._core.last_received
+        assert suspect is not None
+        assert last is not None
+        self._suspect = None
+        conn._dispatch(PeerRecovered(last - suspect))
+
+    def _convict(self, conn: Connection, now: float, stalled: bool) -> None:
         """Let the core act on its abort deadline, and report how the connection ended."""
         core = conn._core
-        core.handle_timeout(now)
+        core.handle_timeout(now, stalled=stalled)
         while (event := core.next_event()) is not NEED_DATA:
             if type(event) is ConnectionEnded:
                 conn._dispatch(event)

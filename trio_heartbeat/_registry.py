@@ -9,17 +9,22 @@ moves with every frame and is read, not pushed.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import final
+from typing import Final, final
 
 import trio
 
 from ._connection import Connection
+from ._events import Liveness
 from ._frames import HealthStatus, Role
 from ._state import State
 
-__all__ = ["LivenessRegistry", "PeerInfo"]
+__all__ = ["Departure", "LivenessRegistry", "PeerInfo"]
+
+#: How many endings :attr:`LivenessRegistry.departures` remembers.
+DEPARTURES_KEPT: Final = 256
 
 
 @final
@@ -28,7 +33,8 @@ class PeerInfo:
     """One open peer, as the server sees it at the moment of the snapshot.
 
     Times are ``trio.current_time()`` values; ``rtt`` is the smoothed round
-    trip in seconds (``None`` until the first PONG).
+    trip in seconds (``None`` until the first PONG). ``liveness`` is SUSPECT
+    while a heartbeat is overdue and ``suspicion`` the silence rule's level.
     """
 
     peer_id: str
@@ -38,6 +44,8 @@ class PeerInfo:
     rtt: float | None
     health: HealthStatus | None
     state: State
+    liveness: Liveness
+    suspicion: float
     frames_in: int
     frames_out: int
     bytes_in: int
@@ -55,11 +63,30 @@ def _snapshot(conn: Connection) -> PeerInfo:
         rtt=stats.srtt,
         health=stats.peer_health,
         state=stats.state,
+        liveness=conn.liveness,
+        suspicion=conn.suspicion,
         frames_in=stats.frames_in,
         frames_out=stats.frames_out,
         bytes_in=stats.bytes_in,
         bytes_out=stats.bytes_out,
     )
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class Departure:
+    """A peer that left: when, and how its connection ended.
+
+    ``reason`` says it for a verdict on a silent peer: ``heartbeat timeout:
+    peer silent``, or ``heartbeat timeout: we were stalled``.
+    """
+
+    peer_id: str
+    address: str | None
+    left_at: float
+    code: int
+    reason: str
+    by_peer: bool
 
 
 @final
@@ -80,6 +107,8 @@ class LivenessRegistry:
         self._by_id: dict[str, Connection] = {}
         self._changed = trio.Event()
         self.version = 0
+        #: The last endings of listed connections, oldest first (at most 256).
+        self.departures: deque[Departure] = deque(maxlen=DEPARTURES_KEPT)
 
     def __len__(self) -> int:
         return len(self._connections)
@@ -108,7 +137,8 @@ class LivenessRegistry:
         return list(self._connections)
 
     async def wait_changed(self) -> None:
-        """Wait until a peer joins, leaves or reports a different health status."""
+        """Wait until a peer joins, leaves, reports a different health status, or becomes
+        SUSPECT or ALIVE again."""
         await self._changed.wait()
 
     async def wait_until(self, predicate: Callable[[LivenessRegistry], bool]) -> None:
@@ -149,10 +179,23 @@ class LivenessRegistry:
             peer_id = conn.peer_id
             if peer_id and self._by_id.get(peer_id) is conn:
                 del self._by_id[peer_id]
+            ending = conn.closed
+            if ending is not None:
+                self.departures.append(
+                    Departure(
+                        peer_id or "",
+                        conn.remote_address,
+                        trio.current_time(),
+                        ending.code,
+                        ending.reason,
+                        ending.by_peer,
+                    )
+                )
             self._bump()
 
     def health_changed(self, conn: Connection) -> None:
-        """``conn``'s peer reported a different health status: wake the waiters."""
+        """``conn``'s peer reported a different health status, or became SUSPECT or ALIVE
+        again: wake the waiters."""
         if conn in self._connections:
             self._bump()
 

@@ -39,7 +39,14 @@ from ._config import Config
 from ._connection import Connection, EventListener
 from ._endpoints import peer_address
 from ._errors import ConnectionClosed
-from ._events import ConnectionEnded, Event, HandshakeComplete, PeerHealthChanged
+from ._events import (
+    ConnectionEnded,
+    Event,
+    HandshakeComplete,
+    PeerHealthChanged,
+    PeerRecovered,
+    PeerSuspected,
+)
 from ._frames import CloseCode, HealthStatus, Role, encode_close
 from ._groups import forget_frames, reraise_single
 from ._keepalive import KeepaliveOptions, resolve_keepalive, try_apply_keepalive
@@ -378,6 +385,9 @@ class Server:
                 event.previous.name,
                 event.status.name,
             )
+            self.registry.health_changed(conn)
+        elif type(event) is PeerSuspected or type(event) is PeerRecovered:
+            logger.debug("%s: peer %r %s", conn.remote_address, conn.peer_id, event)
             self.registry.health_changed(conn)
         elif type(event) is HandshakeComplete:
             name = event.peer.instance_id

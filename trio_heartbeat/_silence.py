@@ -6,8 +6,17 @@ less than two of the peer's send intervals of silence, so that one lost
 heartbeat is never enough. :class:`SilenceRule` applies it: it hears every
 frame's arrival, passes it on to the :class:`FailureDetector`, and clamps the
 detector's verdict into that window. While our own reader is held up (the
-application is not receiving), nothing the peer sends can be heard, so the
-rule is paused: silence then proves nothing.
+application is not receiving, and the reader's reserve is full), nothing the
+peer sends can be heard, so the rule is paused: no early verdict, and no
+suspicion, but the timeout still bounds detection (THB/1 §4.2); the runtime
+then says the fault was ours.
+
+Before the verdict comes suspicion: a peer silent for one and a half of its
+send intervals (one heartbeat overdue) is SUSPECT, which the next frame
+undoes; :meth:`SilenceRule.suspicion` gives a phi-like level at any moment.
+While our own event loop is slow the runtime sets :attr:`SilenceRule.stretch`
+above 1, which moves a detector's early verdict later (never past the
+timeout): see ``_local_health``.
 
 Time comes in as an argument; nothing here does I/O.
 """
@@ -17,7 +26,7 @@ from __future__ import annotations
 from math import inf
 from typing import Final, final
 
-from ._detectors import FailureDetector, FixedTimeout
+from ._detectors import FailureDetector, FixedTimeout, fixed_suspicion
 
 __all__ = ["SilenceRule"]
 
@@ -29,20 +38,21 @@ FIXED_TIMEOUT: Final = FixedTimeout()
 class SilenceRule:
     """When the peer is convicted if it stays silent, for one connection.
 
-    >>> rule = SilenceRule(FIXED_TIMEOUT, timeout=3.0)
+    >>> from trio_heartbeat import FixedTimeout, SilenceRule
+    >>> rule = SilenceRule(FixedTimeout(), timeout=3.0)
     >>> rule.heard(10.0)
     >>> rule.deadline
     13.0
     >>> rule.pause(11.0)
-    >>> rule.deadline  # our reader is held up: the peer cannot be heard
-    inf
-    >>> rule.resume(15.0)
-    4.0
+    >>> rule.deadline  # our reader is held up: the timeout alone
+    13.0
+    >>> rule.resume(12.0)
+    1.0
     >>> rule.deadline  # the silence counts from the resumption
-    18.0
+    15.0
     """
 
-    __slots__ = ("_floor", "_paused_since", "_timeout", "detector", "last_heard")
+    __slots__ = ("_floor", "_paused_since", "_timeout", "detector", "last_heard", "stretch")
 
     def __init__(self, detector: FailureDetector, timeout: float) -> None:
         self.detector = detector
@@ -52,6 +62,8 @@ class SilenceRule:
         self._paused_since: float | None = None
         #: When the last frame arrived (``None`` before the first).
         self.last_heard: float | None = None
+        #: How much a detector's early verdict is stretched (our loop is slow).
+        self.stretch = 1.0
 
     def agree(self, peer_send_interval: float) -> None:
         """The handshake is done: never convict after less than two of the peer's intervals."""
@@ -64,20 +76,51 @@ class SilenceRule:
 
     @property
     def deadline(self) -> float:
-        """When the peer is to be declared dead if nothing arrives first (``inf`` while paused)."""
+        """When the peer is to be declared dead if nothing arrives first (while paused, at
+        the timeout: no early verdict)."""
         last = self.last_heard
-        if last is None or self._paused_since is not None:
+        if last is None:
             return inf
         detector = self.detector
-        if type(detector) is FixedTimeout:
+        if type(detector) is FixedTimeout or self._paused_since is not None:
             # The clamp below leaves a fixed timeout as it is; this runs for
             # every frame received, so skip the call.
             return last + self._timeout
         suggested = detector.suspect_at(last, self._timeout)
+        if self.stretch != 1.0:
+            suggested = last + (suggested - last) * self.stretch
         return min(last + self._timeout, max(last + self._floor, suggested))
 
+    @property
+    def suspect_deadline(self) -> float:
+        """When the silent peer becomes SUSPECT: one and a half of its send intervals.
+
+        ``inf`` before the handshake is done and while paused. Always before
+        :attr:`deadline`, which is never sooner than two intervals.
+        """
+        last = self.last_heard
+        if last is None or self._paused_since is not None or not self._floor:
+            return inf
+        return last + 0.75 * self._floor
+
+    def suspicion(self, now: float) -> float:
+        """How suspicious the silence is at ``now``: a phi-like level, rising with silence.
+
+        The detector's own level if it has a ``suspicion(now, last_arrival,
+        timeout)`` method, else ``-log10(1 - silence / timeout)`` (no model:
+        0 just after a frame, infinite at the timeout). ``0.0`` before the
+        first frame and while paused.
+        """
+        last = self.last_heard
+        if last is None or self._paused_since is not None:
+            return 0.0
+        level = getattr(self.detector, "suspicion", None)
+        if level is not None:
+            return float(level(now, last, self._timeout))
+        return fixed_suspicion(now - last, self._timeout)
+
     def pause(self, now: float) -> None:
-        """Our reader stopped reading at ``now``: suspend conviction until :meth:`resume`."""
+        """Our reader stopped reading at ``now``: until :meth:`resume`, the timeout alone."""
         if self._paused_since is None:
             self._paused_since = now
 

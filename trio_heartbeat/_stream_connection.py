@@ -18,6 +18,7 @@ from typing import final
 
 import trio
 
+from ._adaptive import AdaptiveDetector
 from ._config import Config
 from ._connection import Connection, EventListener
 from ._frames import Role
@@ -109,7 +110,7 @@ class _StreamConnection:
         self._args = None
         try:
             options = options if options is not None else ConnectionOptions()
-            detector = options.detector() if options.detector is not None else None
+            detector = options.detector() if options.detector is not None else AdaptiveDetector()
             core = HeartbeatProtocol(role, config, now=trio.current_time(), detector=detector)
             # A tuple is not copied again: a server's connections share one.
             conn = Connection(stream, core, options, tuple(listeners or ()), remote_address)
