@@ -352,3 +352,179 @@ def test_idle_plan_and_measurement_arithmetic() -> None:
     assert measurement.late == 1
     assert measurement.delay_percentile_us(50) == 5_000
     assert measurement.delay_percentile_us(99) == 100_001
+
+
+def _children_of(pid: int) -> list[int]:
+    """The processes whose parent is ``pid``, from ``/proc``."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text(encoding="ascii").rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    return children
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_detection_benchmark_freezes_convicts_and_cleans_up(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """2 of 20 peers frozen for each subject: both convicted, every figure printed, no process left.
+
+    The figures are not judged; what is pinned is that the frozen client really
+    stopped and was told apart from the others, that each conviction was timed,
+    and that every child (the frozen one included) is gone when run() returns.
+    """
+    import os
+
+    from benchmarks._report import Check, Settings
+    from benchmarks.bench_detection import SUBJECTS, default_detector_name, run
+
+    before = set(_children_of(os.getpid()))
+    report = run(Settings(scale=0.02))
+    assert set(_children_of(os.getpid())) <= before
+
+    checks = [row for row in report if isinstance(row, Check)]
+    assert checks == report
+    default = f"trio-heartbeat, default detector ({default_detector_name()})"
+    assert [check.target for check in checks] == [
+        f"{label}: {target}"
+        for label in ("trio-heartbeat, FixedTimeout", default)
+        for target in (
+            "every frozen peer convicted, p99 freeze -> conviction <= timeout + 50 ms (3.05 s)",
+            "no healthy peer convicted",
+        )
+    ]
+    assert checks[0].figure.startswith("2 of 2 convicted, p99 ")
+    assert checks[2].figure.startswith("2 of 2 convicted, p99 ")
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == (
+        "detection: freeze -> conviction, 20 idle connections, 2 frozen by SIGSTOP, "
+        "interval 1 s, timeout 3 s"
+    )
+    cells = [re.split(r"\s{2,}", line.strip()) for line in out[1 : 2 + len(SUBJECTS)]]
+    header, rows = cells[0], [dict(zip(cells[0], row, strict=True)) for row in cells[1:]]
+    assert header[:2] == ["subject", "convicted"]
+    assert [row["subject"] for row in rows] == [
+        "raw Trio + silence deadline (baseline)",
+        "trio-heartbeat, FixedTimeout",
+        default,
+    ]
+    for row in rows:
+        assert row["convicted"] == "2 of 2"
+        # Every conviction was timed: after the freeze, after its own deadline
+        # (a conviction on time is late by a hair, never early), within the watch.
+        assert 0 < float(row["p50 s"]) <= float(row["max s"]) < 4
+        assert 0 < float(row["silence p50 s"]) <= float(row["silence max s"]) < 4
+        assert 0 <= float(row["late p50 ms"]) <= float(row["late max ms"]) < 1000
+    assert out[-len(checks) :] == [check.line for check in checks]
+
+
+def test_detection_plan_and_percentiles() -> None:
+    """The plan at scale 1 and at the smoke test's scale; a missed conviction counts as never."""
+    import math
+    from collections import Counter
+
+    from benchmarks._report import Settings
+    from benchmarks.bench_detection import Measurement, Plan, percentile
+
+    plan = Plan.from_settings(Settings())
+    assert (plan.frozen, plan.healthy, plan.ramp, plan.watch) == (100, 900, 2.0, 4.0)
+    assert (plan.settle_for("fixed"), plan.settle_for("default")) == (5.0, 15.0)
+    assert plan.healthy_shares == [100] * 9
+    tiny = Plan.from_settings(Settings(scale=0.02))
+    assert (tiny.connections, tiny.frozen, tiny.healthy_shares) == (20, 2, [18])
+    assert (tiny.settle_for("watched"), tiny.settle_for("default")) == (1.0, 1.0)
+    assert Plan(1, 201, 0.0, 1.0, 1.0).healthy_shares == [67, 67, 67]
+
+    assert percentile([0.5, 0.1, 0.4, 0.2, 0.3], 99) == 0.5
+    assert math.isnan(percentile([], 50))
+    measurement = Measurement(
+        subject="fixed",
+        frozen=4,
+        healthy=10,
+        timeout=3.0,
+        detection=(2.5, 2.25, 2.75),
+        silence=(3.0, 3.0, 3.0),
+        lateness=(0.001, 0.002, 0.003),
+        frozen_endings=Counter({"1011 heartbeat timeout: peer silent": 3, "not convicted": 1}),
+        healthy_convicted=1,
+        healthy_endings=Counter({"1011 heartbeat timeout: peer silent": 1, "1006 reset": 2}),
+    )
+    assert (measurement.convicted, measurement.missed, measurement.healthy_lost) == (3, 1, 3)
+    assert measurement.detection_percentile(50) == 2.5
+    assert measurement.detection_percentile(75) == 2.75
+    assert measurement.detection_percentile(99) == math.inf
+
+
+# -- the failure detector benchmark -------------------------------------------------
+
+
+def test_detectors_benchmark_reports_every_scenario_and_detector(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """At 500 heartbeats a scenario: every row, every target, and the printed table."""
+    from benchmarks._report import Check, Result, Settings
+    from benchmarks.bench_detectors import DETECTORS, MEDIAN_TARGETS, SCENARIOS, run
+
+    report = run(Settings(scale=0.0005, repeats=2))
+    results = [row for row in report if isinstance(row, Result)]
+    checks = [row for row in report if isinstance(row, Check)]
+    assert report == [*results, *checks]
+    names = [name for name, _, _ in DETECTORS]
+    assert [(r.case, r.subject) for r in results] == [
+        (f"{scenario.name}: replay cost", name) for scenario in SCENARIOS for name in names
+    ]
+    for index, result in enumerate(results):
+        baseline = results[index - index % len(names)]
+        assert result.benchmark == "detectors"
+        assert result.unit == "heartbeats"
+        assert 0 < result.operations <= 500
+        assert result.baseline is (None if result is baseline else baseline)
+        assert result.target is None
+    assert [check.target for check in checks] == [
+        *(f"{scenario.name}: no false conviction" for scenario in SCENARIOS),
+        *(f"{name}: median detection <= {bound:g} s" for name, bound in MEDIAN_TARGETS.items()),
+    ]
+    assert all("Akka's preset" in check.figure for check in checks[len(SCENARIOS) :])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == (
+        "detectors: false convictions and detection silence, 500 heartbeats per scenario, "
+        "one a second"
+    )
+    rows = [line.split("  ")[2].strip() for line in out if line.startswith("    ") and "." in line]
+    assert rows == names * len(SCENARIOS)
+    assert [line for line in out if line.startswith("  target: ")] == [c.line for c in checks]
+
+
+def test_detectors_benchmark_traces_and_replay() -> None:
+    """The traces are seeded and shaped as documented; the replay counts a late arrival."""
+    from itertools import pairwise
+
+    from benchmarks.bench_detectors import SCENARIOS, Scenario, percentile, replay, trace
+    from trio_heartbeat._detectors import FixedTimeout
+
+    lan, jitter, heavy, stalls = (trace(scenario, 2000) for scenario in SCENARIOS)
+    assert list(lan) == list(trace(SCENARIOS[0], 2000))  # the same every run
+    assert len(lan) == 2000  # nothing lost
+    assert all(0.0001 <= t - i <= 0.0009 for i, t in enumerate(lan))
+    assert all(0.05 <= t % 1.0 <= 0.15 for t in jitter)
+    assert 1985 <= len(jitter) < 2000  # one in a thousand lost
+    assert len(heavy) < 1990  # one in a hundred lost
+    assert list(heavy) == sorted(heavy)  # in order, as on a stream
+    assert len(stalls) < 1990
+    # A stall after every heartbeat: those due during a stall go out at its end, as one.
+    stalled = trace(Scenario("always stalled", 7, lambda rng: 0.0, stall=1.0), 50)
+    gaps = [later - earlier for earlier, later in pairwise(stalled)]
+    assert len(stalled) < 50
+    assert max(gaps) > 1.5
+    assert max(gaps) <= 3.0  # a stall of at most 2 s, from within the next second
+    assert percentile(sorted([5.0, 1.0, 4.0, 2.0, 3.0]), 50) == 3.0
+    assert percentile([1.0, 2.0], 99) == 2.0
+    outcome = replay([0.0, 1.0, 2.0, 5.5, 6.0], FixedTimeout(), 3.0)
+    assert outcome.false_convictions == 1  # 3.5 s after 2.0
+    assert (outcome.median, outcome.p99, outcome.heartbeats) == (3.0, 3.0, 5)
+    assert outcome.us_per_heartbeat > 0
