@@ -17,6 +17,7 @@ over a set number of scheduling rounds late, as a busy event loop would.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
@@ -117,6 +118,11 @@ def late_stream_and_peer(
 
 
 # -- conviction ------------------------------------------------------------------------
+
+
+#: A queue of one message and a reserve too small for any (each message in the reserve counts
+#: HELD_OVERHEAD bytes more than its payload): the reader holds the next message itself.
+NO_RESERVE = ConnectionOptions(receive_queue=1, receive_queue_bytes=HELD_OVERHEAD)
 
 
 async def test_silent_peer_is_convicted_exactly_at_the_timeout(autojump_clock: MockClock) -> None:
@@ -668,7 +674,7 @@ async def test_past_the_reserve_the_timeout_still_bounds_detection_and_the_fault
                 stream,
                 body,
                 config=CONFIG,
-                options=ConnectionOptions(receive_queue=1, receive_queue_bytes=64),
+                options=NO_RESERVE,
             )
         assert trio.current_time() == 3.0
         nursery.cancel_scope.cancel()
@@ -714,7 +720,7 @@ async def test_conviction_returns_once_the_application_catches_up(
                 stream,
                 body,
                 config=CONFIG,
-                options=ConnectionOptions(receive_queue=1, receive_queue_bytes=64),
+                options=NO_RESERVE,
             )
         assert trio.current_time() == 5.0
     assert deadlines == [(2.0, 3.0), (2.0, 5.0)]
@@ -1056,7 +1062,7 @@ async def test_a_reader_waiting_for_room_stops_when_the_connection_fails(
                 stream,
                 body,
                 config=CONFIG,
-                options=ConnectionOptions(receive_queue=1, receive_queue_bytes=64),
+                options=NO_RESERVE,
             )
         assert trio.current_time() == 0.75
         nursery.cancel_scope.cancel()
@@ -1124,8 +1130,7 @@ async def test_what_the_reader_holds_counts_against_the_budget_to_the_byte(
             stream,
             body,
             config=CONFIG,
-            # No usable reserve (each message counts 64 bytes more than its payload).
-            options=ConnectionOptions(receive_queue=1, receive_queue_bytes=64, budget=budget),
+            options=dataclasses.replace(NO_RESERVE, budget=budget),
         )
     assert budget.used == 0
 
@@ -1202,7 +1207,7 @@ async def test_a_connection_cut_off_while_its_reader_holds_data_lets_go_of_all_o
                 body,
                 config=CONFIG,
                 # No usable reserve: the reader holds "b" itself.
-                options=ConnectionOptions(receive_queue=1, receive_queue_bytes=64, budget=budget),
+                options=dataclasses.replace(NO_RESERVE, budget=budget),
             )
         assert trio.current_time() == 0.5
     assert (raised.value.code, raised.value.reason) == (
