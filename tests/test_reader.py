@@ -17,6 +17,7 @@ over a set number of scheduling rounds late, as a busy event loop would.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -1470,3 +1471,40 @@ async def test_a_peer_whose_frame_waits_in_the_socket_is_not_suspected(
         nursery.cancel_scope.cancel()
     await theirs.aclose()
     assert not [event for event in heard if isinstance(event, PeerSuspected)]
+
+
+async def test_past_the_reserve_the_verdict_does_not_read_on_into_a_flood(
+    autojump_clock: MockClock,
+) -> None:
+    """Past the reserve the reader is not reading, and the verdict must not read for it: a
+    peer that floods DATA (and PINGs) on a plain socket while our application takes nothing
+    is convicted at the timeout, saying that we were stalled, with no more than the kernel's
+    buffers taken from it. (Reading what waits before the verdict would pull the flood in
+    without bound, and hear the peer again and again.)"""
+    a, b = socket.socketpair()
+    ours = trio.SocketStream(trio.socket.from_stdlib_socket(a))
+    theirs = trio.SocketStream(trio.socket.from_stdlib_socket(b))
+    peer = ScriptedPeer(theirs)
+    flood = encode_data(b"x" * 1000) * 100 + encode_ping(bytes(8), HealthStatus.SERVING)
+    conns: list[Connection] = []
+
+    async def script() -> None:
+        await peer.handshake()
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            for _ in range(100):  # 10 MB in all, if it were all read
+                await theirs.send_all(flood)
+
+    async def body(conn: Connection) -> None:
+        conns.append(conn)
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(script)
+        with pytest.raises(HeartbeatTimeout) as raised:
+            await run_body(ours, body, config=CONFIG, options=NO_RESERVE)
+        assert trio.current_time() == 3.0
+        nursery.cancel_scope.cancel()
+    await theirs.aclose()
+    assert raised.value.conviction is Conviction.LOCAL_STALL
+    [conn] = conns
+    assert conn.statistics().bytes_in < 2_000_000

@@ -453,8 +453,10 @@ class Reader:
             core.resume_liveness(now)
             self._excused = core.last_received
         if now >= core.abort_deadline:
-            if self._heard_meanwhile(conn, now):
-                return False  # frames were waiting: take them in first, then judge again
+            # Frames waiting: take them in first, then judge again. (Not past the
+            # reserve: we are not reading, and would pull in a flood without bound.)
+            if self._undelivered is None and self._heard_meanwhile(conn, now):
+                return False
             # Not reading (the reserve is full), we cannot hear the peer: ours is the fault.
             self._convict(conn, now, stalled or self._undelivered is not None)
             # A failure has cancelled everything, and the last words carry the
