@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import trio
 from helpers import CONFIG, ScriptedPeer, run_body, stream_and_peer
-from hypothesis import assume, given
+from hypothesis import assume, example, given
 from hypothesis import strategies as st
 from trio.testing import MockClock
 
@@ -237,6 +237,17 @@ def test_frames_between_heartbeats_teach_nothing() -> None:
     assert detector.loss_rate == PRIOR_LOSSES / (17 + PRIOR_PERIODS)
 
 
+def test_half_the_learned_period_is_the_bound_for_other_frames_from_the_warm_up_on() -> None:
+    """With a 2 s period, a frame 0.75 s after a heartbeat is another frame, even right after
+    the warm-up: the bound is half the period, not a fixed half second."""
+    detector = AdaptiveDetector()
+    feed(detector, regular(16, step=2.0))
+    assert detector.interval == 2.0
+    before = snapshot(detector, 32.0)
+    feed(detector, [32.75])
+    assert snapshot(detector, 32.75) == before
+
+
 def test_frames_read_together_count_as_one_arrival() -> None:
     """Zero intervals are not learned: the period and the counts are those of the heartbeats."""
     detector = AdaptiveDetector()
@@ -431,6 +442,37 @@ def test_suspicion_along_a_silence() -> None:
     assert levels == sorted(levels)
 
 
+def test_suspicion_follows_the_learned_period_and_the_mean_lateness() -> None:
+    """A 2 s period, and heartbeats 0.21875 s late on average: the odds are even at 2.21875 s of
+    silence, and between the first two heartbeats due only a loss explains it."""
+    # Nine intervals of 2 s and seven of 2.5 s: the median is 2 s, the residuals 0 and 0.5.
+    detector = AdaptiveDetector()
+    arrivals = list(accumulate([2.0] * 9 + [2.5] * 7, initial=0.0))
+    feed(detector, arrivals, timeout=10.0)
+    last = arrivals[-1]
+    assert detector.interval == 2.0
+    mean = 7 * 0.5 / 16
+    assert detector.jitter == math.sqrt(7 * 0.5**2 / 16 - mean**2)
+    loss = detector.loss_rate
+    assert loss == PRIOR_LOSSES / (16 + PRIOR_PERIODS)
+    assert detector.suspicion(last + 0.99, last, 10.0) == 0.0  # under half a period
+    assert detector.suspicion(last + 2.0 + mean, last, 10.0) == -math.log10(loss + 0.5)
+    assert detector.suspicion(last + 3.0, last, 10.0) == pytest.approx(-math.log10(loss))
+
+
+def test_suspicion_starts_at_exactly_half_a_period() -> None:
+    """0 just before half a period, the model's level from half a period on: with a deviation of
+    a whole period, a heartbeat half a period early is no rarity (31% of them are earlier)."""
+    detector = AdaptiveDetector(min_deviation=1.0)
+    feed(detector, regular(16))
+    assert (detector.interval, detector.jitter) == (1.0, 1.0)
+    loss = detector.loss_rate
+    assert detector.suspicion(16.5 - 2**-20, 16.0, 3.0) == 0.0
+    early = NormalDist().cdf(-0.5)
+    assert detector.suspicion(16.5, 16.0, 3.0) == pytest.approx(-math.log10(loss + 1.0 - early))
+    assert detector.suspicion(16.5, 16.0, 3.0) > 0.15
+
+
 # -- parameters and shape --------------------------------------------------------------
 
 
@@ -528,6 +570,9 @@ stall_gaps = st.floats(min_value=0.5, max_value=1e3)
     after=st.lists(gaps, max_size=10),
     timeout=st.floats(min_value=3.0, max_value=2e3),
 )
+# Found by hypothesis: a held late interval, learned as the next frame came alone, moved
+# the verdict on before that frame's own interval was judged against it.
+@example(trace=[0.0] * 16 + [0.25, 0.5, 0.75, 1.0, 3.0], stall=1.0, batch=2, after=[], timeout=3.0)
 def test_learning_ignores_a_batch_read_after_our_own_stall(
     trace: list[float], stall: float, batch: int, after: list[float], timeout: float
 ) -> None:

@@ -247,13 +247,14 @@ class AdaptiveDetector:
             self._held = None
             return
         self._last = arrival
+        # The verdict in force while this interval went by (before a held one is learned).
+        offset = self._verdict()
         held = self._held
         if held is not None:
             self._held = None  # the late frame came alone: the peer really was late
             self._learn(held)
         if interval < self._short or interval > self._longest:
             return  # another frame between heartbeats, or we were not watching
-        offset = self._verdict()
         if offset is not None and interval > offset:
             self._held = interval  # late: learned only if no batch follows
         else:
