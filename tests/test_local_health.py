@@ -21,7 +21,17 @@ from helpers import (
 )
 from trio.testing import MockClock
 
-from trio_heartbeat import Connection, Conviction, HeartbeatTimeout, LocalHealth, local_health
+from trio_heartbeat import (
+    Connection,
+    Conviction,
+    Event,
+    HeartbeatTimeout,
+    Liveness,
+    LocalHealth,
+    PeerRecovered,
+    PeerSuspected,
+    local_health,
+)
 from trio_heartbeat._frames import FrameType
 
 # -- the score and the stalls ------------------------------------------------------------
@@ -83,6 +93,17 @@ def test_a_stall_is_recorded_once_however_many_timers_it_made_late() -> None:
     assert health.stalls == 2
 
 
+def test_a_timer_can_count_a_shorter_lateness_as_a_stall() -> None:
+    """A connection with a short interval counts half its peer's interval as a stall."""
+    health = LocalHealth(late=0.05, stall=0.5)
+    assert not health.timer_fired(scheduled=1.0, now=1.2)
+    assert health.timer_fired(scheduled=2.0, now=2.2, stall=0.2)
+    assert health.stalls == 1
+    assert health.last_stall == (2.0, 2.2)
+    assert not health.timer_fired(scheduled=3.0, now=3.1, stall=0.2)
+    assert health.timer_fired(scheduled=4.0, now=4.5, stall=10.0)  # never above its own
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
@@ -100,6 +121,48 @@ def test_a_stall_is_recorded_once_however_many_timers_it_made_late() -> None:
 def test_values_out_of_range_are_refused(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError, match=r"must|need"):
         LocalHealth(**kwargs)  # type: ignore[arg-type]
+
+
+def test_the_bounds_themselves_are_accepted() -> None:
+    """``late == stall`` and ``max_score == 1`` are in range: a loop late at all is stalled."""
+    health = LocalHealth(late=0.5, stall=0.5, max_score=1)
+    assert health.timer_fired(scheduled=1.0, now=1.5)
+    assert health.score(1.5) == 1
+    assert health.timer_fired(scheduled=3.0, now=3.5)
+    assert health.score(3.5) == 1  # capped
+
+
+def test_the_defaults() -> None:
+    """late 50 ms, stall 0.5 s, a score capped at 8 that loses a point per punctual second."""
+    health = LocalHealth()
+    assert repr(health) == "LocalHealth(late=0.05, stall=0.5, max_score=8, recovery=1.0)"
+    for episode in range(10):
+        health.timer_fired(scheduled=episode * 0.1, now=episode * 0.1 + 0.06)
+    assert health.score(0.96) == 8
+    assert health.score(1.96) == 7
+
+
+def test_each_threshold_counts_at_its_exact_value() -> None:
+    """A timer exactly ``late`` late is late, exactly ``stall`` late a stall; late timers exactly
+    ``late`` apart are two episodes; a timer due exactly as a stall ended starts another."""
+    health = LocalHealth(late=0.25, stall=1.0, max_score=8, recovery=100.0)
+    assert not health.timer_fired(scheduled=1.0, now=1.25)
+    assert health.score(1.25) == 1
+    assert not health.timer_fired(scheduled=1.25, now=1.5)  # 0.25 s after the last late one
+    assert health.score(1.5) == 2
+    assert health.timer_fired(scheduled=2.0, now=3.0)
+    assert (health.stalls, health.last_stall) == (1, (2.0, 3.0))
+    assert health.timer_fired(scheduled=3.0, now=4.0)
+    assert (health.stalls, health.last_stall) == (2, (3.0, 4.0))
+
+
+def test_only_whole_recovery_periods_earn_a_point_back() -> None:
+    """0.99 s is less than three periods of 0.33 s (as floats too): two points come back, not three."""
+    health = LocalHealth(recovery=0.33)
+    for now in (-0.2, -0.1, 0.0):
+        health.timer_fired(scheduled=now - 0.1, now=now)
+    assert health.score(0.0) == 3
+    assert health.score(0.99) == 1
 
 
 def test_the_repr_shows_the_settings() -> None:
@@ -242,3 +305,34 @@ async def test_a_short_lateness_is_no_stall_and_the_verdict_stands(
     health = local_health()
     assert health.stalls == 0
     assert health.score(3.4) == 1
+
+
+async def test_a_stall_excused_for_a_suspect_peer_neither_clears_nor_moves_its_last_frame(
+    autojump_clock: MockClock,
+) -> None:
+    """The peer, silent since 0.0, is SUSPECT at 1.5; our loop is away from 2.0 to 7.0. The
+    fresh window after our stall is no frame from the peer: it stays SUSPECT (no
+    PeerRecovered), its last frame stays at 0.0, and it is convicted at 10.0."""
+    stream, peer = stream_and_peer()
+    heard: list[tuple[float, Event]] = []
+    seen: list[tuple[Liveness, float | None]] = []
+
+    def listener(conn: Connection, event: Event) -> None:
+        if isinstance(event, PeerSuspected | PeerRecovered):
+            heard.append((trio.current_time(), event))
+
+    async def body(conn: Connection) -> None:
+        await trio.sleep_until(2.0)
+        autojump_clock.jump(5.0)
+        await trio.sleep_until(8.0)
+        seen.append((conn.liveness, conn.last_received))
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(handshake_then_drain, peer)
+        with pytest.raises(HeartbeatTimeout) as raised:
+            await run_body(stream, body, config=CONFIG, listeners=[listener])
+        assert trio.current_time() == 10.0
+    assert raised.value.conviction is Conviction.PEER_SILENT
+    assert [(at, type(event)) for at, event in heard] == [(1.5, PeerSuspected)]
+    assert seen == [(Liveness.SUSPECT, 0.0)]

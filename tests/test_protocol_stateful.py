@@ -155,6 +155,8 @@ class Side:
 
     # The model of the core's clocks.
     last_heard: float | None = None
+    #: Where the silence counts from: the last frame, or a later resumption.
+    origin: float | None = None
     paused: bool = False
     health_ping_due: bool = False
     initiated: int | None = None  # the code of a close() we called while it could close
@@ -384,7 +386,7 @@ class WiredPair(RuleBasedStateMachine):
             proto.receive_data(b"", self.now)
         self.drain(side)
         if proto.counters.frames_in > frames_before:
-            side.last_heard = self.now
+            side.last_heard = side.origin = self.now
         # Every PONG the peer put on the wire ahead of these bytes has been seen.
         for opaque, offset in side.awaited_pongs.items():
             assert offset > side.fed_total, f"PONG for {opaque.hex()} never reported"
@@ -398,9 +400,9 @@ class WiredPair(RuleBasedStateMachine):
             # The silence rule: declared dead exactly at the detector's clamped
             # deadline, never before twice the peer's send interval, never after
             # the own timeout.
-            last = side.last_heard
+            assert proto.last_received == side.last_heard
+            last = side.origin
             assert last is not None
-            assert proto.last_received == last
             assert self.now == proto.abort_deadline
             if side.paused:
                 note("silent peer declared dead at the timeout while we could not read")
@@ -568,17 +570,15 @@ class WiredPair(RuleBasedStateMachine):
         side.paused = True
         if side.proto.state is State.OPEN:
             # No early verdict while we cannot read: the timeout alone.
-            expected = (
-                float("inf") if side.last_heard is None else side.last_heard + side.config.timeout
-            )
+            expected = float("inf") if side.origin is None else side.origin + side.config.timeout
             assert side.proto.abort_deadline == side.proto.liveness_deadline == expected
 
     @rule(index=side_indexes)
     def resume(self, index: int) -> None:
         side = self.sides[index]
         side.proto.resume_liveness(self.now)
-        if side.paused and side.last_heard is not None:
-            side.last_heard = max(side.last_heard, self.now)
+        if side.paused and side.origin is not None:
+            side.origin = max(side.origin, self.now)
         side.paused = False
         self.settle()
 
@@ -616,9 +616,9 @@ class WiredPair(RuleBasedStateMachine):
             if proto.state is not State.OPEN:
                 side.deadline_seen = None
                 continue
-            last = side.last_heard
+            assert proto.last_received == side.last_heard
+            last = side.origin
             assert last is not None
-            assert proto.last_received == last
             deadline = proto.abort_deadline
             if side.paused:
                 assert deadline == last + side.config.timeout

@@ -178,8 +178,8 @@ def test_pause_and_resume_liveness() -> None:
     assert state(client) is State.OPEN
     assert types(client.data_to_send()) == [FrameType.PING]  # still pinging
     client.resume_liveness(3.5)
-    assert client.last_received == 3.5
-    assert client.abort_deadline == 6.5
+    assert client.last_received == 1.0  # the last frame, still
+    assert client.abort_deadline == 6.5  # the silence counts from the resumption
     client.resume_liveness(5.0)  # not paused: nothing happens
     assert client.abort_deadline == 6.5
     client.pause_liveness(5.0)
@@ -268,7 +268,7 @@ def test_a_pause_leaves_only_the_timeout_and_the_silence_counts_from_the_resumpt
     assert rule.suspect_deadline == inf  # no suspicion while we cannot hear
     assert rule.suspicion(3.0) == 0.0
     assert rule.resume(6.0) == 4.0  # paused since 2.0
-    assert rule.last_heard == 6.0
+    assert rule.last_heard == 1.0  # the last frame, still
     assert rule.deadline == 9.0
     assert rule.resume(7.0) is None  # not paused
 
@@ -313,6 +313,18 @@ def test_the_suspicion_level_without_a_model_rises_to_infinity_at_the_timeout() 
     assert levels == sorted(levels)
 
 
+def test_a_detector_without_a_suspicion_level_gets_the_fixed_timeouts() -> None:
+    """The protocol asks only for ``record`` and ``suspect_at``: a detector with no ``suspicion``
+    of its own gets ``-log10(1 - silence / timeout)``, whatever its verdict."""
+    rule = SilenceRule(Recording(0.5), timeout=4.0)
+    assert not hasattr(rule.detector, "suspicion")
+    rule.heard(10.0)
+    assert rule.suspicion(10.0) == 0.0
+    assert rule.suspicion(12.0) == -math.log10(0.5)  # half the timeout
+    assert rule.suspicion(13.0) == -math.log10(0.25)
+    assert rule.suspicion(14.0) == math.inf
+
+
 def test_the_suspicion_level_is_the_detectors_own_when_it_has_one() -> None:
     class Leveled(Recording):
         def suspicion(self, now: float, last_arrival: float, timeout: float) -> float:
@@ -321,6 +333,23 @@ def test_the_suspicion_level_is_the_detectors_own_when_it_has_one() -> None:
     rule = SilenceRule(Leveled(1.0), timeout=3.0)
     rule.heard(1.0)
     assert rule.suspicion(1.5) == 53.0
+
+
+def test_a_frame_decoded_after_a_resumption_never_moves_the_silence_back() -> None:
+    """A frame read before a pause but decoded after the resumption (stamped with the time it
+    was read) counts as the last frame, but the silence still counts from the resumption;
+    and the last frame never moves back."""
+    rule = SilenceRule(FIXED_TIMEOUT, timeout=3.0)
+    rule.heard(1.0)
+    rule.pause(2.0)
+    rule.resume(5.0)
+    assert rule.deadline == 8.0
+    rule.heard(1.5)
+    assert (rule.last_heard, rule.deadline) == (1.5, 8.0)
+    rule.heard(0.5)
+    assert (rule.last_heard, rule.deadline) == (1.5, 8.0)
+    rule.heard(6.0)
+    assert (rule.last_heard, rule.deadline) == (6.0, 9.0)
 
 
 def test_resuming_never_moves_the_last_frame_back() -> None:

@@ -48,11 +48,19 @@ class SilenceRule:
     13.0
     >>> rule.resume(12.0)
     1.0
-    >>> rule.deadline  # the silence counts from the resumption
-    15.0
+    >>> rule.deadline, rule.last_heard  # the silence counts from the resumption
+    (15.0, 10.0)
     """
 
-    __slots__ = ("_floor", "_paused_since", "_timeout", "detector", "last_heard", "stretch")
+    __slots__ = (
+        "_floor",
+        "_origin",
+        "_paused_since",
+        "_timeout",
+        "detector",
+        "last_heard",
+        "stretch",
+    )
 
     def __init__(self, detector: FailureDetector, timeout: float) -> None:
         self.detector = detector
@@ -60,8 +68,10 @@ class SilenceRule:
         # Two of the peer's send intervals, once they are known (at the handshake).
         self._floor = 0.0
         self._paused_since: float | None = None
-        #: When the last frame arrived (``None`` before the first).
+        #: When the last frame arrived (``None`` before the first); never moves back.
         self.last_heard: float | None = None
+        # Where the silence counts from: the last frame, or a later resumption.
+        self._origin: float | None = None
         #: How much a detector's early verdict is stretched (our loop is slow).
         self.stretch = 1.0
 
@@ -71,14 +81,20 @@ class SilenceRule:
 
     def heard(self, now: float) -> None:
         """A frame arrived at ``now``."""
-        self.last_heard = now
+        origin = self._origin
+        if origin is None or now >= origin:
+            self.last_heard = self._origin = now
+        elif self.last_heard is None or now > self.last_heard:
+            # Read before a resumption, decoded after it: the frame counts,
+            # but the silence still counts from the resumption.
+            self.last_heard = now
         self.detector.record(now)
 
     @property
     def deadline(self) -> float:
         """When the peer is to be declared dead if nothing arrives first (while paused, at
         the timeout: no early verdict)."""
-        last = self.last_heard
+        last = self._origin
         if last is None:
             return inf
         detector = self.detector
@@ -98,7 +114,7 @@ class SilenceRule:
         ``inf`` before the handshake is done and while paused. Always before
         :attr:`deadline`, which is never sooner than two intervals.
         """
-        last = self.last_heard
+        last = self._origin
         if last is None or self._paused_since is not None or not self._floor:
             return inf
         return last + 0.75 * self._floor
@@ -111,7 +127,7 @@ class SilenceRule:
         0 just after a frame, infinite at the timeout). ``0.0`` before the
         first frame and while paused.
         """
-        last = self.last_heard
+        last = self._origin
         if last is None or self._paused_since is not None:
             return 0.0
         level = getattr(self.detector, "suspicion", None)
@@ -133,6 +149,6 @@ class SilenceRule:
         if since is None:
             return None
         self._paused_since = None
-        if self.last_heard is not None:
-            self.last_heard = max(self.last_heard, now)
+        if self._origin is not None:
+            self._origin = max(self._origin, now)
         return now - since
