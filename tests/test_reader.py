@@ -43,6 +43,7 @@ from helpers import (
     how_it_ended,
     idle_ping_times,
     opaque,
+    resume_at,
     run_body,
     served_connection,
     stalling_stream_and_peer,
@@ -79,6 +80,7 @@ from trio_heartbeat._frames import (
     encode_ping,
 )
 from trio_heartbeat._handshake import CLIENT_LEAD
+from trio_heartbeat._local_health import local_health
 from trio_heartbeat._options import ConnectionOptions
 from trio_heartbeat._pings import RTT_REFRESH
 from trio_heartbeat._reader import HELD_OVERHEAD
@@ -734,7 +736,8 @@ async def test_the_reserve_moves_up_into_the_queue_in_order_and_counts_once(
     autojump_clock: MockClock,
 ) -> None:
     """Past a queue of two, messages wait in the reserve; as the application takes them,
-    the reserve moves up in order, and the shared budget counts each message once."""
+    the reserve moves up in order, and the shared budget counts each message once: in the
+    reserve with its overhead, as the reserve itself counts it, in the queue its payload."""
     budget = BufferBudget(10_000)
     stream, peer = stream_and_peer()
 
@@ -742,12 +745,12 @@ async def test_the_reserve_moves_up_into_the_queue_in_order_and_counts_once(
         await peer.send(b"".join(encode_data(b"%d" % n * 10) for n in range(6)))
         await trio.sleep(0.125)
         assert conn.statistics().receive_queue_used == 6
-        assert budget.holding(conn) == 60
+        assert budget.holding(conn) == 60 + 4 * HELD_OVERHEAD
         taken = []
         for left in (5, 4, 3, 2, 1, 0):
             taken.append(conn.receive_nowait())
             assert conn.statistics().receive_queue_used == left
-            assert budget.holding(conn) == 10 * left
+            assert budget.holding(conn) == 10 * left + max(left - 2, 0) * HELD_OVERHEAD
         assert taken == [b"%d" % n * 10 for n in range(6)]
 
     async with trio.open_nursery() as nursery:
@@ -1508,3 +1511,51 @@ async def test_past_the_reserve_the_verdict_does_not_read_on_into_a_flood(
     assert raised.value.conviction is Conviction.LOCAL_STALL
     [conn] = conns
     assert conn.statistics().bytes_in < 2_000_000
+
+
+async def test_a_stall_of_ours_during_a_write_is_not_the_peers_slowness(
+    autojump_clock: MockClock,
+) -> None:
+    """Our DATA's write is under way (the peer's buffer is full) from 0.25 when our loop is
+    away from 1.0 to 6.0, past the write deadline of 3.25. The peer is not blamed for our
+    stall: the write gets its whole time again, goes through when the peer reads at 6.5,
+    and the connection lives on."""
+    stream, peer = stalling_stream_and_peer()
+
+    async with (
+        trio.open_nursery() as nursery,
+        served_connection(stream, peer, config=CONFIG) as conn,
+    ):
+        await trio.sleep_until(0.25)
+        stream.stall_next_write(after=4)
+        conn.send_nowait(b"under way")
+        nursery.start_soon(resume_at, stream, 6.5)
+        await trio.sleep_until(1.0)
+        autojump_clock.jump(5.0)
+        await trio.sleep_until(8.0)
+        assert conn.closed is None
+        assert await conn.receive() == b"under way"  # echoed: it went through
+    assert [frame.at for frame in peer.of_type(FrameType.DATA)] == [6.5]
+
+
+async def test_with_a_short_interval_a_shorter_lateness_is_a_stall_of_ours(
+    autojump_clock: MockClock,
+) -> None:
+    """With a 0.1 s interval and a 0.3 s timeout, a 0.4 s stall of our loop is under the
+    half second that counts as a stall in general, but past half the peer's send interval:
+    it is a stall all the same, and the live peer is not convicted for it."""
+    stream, peer = stream_and_peer(timeout=0.3)
+    peer.interval = 0.1
+    fast = Config(interval=0.1, timeout=0.3)
+
+    async def body(conn: Connection) -> None:
+        await trio.sleep_until(1.0)
+        autojump_clock.jump(0.4)
+        await trio.sleep_until(3.0)
+        assert conn.closed is None
+        assert local_health().stalls == 1
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(handshake_then_serve, peer)
+        await run_body(stream, body, config=fast)
+        nursery.cancel_scope.cancel()

@@ -14,7 +14,7 @@ collects those measurements for the whole Trio run (one per run, shared by
 every connection: see :func:`local_health`) and keeps two things:
 
 * **stalls**: a timer late by :attr:`~LocalHealth.stall` seconds or more
-  means we were away. The watchdog then never convicts on that firing:
+  (or by half the peer's send interval, if that is shorter) means we were away. The watchdog then never convicts on that firing:
   it reads what is waiting and gives the peer a fresh silence window,
   counted from the end of our stall (THB/1 §4.2 lets a side discount time
   in which it could not read). A peer that really died meanwhile is
@@ -110,8 +110,12 @@ class LocalHealth:
             f"max_score={self.max_score!r}, recovery={self.recovery!r})"
         )
 
-    def timer_fired(self, scheduled: float, now: float) -> bool:
-        """A timer due at ``scheduled`` fired at ``now``; true if that late means we were stalled."""
+    def timer_fired(self, scheduled: float, now: float, *, stall: float = math.inf) -> bool:
+        """A timer due at ``scheduled`` fired at ``now``; true if that late means we were stalled.
+
+        ``stall`` lowers the lateness that counts as a stall for this timer (a
+        connection with a short interval: half the peer's send interval).
+        """
         lateness = now - scheduled
         if lateness < self.late:
             return False
@@ -121,7 +125,7 @@ class LocalHealth:
             self._score = min(self.score(now) + 1, self.max_score)
             self._score_at = now
         self._last_late = now
-        if lateness < self.stall:
+        if lateness < min(self.stall, stall):
             return False
         last = self.last_stall
         if last is None or scheduled >= last[1]:

@@ -307,6 +307,7 @@ class Reader:
             forget_frames(exc)
             raise
         finally:
+            writer.unwatched()  # nobody watches its write any more
             del self, conn, core, writer, stream  # see forget_frames
 
     def _deliver(self, conn: Connection, data: bytes) -> bool:
@@ -335,7 +336,8 @@ class Reader:
 
     def _hold(self, conn: Connection, data: bytes) -> bool:
         """Keep DATA in the reserve while the queue is full; false if the reserve is full too
-        (or nobody will read it: the caller's block is over)."""
+        (or nobody will read it: the caller's block is over). A shared budget counts it
+        with its overhead, as the reserve does."""
         size = len(data) + HELD_OVERHEAD
         if self._stopped or self._held_bytes + size > conn._options.receive_queue_bytes:
             return False
@@ -344,13 +346,13 @@ class Reader:
             held = self._held = deque()
         held.append(data)
         self._held_bytes += size
-        conn._hold(len(data))
+        conn._hold(size)
         return True
 
     def _refill(self, conn: Connection, inbox: deque[bytes]) -> None:
         # The application took a message: the reserve moves up into the queue,
         # oldest first, as far as the queue's bounds allow. (Counted against a
-        # budget when it arrived: moving it changes nothing there.)
+        # budget when it arrived: in the queue, only its payload counts.)
         held = self._held
         assert held is not None
         options = conn._options
@@ -363,6 +365,7 @@ class Reader:
         ):
             data = held.popleft()
             self._held_bytes -= len(data) + HELD_OVERHEAD
+            conn._free(HELD_OVERHEAD)
             inbox.append(data)
             self._bytes += len(data)
 
@@ -427,10 +430,14 @@ class Reader:
         health = self._health
         assert health is not None
         # How late we are: from the deadline, or from the last firing if the
-        # timer was set to a moment already past.
-        stalled = health.timer_fired(max(self._timer_at, self._fired_at), now)
+        # timer was set to a moment already past. A stall is half a second late,
+        # or half the peer's send interval if that is shorter.
+        scheduled = max(self._timer_at, self._fired_at)
+        stalled = health.timer_fired(scheduled, now, stall=core.peer_send_interval / 2)
         self._fired_at = now
         core.silence.stretch = health.multiplier(now)
+        if stalled:
+            writer.excuse_stall(now)  # nor is our stall the peer's slowness to read
         if writer.cut and not writer.writing:
             # A write was cut short by the timer: the stream is unusable,
             # whatever arrives now.

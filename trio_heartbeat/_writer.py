@@ -73,6 +73,7 @@ class Writer:
     """The write side of a :class:`~trio_heartbeat.Connection`; see the module docstring."""
 
     __slots__ = (
+        "_after_reader",
         "_again",
         "_bytes",
         "_close_request",
@@ -83,6 +84,7 @@ class Writer:
         "_since",
         "_timeout",
         "_unsent",
+        "_watched",
         "cut",
         "flush_deadline",
     )
@@ -101,6 +103,10 @@ class Writer:
         self._again = False
         # When the write under way began; inf while nobody writes.
         self._since = inf
+        # The scope of a write under way that the reader's timer watches (it
+        # has no deadline of its own: the reader tells our stalls apart).
+        self._watched: trio.CancelScope | None = None
+        self._after_reader = False  # the reader is done: writes bound themselves
         # The part of a direct write the socket did not take; the task sends it.
         self._unsent: bytes | None = None
         self._close_request: tuple[int, str] | None = None
@@ -124,6 +130,17 @@ class Writer:
     def write_deadline(self) -> float:
         """When the write under way must be done (``inf`` while nobody writes)."""
         return self._since + self._timeout
+
+    def excuse_stall(self, now: float) -> None:
+        """Our own loop was stalled: the write under way gets its whole time again from ``now``."""
+        if self._since != inf:
+            self._since = now
+
+    def unwatched(self) -> None:
+        """The reader is done: a write under way is bounded by its own deadline from now on."""
+        self._after_reader = True
+        if self._watched is not None:
+            self._watched.deadline = self.write_deadline
 
     @property
     def idle(self) -> bool:
@@ -304,14 +321,20 @@ class Writer:
         self.cut = True  # until send_all returns: a cancellation leaves it set
         reader = conn._reader
         reader.rearm(conn)  # while it blocks, the timer watches the write, not the PING due
+        if deadline == inf and self._after_reader:
+            deadline = self.write_deadline
+        scope = trio.CancelScope(shield=shield, deadline=deadline)
+        if deadline == inf:
+            self._watched = scope
         try:
-            with trio.CancelScope(shield=shield, deadline=deadline):
+            with scope:
                 await conn.stream.send_all(data)
                 self.cut = False
         except _STREAM_ERRORS as exc:
             conn._transport_failed(exc, by_peer=False)
         finally:
             self._since = inf
+            self._watched = None
         reader.rearm(conn)
         if self.cut:
             conn._write_timed_out()  # the first word wins: nothing if already ended
@@ -370,9 +393,11 @@ class Writer:
             # Last words (our answer to the peer's CLOSE) must not die in a send
             # cancelled by the block ending at the same moment: they go out
             # shielded, for a short while at most.
+            # Other writes are watched by the reader's timer (write_deadline),
+            # which knows a stall of our own loop from a peer that stopped reading.
             last_words = core.state in TERMINAL
-            budget = BEST_EFFORT_SECONDS if last_words else self._timeout
-            if not await self._send_all(conn, data, shield=last_words, deadline=now + budget):
+            deadline = now + BEST_EFFORT_SECONDS if last_words else inf
+            if not await self._send_all(conn, data, shield=last_words, deadline=deadline):
                 return True
         conn._note_open()
         if core.state in TERMINAL and not core.control_pending:
