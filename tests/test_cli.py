@@ -30,7 +30,9 @@ import pytest
 import trio
 from helpers import client_hello
 
-from trio_heartbeat._cli import DEFAULT_PORT, _config, _lines, build_parser, main
+from trio_heartbeat._adaptive import AdaptiveDetector
+from trio_heartbeat._cli import DEFAULT_PORT, _config, _lines, _options, build_parser, main
+from trio_heartbeat._detectors import FixedTimeout
 from trio_heartbeat._frames import encode_data
 
 
@@ -199,6 +201,25 @@ def test_options_reach_the_protocol_config(tmp_path: Path) -> None:
         4096,
     )
     assert (defaults.interval, defaults.timeout, defaults.id) == (1.0, 3.0, "")
+
+
+@pytest.mark.parametrize("command", ["serve", "connect"])
+@pytest.mark.parametrize(
+    ("flag", "detector"), [([], AdaptiveDetector), (["--detector", "fixed"], FixedTimeout)]
+)
+def test_detector_picks_the_failure_detector_of_every_connection(
+    command: str, flag: list[str], detector: type
+) -> None:
+    endpoint = ["h1:1"] if command == "connect" else []
+    options = _options(build_parser().parse_args([command, *flag, *endpoint]))
+    assert options.detector is detector
+
+
+def test_an_unknown_detector_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["serve", "--detector", "phi"])
+    assert exited.value.code == 2
+    assert "invalid choice: 'phi' (choose from 'adaptive', 'fixed')" in capsys.readouterr().err
 
 
 def test_serve_on_a_port_already_taken(capsys: pytest.CaptureFixture[str]) -> None:

@@ -19,6 +19,7 @@ import trio
 from helpers import lockstep_stream_and_peer, run_body
 from trio.testing import MockClock
 
+from trio_heartbeat._adaptive import AdaptiveDetector
 from trio_heartbeat._config import Config
 from trio_heartbeat._connection import Connection
 from trio_heartbeat._detectors import FixedTimeout
@@ -63,7 +64,7 @@ def test_the_defaults() -> None:
     options = ConnectionOptions()
     assert (options.send_queue, options.receive_queue) == (64, 64)
     assert options.write_timeout is None  # the config's timeout
-    assert options.detector is None  # a fixed timeout
+    assert options.detector is AdaptiveDetector
 
 
 def test_options_are_frozen_and_shared_safely() -> None:

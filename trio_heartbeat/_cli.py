@@ -13,7 +13,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -21,9 +21,11 @@ from typing import Final
 
 import trio
 
+from ._adaptive import AdaptiveDetector
 from ._backoff import FullJitterBackoff
 from ._config import Config
 from ._connection import Connection
+from ._detectors import FailureDetector, FixedTimeout
 from ._endpoints import parse_endpoint
 from ._errors import ReconnectFailed, UndeliveredMessages, UsageError
 from ._events import (
@@ -36,6 +38,7 @@ from ._events import (
 )
 from ._frames import Role
 from ._handshake import CLIENT_LEAD
+from ._options import ConnectionOptions
 from ._server import Server
 from ._supervisor import open_reconnecting_client
 
@@ -76,6 +79,17 @@ def _port(text: str) -> int:
     return value
 
 
+#: The failure detectors ``--detector`` picks from.
+_DETECTORS: dict[str, Callable[[], FailureDetector]] = {
+    "adaptive": AdaptiveDetector,
+    "fixed": FixedTimeout,
+}
+
+
+def _options(args: argparse.Namespace) -> ConnectionOptions:
+    return ConnectionOptions(detector=_DETECTORS[args.detector])
+
+
 def _add_common(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("heartbeat")
     group.add_argument(
@@ -90,7 +104,15 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         type=_positive,
         default=3.0,
         metavar="S",
-        help="silence after which the peer is declared dead, seconds (default: 3)",
+        help="longest silence before the peer is declared dead, seconds (default: 3)",
+    )
+    group.add_argument(
+        "--detector",
+        choices=sorted(_DETECTORS),
+        default="adaptive",
+        help="failure detector: 'adaptive' learns the peer's rhythm and may convict sooner "
+        "than --timeout (never before two intervals); 'fixed' waits for --timeout "
+        "(default: adaptive)",
     )
     group.add_argument(
         "--handshake-timeout",
@@ -248,7 +270,11 @@ async def serve(args: argparse.Namespace) -> int:
     """Run the echo server until drained (Ctrl-C / SIGTERM), or stopped by a second signal."""
     config = _config(args)
     server = Server(
-        _echo, config=config, max_connections=args.max_connections, drain_timeout=args.drain_timeout
+        _echo,
+        config=config,
+        options=_options(args),
+        max_connections=args.max_connections,
+        drain_timeout=args.drain_timeout,
     )
     try:
         listeners = await trio.open_tcp_listeners(args.port, host=args.host)
@@ -377,6 +403,7 @@ async def connect(args: argparse.Namespace) -> int:
                 async with open_reconnecting_client(
                     args.endpoints,
                     config=config,
+                    options=_options(args),
                     backoff=backoff,
                     connection_listeners=[_RttReporter(args.rtt_every)],
                 ) as client:

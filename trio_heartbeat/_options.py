@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import final
 
+from ._adaptive import AdaptiveDetector
 from ._budget import BufferBudget
 from ._detectors import FailureDetector
 
@@ -36,7 +37,8 @@ class ConnectionOptions:
     Allow for the slowest reader you mean to keep.
     ``detector`` makes the failure detector of each connection (default:
     :class:`AdaptiveDetector`, which learns the peer's rhythm, loss and
-    jitter; :class:`FixedTimeout` for the plain timeout).
+    jitter; ``None`` means the same; :class:`FixedTimeout` for the plain
+    timeout).
     """
 
     send_queue: int = 64
@@ -44,7 +46,7 @@ class ConnectionOptions:
     send_queue_bytes: int = 1 << 20
     receive_queue_bytes: int = 1 << 20
     write_timeout: float | None = None
-    detector: Callable[[], FailureDetector] | None = None
+    detector: Callable[[], FailureDetector] | None = AdaptiveDetector
     budget: BufferBudget | None = None
 
     def __post_init__(self) -> None:
