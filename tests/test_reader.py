@@ -1513,13 +1513,19 @@ async def test_past_the_reserve_the_verdict_does_not_read_on_into_a_flood(
     assert conn.statistics().bytes_in < 2_000_000
 
 
+@pytest.mark.parametrize(
+    ("stall", "reads_at"),
+    [(5.0, 6.5), (2.2, 3.25), (2.4, 3.45)],
+    ids=["far-past-the-write-deadline", "just-past-it", "under-a-stall-past-it"],
+)
 async def test_a_stall_of_ours_during_a_write_is_not_the_peers_slowness(
-    autojump_clock: MockClock,
+    stall: float, reads_at: float, autojump_clock: MockClock
 ) -> None:
     """Our DATA's write is under way (the peer's buffer is full) from 0.25 when our loop is
-    away from 1.0 to 6.0, past the write deadline of 3.25. The peer is not blamed for our
-    stall: the write gets its whole time again, goes through when the peer reads at 6.5,
-    and the connection lives on."""
+    away from 1.0, past the write deadline of 3.25: far past it, or by less than a stall
+    (the timer also pulses while a write is stuck, so the stall shows all the same). The
+    peer is not blamed for our stall: the write gets its whole time again, goes through
+    when the peer reads, and the connection lives on."""
     stream, peer = stalling_stream_and_peer()
 
     async with (
@@ -1529,13 +1535,39 @@ async def test_a_stall_of_ours_during_a_write_is_not_the_peers_slowness(
         await trio.sleep_until(0.25)
         stream.stall_next_write(after=4)
         conn.send_nowait(b"under way")
-        nursery.start_soon(resume_at, stream, 6.5)
+        nursery.start_soon(resume_at, stream, reads_at)
         await trio.sleep_until(1.0)
-        autojump_clock.jump(5.0)
+        autojump_clock.jump(stall)
         await trio.sleep_until(8.0)
         assert conn.closed is None
         assert await conn.receive() == b"under way"  # echoed: it went through
-    assert [frame.at for frame in peer.of_type(FrameType.DATA)] == [6.5]
+    assert [frame.at for frame in peer.of_type(FrameType.DATA)] == [reads_at]
+
+
+async def test_a_write_that_stalls_on_behind_our_stalls_is_given_its_time_again_once(
+    autojump_clock: MockClock,
+) -> None:
+    """The peer never reads again, and our loop is away a second in every second and a half:
+    the stuck write is given its whole time again after the first stall only, so the peer
+    that stopped reading is convicted 3 s after it, not never."""
+    stream, peer = stalling_stream_and_peer()
+
+    async def body(conn: Connection) -> None:
+        await trio.sleep_until(0.25)
+        stream.stall_next_write(after=4)
+        conn.send_nowait(b"stuck for good")
+        for round_ in range(20):
+            await trio.sleep_until(1.0 + 1.5 * round_)
+            autojump_clock.jump(1.0)
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(handshake_then_serve, peer)
+        with pytest.raises(HeartbeatTimeout) as raised:
+            await run_body(stream, body, config=CONFIG)
+        assert 5.0 <= trio.current_time() <= 5.5
+        nursery.cancel_scope.cancel()
+    assert raised.value.reason == "write timeout: the peer stopped reading"
 
 
 async def test_with_a_short_interval_a_shorter_lateness_is_a_stall_of_ours(

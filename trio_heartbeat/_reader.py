@@ -80,6 +80,11 @@ logger = logging.getLogger("trio_heartbeat")
 
 _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
+#: While a write is stuck or the peer is SUSPECT, the timer also fires this often, so that a
+#: stall of ours shows as a late firing before any verdict (a verdict's own firing can be
+#: late by less than a stall, after a stall that began long before it).
+PULSE = 0.25
+
 #: Bytes each message in the reserve counts for beyond its payload (its object and slot),
 #: so that a flood of tiny messages is bounded as surely as one of big ones.
 HELD_OVERHEAD = 64
@@ -209,11 +214,18 @@ class Reader:
         core = conn._core
         writer = conn._writer
         if writer.writing:
-            # No PING can go out before the write is over.
-            return min(core.abort_deadline, writer.write_deadline)
+            # No PING can go out before the write is over. (A write of the reader's
+            # own is cancelled by this timer: no pulse for it.)
+            deadline = min(core.abort_deadline, writer.write_deadline)
+            if writer._running:
+                deadline = min(deadline, max(self._fired_at, writer.since) + PULSE)
+            return deadline
         deadline = core.next_deadline
-        if self._suspect is None and core.state is State.OPEN:
-            deadline = min(deadline, core.silence.suspect_deadline)
+        if core.state is State.OPEN:
+            if self._suspect is None:
+                deadline = min(deadline, core.silence.suspect_deadline)
+            else:
+                deadline = min(deadline, self._fired_at + PULSE)
         flush = writer.flush_deadline
         if flush == inf:
             return deadline  # the per-frame case: no flush to bound

@@ -77,6 +77,7 @@ class Writer:
         "_again",
         "_bytes",
         "_close_request",
+        "_excused",
         "_nursery",
         "_outbox",
         "_running",
@@ -107,6 +108,7 @@ class Writer:
         # has no deadline of its own: the reader tells our stalls apart).
         self._watched: trio.CancelScope | None = None
         self._after_reader = False  # the reader is done: writes bound themselves
+        self._excused = False  # the write under way was given its time again
         # The part of a direct write the socket did not take; the task sends it.
         self._unsent: bytes | None = None
         self._close_request: tuple[int, str] | None = None
@@ -131,10 +133,17 @@ class Writer:
         """When the write under way must be done (``inf`` while nobody writes)."""
         return self._since + self._timeout
 
+    @property
+    def since(self) -> float:
+        """When the write under way began (``inf`` while nobody writes)."""
+        return self._since
+
     def excuse_stall(self, now: float) -> None:
-        """Our own loop was stalled: the write under way gets its whole time again from ``now``."""
-        if self._since != inf:
+        """Our own loop was stalled: the write under way gets its whole time again from ``now``
+        (once: a write that stalls on and on behind our stalls is the peer's after all)."""
+        if self._since != inf and not self._excused:
             self._since = now
+            self._excused = True
 
     def unwatched(self) -> None:
         """The reader is done: a write under way is bounded by its own deadline from now on."""
@@ -318,6 +327,7 @@ class Writer:
         if self.cut:
             return False
         self._since = trio.current_time()
+        self._excused = False
         self.cut = True  # until send_all returns: a cancellation leaves it set
         reader = conn._reader
         reader.rearm(conn)  # while it blocks, the timer watches the write, not the PING due
