@@ -18,6 +18,7 @@ PYTHON = os.environ.get("NOX_PYTHON") or None
 SANS_IO = [
     "trio_heartbeat/_adaptive.py",
     "trio_heartbeat/_backoff.py",
+    "trio_heartbeat/_breaker.py",
     "trio_heartbeat/_budget.py",
     "trio_heartbeat/_config.py",
     "trio_heartbeat/_detectors.py",
