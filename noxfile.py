@@ -35,6 +35,7 @@ SANS_IO = [
 ]
 #: The runtime under mutation testing with the core: one connection, the server, the reconnecting client.
 RUNTIME = [
+    "trio_heartbeat/_circuit.py",
     "trio_heartbeat/_connection.py",
     "trio_heartbeat/_local_health.py",
     "trio_heartbeat/_mailbox.py",
