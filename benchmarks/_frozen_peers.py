@@ -23,8 +23,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -43,7 +41,7 @@ from trio_heartbeat import (
 )
 from trio_heartbeat._frames import HEADER_SIZE, PING_SIZE
 
-from ._peers import REPOSITORY, Child
+from ._peers import Child, open_child
 
 __all__ = [
     "FROZEN_GROUP",
@@ -185,28 +183,13 @@ async def frozen_child(*args: str, lifetime: float) -> AsyncIterator[Child]:
     It runs in a process group of its own (see the module docstring), and it
     is sent ``SIGCONT`` on the way out, before it is stopped.
     """
-    command = [sys.executable, "-m", "benchmarks._idle_peers", *args, "--lifetime", f"{lifetime}"]
-    environment = dict(os.environ)
-    path = environment.get("PYTHONPATH")
-    environment["PYTHONPATH"] = str(REPOSITORY) + (os.pathsep + path if path else "")
-    process = await trio.lowlevel.open_process(
-        command,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        cwd=str(REPOSITORY),
-        env=environment,
-        process_group=0,
-    )
-    child = Child(process, f"_idle_peers {' '.join(args)} (frozen)")
-    try:
-        yield child
-    finally:
+    async with open_child("_idle_peers", *args, lifetime=lifetime, own_group=True) as child:
         try:
-            if process.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(process.pid, signal.SIGCONT)
+            yield child
         finally:
-            await child.stop()
+            if child.process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child.process.pid, signal.SIGCONT)
 
 
 def process_state(pid: int) -> str:

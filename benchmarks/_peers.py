@@ -194,12 +194,15 @@ class Child:
 
 
 @asynccontextmanager
-async def open_child(module: str, *args: str, lifetime: float) -> AsyncIterator[Child]:
+async def open_child(
+    module: str, *args: str, lifetime: float, own_group: bool = False
+) -> AsyncIterator[Child]:
     """Run ``python -m benchmarks.<module> *args --lifetime <lifetime>`` for the ``async with`` block.
 
     The child's stdin and stdout are pipes to the parent; its stderr is ours,
     so that its errors are seen. The child is stopped on the way out however
-    the block ends (see :meth:`Child.stop`).
+    the block ends (see :meth:`Child.stop`). With ``own_group`` it runs in a
+    process group of its own.
 
     >>> async def main() -> None:  # doctest: +SKIP
     ...     async with open_child("bench_idle", "--role", "server", lifetime=60) as server:
@@ -215,6 +218,7 @@ async def open_child(module: str, *args: str, lifetime: float) -> AsyncIterator[
         stdout=subprocess.PIPE,
         cwd=str(REPOSITORY),
         env=environment,
+        process_group=0 if own_group else None,
     )
     child = Child(process, f"{module} {' '.join(args)}")
     try:

@@ -926,6 +926,15 @@ async def handshake_then_drain(peer: ScriptedPeer) -> None:
     await peer.drain()
 
 
+async def pings_then_silence(peer: ScriptedPeer, pings: int) -> None:
+    """The peer's HELLO at 0.0, a PING every second up to ``pings``, then silence."""
+    await peer.handshake()
+    for second in range(1, pings + 1):
+        await trio.sleep_until(float(second))
+        await peer.send_ping()
+    await peer.drain()
+
+
 async def handshake_then_serve(peer: ScriptedPeer) -> None:
     """The peer's side of a healthy connection: handshake, then answer everything."""
     await peer.handshake()

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 import trio
-from helpers import CONFIG, ScriptedPeer, run_body, stream_and_peer
+from helpers import CONFIG, pings_then_silence, run_body, stream_and_peer
 from hypothesis import assume, example, given
 from hypothesis import strategies as st
 from trio.testing import MockClock
@@ -627,15 +627,6 @@ PINGS = 240
 LAST = float(PINGS)
 
 
-async def pings_then_silence(peer: ScriptedPeer) -> None:
-    """The peer's HELLO at 0.0, a PING every second up to ``LAST``, then silence."""
-    await peer.handshake()
-    for second in range(1, PINGS + 1):
-        await trio.sleep_until(float(second))
-        await peer.send_ping()
-    await peer.drain()
-
-
 async def test_a_silent_peer_is_convicted_at_the_adaptive_verdict(
     autojump_clock: MockClock,
 ) -> None:
@@ -659,7 +650,7 @@ async def test_a_silent_peer_is_convicted_at_the_adaptive_verdict(
 
     stream, peer = stream_and_peer(Role.CLIENT)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(pings_then_silence, peer)
+        nursery.start_soon(pings_then_silence, peer, PINGS)
         with pytest.raises(HeartbeatTimeout):
             await run_body(
                 stream,
@@ -683,16 +674,9 @@ async def test_the_class_itself_is_a_factory(autojump_clock: MockClock) -> None:
     async def body(conn: Connection) -> None:
         await trio.sleep_forever()
 
-    async def three_pings(peer: ScriptedPeer) -> None:
-        await peer.handshake()
-        for second in (1, 2, 3):
-            await trio.sleep_until(float(second))
-            await peer.send_ping()
-        await peer.drain()
-
     stream, peer = stream_and_peer(Role.CLIENT)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(three_pings, peer)
+        nursery.start_soon(pings_then_silence, peer, 3)
         with pytest.raises(HeartbeatTimeout):
             await run_body(
                 stream,

@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 import trio
-from helpers import CONFIG, ScriptedPeer, run_body, stream_and_peer
+from helpers import CONFIG, pings_then_silence, run_body, stream_and_peer
 from hypothesis import assume, given
 from hypothesis import strategies as st
 from trio.testing import MockClock
@@ -611,15 +611,6 @@ def clamped(phi_time: float) -> float:
     return max(LAST + 2 * PEER_INTERVAL, min(phi_time, LAST + TIMEOUT))
 
 
-async def pings_then_silence(peer: ScriptedPeer) -> None:
-    """The peer's HELLO at 0.0, a PING every second up to ``LAST``, then silence."""
-    await peer.handshake()
-    for second in range(1, PINGS + 1):
-        await trio.sleep_until(float(second))
-        await peer.send_ping()
-    await peer.drain()
-
-
 @pytest.mark.parametrize(
     ("pause", "expected"),
     [
@@ -648,7 +639,7 @@ async def test_a_silent_peer_is_convicted_where_the_core_clamps_the_phi_verdict(
 
     stream, peer = stream_and_peer(Role.CLIENT)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(pings_then_silence, peer)
+        nursery.start_soon(pings_then_silence, peer, PINGS)
         with pytest.raises(HeartbeatTimeout):
             await run_body(
                 stream,
@@ -673,7 +664,7 @@ async def test_the_fixed_timeout_convicts_the_same_peer_later(autojump_clock: Mo
 
     stream, peer = stream_and_peer(Role.CLIENT)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(pings_then_silence, peer)
+        nursery.start_soon(pings_then_silence, peer, PINGS)
         with pytest.raises(HeartbeatTimeout):
             await run_body(stream, body, role=Role.SERVER, config=CONFIG)
         assert trio.current_time() == LAST + TIMEOUT

@@ -123,6 +123,27 @@ def late_stream_and_peer(
 # -- conviction ------------------------------------------------------------------------
 
 
+async def three_messages_then_pings(peer: ScriptedPeer) -> None:
+    """The peer sends three messages, then answers everything and PINGs every second, ten
+    times, whether or not our application reads."""
+    await peer.handshake()
+    for n in range(3):
+        await peer.send_data(b"message %d" % n)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(peer.serve)
+        for _ in range(10):
+            await trio.sleep(1.0)
+            await peer.send_ping()
+
+
+async def three_messages_then_silence(peer: ScriptedPeer) -> None:
+    """The peer sends three messages, then reads what we send and answers nothing."""
+    await peer.handshake()
+    for n in range(3):
+        await peer.send_data(b"message %d" % n)
+    await peer.drain()
+
+
 #: A queue of one message and a reserve too small for any (each message in the reserve counts
 #: HELD_OVERHEAD bytes more than its payload): the reader holds the next message itself.
 NO_RESERVE = ConnectionOptions(receive_queue=1, receive_queue_bytes=HELD_OVERHEAD)
@@ -581,19 +602,8 @@ async def test_slow_application_does_not_convict_a_healthy_peer(autojump_clock: 
     as they come. The watchdog keeps judging the peer, who is alive."""
     stream, peer = stream_and_peer()
 
-    async def script() -> None:
-        await peer.handshake()
-        for n in range(3):
-            await peer.send_data(b"message %d" % n)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(peer.serve)
-            # Keep pinging at the agreed rate while our application is not reading.
-            for _ in range(10):
-                await trio.sleep(1.0)
-                await peer.send_ping()
-
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(script)
+        nursery.start_soon(three_messages_then_pings, peer)
         async with open_stream_connection(
             stream, config=CONFIG, options=ConnectionOptions(receive_queue=1)
         ) as conn:
@@ -625,18 +635,12 @@ async def test_a_full_queue_does_not_blind_the_watchdog(autojump_clock: MockCloc
     stream, peer = stream_and_peer()
     conns: list[Connection] = []
 
-    async def script() -> None:
-        await peer.handshake()
-        for n in range(3):
-            await peer.send_data(b"message %d" % n)
-        await peer.drain()  # reads what we send, answers nothing
-
     async def body(conn: Connection) -> None:
         conns.append(conn)
         await trio.sleep_forever()
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(script)
+        nursery.start_soon(three_messages_then_silence, peer)
         with pytest.raises(HeartbeatTimeout) as raised:
             await run_body(stream, body, config=CONFIG, options=ConnectionOptions(receive_queue=1))
         assert trio.current_time() == 3.0
@@ -653,16 +657,6 @@ async def test_past_the_reserve_the_timeout_still_bounds_detection_and_the_fault
     watchdog convicts, saying that we were stalled, since the silence is our reader's."""
     stream, peer = stream_and_peer()
 
-    async def script() -> None:
-        await peer.handshake()
-        for n in range(3):
-            await peer.send_data(b"message %d" % n)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(peer.serve)
-            for _ in range(10):
-                await trio.sleep(1.0)
-                await peer.send_ping()
-
     deadlines: list[float] = []
 
     async def body(conn: Connection) -> None:
@@ -671,7 +665,7 @@ async def test_past_the_reserve_the_timeout_still_bounds_detection_and_the_fault
         await trio.sleep_forever()
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(script)
+        nursery.start_soon(three_messages_then_pings, peer)
         with pytest.raises(HeartbeatTimeout) as raised:
             await run_body(
                 stream,
@@ -697,12 +691,6 @@ async def test_conviction_returns_once_the_application_catches_up(
     """
     stream, peer = stream_and_peer()
 
-    async def script() -> None:
-        await peer.handshake()
-        for n in range(3):
-            await peer.send_data(b"message %d" % n)
-        await peer.drain()  # reads what we send, answers nothing
-
     deadlines: list[tuple[float, float]] = []
 
     async def body(conn: Connection) -> None:
@@ -717,7 +705,7 @@ async def test_conviction_returns_once_the_application_catches_up(
         await trio.sleep_forever()
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(script)
+        nursery.start_soon(three_messages_then_silence, peer)
         with pytest.raises(HeartbeatTimeout) as raised:
             await run_body(
                 stream,

@@ -203,8 +203,8 @@ class Connection:
     @property
     def watchdog_deadline(self) -> float:
         """When the watchdog gives up if nothing arrives: the handshake deadline, the failure
-        detector's verdict on a silent peer (``inf`` while our application holds the reader
-        up), then the close timeout; ``inf`` once ended."""
+        detector's verdict on a silent peer (the timeout alone while our application holds
+        the reader up), then the close timeout; ``inf`` once ended."""
         return self._core.abort_deadline
 
     @property
