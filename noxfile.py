@@ -37,9 +37,12 @@ SANS_IO = [
 RUNTIME = [
     "trio_heartbeat/_circuit.py",
     "trio_heartbeat/_connection.py",
+    "trio_heartbeat/_health_monitor.py",
+    "trio_heartbeat/_liveness_breaker.py",
     "trio_heartbeat/_local_health.py",
     "trio_heartbeat/_mailbox.py",
     "trio_heartbeat/_outcome.py",
+    "trio_heartbeat/_outliers.py",
     "trio_heartbeat/_reader.py",
     "trio_heartbeat/_registry.py",
     "trio_heartbeat/_server.py",

@@ -186,6 +186,7 @@ CROSS_CUTTING = {
 COMPANIONS = {
     "test_protocol_stateful": "_protocol",
     "test_local_health_processes": "_local_health",
+    "test_health_monitor_processes": "_health_monitor",
 }
 
 

@@ -19,10 +19,9 @@ from trio_heartbeat._breaker import BreakerConfig, BreakerState, BreakerTransiti
 from trio_heartbeat._circuit import (
     HEARTBEAT_BREAKER_CONFIG,
     Breaker,
-    CircuitOpen,
     default_record_failure,
 )
-from trio_heartbeat._errors import HeartbeatError
+from trio_heartbeat._errors import CircuitOpen, HeartbeatError
 
 S = BreakerState
 

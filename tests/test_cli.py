@@ -557,3 +557,61 @@ def test_lines_not_sent_are_named_in_one_short_line() -> None:
     assert _lines([b"a", b"tab\there", b"\xff", b"d", b"e"]) == (
         "5 lines: 'a', 'tab\\there', '\\ufffd' and 2 more"
     )
+
+
+WORKER_SERVER = Path(__file__).with_name("_health_worker_server.py")
+
+
+@pytest.mark.slow
+def test_connect_shows_the_peers_health_and_the_breakers_state_as_they_change() -> None:
+    """A server whose worker stops checking in and starts again: ``connect`` says so on
+    stderr, the peer's health and its breaker, in order, each as it happens."""
+    server = subprocess.Popen(
+        [sys.executable, str(WORKER_SERVER)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    client: subprocess.Popen[str] | None = None
+    try:
+        assert server.stdin is not None
+        assert server.stdout is not None
+        line = server.stdout.readline()
+        assert line.startswith("listening on 127.0.0.1:"), line
+        port = int(line.rsplit(":", 1)[1])
+        client = subprocess.Popen(
+            [*CLI, "connect", "--linger", "0.5", f"127.0.0.1:{port}"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(2.0)
+        server.stdin.write("pause\n")
+        server.stdin.flush()
+        time.sleep(2.0)
+        server.stdin.write("resume\n")
+        server.stdin.flush()
+        time.sleep(2.0)
+        _, err = client.communicate(input="", timeout=30)
+    finally:
+        for process in (client, server):
+            if process is not None and process.poll() is None:
+                process.kill()
+                process.communicate(timeout=30)
+    assert client.returncode == 0, err
+    said = [line.split(" ", 1)[1] for line in err.splitlines() if " " in line]
+    wanted = [
+        "breaker CLOSED -> FORCED_OPEN: not connected",
+        "handshake done, peer health SERVING, pinging every 0.900 s",
+        "breaker FORCED_OPEN -> HALF_OPEN: liveness restored",
+        "breaker HALF_OPEN -> CLOSED: trial calls under both thresholds",
+        "peer health SERVING -> NOT_SERVING",
+        "breaker CLOSED -> FORCED_OPEN: peer reports NOT_SERVING",
+        "peer health NOT_SERVING -> SERVING",
+        "breaker FORCED_OPEN -> HALF_OPEN: liveness restored",
+        "breaker HALF_OPEN -> CLOSED: trial calls under both thresholds",
+        "breaker CLOSED -> FORCED_OPEN: connection ended: 1000",
+    ]
+    assert [line for line in said if line in wanted] == wanted, err

@@ -19,6 +19,7 @@ import itertools
 import logging
 import math
 import traceback
+from typing import Any
 
 import pytest
 import trio
@@ -28,6 +29,7 @@ from helpers import (
     HELLO_SIZE,
     VERDICT,
     VIRTUAL_BOUND,
+    ScriptedPeer,
     connection_pair,
     handshake_then_drain,
     handshake_then_serve,
@@ -1444,3 +1446,81 @@ async def test_the_watchdog_deadline_is_the_verdict_then_the_close_timeout_then_
         CloseCode.NORMAL,
         False,
     )
+
+
+# -- listeners added later, and waiting for the peer's health ---------------------------
+
+
+async def peer_pinging_with(peer: ScriptedPeer, statuses: list[HealthStatus]) -> None:
+    """The client peer's handshake, one PING a second with each status, then serve."""
+    await peer.handshake()
+    for second, status in enumerate(statuses, start=1):
+        await trio.sleep_until(float(second))
+        await peer.send_ping(status=status)
+    await peer.serve()
+
+
+async def test_wait_peer_health_returns_when_a_ping_says_so(autojump_clock: MockClock) -> None:
+    statuses = [HealthStatus.SERVING, HealthStatus.DEGRADED, HealthStatus.NOT_SERVING]
+
+    async def body(conn: Connection) -> None:
+        assert await conn.wait_peer_health(HealthStatus.SERVING) is HealthStatus.SERVING
+        assert trio.current_time() == 0.0  # its HELLO said so already
+        found = await conn.wait_peer_health(HealthStatus.NOT_SERVING, HealthStatus.DEGRADED)
+        assert (trio.current_time(), found) == (2.0, HealthStatus.DEGRADED)
+        assert await conn.wait_peer_health(HealthStatus.NOT_SERVING) is HealthStatus.NOT_SERVING
+        assert trio.current_time() == 3.0
+        assert conn._listeners == ()  # every waiter's listener is gone
+        with pytest.raises(ValueError, match="at least one status"):
+            await conn.wait_peer_health()
+
+    stream, peer = stream_and_peer(Role.CLIENT)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(peer_pinging_with, peer, statuses)
+        await run_body(stream, body, role=Role.SERVER, config=CONFIG)
+
+
+async def test_wait_peer_health_raises_once_the_connection_has_ended(
+    autojump_clock: MockClock,
+) -> None:
+    async def body(conn: Connection) -> None:
+        with pytest.raises(ConnectionClosed) as info:
+            await conn.wait_peer_health(HealthStatus.NOT_SERVING)
+        assert trio.current_time() == 1.0
+        assert info.value.code == CloseCode.NORMAL
+        with pytest.raises(ConnectionClosed):
+            await conn.wait_peer_health(HealthStatus.NOT_SERVING)  # and at once, later
+
+    async def close_at_one(peer: ScriptedPeer) -> None:
+        await peer.handshake()
+        await trio.sleep_until(1.0)
+        await peer.send_close()
+        await peer.drain()
+
+    stream, peer = stream_and_peer(Role.CLIENT)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(close_at_one, peer)
+        await run_body(stream, body, role=Role.SERVER, config=CONFIG)
+
+
+async def test_a_listener_added_later_hears_what_comes_next_on_that_connection_only(
+    autojump_clock: MockClock,
+) -> None:
+    heard: list[tuple[float, str]] = []
+
+    def listener(conn: Connection, event: Event) -> None:
+        heard.append((trio.current_time(), type(event).__name__))
+
+    shared: list[Any] = []  # the listeners a server gives every connection
+
+    async with connection_pair(server_listeners=shared) as pair:
+        await trio.sleep(0.5)
+        pair.server.add_listener(listener)
+        await trio.sleep(1.0)  # the client's PING at 0.9
+        pair.server.remove_listener(listener)
+        with pytest.raises(ValueError, match="not in tuple"):
+            pair.server.remove_listener(listener)
+        await trio.sleep(1.0)
+        assert pair.client._listeners == ()
+    assert shared == []  # a new tuple each time: nothing added to what was passed in
+    assert heard == [(0.9, "PingReceived")]

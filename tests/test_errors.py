@@ -19,7 +19,9 @@ import pytest
 
 import trio_heartbeat
 from trio_heartbeat import (
+    BreakerState,
     BrokenConnection,
+    CircuitOpen,
     CloseCode,
     ConnectionClosed,
     ConnectionRejected,
@@ -30,6 +32,7 @@ from trio_heartbeat import (
     ReconnectFailed,
     RemoteProtocolError,
     UndeliveredMessages,
+    UnknownEndpoint,
     _errors,
 )
 from trio_heartbeat._errors import Conviction, NoEndpointLeft, UsageError, describe_os_error
@@ -52,6 +55,9 @@ EXAMPLES: list[HeartbeatError] = [
     ),
     ReconnectFailed("the reconnecting client is closed", None, 0),
     UndeliveredMessages([b"a", b"b"], "connection refused"),
+    CircuitOpen(BreakerState.OPEN, 4.5),
+    CircuitOpen(BreakerState.FORCED_OPEN),
+    UnknownEndpoint("db-7:5432"),
 ]
 
 #: The exceptions the package keeps to itself: not exported, still picklable.

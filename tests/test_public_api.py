@@ -90,6 +90,8 @@ def named_types(annotation: Any) -> Iterator[Any]:
     """The classes and aliases an annotation is built from."""
     if annotation is None or annotation is type(None):
         return
+    if isinstance(annotation, (typing.TypeVar, typing.TypeVarTuple)):
+        return  # a generic's parameter, not a type to import
     origin = typing.get_origin(annotation)
     if origin is not None:
         if origin is not typing.Union and origin is not types.UnionType:

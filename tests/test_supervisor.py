@@ -1918,3 +1918,57 @@ async def test_the_recorder_fails_the_test_on_a_storm_of_events_at_one_instant(
     ):
         record(AttemptStarted(0, ENDPOINT))
     assert len(record.events) == 2 * Recorder.STORM
+
+
+# -- the client's health, and listeners removed ----------------------------------------
+
+
+async def test_set_health_reaches_the_open_connection_and_every_later_one(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """DEGRADED at 0.5 reaches the server in a PING at once; the connection after a
+    crash at 1.0 says DEGRADED in its HELLO."""
+    seen: list[tuple[float, HealthStatus | None]] = []
+
+    async def handler(conn: Connection) -> None:
+        seen.append((trio.current_time(), conn.peer_health))
+        status = await conn.wait_peer_health(HealthStatus.DEGRADED)
+        seen.append((trio.current_time(), status))
+        await echo(conn)
+
+    async with open_memory_network() as network:
+        host = network.listen(ENDPOINT, handler)
+        async with reconnecting(network, backoff=[0.5] * 3) as client:
+            await client.wait_connected()
+            await trio.sleep_until(0.5)
+            client.set_health(HealthStatus.DEGRADED)
+            assert client.config.status is HealthStatus.DEGRADED
+            assert client.connection is not None
+            assert client.connection.health is HealthStatus.DEGRADED
+            await trio.sleep_until(1.0)
+            host.kill()
+            await trio.sleep(0.1)
+            conn = await client.wait_connected()
+            assert conn.health is HealthStatus.DEGRADED
+            await trio.sleep(0.1)
+    assert seen == [
+        (0.0, HealthStatus.SERVING),
+        (0.5, HealthStatus.DEGRADED),
+        (1.5, HealthStatus.DEGRADED),
+        (1.5, HealthStatus.DEGRADED),
+    ]
+
+
+async def test_a_removed_listener_hears_nothing_more(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    record = Recorder()
+    async with open_memory_network() as network:
+        network.listen(ENDPOINT, echo)
+        async with reconnecting(network) as client:
+            client.add_listener(record)
+            await client.wait_connected()
+            client.remove_listener(record)
+            with pytest.raises(ValueError, match="not in list"):
+                client.remove_listener(record)
+    assert [type(event) for _, event in record.events] == [AttemptStarted, Connected]

@@ -17,7 +17,16 @@ from ._backoff import DecorrelatedJitterBackoff as DecorrelatedJitterBackoff
 from ._backoff import EqualJitterBackoff as EqualJitterBackoff
 from ._backoff import ExponentialBackoff as ExponentialBackoff
 from ._backoff import FullJitterBackoff as FullJitterBackoff
+from ._breaker import BreakerConfig as BreakerConfig
+from ._breaker import BreakerState as BreakerState
+from ._breaker import BreakerStatistics as BreakerStatistics
+from ._breaker import BreakerTransition as BreakerTransition
+from ._breaker import CircuitBreaker as CircuitBreaker
+from ._breaker import Permit as Permit
+from ._breaker import WindowKind as WindowKind
 from ._budget import BufferBudget as BufferBudget
+from ._circuit import HEARTBEAT_BREAKER_CONFIG as HEARTBEAT_BREAKER_CONFIG
+from ._circuit import Breaker as Breaker
 from ._client import open_connection as open_connection
 from ._config import Config as Config
 from ._connection import Connection as Connection
@@ -28,6 +37,7 @@ from ._detectors import PhiAccrualDetector as PhiAccrualDetector
 from ._endpoints import Endpoint as Endpoint
 from ._endpoints import EndpointSource as EndpointSource
 from ._errors import BrokenConnection as BrokenConnection
+from ._errors import CircuitOpen as CircuitOpen
 from ._errors import ConnectionClosed as ConnectionClosed
 from ._errors import ConnectionRejected as ConnectionRejected
 from ._errors import Conviction as Conviction
@@ -38,6 +48,7 @@ from ._errors import ProtocolError as ProtocolError
 from ._errors import ReconnectFailed as ReconnectFailed
 from ._errors import RemoteProtocolError as RemoteProtocolError
 from ._errors import UndeliveredMessages as UndeliveredMessages
+from ._errors import UnknownEndpoint as UnknownEndpoint
 from ._events import NEED_DATA as NEED_DATA
 from ._events import ConnectionEnded as ConnectionEnded
 from ._events import DataReceived as DataReceived
@@ -61,13 +72,27 @@ from ._frames import Ping as Ping
 from ._frames import Pong as Pong
 from ._frames import Role as Role
 from ._handshake import compute_auth as compute_auth
+from ._health import Component as Component
+from ._health import ComponentSnapshot as ComponentSnapshot
+from ._health import HealthBoard as HealthBoard
+from ._health_monitor import HealthComponent as HealthComponent
+from ._health_monitor import HealthListener as HealthListener
+from ._health_monitor import HealthMonitor as HealthMonitor
+from ._health_monitor import HealthTarget as HealthTarget
+from ._health_monitor import open_health_monitor as open_health_monitor
 from ._keepalive import KeepaliveOptions as KeepaliveOptions
 from ._keepalive import SupportsSockopt as SupportsSockopt
 from ._keepalive import apply_keepalive as apply_keepalive
 from ._keepalive import read_keepalive as read_keepalive
+from ._liveness_breaker import LivenessBinding as LivenessBinding
+from ._liveness_breaker import bind_breaker as bind_breaker
 from ._local_health import LocalHealth as LocalHealth
 from ._local_health import local_health as local_health
 from ._options import ConnectionOptions as ConnectionOptions
+from ._outliers import EjectionEvent as EjectionEvent
+from ._outliers import OutlierEjection as OutlierEjection
+from ._outliers import OutlierStatistics as OutlierStatistics
+from ._outliers import ejection_cap as ejection_cap
 from ._protocol import HeartbeatProtocol as HeartbeatProtocol
 from ._reconnect_events import AttemptFailed as AttemptFailed
 from ._reconnect_events import AttemptStarted as AttemptStarted
@@ -100,10 +125,20 @@ __all__ = [
     "AttemptFailed",
     "AttemptStarted",
     "BackingOff",
+    "bind_breaker",
+    "Breaker",
+    "BreakerConfig",
+    "BreakerState",
+    "BreakerStatistics",
+    "BreakerTransition",
     "BrokenConnection",
     "BufferBudget",
+    "CircuitBreaker",
+    "CircuitOpen",
     "Close",
     "CloseCode",
+    "Component",
+    "ComponentSnapshot",
     "compute_auth",
     "Config",
     "Connected",
@@ -114,14 +149,16 @@ __all__ = [
     "ConnectionRejected",
     "ConnectionStatistics",
     "Connector",
-    "Conviction",
     "ConstantBackoff",
+    "Conviction",
     "DataReceived",
     "DecorrelatedJitterBackoff",
-    "Departure",
     "DEFAULT_BACKOFF",
     "DEFAULT_STOP_CODES",
+    "Departure",
     "Disconnected",
+    "ejection_cap",
+    "EjectionEvent",
     "Endpoint",
     "EndpointSource",
     "EqualJitterBackoff",
@@ -139,25 +176,36 @@ __all__ = [
     "GRPC_MIN_CONNECT_TIMEOUT",
     "Handler",
     "HandshakeComplete",
+    "HealthBoard",
+    "HealthComponent",
+    "HealthListener",
+    "HealthMonitor",
     "HealthStatus",
+    "HealthTarget",
+    "HEARTBEAT_BREAKER_CONFIG",
     "HeartbeatError",
     "HeartbeatProtocol",
     "HeartbeatTimeout",
     "Hello",
     "KeepaliveOptions",
     "Liveness",
+    "LivenessBinding",
     "LivenessRegistry",
-    "LocalHealth",
     "local_health",
+    "LocalHealth",
     "LocalProtocolError",
     "NEED_DATA",
     "open_connection",
+    "open_health_monitor",
     "open_reconnecting_client",
     "open_stream_connection",
+    "OutlierEjection",
+    "OutlierStatistics",
     "PeerHealthChanged",
     "PeerInfo",
     "PeerRecovered",
     "PeerSuspected",
+    "Permit",
     "PhiAccrualDetector",
     "Ping",
     "PingReceived",
@@ -180,6 +228,8 @@ __all__ = [
     "SupervisorState",
     "SupportsSockopt",
     "UndeliveredMessages",
+    "UnknownEndpoint",
+    "WindowKind",
 ]
 
 __version__ = "0.1.0"

@@ -43,12 +43,11 @@ from ._breaker import (
     CircuitBreaker,
     Permit,
 )
-from ._errors import HeartbeatError
+from ._errors import CircuitOpen
 
 __all__ = [
     "HEARTBEAT_BREAKER_CONFIG",
     "Breaker",
-    "CircuitOpen",
     "default_record_failure",
 ]
 
@@ -85,28 +84,6 @@ def default_record_failure(exc: BaseException) -> bool:
     """Any :exc:`Exception` is a failure; ``Cancelled``, ``KeyboardInterrupt`` and
     other :exc:`BaseException` (groups holding one included) are not."""
     return isinstance(exc, Exception)
-
-
-@final
-class CircuitOpen(HeartbeatError):
-    """A :class:`Breaker` refused the call: no request was made.
-
-    ``state`` is the breaker's state at the refusal; ``retry_after`` is how many
-    seconds until it will admit trial calls, when that is known (``OPEN``), and
-    ``None`` otherwise (forced open until liveness returns, or ``HALF_OPEN``
-    with every trial slot taken).
-    """
-
-    def __init__(self, state: BreakerState, retry_after: float | None = None) -> None:
-        wait = "" if retry_after is None else f", retry after {retry_after:.3f} s"
-        super().__init__(f"circuit breaker is {state.value}{wait}")
-        self.state = state
-        self.retry_after = retry_after
-
-    def __reduce__(self) -> tuple[object, ...]:
-        # ``args`` holds only the message; rebuild from the fields and keep
-        # anything else in the instance dict (``__notes__`` among them).
-        return (type(self), (self.state, self.retry_after), self.__dict__)
 
 
 Listener = Callable[[BreakerTransition], object]

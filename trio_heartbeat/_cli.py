@@ -23,6 +23,8 @@ import trio
 
 from ._adaptive import AdaptiveDetector
 from ._backoff import FullJitterBackoff
+from ._breaker import BreakerTransition
+from ._circuit import Breaker
 from ._config import Config
 from ._connection import Connection
 from ._detectors import FailureDetector, FixedTimeout
@@ -36,8 +38,9 @@ from ._events import (
     PingReceived,
     PongReceived,
 )
-from ._frames import Role
+from ._frames import HealthStatus, Role
 from ._handshake import CLIENT_LEAD
+from ._liveness_breaker import bind_breaker
 from ._options import ConnectionOptions
 from ._server import Server
 from ._supervisor import open_reconnecting_client
@@ -301,6 +304,8 @@ async def serve(args: argparse.Namespace) -> int:
 @dataclass
 class _RttReporter:
     every: float
+    #: Driven by the client's liveness; each heartbeat from a SERVING peer is a call.
+    breaker: Breaker | None = None
     last_report: float = float("-inf")
     #: The server's HELLO, until its verdict (the next frame) says we are in.
     handshake: HandshakeComplete | None = None
@@ -320,6 +325,14 @@ class _RttReporter:
             logger.debug(
                 "%s %s, peer %s", type(event).__name__, event.opaque.hex(), event.status.name
             )
+        if isinstance(event, (PingReceived, PongReceived)) and self.breaker is not None:
+            # connect makes no calls of its own: a SERVING heartbeat is its successful one.
+            now = trio.current_time()
+            permit = self.breaker.core.try_acquire(now)
+            if permit is not None and event.status is HealthStatus.SERVING:
+                permit.success(now)
+            elif permit is not None:
+                permit.release()
         if isinstance(event, PongReceived) and event.rtt is not None:
             now = trio.current_time()
             if now - self.last_report >= self.every:
@@ -335,10 +348,20 @@ class _RttReporter:
         lead = CLIENT_LEAD if conn.role is Role.CLIENT else 1.0
         name = handshake.peer.instance_id
         logger.info(
-            "handshake done%s, pinging every %.3f s",
+            "handshake done%s, peer health %s, pinging every %.3f s",
             f", peer id '{name}'" if name else "",
+            conn.peer_health.name if conn.peer_health is not None else "unknown",
             handshake.send_interval * lead,
         )
+
+
+def _report_breaker(transition: BreakerTransition) -> None:
+    logger.info(
+        "breaker %s -> %s: %s",
+        transition.previous.name,
+        transition.state.name,
+        transition.reason,
+    )
 
 
 async def _read_stdin_lines(send: trio.MemorySendChannel[bytes]) -> None:
@@ -399,14 +422,17 @@ async def connect(args: argparse.Namespace) -> int:
             nursery.start_soon(stop_on_signal)
             lines_in, lines_out = trio.open_memory_channel[bytes](16)
             nursery.start_soon(_read_stdin_lines, lines_in)
+            breaker = Breaker()
+            breaker.add_listener(_report_breaker)
             try:
                 async with open_reconnecting_client(
                     args.endpoints,
                     config=config,
                     options=_options(args),
                     backoff=backoff,
-                    connection_listeners=[_RttReporter(args.rtt_every)],
+                    connection_listeners=[_RttReporter(args.rtt_every, breaker)],
                 ) as client:
+                    bind_breaker(breaker, client)  # for the client's life
                     last_message = trio.current_time()
 
                     async def pump_stdin() -> None:

@@ -39,7 +39,14 @@ from trio.lowlevel import (
 
 from ._config import Config
 from ._errors import BrokenConnection, ConnectionClosed, HeartbeatTimeout, RemoteProtocolError
-from ._events import ConnectionEnded, Event, HandshakeComplete, Liveness, PongReceived
+from ._events import (
+    ConnectionEnded,
+    Event,
+    HandshakeComplete,
+    Liveness,
+    PeerHealthChanged,
+    PongReceived,
+)
 from ._frames import CloseCode, HealthStatus, Hello, Role
 from ._options import ConnectionOptions
 from ._outcome import (
@@ -55,7 +62,7 @@ from ._protocol import HeartbeatProtocol
 from ._reader import Reader
 from ._state import State
 from ._statistics import ConnectionStatistics
-from ._writer import BEST_EFFORT_SECONDS, Writer
+from ._writer import BEST_EFFORT_SECONDS, Writer, as_bytes
 
 __all__ = ["Connection", "EventListener", "as_bytes"]
 
@@ -76,6 +83,9 @@ _REFUSALS: Final = (CloseCode.POLICY_VIOLATION, CloseCode.TRY_AGAIN_LATER, Close
 #: Called synchronously, from the reader, with every event but DATA.
 EventListener = Callable[["Connection", Event], None]
 
+#: What may change the peer's reported health: wait_peer_health looks again.
+_HEALTH_NEWS: Final = (PeerHealthChanged, HandshakeComplete, ConnectionEnded)
+
 
 @final
 class Connection:
@@ -89,10 +99,9 @@ class Connection:
     ...     async for message in conn:
     ...         print(message)
 
-    :meth:`send` waits while the send queue is full; :meth:`receive` waits for
-    the next DATA. Both raise :class:`ConnectionClosed` (or a subclass) once the
-    connection has ended. Everything else (state, peer, RTT, counters) is read
-    without I/O.
+    :meth:`send` waits while the send queue is full; :meth:`receive` for the next
+    DATA; both raise :class:`ConnectionClosed` (or a subclass) once ended. The rest
+    (state, peer, RTT, counters) is read without I/O.
     """
 
     __slots__ = (
@@ -134,12 +143,10 @@ class Connection:
         # to them): nothing but the running tasks keeps a connection alive.
         self._writer = Writer(write_timeout)
         self._reader = Reader()
-        # The scope around the whole connection (tasks and the caller's block),
-        # cancelled on failure; set to the nursery's scope once the tasks start.
+        # The scope around the tasks and the caller's block, cancelled on failure.
         self._scope: trio.CancelScope | None = None
         self._opened = trio.Event()
-        # The task waiting for the end (a server's handler, say), and a lot
-        # for any more, made when a second one waits.
+        # The task waiting for the end (a server's handler), and a lot for any more.
         self._end_waiter: Task | None = None
         self._more_end_waiters: ParkingLot | None = None
         self._outcome: Outcome | None = None
@@ -177,7 +184,7 @@ class Connection:
 
     @property
     def peer_health(self) -> HealthStatus | None:
-        """The health status the peer last reported."""
+        """The health status the peer last reported (:meth:`wait_peer_health` waits for one)."""
         return self._core.peer_health
 
     @property
@@ -202,9 +209,8 @@ class Connection:
 
     @property
     def watchdog_deadline(self) -> float:
-        """When the watchdog gives up if nothing arrives: the handshake deadline, the failure
-        detector's verdict on a silent peer (the timeout alone while our application holds
-        the reader up), then the close timeout; ``inf`` once ended."""
+        """When the watchdog gives up if nothing comes: the handshake deadline, the detector's
+        verdict (the timeout alone while we hold the reader up), the close timeout; or inf."""
         return self._core.abort_deadline
 
     @property
@@ -236,13 +242,11 @@ class Connection:
     async def send(self, data: bytes) -> None:
         """Queue ``data`` as one DATA frame; waits while the send queue is full.
 
-        Always a cancellation point; it yields to other tasks only when it has
-        to wait for room, so that a burst of sends goes out in one write.
-
-        Raises :class:`ConnectionClosed` once the connection is closing or
-        closed, :class:`LocalProtocolError` (code 1009) for a message over
-        the peer's ``max_frame``, and :exc:`TypeError` for anything but bytes
-        (a ``bytearray`` or ``memoryview`` is copied, as it may change later).
+        Always a cancellation point; it yields only when it must wait for room, so
+        a burst of sends goes out in one write. Raises :class:`ConnectionClosed`
+        once closing or closed, :class:`LocalProtocolError` (1009) for a message
+        over the peer's ``max_frame``, :exc:`TypeError` for anything but bytes (a
+        ``bytearray`` or ``memoryview`` is copied, as it may change later).
         """
         await self._writer.send(self, data if type(data) is bytes else as_bytes(data))
 
@@ -251,29 +255,19 @@ class Connection:
         self._writer.send_nowait(self, data if type(data) is bytes else as_bytes(data))
 
     async def receive(self) -> bytes:
-        """Wait for the next DATA payload.
-
-        Always a cancellation point; it yields to other tasks only when no
-        DATA is waiting. Raises :class:`ConnectionClosed` (or the subclass
-        that says why) once the connection has ended and every DATA received
-        before is delivered.
-        """
+        """Wait for the next DATA payload. Always a cancellation point; it yields only
+        when no DATA waits. Raises :class:`ConnectionClosed` (or the subclass that
+        says why) once the connection has ended and every DATA before is delivered."""
         return await self._reader.receive(self)
 
     def receive_nowait(self) -> bytes:
-        """Like :meth:`receive`, but raises :class:`trio.WouldBlock` when no DATA is waiting.
-
-        Once the connection has ended it returns the DATA still queued, then
-        raises :class:`ConnectionClosed` (or the subclass that says why).
-        """
+        """Like :meth:`receive`, but raises :class:`trio.WouldBlock` when no DATA is waiting
+        (once ended: the DATA still queued, then :class:`ConnectionClosed`)."""
         return self._reader.receive_nowait(self)
 
     def take_unsent(self) -> list[bytes]:
-        """Once ended: the messages :meth:`send` queued that were never written, oldest first.
-
-        Only once (the queue is left empty), to send them elsewhere as the reconnecting
-        client does. Raises :class:`RuntimeError` while the connection is live.
-        """
+        """Once ended: the messages :meth:`send` queued that were never written, oldest
+        first, once (to send elsewhere); :class:`RuntimeError` while live."""
         if self._outcome is None:
             raise RuntimeError("take_unsent() is for a connection that has ended")
         return self._writer.take_unsent()
@@ -282,10 +276,8 @@ class Connection:
         return self
 
     async def __anext__(self) -> bytes:
-        # Not an async generator: leaving ``async for`` early (return, break,
-        # an exception) must leave nothing behind to finalize.
-        # Iteration ends quietly on an orderly close (1000, 1001), as with
-        # websockets; anything else raises so that it cannot go unnoticed.
+        # Not an async generator: leaving ``async for`` early leaves nothing to finalize.
+        # An orderly close (1000, 1001) ends it quietly; anything else raises.
         try:
             return await self._reader.receive(self)
         except ConnectionClosed as exc:
@@ -299,12 +291,11 @@ class Connection:
     async def ping(self) -> float:
         """Send a PING now (or as soon as the rate rule allows) and return its round trip.
 
-        Calls are spaced at least 5/8 of the send interval apart, a quarter more
-        than the rate rule's half, so that jitter on the way never turns a loop
-        of ``ping()`` calls into strikes. The PING is written from the calling
-        task (shielded, within the write timeout) unless the writer is at work.
-        Raises :class:`ConnectionClosed` if the connection ends first.
-        """
+        Calls are spaced 5/8 of the send interval apart (a quarter over the rate
+        rule's half: jitter never turns a loop of ``ping()`` calls into strikes).
+        The PING is written from the calling task (shielded, within the write
+        timeout) unless the writer is at work. :class:`ConnectionClosed` if the
+        connection ends first."""
         core = self._core
         await checkpoint_if_cancelled()
         while True:
@@ -334,6 +325,41 @@ class Connection:
         if not result:
             raise self._closed_error()
         return result[0]
+
+    async def wait_peer_health(self, *statuses: HealthStatus) -> HealthStatus:
+        """Sleep until the peer reports one of ``statuses`` (in a HELLO, PING or PONG) and
+        return it; :class:`ConnectionClosed` if the connection ends first."""
+        if not statuses:
+            raise ValueError("wait_peer_health needs at least one status")
+        await trio.lowlevel.checkpoint()
+        while (status := self._core.peer_health) not in statuses:
+            if self._outcome is not None:
+                raise self._outcome.exception()
+            await self._health_news()
+        assert status is not None
+        return status
+
+    async def _health_news(self) -> None:
+        changed = trio.Event()
+
+        def waker(_conn: Connection, event: Event) -> None:
+            if type(event) in _HEALTH_NEWS:
+                changed.set()
+
+        self.add_listener(waker)
+        try:
+            await changed.wait()
+        finally:
+            self.remove_listener(waker)
+
+    def add_listener(self, listener: EventListener) -> None:
+        """Call ``listener(connection, event)`` for every event but DATA from now on."""
+        self._listeners = (*self._listeners, listener)  # a new tuple: never shared
+
+    def remove_listener(self, listener: EventListener) -> None:
+        """Stop calling ``listener``; :exc:`ValueError` if it was not added."""
+        i = self._listeners.index(listener)
+        self._listeners = self._listeners[:i] + self._listeners[i + 1 :]
 
     def set_health(self, status: HealthStatus) -> None:
         """Report a new health status; the peer learns it within one PING."""
@@ -367,8 +393,7 @@ class Connection:
         return self._outcome.exception()
 
     def _wait_ended(self) -> Coroutine[object, object, object]:
-        """An awaitable that returns once the connection has ended. Not a coroutine function:
-        the caller awaits Trio's trap directly (a frame less per waiting handler)."""
+        """Awaitable once ended; not a coroutine (a frame less per waiting handler)."""
         if self._outcome is not None:
             return trio.lowlevel.checkpoint()  # noqa: ASYNC105 - awaited by the caller
         if self._end_waiter is None:
@@ -423,12 +448,8 @@ class Connection:
                 logger.exception("event listener %r failed on %r", listener, event)
 
     def _note_open(self) -> None:
-        """Open the caller's block once the handshake is settled for both sides.
-
-        Our HELLO must be on the wire (OPEN, nothing left to write), and a client
-        waits for the server's verdict on it: any frame after the server's HELLO,
-        a PING as a rule (THB/1 §3.1), so a refused client is never told it is in.
-        """
+        """Open the caller's block once our HELLO is on the wire and, for a client, the
+        server's verdict (a frame after its HELLO, THB/1 §3.1) says we are in."""
         if self._opened is _OPENED:
             return  # the common case, once the block has begun: every frame asks
         core = self._core
@@ -443,14 +464,9 @@ class Connection:
     # -- the ending -----------------------------------------------------------------------
 
     def _end(self, outcome: Outcome, ending: ConnectionEnded | None = None) -> None:
-        """Record how the connection ended, the one way every ending goes; failures cancel everything.
-
-        The first word wins: a later one (a write failing after an orderly
-        close, say) neither replaces it nor cancels the caller's block.
-        Listeners hear a :class:`ConnectionEnded` for every ending once it is
-        recorded: the core's own ``ending``, or one said here for the endings
-        the core does not report.
-        """
+        """Record how the connection ended, the one way every ending goes; failures cancel
+        everything. The first word wins. Listeners hear a :class:`ConnectionEnded` for
+        every ending once recorded (the core's ``ending``, or one made here)."""
         if self._outcome is not None:
             return
         self._outcome = outcome
@@ -458,11 +474,9 @@ class Connection:
             if ending is None:
                 ending = ConnectionEnded(outcome.code, outcome.reason, outcome.by_peer, False)
             self._notify(ending)
-        # Everyone waiting on the queues finds out now.
-        self._writer.ended()
+        self._writer.ended()  # everyone waiting on the queues finds out now
         self._reader.ended()
-        # No PONG can come any more: a ping() waiting for one must raise now,
-        # not when the block is left (an orderly close does not cancel it).
+        # No PONG can come: a ping() waiting must raise now (a close does not cancel it).
         for done, _ in (self._pings or {}).values():
             done.set()
         if self._end_waiter is not None:
@@ -474,9 +488,8 @@ class Connection:
             assert self._scope is not None  # failures come from the tasks, once started
             self._scope.cancel()
         elif self.opened_at is not None:
-            # An orderly end right after the handshake (a CLOSE that came with
-            # the peer's HELLO): the writer may never get to open the block,
-            # so open it here; the caller finds the connection closed.
+            # An orderly end right after the handshake (a CLOSE with the peer's HELLO):
+            # open the block here, the writer may never; the caller finds it closed.
             self._opened.set()
 
     def _ended_by(self, event: ConnectionEnded) -> None:
@@ -492,8 +505,7 @@ class Connection:
         outcome = from_ending(event, closed=closed, refused=refused)
         self._end(outcome, event)
         if closed:
-            # CLOSED has no deadline: a stale liveness or close deadline must
-            # not cancel the caller's block after an orderly close.
+            # CLOSED has no deadline: a stale one must not cancel the block after a close.
             self._reader.rearm(self)
             self._writer.wake(self)  # it flushes our answering CLOSE, then closes the stream
 
@@ -552,9 +564,8 @@ class Connection:
         """The block ended in order: close gracefully and wait for the peer's answer."""
         self._reader.stop_receiving()
         await self.aclose()
-        # Both tasks end by themselves once the close is done; a cancel now
-        # could cut off the CLOSE the writer is still sending in answer to the
-        # peer's, so it only comes late.
+        # Both tasks end by themselves once the close is done; a cancel now could cut
+        # off the CLOSE the writer still sends in answer to the peer's: only a late one.
         assert self._scope is not None
         self._scope.deadline = trio.current_time() + BEST_EFFORT_SECONDS
 
@@ -564,11 +575,8 @@ class Connection:
         self.close_nowait(CloseCode.GOING_AWAY, type(exc).__name__, flush=False)
 
     def _leaving(self) -> None:
-        """The block is over: no writer task is started from now on.
-
-        The nursery closes as soon as its last task ends, and another task may
-        still send or close meanwhile; what is left goes out in the last words.
-        """
+        """The block is over: no writer task is started from now on (another task may
+        still send or close; what is left goes out in the last words)."""
         self._writer.start(None)
 
     async def _finish(self) -> Outcome:
@@ -585,16 +593,7 @@ class Connection:
         linger = isinstance(outcome.cause, RemoteProtocolError)
         await self._writer.last_words(self, linger_after=linger)
         if outcome.cause is not None and outcome.cause.__traceback__ is not None:
-            # The cause was raised in our tasks, whose finished frames hold
-            # the connection: keep the traceback for the record, not the
-            # frames' variables, or the connection and its buffers would live
-            # until a full garbage collection.
+            # Raised in our tasks, whose finished frames hold the connection: keep the
+            # traceback, not the frames' variables (a cycle until a full collection).
             traceback.clear_frames(outcome.cause.__traceback__)
         return outcome
-
-
-def as_bytes(data: object) -> bytes:
-    """``data`` as a message, checked at the call (not later, in a task): a str is the usual slip."""
-    if isinstance(data, (bytes, bytearray, memoryview)):
-        return bytes(data)
-    raise TypeError(f"a message must be bytes, not {type(data).__name__}")

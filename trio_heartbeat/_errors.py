@@ -22,13 +22,17 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from enum import Enum
-from typing import final
+from typing import TYPE_CHECKING, final
+
+if TYPE_CHECKING:
+    from ._breaker import BreakerState
 
 #: The close code of an ending without any CLOSE frame (CloseCode.ABNORMAL_CLOSURE).
 _NO_CLOSE = 1006
 
 __all__ = [
     "BrokenConnection",
+    "CircuitOpen",
     "ConnectionClosed",
     "ConnectionRejected",
     "Conviction",
@@ -40,6 +44,7 @@ __all__ = [
     "ReconnectFailed",
     "RemoteProtocolError",
     "UndeliveredMessages",
+    "UnknownEndpoint",
     "UsageError",
     "describe_os_error",
 ]
@@ -217,6 +222,40 @@ class UndeliveredMessages(HeartbeatError):
     def __reduce__(self) -> tuple[object, ...]:
         # ``args`` holds only the message; the default would call ``cls(message)``.
         return (type(self), (self.messages, self.reason), self.__dict__)
+
+
+@final
+class CircuitOpen(HeartbeatError):
+    """A :class:`Breaker` refused the call: no request was made.
+
+    ``state`` is the breaker's state at the refusal; ``retry_after`` is how many
+    seconds until it will admit trial calls, when that is known (``OPEN``), and
+    ``None`` otherwise (forced open until liveness returns, or ``HALF_OPEN``
+    with every trial slot taken).
+    """
+
+    def __init__(self, state: BreakerState, retry_after: float | None = None) -> None:
+        wait = "" if retry_after is None else f", retry after {retry_after:.3f} s"
+        super().__init__(f"circuit breaker is {state.value}{wait}")
+        self.state = state
+        self.retry_after = retry_after
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # ``args`` holds only the message; rebuild from the fields and keep
+        # anything else in the instance dict (``__notes__`` among them).
+        return (type(self), (self.state, self.retry_after), self.__dict__)
+
+
+@final
+class UnknownEndpoint(HeartbeatError, KeyError):
+    """The endpoint is not one of an :class:`OutlierEjection`'s."""
+
+    def __init__(self, endpoint: str) -> None:
+        super().__init__(endpoint)
+        self.endpoint = endpoint
+
+    def __str__(self) -> str:  # KeyError would print the repr of its argument
+        return f"not an endpoint of this outlier ejection: {self.endpoint}"
 
 
 @final

@@ -32,6 +32,7 @@ current wait short. Every step is reported to listeners as a
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
@@ -55,7 +56,7 @@ from ._errors import (
     UndeliveredMessages,
     describe_os_error,
 )
-from ._frames import CloseCode
+from ._frames import CloseCode, HealthStatus
 from ._groups import forget_frames, only_cancelled, reraise_single
 from ._keepalive import KeepaliveOptions
 from ._mailbox import Mailbox
@@ -195,6 +196,16 @@ class ReconnectingClient:
         """Call ``listener(event)`` for every :class:`SupervisorEvent` from now on."""
         self._listeners.append(listener)
 
+    def remove_listener(self, listener: SupervisorListener) -> None:
+        """Stop calling ``listener``; :exc:`ValueError` if it was not added."""
+        self._listeners.remove(listener)
+
+    def set_health(self, status: HealthStatus) -> None:
+        """Report ``status`` on the open connection and every later one."""
+        self.config = dataclasses.replace(self.config, status=HealthStatus(status))
+        if self._connection is not None:
+            self._connection.set_health(self.config.status)
+
     # -- waiting -------------------------------------------------------------------
 
     async def wait_state(self, *states: SupervisorState) -> SupervisorState:
@@ -259,11 +270,8 @@ class ReconnectingClient:
             raise
 
     def nudge(self) -> None:
-        """Skip the rest of the current backoff wait and try again now.
-
-        During an attempt, skips the wait after it if it fails; while
-        connected, does nothing (a later drop still backs off).
-        """
+        """Skip the rest of the current backoff wait and try again now. During an attempt,
+        skips the wait after it if it fails; while connected, does nothing."""
         if self._state is SupervisorState.CONNECTED:
             return
         self._nudged = True
@@ -377,10 +385,8 @@ class ReconnectingClient:
     async def _attempt(
         self, host: str, port: int, endpoint: str, attempt: int
     ) -> tuple[ConnectionClosed, float | None]:
-        """One attempt and, if it opens, the connection's whole life.
-
-        Returns how it ended and, if it reached OPEN, for how long it was up.
-        """
+        """One attempt and, if it opens, the connection's whole life: how it ended and,
+        if it reached OPEN, for how long it was up."""
         connected_at: float | None = None
         opened: Connection | None = None
         try:
@@ -391,6 +397,8 @@ class ReconnectingClient:
                     connected_at = trio.current_time()
                     self.connections += 1
                     self._connection = conn
+                    if conn.health is not self.config.status:
+                        conn.set_health(self.config.status)  # set_health() during the handshake
                     self._set_state(SupervisorState.CONNECTED)
                     self._emit(Connected(attempt, endpoint, conn))
                     self._nudged = False  # a nudge skips a wait under way, not the next one
@@ -413,9 +421,8 @@ class ReconnectingClient:
             )
         except ConnectionClosed as exc:
             uptime = None if connected_at is None else trio.current_time() - connected_at
-            # Kept as a record of how it ended (in events, last_error,
-            # ReconnectFailed): without the traceback, whose frames would keep
-            # the ended connection and its buffers alive.
+            # Kept as a record (events, last_error, ReconnectFailed) without the traceback,
+            # whose frames would keep the ended connection and its buffers alive.
             return exc.with_traceback(None), uptime
         except trio.Cancelled as exc:
             # Trio may keep a Cancelled in a cycle of its own for a while; the
@@ -427,9 +434,8 @@ class ReconnectingClient:
             self._connection = None
             conn = None  # type: ignore[assignment]  # nor this frame, which the traceback holds
             if opened is not None:
-                # Nothing accepted is lost with the connection: what it was
-                # given and never wrote goes out on the next one, and what it
-                # received and nobody took yet goes to the inbox.
+                # Nothing accepted is lost: what it never wrote goes out on the next
+                # connection, what it received and nobody took goes to the inbox.
                 self._mailbox.recover(opened)
                 self._mailbox.collect(opened)
                 opened = None

@@ -56,7 +56,7 @@ from ._transport import linger, socket_fd, write_nowait
 if TYPE_CHECKING:
     from ._connection import Connection
 
-__all__ = ["BEST_EFFORT_SECONDS", "Writer"]
+__all__ = ["BEST_EFFORT_SECONDS", "Writer", "as_bytes"]
 
 #: The writer stops collecting queued DATA for one ``send_all`` past this many bytes.
 _BATCH_BYTES: Final = 256 * 1024
@@ -447,3 +447,10 @@ class Writer:
                     if linger_after:
                         await linger(conn.stream)
             await trio.aclose_forcefully(conn.stream)
+
+
+def as_bytes(data: object) -> bytes:
+    """``data`` as a message, checked at the call (not later, in a task): a str is the usual slip."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return bytes(data)
+    raise TypeError(f"a message must be bytes, not {type(data).__name__}")

@@ -1,0 +1,339 @@
+"""``HealthMonitor`` (``_health_monitor.py``): the health board on Trio, in virtual time.
+
+What it pins: a missed check-in changes the status at exactly its deadline,
+and a check-in recovers it at exactly that moment; the timer sleeps to the
+board's next deadline and wakes earlier when a registration or a recovery
+needs it; the status is published to every target at once (a server's peers
+see it in the next PING, one trip later, a reconnecting client's server in the
+next PING or a new HELLO); listeners and waiters hear each change once;
+targets are held weakly. Times are exact (``autojump_clock``).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import weakref
+
+import pytest
+import trio
+import trio.testing
+from helpers import ENDPOINT, connection_pair, echo, reconnecting
+from trio.testing import MockClock
+
+from trio_heartbeat._config import Config
+from trio_heartbeat._connection import Connection
+from trio_heartbeat._events import Event, PeerHealthChanged
+from trio_heartbeat._frames import HealthStatus
+from trio_heartbeat._health_monitor import (
+    HealthMonitor,
+    open_health_monitor,
+)
+from trio_heartbeat.testing import open_memory_network
+
+SERVING, DEGRADED, NOT_SERVING = (
+    HealthStatus.SERVING,
+    HealthStatus.DEGRADED,
+    HealthStatus.NOT_SERVING,
+)
+
+
+class Target:
+    """Anything with ``set_health``: notes each call with the virtual time."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[float, HealthStatus]] = []
+
+    def set_health(self, status: HealthStatus) -> None:
+        self.calls.append((trio.current_time(), status))
+
+
+class Changes:
+    """A health listener that notes (time, status, previous)."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[float, HealthStatus, HealthStatus]] = []
+
+    def __call__(self, status: HealthStatus, previous: HealthStatus) -> None:
+        self.seen.append((trio.current_time(), status, previous))
+
+
+async def test_a_missed_check_in_changes_the_status_at_exactly_its_deadline(
+    autojump_clock: MockClock,
+) -> None:
+    changes = Changes()
+    async with open_health_monitor() as health:
+        health.add_listener(changes)
+        await trio.sleep(0.25)
+        worker = health.register("worker", 2.0)
+        assert worker.deadline == 2.25
+        assert await health.wait_status(NOT_SERVING) is NOT_SERVING
+        assert trio.current_time() == 2.25
+        assert worker.status is NOT_SERVING
+        await trio.sleep(0.5)
+        worker.check_in()  # late: recovered at once
+        assert health.status is SERVING
+        assert (worker.deadline, worker.misses) == (4.75, 1)
+    assert changes.seen == [(2.25, NOT_SERVING, SERVING), (2.75, SERVING, NOT_SERVING)]
+
+
+async def test_check_ins_in_time_keep_it_serving_and_wake_nobody(autojump_clock: MockClock) -> None:
+    changes = Changes()
+    async with open_health_monitor() as health:
+        health.add_listener(changes)
+        worker = health.register("worker", 1.0)
+        for _ in range(10):
+            await trio.sleep(0.9)
+            worker.check_in()
+        assert health.status is SERVING
+        assert worker.misses == 0
+    assert changes.seen == []
+
+
+async def test_the_worst_wins_with_the_application_status(autojump_clock: MockClock) -> None:
+    changes = Changes()
+    async with open_health_monitor() as health:
+        health.add_listener(changes)
+        health.register("cache", 1.0, when_missed=DEGRADED)
+        health.register("db", 3.0)
+        await trio.sleep(5.0)
+        health.set_status(DEGRADED)  # the components already make it worse
+        health.unregister("db")
+        health.unregister("cache")
+        assert (health.status, health.application_status) == (DEGRADED, DEGRADED)
+        health.set_status(SERVING)
+    assert changes.seen == [
+        (1.0, DEGRADED, SERVING),
+        (3.0, NOT_SERVING, DEGRADED),
+        (5.0, DEGRADED, NOT_SERVING),  # db unregistered: the cache and the application
+        (5.0, SERVING, DEGRADED),
+    ]
+
+
+async def test_a_shorter_period_registered_later_wakes_the_timer_earlier(
+    autojump_clock: MockClock,
+) -> None:
+    async with open_health_monitor() as health:
+        health.register("slow", 10.0)
+        await trio.sleep(1.0)  # the timer sleeps until 10.0
+        health.register("fast", 0.5)
+        await health.wait_status(NOT_SERVING)
+        assert trio.current_time() == 1.5
+
+
+async def test_a_recovery_whose_new_deadline_comes_first_wakes_the_timer_for_it(
+    autojump_clock: MockClock,
+) -> None:
+    """After A misses at 1.0 the timer sleeps to B's 5.0; A's recovery at 2.0 gives it a
+    deadline of 3.0, which must not wait until 5.0 to be noticed."""
+    changes = Changes()
+    async with open_health_monitor() as health:
+        health.add_listener(changes)
+        a = health.register("a", 1.0)
+        health.register("b", 5.0, when_missed=DEGRADED)
+        await trio.sleep(2.0)
+        a.check_in()
+        await trio.sleep(1.5)
+    assert [(at, status) for at, status, _ in changes.seen] == [
+        (1.0, NOT_SERVING),
+        (2.0, SERVING),
+        (3.0, NOT_SERVING),
+    ]
+
+
+async def test_targets_hear_the_status_at_once_and_at_every_change(
+    autojump_clock: MockClock,
+) -> None:
+    first, second = Target(), Target()
+    async with open_health_monitor(first) as health:
+        assert first.calls == [(0.0, SERVING)]
+        health.register("job", 1.0, when_missed=DEGRADED)
+        await trio.sleep(0.5)
+        health.publish_to(second)
+        await trio.sleep(1.0)
+        health.stop_publishing(first)
+        health.stop_publishing(first)  # a no-op the second time
+        health.unregister("job")
+    assert first.calls == [(0.0, SERVING), (1.0, DEGRADED)]
+    assert second.calls == [(0.5, SERVING), (1.0, DEGRADED), (1.5, SERVING)]
+
+
+async def test_targets_are_held_weakly(autojump_clock: MockClock) -> None:
+    gc.disable()
+    try:
+        async with open_health_monitor() as health:
+            target = Target()
+            health.publish_to(target)
+            alive = weakref.ref(target)
+            del target
+            assert alive() is None
+            health.set_status(DEGRADED)  # nothing to publish to, nothing raised
+            assert "0 targets" in repr(health)
+    finally:
+        gc.enable()
+
+
+@pytest.mark.parametrize("registered_at", [2.3, 2.0])
+async def test_a_servers_peers_see_a_missed_check_in_one_trip_after_its_deadline(
+    autojump_clock: MockClock, registered_at: float
+) -> None:
+    """With 0.05 s each way, the server last PINGs at 2.1 (the rate rule allows the next
+    from 2.6). A worker missed at 2.6 goes out at once and the client reads it at 2.65,
+    one trip later; one missed at 2.3 waits for the rate rule, and is read at 2.65 too."""
+    seen: list[tuple[float, HealthStatus]] = []
+
+    def note(_conn: Connection, event: Event) -> None:
+        if isinstance(event, PeerHealthChanged):
+            seen.append((trio.current_time(), event.status))
+
+    async with open_memory_network() as network:
+        host = network.listen(ENDPOINT, echo)
+        host.faults.set_delay(0.05)
+        server = host.server
+        assert server is not None
+        async with (
+            open_health_monitor(server) as health,
+            reconnecting(network, connection_listeners=[note]) as client,
+        ):
+            conn = await client.wait_connected()
+            await trio.sleep_until(registered_at)
+            health.register("worker", 0.3)
+            assert await conn.wait_peer_health(NOT_SERVING) is NOT_SERVING
+            assert trio.current_time() == pytest.approx(2.65)
+            assert server.registry.snapshot()[0].health is SERVING  # the client's own
+    ((at, status),) = seen
+    assert status is NOT_SERVING
+    assert at == pytest.approx(2.65)
+
+
+async def test_a_reconnecting_client_reports_the_status_on_every_connection(
+    autojump_clock: MockClock,
+) -> None:
+    server_side: list[tuple[float, HealthStatus | None]] = []
+
+    async def watch(conn: Connection) -> None:
+        server_side.append((trio.current_time(), conn.peer_health))
+        status = await conn.wait_peer_health(DEGRADED)
+        server_side.append((trio.current_time(), status))
+        await echo(conn)
+
+    async with open_memory_network() as network:
+        host = network.listen(ENDPOINT, watch)
+        async with reconnecting(network) as client, open_health_monitor(client) as health:
+            await client.wait_connected()
+            health.set_status(DEGRADED)
+            assert client.config.status is DEGRADED
+            await trio.sleep(1.0)
+            host.kill()  # the next connection says DEGRADED in its HELLO
+            await trio.sleep(0.1)
+            await client.wait_connected()
+            await trio.sleep(1.0)
+    assert server_side[:2] == [(0.0, SERVING), (0.0, DEGRADED)]
+    assert server_side[2][1] is DEGRADED
+    assert server_side[3] == (server_side[2][0], DEGRADED)
+
+
+async def test_set_health_during_a_handshake_reaches_the_new_connection(
+    autojump_clock: MockClock,
+) -> None:
+    async with open_memory_network() as network:
+        network.listen(ENDPOINT, echo).faults.set_delay(0.5)
+        async with reconnecting(network) as client:
+            await trio.sleep(0.1)  # our HELLO is out with SERVING, the server's is not in
+            client.set_health(NOT_SERVING)
+            conn = await client.wait_connected()
+            assert conn.health is NOT_SERVING
+
+
+async def test_a_failing_listener_is_logged_and_the_others_still_hear(
+    autojump_clock: MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    changes = Changes()
+
+    def broken(status: HealthStatus, previous: HealthStatus) -> None:
+        raise RuntimeError("listener bug")
+
+    async with open_health_monitor() as health:
+        health.add_listener(broken)
+        health.add_listener(changes)
+        with caplog.at_level(logging.INFO, logger="trio_heartbeat"):
+            health.register("worker", 1.0)
+            await trio.sleep(1.5)
+        health.remove_listener(broken)
+        with pytest.raises(ValueError, match="not in list"):
+            health.remove_listener(broken)
+    assert changes.seen == [(1.0, NOT_SERVING, SERVING)]
+    messages = [record.getMessage() for record in caplog.records]
+    assert "health SERVING -> NOT_SERVING (missed: worker)" in messages
+    assert any(message.startswith("health listener") for message in messages)
+
+
+async def test_a_component_used_as_a_context_manager_unregisters_on_the_way_out(
+    autojump_clock: MockClock,
+) -> None:
+    async with open_health_monitor() as health:
+        with health.register("job", 1.0, when_missed=DEGRADED) as job:
+            assert "job" in health
+            assert len(health) == 1
+            await trio.sleep(1.25)
+            assert health.status is DEGRADED
+            assert [c.status for c in health.components()] == [DEGRADED]
+        assert not job.registered
+        assert "job" not in health
+        assert health.status is SERVING
+        job.check_in()  # ignored once unregistered
+        job.unregister()  # idempotent
+        assert health.status is SERVING
+        assert len(health) == 0
+        assert (job.name, job.period, job.when_missed) == ("job", 1.0, DEGRADED)
+        assert repr(job).startswith("<HealthComponent 'job'")
+
+
+async def test_without_its_timer_a_miss_is_noticed_at_the_next_poll(
+    autojump_clock: MockClock,
+) -> None:
+    health = HealthMonitor()
+    a = health.register("a", 1.0)
+    b = health.register("b", 5.0)
+    await trio.sleep(2.0)
+    assert health.status is SERVING  # nobody polled
+    b.check_in()
+    assert health.status is NOT_SERVING
+    a.check_in()
+    assert health.status is SERVING
+
+
+async def test_the_timer_runs_once_per_monitor(autojump_clock: MockClock) -> None:
+    health = HealthMonitor()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(health.run)
+        with pytest.raises(RuntimeError, match="already running"):
+            await health.run()
+        nursery.cancel_scope.cancel()
+    async with trio.open_nursery() as nursery:  # and again, once the first has stopped
+        await nursery.start(health.run)
+        nursery.cancel_scope.cancel()
+
+
+async def test_wait_status_returns_at_once_and_needs_a_status(autojump_clock: MockClock) -> None:
+    health = HealthMonitor(DEGRADED)
+    assert await health.wait_status(SERVING, DEGRADED) is DEGRADED
+    with pytest.raises(ValueError, match="at least one"):
+        await health.wait_status()
+    with pytest.raises(ValueError, match="positive, finite"):
+        health.register("x", 0.0)
+    small = HealthMonitor(max_components=1)
+    small.register("one", 1.0)
+    with pytest.raises(ValueError, match="already holds 1"):
+        small.register("two", 1.0)
+    assert repr(small) == "<HealthMonitor SERVING, 1 components, 0 targets>"
+
+
+async def test_a_connection_can_be_a_target(autojump_clock: MockClock) -> None:
+    async with (
+        connection_pair(client_config=Config(interval=1.0, timeout=3.0)) as pair,
+        open_health_monitor(pair.client) as health,
+    ):
+        health.set_status(DEGRADED)
+        assert pair.client.health is DEGRADED
+        assert await pair.server.wait_peer_health(DEGRADED) is DEGRADED
