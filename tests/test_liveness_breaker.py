@@ -10,6 +10,9 @@ stops all of it. Times are exact (``autojump_clock``).
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import trio
 import trio.lowlevel
@@ -34,7 +37,7 @@ from trio_heartbeat._connection import Connection
 from trio_heartbeat._errors import CircuitOpen, HeartbeatTimeout
 from trio_heartbeat._events import ConnectionEnded, Event
 from trio_heartbeat._frames import HealthStatus, Role
-from trio_heartbeat._liveness_breaker import bind_breaker
+from trio_heartbeat._liveness_breaker import LivenessBinding, bind_breaker
 from trio_heartbeat._stream_connection import open_stream_connection
 from trio_heartbeat.testing import open_memory_network
 
@@ -280,3 +283,27 @@ async def test_unbinding_stops_driving_the_breaker(autojump_clock: MockClock) ->
 async def test_only_connections_and_clients_can_be_bound(autojump_clock: MockClock) -> None:
     with pytest.raises(TypeError, match="not str"):
         bind_breaker(Breaker(), "server:9000")  # type: ignore[arg-type]
+
+
+async def test_an_ended_connection_is_not_kept_alive_by_its_binding(
+    autojump_clock: MockClock,
+) -> None:
+    """Without the collector, the ended connection goes as soon as nobody holds it: the
+    binding (still held, the breaker still forced open) lets go of it at its end."""
+    breaker = Breaker()
+    stream, peer = stream_and_peer(Role.CLIENT)
+    held: list[LivenessBinding] = []
+    gc.disable()
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(handshake_then_serve, peer)
+            async with open_stream_connection(stream, role=Role.SERVER, config=CONFIG) as conn:
+                held.append(bind_breaker(breaker, conn))
+                gone = weakref.ref(conn)
+            del conn
+        del stream, peer
+        assert gone() is None
+        assert state_of(breaker) is S.FORCED_OPEN
+        assert held[0].breaker is breaker
+    finally:
+        gc.enable()

@@ -96,6 +96,7 @@ class LivenessBinding:
         closed = conn.closed
         if closed is not None:
             self._ended(closed.code, closed.reason)
+            self._follow(None)
         elif conn.peer_health is HealthStatus.NOT_SERVING:
             self.breaker.force_open("peer reports NOT_SERVING")
         elif conn.peer_health is HealthStatus.SERVING and conn.opened_at is not None:
@@ -115,6 +116,9 @@ class LivenessBinding:
         elif kind is ConnectionEnded:
             assert isinstance(event, ConnectionEnded)
             self._ended(event.code, event.reason)
+            # Nothing more can come: let go of it (it and we would be a cycle that
+            # keeps an ended connection alive until a full collection).
+            self._follow(None)
 
     def _ended(self, code: int, reason: str) -> None:
         self.breaker.force_open(f"connection ended: {code} {reason}".rstrip())
