@@ -386,6 +386,53 @@ def test_repr_names_the_state_and_counts() -> None:
     )
 
 
+def test_a_trial_that_hangs_opens_the_breaker_again_after_max_trial_duration() -> None:
+    """Half open at 10.0 (after a trip at 0.0); a trial admitted at 12.0 never ends: at
+    22.0, ten seconds later, the breaker opens again for the doubled wait, and the hung
+    permit, settled at last, decides nothing."""
+    breaker = CircuitBreaker(config(max_trial_duration=10.0))
+    moves: list[BreakerTransition] = []
+    breaker.add_listener(moves.append)
+    trip(breaker, 0.0)
+    breaker.handle_timeout(10.0)
+    assert breaker.next_transition is None  # no trial under way: no limit running
+    hung = breaker.try_acquire(12.0)
+    assert hung is not None
+    quick = breaker.try_acquire(15.0)
+    assert quick is not None
+    assert breaker.next_transition == 22.0  # the oldest trial's
+    breaker.handle_timeout(21.999)
+    assert breaker.state is HALF_OPEN
+    breaker.handle_timeout(22.0)
+    assert breaker.state is OPEN
+    assert moves[-1].reason == "a trial call still under way after 10 s"
+    assert breaker.next_transition == 42.0  # the second trip in a row: 20 s
+    hung.success(23.0)
+    quick.failure(23.0)
+    assert breaker.state is OPEN
+    assert breaker.statistics().consecutive_trips == 2
+
+
+def test_the_limit_follows_the_oldest_trial_still_under_way() -> None:
+    """Trials that settle or are released no longer count; the next oldest sets the time."""
+    breaker = CircuitBreaker(config(max_trial_duration=5.0, permitted_calls_in_half_open=3))
+    trip(breaker, 0.0)
+    first, second = breaker.try_acquire(10.0), breaker.try_acquire(11.0)
+    assert first is not None
+    assert second is not None
+    assert breaker.next_transition == 15.0
+    first.release()
+    assert breaker.next_transition == 16.0
+    second.success(12.0)
+    assert breaker.next_transition is None
+    assert breaker.state is HALF_OPEN
+    third = breaker.try_acquire(13.0)
+    assert third is not None
+    assert breaker.next_transition == 18.0
+    breaker.force_open(14.0, "convicted")
+    assert breaker.next_transition is None  # forced open waits for liveness alone
+
+
 def test_defaults_are_resilience4j_s_with_a_growing_wait() -> None:
     """The default config, and a breaker built without one."""
     breaker = CircuitBreaker()
@@ -400,6 +447,7 @@ def test_defaults_are_resilience4j_s_with_a_growing_wait() -> None:
     assert (cfg.slow_call_duration, cfg.permitted_calls_in_half_open) == (60.0, 10)
     assert (cfg.wait_in_open, cfg.open_backoff_factor, cfg.max_wait_in_open) == (60.0, 2.0, 600.0)
     assert cfg.open_jitter == 0.2
+    assert cfg.max_trial_duration == math.inf  # resilience4j's 0: wait for ever
     assert breaker.state is CLOSED
     assert breaker.statistics().state_since == 0.0
 
@@ -426,6 +474,8 @@ def test_defaults_are_resilience4j_s_with_a_growing_wait() -> None:
         ({"open_backoff_factor": 0.5}, "open_backoff_factor"),
         ({"open_backoff_factor": math.inf}, "open_backoff_factor"),
         ({"open_jitter": 1.5}, "open_jitter"),
+        ({"max_trial_duration": 0.0}, "max_trial_duration"),
+        ({"max_trial_duration": math.nan}, "max_trial_duration"),
     ],
 )
 def test_invalid_configs_raise_value_error(overrides: dict[str, Any], message: str) -> None:
@@ -487,9 +537,17 @@ class BreakerMachine(RuleBasedStateMachine):
         failure=st.sampled_from([25.0, 50.0, 100.0]),
         slow=st.sampled_from([50.0, 100.0]),
         cap=st.integers(1, 3),
+        trial_limit=st.sampled_from([math.inf, 5.0]),
     )
     def build(
-        self, kind: WindowKind, size: int, minimum: int, failure: float, slow: float, cap: int
+        self,
+        kind: WindowKind,
+        size: int,
+        minimum: int,
+        failure: float,
+        slow: float,
+        cap: int,
+        trial_limit: float,
     ) -> None:
         if kind is WindowKind.COUNT:
             minimum = min(minimum, size)
@@ -501,6 +559,7 @@ class BreakerMachine(RuleBasedStateMachine):
             slow_call_rate_threshold=slow,
             slow_call_duration=SLOW,
             permitted_calls_in_half_open=cap,
+            max_trial_duration=trial_limit,
             wait_in_open=3.0,
             max_wait_in_open=12.0,
             open_jitter=0.5,
@@ -544,11 +603,14 @@ class BreakerMachine(RuleBasedStateMachine):
 
     @rule()
     def timeout(self) -> None:
-        due = self.breaker.next_transition
+        due, was = self.breaker.next_transition, self.breaker.state
         self.breaker.handle_timeout(self.now)
         if due is not None and self.now >= due:
-            assert self.breaker.state is HALF_OPEN
+            # OPEN's wait is over, or a trial has been under way too long.
+            assert self.breaker.state is (HALF_OPEN if was is OPEN else OPEN)
             assert self.log[-1].at == self.now
+        else:
+            assert self.breaker.state is was
 
     @rule()
     def acquire(self) -> None:
@@ -620,11 +682,17 @@ class BreakerMachine(RuleBasedStateMachine):
             assert self.model.trial_admitted <= self.config.permitted_calls_in_half_open
 
     @invariant()
-    def only_open_has_a_deadline(self) -> None:
-        deadline = self.breaker.next_transition
-        assert (deadline is not None) is (self.breaker.state is OPEN)
-        if deadline is not None:
+    def only_open_and_a_trial_under_way_have_a_deadline(self) -> None:
+        deadline, state = self.breaker.next_transition, self.breaker.state
+        if state is OPEN:
+            assert deadline is not None
             assert 0 < deadline - self.breaker.statistics().state_since <= 12.0
+            return
+        out = [h.started for h in self.held if h.epoch == self.model.epoch]
+        if state is HALF_OPEN and out and math.isfinite(self.config.max_trial_duration):
+            assert deadline == min(out) + self.config.max_trial_duration
+        else:
+            assert deadline is None
 
 
 BreakerMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=60)

@@ -369,6 +369,25 @@ async def test_default_config_and_repr(autojump_clock: trio.abc.Clock) -> None:
     assert 4.0 <= stats.open_until - trio.current_time() <= 6.0
 
 
+async def test_a_hung_trial_opens_the_default_breaker_again_after_30_s(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Forced open, restored at 1.0: a trial that never returns holds one slot until 31.0,
+    when the breaker opens again; the task waiting in wait_state wakes at exactly then,
+    and the hung call, cancelled at last, changes nothing."""
+    breaker = Breaker()
+    breaker.force_open("convicted")
+    await trio.sleep(1.0)
+    breaker.liveness_restored()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(breaker.call, trio.sleep_forever)
+        assert await breaker.wait_state(S.OPEN) is S.OPEN
+        assert trio.current_time() == 31.0
+        nursery.cancel_scope.cancel()
+    assert breaker.state is S.OPEN
+    assert breaker.statistics().in_flight == 0
+
+
 @pytest.mark.parametrize("retry_after", [None, 2.5])
 @pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
 def test_circuit_open_pickles(retry_after: float | None, protocol: int) -> None:

@@ -130,6 +130,9 @@ class BreakerConfig:
     slow_call_duration: float = 60.0
     #: Trial calls admitted while ``HALF_OPEN``, and the outcomes that decide it.
     permitted_calls_in_half_open: int = 10
+    #: Seconds a trial call may stay unsettled before ``HALF_OPEN`` gives up on it and
+    #: opens again (a trial that hangs would hold its slot for ever); ``math.inf``: never.
+    max_trial_duration: float = math.inf
     #: Seconds ``OPEN`` lasts after the first trip in a row.
     wait_in_open: float = 60.0
     #: Each further trip in a row multiplies the wait by this much.
@@ -162,6 +165,10 @@ class BreakerConfig:
         if not self.slow_call_duration > 0:
             raise ValueError(
                 f"slow_call_duration must be above 0 seconds, not {self.slow_call_duration!r}"
+            )
+        if not self.max_trial_duration > 0:
+            raise ValueError(
+                f"max_trial_duration must be above 0 seconds, not {self.max_trial_duration!r}"
             )
         if not (math.isfinite(self.wait_in_open) and self.wait_in_open > 0):
             raise ValueError(f"wait_in_open must be finite and above 0, not {self.wait_in_open!r}")
@@ -380,6 +387,7 @@ class CircuitBreaker:
         "_state",
         "_trial_admitted",
         "_trials",
+        "_trials_out",
         "_trips",
         "_waits",
         "_window",
@@ -399,6 +407,8 @@ class CircuitBreaker:
         self._rejected = 0
         self._trips = self._consecutive_trips = 0
         self._open_until: float | None = None
+        # The trial calls under way in this HALF_OPEN, oldest first.
+        self._trials_out: list[Permit] = []
         self._waits = self.config.open_waits()
 
     # -- observing -------------------------------------------------------------
@@ -410,8 +420,14 @@ class CircuitBreaker:
 
     @property
     def next_transition(self) -> float | None:
-        """When :meth:`handle_timeout` should next be called: ``open_until``, or ``None``."""
-        return self._open_until
+        """When :meth:`handle_timeout` should next be called: the end of ``OPEN``, the
+        moment the oldest trial under way in ``HALF_OPEN`` has taken
+        ``max_trial_duration``, or ``None``."""
+        if self._open_until is not None:
+            return self._open_until
+        if self._trials_out and math.isfinite(self.config.max_trial_duration):
+            return self._trials_out[0].started + self.config.max_trial_duration
+        return None
 
     def add_listener(self, listener: Listener) -> None:
         """Call ``listener(transition)`` at every transition from now on."""
@@ -456,7 +472,8 @@ class CircuitBreaker:
     def try_acquire(self, now: float) -> Permit | None:
         """A permit to make a call at ``now``, or ``None`` if the breaker refuses it."""
         self.handle_timeout(now)
-        if self._state is BreakerState.HALF_OPEN:
+        trial = self._state is BreakerState.HALF_OPEN
+        if trial:
             admitted = self._trial_admitted < self.config.permitted_calls_in_half_open
             if admitted:
                 self._trial_admitted += 1
@@ -466,13 +483,23 @@ class CircuitBreaker:
             self._rejected += 1
             return None
         self._in_flight += 1
-        return Permit(self, now, self._epoch)
+        permit = Permit(self, now, self._epoch)
+        if trial:
+            self._trials_out.append(permit)
+        return permit
 
     def handle_timeout(self, now: float) -> None:
-        """Move ``OPEN`` to ``HALF_OPEN`` if its wait is over at ``now``."""
+        """Move ``OPEN`` to ``HALF_OPEN`` if its wait is over at ``now``, and ``HALF_OPEN``
+        back to ``OPEN`` if a trial has been under way for ``max_trial_duration``."""
         self._observe(now)
-        if self._open_until is not None and now >= self._open_until:
+        until = self.next_transition
+        if until is None or now < until:
+            return
+        if self._state is BreakerState.OPEN:
             self._move(BreakerState.HALF_OPEN, now, "open wait over")
+        else:
+            limit = self.config.max_trial_duration
+            self._move(BreakerState.OPEN, now, f"a trial call still under way after {limit:g} s")
 
     def force_open(self, now: float, reason: str) -> bool:
         """Open the breaker until :meth:`liveness_restored`; ``False`` if it already was."""
@@ -516,6 +543,7 @@ class CircuitBreaker:
         self._in_flight -= 1
         if permit._epoch == self._epoch and self._state is BreakerState.HALF_OPEN:
             self._trial_admitted -= 1
+            self._trials_out.remove(permit)
 
     def _record(self, permit: Permit, now: float, *, failed: bool) -> None:
         self._observe(now)
@@ -526,6 +554,7 @@ class CircuitBreaker:
         if self._state is BreakerState.CLOSED:
             self._window.record(now, failed, slow)
         else:  # only CLOSED and HALF_OPEN admit calls
+            self._trials_out.remove(permit)
             self._trials.record(now, failed, slow)
         calls, failures, slow_calls = self._deciding_totals()
         if calls < self._deciding_minimum():
@@ -550,6 +579,7 @@ class CircuitBreaker:
         self._since = now
         self._epoch += 1
         self._open_until = None
+        self._trials_out = []
         if state is BreakerState.OPEN:
             self._trips += 1
             self._consecutive_trips += 1

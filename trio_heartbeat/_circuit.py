@@ -18,7 +18,8 @@ exit records a success (slow if it took longer than ``slow_call_duration``),
 an exception that ``record_failure`` accepts records a failure, and anything
 else, cancellation above all, *releases* the permit: it counts for nothing and,
 while ``HALF_OPEN``, gives its trial slot back, so a cancelled trial can never
-hold the breaker half open for ever.
+hold the breaker half open for ever; one that hangs uncancelled is given up on
+after the config's ``max_trial_duration`` (the breaker opens again).
 
 Listeners hear of every transition as a :class:`~._breaker.BreakerTransition`;
 one that raises is logged on the ``trio_heartbeat`` logger and the others still
@@ -63,9 +64,10 @@ Ts = TypeVarTuple("Ts")
 #: restarting peer to come back and short enough that callers do not notice a
 #: stale rejection (a liveness binding lifts it earlier anyway); repeated trips
 #: double it up to a minute, so a long outage costs at most one probe a minute.
-#: Three trial calls decide ``HALF_OPEN``. A call is slow after 10 s, but only a
-#: window of nothing but slow calls trips on slowness (the liveness detector,
-#: not the breaker, is the judge of a peer that has stalled).
+#: Three trial calls decide ``HALF_OPEN``, and a trial still under way after 30 s
+#: opens it again (a trial that hangs cannot hold it half open). A call is slow
+#: after 10 s, but only a window of nothing but slow calls trips on slowness (the
+#: liveness detector, not the breaker, is the judge of a peer that has stalled).
 HEARTBEAT_BREAKER_CONFIG: Final = BreakerConfig(
     window_size=20,
     minimum_number_of_calls=10,
@@ -73,6 +75,7 @@ HEARTBEAT_BREAKER_CONFIG: Final = BreakerConfig(
     slow_call_rate_threshold=100.0,
     slow_call_duration=10.0,
     permitted_calls_in_half_open=3,
+    max_trial_duration=30.0,
     wait_in_open=5.0,
     open_backoff_factor=2.0,
     max_wait_in_open=60.0,
@@ -243,6 +246,8 @@ class Breaker:
         now = trio.current_time()
         permit = self._core.try_acquire(now)
         if permit is not None:
+            if self._core.state is BreakerState.HALF_OPEN:
+                self._wake()  # a trial under way moves next_transition: waiters look again
             return permit
         state = self._core.state
         until = self._core.next_transition
@@ -262,9 +267,12 @@ class Breaker:
         else:
             permit.release()
 
-    def _on_transition(self, transition: BreakerTransition) -> None:
+    def _wake(self) -> None:
         self._changed.set()
         self._changed = trio.Event()
+
+    def _on_transition(self, transition: BreakerTransition) -> None:
+        self._wake()
         for listener in list(self._listeners):
             try:
                 listener(transition)
