@@ -26,6 +26,7 @@ import itertools
 import math
 import os
 import re
+import signal
 import struct
 import subprocess
 import sys
@@ -1226,6 +1227,19 @@ class ServeProcess:
         return self.stderr_path.read_text()
 
 
+async def reap(process: trio.Process) -> None:
+    """Kill ``process`` (resumed first, if a test stopped it), wait for it, close its pipes:
+    shielded, for a ``finally`` that a cancellation may be running through."""
+    with trio.CancelScope(shield=True):
+        if process.returncode is None:
+            process.send_signal(signal.SIGCONT)
+        process.kill()
+        await process.wait()
+        for pipe in (process.stdin, process.stdout, process.stderr):
+            if pipe is not None:
+                await pipe.aclose()
+
+
 @asynccontextmanager
 async def run_serve_process(log_dir: Path, *options: str) -> AsyncIterator[ServeProcess]:
     """Start ``serve`` with ``options`` and wait for its ``listening on HOST:PORT`` line.
@@ -1257,8 +1271,4 @@ async def run_serve_process(log_dir: Path, *options: str) -> AsyncIterator[Serve
         assert match is not None, line
         yield ServeProcess(process, match[1].decode(), int(match[2]), stderr_path)
     finally:
-        process.kill()
-        with trio.CancelScope(shield=True):
-            await process.wait()
-            if process.stdout is not None:
-                await process.stdout.aclose()
+        await reap(process)

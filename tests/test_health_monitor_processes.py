@@ -39,6 +39,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from helpers import reap
 
 from trio_heartbeat import (
     HEARTBEAT_BREAKER_CONFIG,
@@ -140,12 +141,7 @@ async def worker_server(log_dir: Path) -> AsyncIterator[WorkerServer]:
         server.host, server.port = listening[1], int(listening[2])
         yield server
     finally:
-        process.kill()
-        with trio.CancelScope(shield=True):
-            await process.wait()
-            for pipe in (process.stdin, process.stdout):
-                if pipe is not None:
-                    await pipe.aclose()
+        await reap(process)
 
 
 # -- the client's calls -----------------------------------------------------------------

@@ -46,7 +46,7 @@ from pathlib import Path
 import pytest
 import trio
 import trustme
-from helpers import LOOPBACK, SERVE_STARTUP, ServeProcess, run_serve_process
+from helpers import LOOPBACK, SERVE_STARTUP, ServeProcess, reap, run_serve_process
 
 from trio_heartbeat import (
     Config,
@@ -168,13 +168,7 @@ async def run_connect_process(log_dir: Path, *arguments: str) -> AsyncIterator[C
     try:
         yield ConnectProcess(process, stderr_path)
     finally:
-        process.send_signal(signal.SIGCONT)
-        process.kill()
-        with trio.CancelScope(shield=True):
-            await process.wait()
-            for pipe in (process.stdin, process.stdout):
-                if pipe is not None:
-                    await pipe.aclose()
+        await reap(process)
 
 
 @asynccontextmanager
@@ -240,11 +234,7 @@ async def tls_serve_process(
         assert match is not None, received
         yield ServeProcess(process, match[1].decode(), int(match[2]), stderr_path)
     finally:
-        process.send_signal(signal.SIGCONT)
-        process.kill()
-        with trio.CancelScope(shield=True):
-            await process.wait()
-            await stdout.aclose()
+        await reap(process)
 
 
 # -- reading logs ------------------------------------------------------------------------
