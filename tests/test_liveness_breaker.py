@@ -111,7 +111,8 @@ async def test_not_serving_opens_it_and_only_a_serving_heartbeat_lets_it_half_op
     ]
 
     async def body(conn: Connection) -> None:
-        with bind_breaker(breaker, conn):
+        with bind_breaker(breaker, conn) as binding:
+            assert repr(binding) == f"<LivenessBinding {breaker!r} to {conn!r}>"
             await trio.sleep_until(2.5)
             assert state_of(breaker) is S.FORCED_OPEN
             assert await breaker.call_with_fallback(conn.ping, fallback=fallback) == -1.0
@@ -168,9 +169,13 @@ async def test_binding_to_a_connection_that_has_ended_opens_it_at_once(
         nursery.start_soon(handshake_then_serve, peer)
         async with open_stream_connection(stream, role=Role.SERVER, config=CONFIG) as conn:
             ended.append(conn)
-    bind_breaker(breaker, ended[0])
+    moves = Moves(breaker)
+    binding = bind_breaker(breaker, ended[0])
     assert state_of(breaker) is S.FORCED_OPEN
     assert breaker.statistics().state_since == trio.current_time()
+    # A CLOSE 1000 with no reason: the code alone, no trailing space.
+    assert moves.seen == [(trio.current_time(), S.FORCED_OPEN, "connection ended: 1000")]
+    assert repr(binding) == f"<LivenessBinding {breaker!r} to None>"  # let go of at once
 
 
 async def test_a_reconnecting_client_opens_it_while_disconnected_and_no_call_gets_through(
@@ -224,7 +229,7 @@ async def test_a_reconnecting_client_opens_it_while_disconnected_and_no_call_get
                 await client.wait_connected()
                 second = trio.current_time()
                 assert state_of(breaker) is S.HALF_OPEN
-                assert "LivenessBinding" in repr(binding)
+                assert repr(binding) == f"<LivenessBinding {breaker!r} to {client!r}>"
     assert reached == [first] * trials
     assert 3.0 < second < 3.5
     assert moves.states() == [
@@ -307,3 +312,75 @@ async def test_an_ended_connection_is_not_kept_alive_by_its_binding(
         assert held[0].breaker is breaker
     finally:
         gc.enable()
+
+
+async def test_binding_to_a_connection_whose_peer_said_not_serving_opens_it_at_once(
+    autojump_clock: MockClock,
+) -> None:
+    """Bound after the handshake to a connection whose server said NOT_SERVING in its HELLO:
+    FORCED_OPEN at that instant, saying why."""
+    breaker = Breaker()
+    moves = Moves(breaker)
+    async with open_memory_network() as network:
+        network.listen(ENDPOINT, echo, config=Config(status=HealthStatus.NOT_SERVING))
+        async with reconnecting(network) as client:
+            conn = await client.wait_connected()
+            await trio.sleep(0.5)
+            with bind_breaker(breaker, conn):
+                assert state_of(breaker) is S.FORCED_OPEN
+    assert moves.seen == [(0.5, S.FORCED_OPEN, "peer reports NOT_SERVING")]
+
+
+async def test_a_degraded_server_keeps_a_forced_open_breaker_open_until_it_serves(
+    autojump_clock: MockClock,
+) -> None:
+    """Bound before the first connection (forced open, not connected): the server's HELLO
+    and PINGs say DEGRADED, which lifts nothing; SERVING from 2.0 half-opens it at that
+    PING (no delay on this network)."""
+    breaker = Breaker()
+    moves = Moves(breaker)
+    async with open_memory_network() as network:
+        host = network.listen(ENDPOINT, echo, config=Config(status=HealthStatus.DEGRADED))
+        server = host.server
+        assert server is not None
+        async with reconnecting(network) as client:
+            with bind_breaker(breaker, client):
+                conn = await client.wait_connected()
+                assert conn.peer_health is HealthStatus.DEGRADED
+                await trio.sleep_until(2.0)
+                assert state_of(breaker) is S.FORCED_OPEN
+                server.set_health(HealthStatus.SERVING)
+                await trio.sleep(0.5)
+    assert moves.seen == [
+        (0.0, S.FORCED_OPEN, "not connected"),
+        (2.0, S.HALF_OPEN, "liveness restored"),
+    ]
+
+
+async def test_only_a_disconnection_or_the_stop_forces_a_hand_lifted_breaker_open_again(
+    autojump_clock: MockClock,
+) -> None:
+    """Connected at 0.0; the host goes down at 1.0 (FORCED_OPEN at the connection's end);
+    lifted by hand at 1.5. The refused attempt at 2.0 and the backoff around it leave it
+    HALF_OPEN; the client stopping at 2.5 forces it open again, as "disconnected"."""
+    breaker = Breaker()
+    moves = Moves(breaker)
+    async with open_memory_network() as network:
+        host = network.listen(ENDPOINT, echo)
+        async with reconnecting(network, backoff=[1.0] * 5) as client:
+            await client.wait_connected()
+            binding = bind_breaker(breaker, client)
+            await trio.sleep_until(1.0)
+            host.down()
+            await trio.sleep_until(1.5)
+            assert breaker.liveness_restored()
+            await trio.sleep_until(2.5)
+            assert client.attempts == 2
+            assert state_of(breaker) is S.HALF_OPEN
+        assert trio.current_time() == 2.5
+    binding.unbind()
+    assert moves.seen == [
+        (1.0, S.FORCED_OPEN, "connection ended: 1006 connection lost: the connection was reset"),
+        (1.5, S.HALF_OPEN, "liveness restored"),
+        (2.5, S.FORCED_OPEN, "disconnected"),
+    ]

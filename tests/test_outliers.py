@@ -23,7 +23,12 @@ from hypothesis import strategies as st
 from trio_heartbeat import ConstantBackoff, SupervisorState
 from trio_heartbeat._breaker import BreakerConfig, BreakerState
 from trio_heartbeat._errors import CircuitOpen, HeartbeatError, UnknownEndpoint
-from trio_heartbeat._outliers import EjectionEvent, OutlierEjection, ejection_cap
+from trio_heartbeat._outliers import (
+    EjectionEvent,
+    OutlierEjection,
+    OutlierStatistics,
+    ejection_cap,
+)
 from trio_heartbeat._reconnect_events import AttemptStarted, Connected
 from trio_heartbeat.testing import open_memory_network
 
@@ -65,9 +70,10 @@ def events(heard: list[EjectionEvent]) -> list[tuple[str, bool, float]]:
 
 
 async def test_ejected_when_the_breaker_opens_and_back_at_half_open(
-    autojump_clock: trio.abc.Clock,
+    autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """An opened breaker ejects its endpoint at once; the end of the open wait returns it."""
+    """An opened breaker ejects its endpoint at once; the end of the open wait returns it;
+    the trial that closes it is no event, and nothing is logged on the way."""
     pool = OutlierEjection([A, B, C], config=CONFIG)
     heard: list[EjectionEvent] = []
     pool.add_listener(heard.append)
@@ -85,6 +91,7 @@ async def test_ejected_when_the_breaker_opens_and_back_at_half_open(
     assert pool.breaker(A).state is S.CLOSED
     assert len(heard) == 2
     assert pool.statistics().ejections == 1
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 async def test_a_forced_open_ejects_until_liveness_is_restored(
@@ -138,8 +145,15 @@ async def test_the_cap_keeps_the_third_failing_endpoint_in_the_rotation(
     assert called == [C, D, C, D]
     with pytest.raises(Boom):
         await pool.call(fail, 0.5)  # C's turn: it fails, counted apart
-    stats = pool.statistics()
-    assert (stats.over_cap, stats.over_cap_calls, stats.over_cap_failures) == ((C,), 3, 1)
+    assert pool.statistics() == OutlierStatistics(
+        endpoints=4,
+        max_ejected=2,
+        ejected=(A, B),
+        over_cap=(C,),
+        ejections=2,
+        over_cap_calls=3,
+        over_cap_failures=1,
+    )
     assert pool.breaker(C).state is S.OPEN
     assert pool.breaker(C).statistics().calls == 2  # the two that tripped it, nothing since
     pool.breaker(A).liveness_restored()  # A returns: C, still shut, takes its place
@@ -188,6 +202,13 @@ async def test_zero_percent_ejects_nothing(autojump_clock: trio.abc.Clock) -> No
     assert pool.statistics().over_cap == (A, C)
     assert pool.available() == [A, B, C]  # all may be dialled
     assert [await pool.call(answer) for _ in range(4)] == [A, B, A, B]
+    for _ in range(2):
+        with pytest.raises(Boom):
+            await pool.call(fail, 0.5)  # A's turn, over the cap: each failure counted
+        assert await pool.call(answer) == B
+    stats = pool.statistics()
+    assert (stats.over_cap_calls, stats.over_cap_failures) == (4, 2)
+    assert trio.current_time() == 3.0
 
 
 async def test_calls_go_round_robin_over_the_available_endpoints(
@@ -285,7 +306,10 @@ async def test_a_failing_listener_is_logged_and_the_others_still_hear(
         pool.breaker(A).force_open("peer convicted")
     assert events(heard) == [(A, True, 0.0)]
     assert removed == []
-    assert "outlier listener" in caplog.text
+    event = EjectionEvent(A, True, 0.0, "peer convicted")
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [
+        f"outlier listener {faulty!r} failed on {event!r}"
+    ]
     with pytest.raises(ValueError, match="x"):
         pool.remove_listener(removed.append)
 
@@ -303,10 +327,12 @@ async def test_endpoints_are_normalised_and_checked(autojump_clock: trio.abc.Clo
     assert isinstance(error, HeartbeatError)
     assert str(error) == "not an endpoint of this outlier ejection: other:1"
     assert pickle.loads(pickle.dumps(error)).endpoint == "other:1"
-    with pytest.raises(ValueError, match="at least one"):
+    with pytest.raises(ValueError, match=r"^at least one endpoint is needed$"):
         OutlierEjection([])
-    with pytest.raises(ValueError, match="twice: h:1"):
+    with pytest.raises(ValueError, match=r"^endpoints listed twice: h:1$"):
         OutlierEjection(["h:1", ("h", 1)])
+    with pytest.raises(ValueError, match=r"^endpoints listed twice: g:1, h:1$"):
+        OutlierEjection(["h:1", "g:1", ("h", 1), "g:1"])
     with pytest.raises(TypeError, match="not one"):
         OutlierEjection("h:1")
     with pytest.raises(ValueError, match="port"):
@@ -317,6 +343,63 @@ async def test_endpoints_are_normalised_and_checked(autojump_clock: trio.abc.Clo
     for wrong in (True, "50"):
         with pytest.raises(TypeError, match="number"):
             OutlierEjection([A], max_ejection_percent=wrong)  # type: ignore[arg-type]
+
+
+async def test_the_default_cap_is_half_rounded_down(autojump_clock: trio.abc.Clock) -> None:
+    """Without ``max_ejection_percent``, 50%: 25 of 51 endpoints (51% would allow 26)."""
+    pool = OutlierEjection([f"h{i}:1" for i in range(51)], config=CONFIG)
+    assert pool.statistics().max_ejected == 25
+
+
+async def test_the_wait_left_is_exact_under_a_second_too(autojump_clock: trio.abc.Clock) -> None:
+    """One endpoint, OPEN from 2.0 until 7.0: refused at 6.75, retry_after is 0.25."""
+    pool = OutlierEjection([A], config=CONFIG)
+    await trip(pool, A)
+    await trio.sleep_until(6.75)
+    with pytest.raises(CircuitOpen) as info:
+        await pool.call(answer)
+    assert (info.value.state, info.value.retry_after) == (S.OPEN, 0.25)
+    assert trio.current_time() == 6.75
+
+
+async def test_the_arguments_reach_fn_after_the_endpoint(autojump_clock: trio.abc.Clock) -> None:
+    """``call`` and ``call_with_fallback`` pass their arguments on, through a breaker and
+    past one over the cap alike."""
+
+    async def tagged(endpoint: str, tag: str, n: int) -> str:
+        await trio.lowlevel.checkpoint()
+        return f"{endpoint}/{tag}/{n}"
+
+    async def unused(exc: Exception) -> str:
+        raise AssertionError("no fallback expected") from exc
+
+    pool = OutlierEjection([A, B, C], config=CONFIG, max_ejection_percent=0)
+    assert await pool.call(tagged, "x", 1) == "a:1/x/1"
+    assert await pool.call_with_fallback(tagged, "y", 2, fallback=unused) == "b:1/y/2"
+    await trip(pool, C)  # over the cap at 0%: called past its breaker
+    assert await pool.call(tagged, "z", 3) == "c:1/z/3"
+    assert pool.statistics().over_cap_calls == 1
+
+
+async def test_record_failure_is_every_breakers_rule(autojump_clock: trio.abc.Clock) -> None:
+    """Errors that ``record_failure`` does not count leave the endpoint's breaker closed;
+    counted ones trip it (two in a row here)."""
+
+    async def broken(endpoint: str) -> str:
+        await trio.lowlevel.checkpoint()
+        raise KeyError(endpoint)
+
+    pool = OutlierEjection([A], config=CONFIG, record_failure=lambda exc: isinstance(exc, Boom))
+    for _ in range(2):
+        with pytest.raises(KeyError):
+            await pool.call(broken)
+    assert pool.breaker(A).state is S.CLOSED
+    assert pool.ejected() == ()
+    for _ in range(2):
+        with pytest.raises(Boom):
+            await pool.call(fail)
+    assert pool.ejected() == (A,)
+    assert trio.current_time() == 2.0
 
 
 # -- as the reconnecting client's endpoint source ----------------------------------------
