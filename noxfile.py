@@ -174,7 +174,10 @@ def mutate_own(session: nox.Session) -> None:
         session.chdir(scratch)
         if (scratch / "mutants").exists():
             # mutmut keeps its verdicts: try the last run's survivors again,
-            # by name, against the tests as they are now.
+            # by name, against the tests as they are now. Its record of which
+            # tests reach which function is made again: a test that now reaches
+            # a function it did not would otherwise not be run on its mutants.
+            (scratch / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
             listed = str(session.run("mutmut", "results", silent=True) or "")
             again = [
                 line.rsplit(":", 1)[0].strip()

@@ -395,3 +395,26 @@ async def test_a_components_repr_renames_its_own_prefix_only(autojump_clock: Moc
     assert repr(odd) == (
         "<HealthComponent '<Component' every 1.0 s, deadline 1.0, NOT_SERVING when missed>"
     )
+
+
+async def test_a_change_made_by_a_listener_supersedes_the_one_being_announced(
+    autojump_clock: MockClock,
+) -> None:
+    """The first listener answers NOT_SERVING at 1.0 with a check-in: SERVING again at
+    once. Everyone hears NOT_SERVING then SERVING, in that order, and the later listener
+    never hears the stale NOT_SERVING after the SERVING (it hears only SERVING)."""
+    first, later = Changes(), Changes()
+    async with open_health_monitor() as health:
+        a = health.register("a", 1.0)
+
+        def recover(status: HealthStatus, previous: HealthStatus) -> None:
+            first(status, previous)
+            if status is NOT_SERVING:
+                a.check_in()
+
+        health.add_listener(recover)
+        health.add_listener(later)
+        await trio.sleep(1.5)
+        assert health.status is SERVING
+    assert first.seen == [(1.0, NOT_SERVING, SERVING), (1.0, SERVING, NOT_SERVING)]
+    assert later.seen == [(1.0, SERVING, NOT_SERVING)]

@@ -246,7 +246,12 @@ class HealthMonitor:
         self._targets.discard(target)
 
     def add_listener(self, listener: HealthListener) -> None:
-        """Call ``listener(status, previous)`` at every change; its errors are logged."""
+        """Call ``listener(status, previous)`` at every change; its errors are logged.
+
+        A listener may change the status itself (a check-in, ``set_status``): that
+        change is announced at once, and the listeners after it do not hear the
+        older one (they hear only the newer, with the older as ``previous``).
+        """
         self._listeners.append(listener)
 
     def remove_listener(self, listener: HealthListener) -> None:
@@ -311,6 +316,10 @@ class HealthMonitor:
         for target in list(self._targets):
             target.set_health(status)
         for listener in list(self._listeners):
+            if board.reported is not status:
+                # A listener changed it again: that change was announced in full,
+                # to everyone; the rest must not hear this older one after it.
+                return
             try:
                 listener(status, previous)
             except Exception:
