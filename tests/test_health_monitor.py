@@ -292,13 +292,16 @@ async def test_a_component_used_as_a_context_manager_unregisters_on_the_way_out(
 async def test_without_its_timer_a_miss_is_noticed_at_the_next_poll(
     autojump_clock: MockClock,
 ) -> None:
+    """No timer: the miss at 1.0 is announced only when somebody acts or looks, at 2.0."""
+    changes = Changes()
     health = HealthMonitor()
+    health.add_listener(changes)
     a = health.register("a", 1.0)
     b = health.register("b", 5.0)
     await trio.sleep(2.0)
-    assert health.status is SERVING  # nobody polled
+    assert changes.seen == []  # nobody polled
     b.check_in()
-    assert health.status is NOT_SERVING
+    assert changes.seen == [(2.0, NOT_SERVING, SERVING)]
     a.check_in()
     assert health.status is SERVING
 
@@ -418,3 +421,18 @@ async def test_a_change_made_by_a_listener_supersedes_the_one_being_announced(
         assert health.status is SERVING
     assert first.seen == [(1.0, NOT_SERVING, SERVING), (1.0, SERVING, NOT_SERVING)]
     assert later.seen == [(1.0, SERVING, NOT_SERVING)]
+
+
+async def test_reading_the_status_at_a_deadline_takes_it_into_account(
+    autojump_clock: MockClock,
+) -> None:
+    """Whichever task runs first at 1.0, the timer or the reader: the reader sees the miss
+    (and the listeners hear it once)."""
+    changes = Changes()
+    health = HealthMonitor()  # no timer at all: only reading polls
+    health.add_listener(changes)
+    health.register("a", 1.0)
+    await trio.sleep(1.0)
+    assert health.status is NOT_SERVING
+    assert health.status is NOT_SERVING
+    assert changes.seen == [(1.0, NOT_SERVING, SERVING)]

@@ -176,7 +176,7 @@ class HealthMonitor:
 
     def __repr__(self) -> str:
         return (
-            f"<HealthMonitor {self.status.name}, {len(self._board)} components, "
+            f"<HealthMonitor {self._board.reported.name}, {len(self._board)} components, "
             f"{len(self._targets)} targets>"
         )
 
@@ -184,8 +184,9 @@ class HealthMonitor:
 
     @property
     def status(self) -> HealthStatus:
-        """The derived status as last published (the worst of the application's and the
-        components')."""
+        """The derived status now (the worst of the application's and the components'): a
+        deadline that has come is taken into account, and published, when it is read."""
+        self._poll()
         return self._board.reported
 
     @property
@@ -263,7 +264,7 @@ class HealthMonitor:
         if not statuses:
             raise ValueError("wait_status needs at least one status")
         await trio.lowlevel.checkpoint()
-        while (status := self._board.reported) not in statuses:
+        while (status := self.status) not in statuses:
             await self._woken.wait()
         return status
 
