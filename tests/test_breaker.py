@@ -702,3 +702,21 @@ class BreakerMachine(RuleBasedStateMachine):
 
 BreakerMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=60)
 TestBreakerMachine = BreakerMachine.TestCase
+
+
+def test_a_core_listener_that_moves_the_breaker_again_supersedes_the_move_it_heard() -> None:
+    """As in the Trio layer: the listeners after one that moved the breaker hear only the
+    newer move, never the older one after it."""
+    breaker = CircuitBreaker(config())
+    later: list[BreakerState] = []
+
+    def reopen(transition: BreakerTransition) -> None:
+        if transition.state is HALF_OPEN:
+            breaker.force_open(transition.at, "still not serving")
+
+    breaker.add_listener(reopen)
+    breaker.add_listener(lambda transition: later.append(transition.state))
+    breaker.force_open(1.0, "convicted")
+    breaker.liveness_restored(2.0)
+    assert breaker.state is FORCED_OPEN
+    assert later == [FORCED_OPEN, FORCED_OPEN]

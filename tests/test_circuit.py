@@ -403,3 +403,26 @@ def test_circuit_open_pickles(retry_after: float | None, protocol: int) -> None:
         assert (copied.state, copied.retry_after) == (S.OPEN, retry_after)
         assert str(copied) == str(exc)
         assert copied.__notes__ == ["while calling the peer"]
+
+
+async def test_a_listener_that_moves_the_breaker_again_supersedes_the_move_it_heard(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """The first listener answers HALF_OPEN with force_open: the second hears the forced
+    open and never the stale HALF_OPEN after it, so its last word is the true state."""
+    breaker = Breaker(CONFIG)
+    first: list[BreakerState] = []
+    later: list[BreakerState] = []
+
+    def reopen(transition: BreakerTransition) -> None:
+        first.append(transition.state)
+        if transition.state is S.HALF_OPEN:
+            breaker.force_open("still not serving")
+
+    breaker.add_listener(reopen)
+    breaker.add_listener(lambda transition: later.append(transition.state))
+    breaker.force_open("convicted")
+    breaker.liveness_restored()
+    assert breaker.state is S.FORCED_OPEN
+    assert first == [S.FORCED_OPEN, S.HALF_OPEN, S.FORCED_OPEN]
+    assert later == [S.FORCED_OPEN, S.FORCED_OPEN]

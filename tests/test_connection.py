@@ -519,14 +519,14 @@ async def test_set_health_pings_at_once_within_the_rate_rule(autojump_clock: Moc
         conn.set_health(HealthStatus.DEGRADED)  # no PING yet: at once
         await trio.sleep(0.25)
         conn.set_health(HealthStatus.DEGRADED)  # no change, no PING
-        conn.set_health(HealthStatus.NOT_SERVING)  # rate rule: not before 0.25 + 0.5
+        conn.set_health(HealthStatus.NOT_SERVING)  # rate rule: 0.25 + 0.5, then a margin
         assert conn.health is HealthStatus.NOT_SERVING
         await trio.sleep(2.0)
     pings = [(frame.at, frame.status) for frame in peer.of_type(FrameType.PING)]
     assert pings == [
         (0.25, HealthStatus.DEGRADED),
-        (0.75, HealthStatus.NOT_SERVING),
-        (0.75 + 1.0 * CLIENT_LEAD, HealthStatus.NOT_SERVING),  # the next regular one
+        (0.875, HealthStatus.NOT_SERVING),
+        (0.875 + 1.0 * CLIENT_LEAD, HealthStatus.NOT_SERVING),  # the next regular one
     ]
 
 

@@ -246,9 +246,9 @@ async def test_a_reconnecting_client_opens_it_while_disconnected_and_no_call_get
 async def test_a_server_going_not_serving_opens_the_clients_breaker_one_trip_later(
     autojump_clock: MockClock,
 ) -> None:
-    """With 0.05 s each way, the server says NOT_SERVING at 2.6 (its rate rule allows a
-    PING then): the client's breaker opens at 2.65; SERVING at 5.0 reaches it at 5.05,
-    and the breaker half-opens at that PING."""
+    """With 0.05 s each way, the server says NOT_SERVING at 2.8 (5/8 of an interval after
+    its last PING, so it goes at once): the client's breaker opens at 2.85; SERVING at
+    5.0 reaches it at 5.05, and the breaker half-opens at that PING."""
     breaker = Breaker()
     moves = Moves(breaker)
     async with open_memory_network() as network:
@@ -259,14 +259,14 @@ async def test_a_server_going_not_serving_opens_the_clients_breaker_one_trip_lat
         async with reconnecting(network) as client:
             await client.wait_connected()
             bind_breaker(breaker, client)
-            await trio.sleep_until(2.6)
+            await trio.sleep_until(2.8)
             server.set_health(HealthStatus.NOT_SERVING)
             await trio.sleep_until(5.0)
             server.set_health(HealthStatus.SERVING)
             await trio.sleep_until(6.0)
     (opened, first), (half_opened, second) = moves.states()[:2]
     assert (first, second) == (S.FORCED_OPEN, S.HALF_OPEN)
-    assert opened == pytest.approx(2.65)
+    assert opened == pytest.approx(2.85)
     assert half_opened == pytest.approx(5.05)
 
 
@@ -384,3 +384,25 @@ async def test_only_a_disconnection_or_the_stop_forces_a_hand_lifted_breaker_ope
         (1.5, S.HALF_OPEN, "liveness restored"),
         (2.5, S.FORCED_OPEN, "disconnected"),
     ]
+
+
+async def test_a_stopped_client_is_not_kept_alive_by_its_binding(
+    autojump_clock: MockClock,
+) -> None:
+    """Without the collector, the client goes once it has stopped and nobody holds it:
+    the binding (still held) lets go of it at its Stopped event."""
+    breaker = Breaker()
+    gc.disable()
+    try:
+        async with open_memory_network() as network:
+            network.listen(ENDPOINT, echo)
+            async with reconnecting(network) as client:
+                binding = bind_breaker(breaker, client)
+                await client.wait_connected()
+            gone = weakref.ref(client)
+            del client
+            assert gone() is None
+        assert state_of(breaker) is S.FORCED_OPEN
+        assert repr(binding).endswith("to None>")
+    finally:
+        gc.enable()

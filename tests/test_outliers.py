@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from trio_heartbeat import ConstantBackoff, SupervisorState
 from trio_heartbeat._breaker import BreakerConfig, BreakerState
 from trio_heartbeat._errors import CircuitOpen, HeartbeatError, UnknownEndpoint
+from trio_heartbeat._liveness_breaker import bind_breaker
 from trio_heartbeat._outliers import (
     EjectionEvent,
     OutlierEjection,
@@ -439,6 +440,43 @@ async def test_an_endpoint_ejected_while_connected_is_not_dialled_again(
             assert client.state is SupervisorState.CONNECTED
     assert [(at, e.endpoint) for at, e in record.of(AttemptStarted)] == [(0.0, A), (1.0, B)]
     assert record.times(Connected) == [0.0, 1.0]
+
+
+async def test_a_peer_forced_open_is_dialled_again_once_no_other_admits_calls(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A and B at 50%, each connection bound to its endpoint's breaker. A dies at 1.0 and
+    is back at 5.0; B dies for good at 10.0. Only a connection to A can lift A's forced
+    open, so with no breaker admitting calls the client must dial A again: it does at
+    11.0 (after its 1 s backoff), and A's SERVING verdict brings A back. (A pool that
+    offered only endpoints not ejected kept dialling the dead B for ever.)"""
+    pool = OutlierEjection([A, B], config=CONFIG)
+    record = Recorder()
+
+    def bind(event: object) -> None:
+        if isinstance(event, Connected):
+            bind_breaker(pool.breaker(event.endpoint), event.connection)
+
+    async with open_memory_network() as network:
+        host_a = network.listen(A, echo)
+        host_b = network.listen(B, echo)
+        async with reconnecting(network, pool, record, backoff=ConstantBackoff(1.0)) as client:
+            client.add_listener(bind)
+            await client.wait_connected()
+            await trio.sleep_until(1.0)
+            host_a.down()
+            await trio.sleep_until(5.0)
+            host_a.up(echo)
+            await trio.sleep_until(10.0)
+            host_b.down()
+            await trio.sleep_until(12.0)
+            assert client.state is SupervisorState.CONNECTED
+            assert pool.breaker(A).state is S.HALF_OPEN
+            assert pool.ejected() == (B,)
+    attempts = [(at, e.endpoint) for at, e in record.of(AttemptStarted)]
+    assert attempts == [(0.0, A), (2.0, B), (11.0, A)]
+    assert record.times(Connected) == [0.0, 2.0, 11.0]
+    assert [(at, e.endpoint) for at, e in record.of(Connected)][-1][1] == A
 
 
 async def test_the_callable_source_lists_the_available_endpoints(

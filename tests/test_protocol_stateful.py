@@ -61,6 +61,7 @@ from trio_heartbeat._frames import (
     decode_hello,
 )
 from trio_heartbeat._handshake import CLIENT_LEAD
+from trio_heartbeat._pings import ANNOUNCE_MARGIN
 
 TICK = 1 / 16
 TERMINAL = (State.CLOSED, State.ERROR)
@@ -553,8 +554,10 @@ class WiredPair(RuleBasedStateMachine):
         if changed and side.hello_sent and proto.state in (State.HANDSHAKE, State.OPEN):
             side.health_ping_due = True
         if changed and proto.state is State.OPEN:
-            # As early as the rate rule allows, never later than the send rule.
-            allowed = max(proto.earliest_ping, self.now)
+            # At once if the rate rule allows it, else an eighth of an interval after it
+            # does; never later than the send rule.
+            margin = proto.send_interval * ANNOUNCE_MARGIN
+            allowed = max(proto.earliest_ping + margin, self.now)
             assert proto.ping_deadline == min(allowed, side.last_sent + side.ping_after)
         self.settle()
 

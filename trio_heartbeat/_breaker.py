@@ -593,4 +593,6 @@ class CircuitBreaker:
             self._waits = self.config.open_waits()
         transition = BreakerTransition(previous, state, now, reason)
         for listener in list(self._listeners):
+            if self._state is not state:
+                break  # a listener moved it again: the later ones heard that, not this
             listener(transition)

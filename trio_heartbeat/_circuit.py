@@ -274,6 +274,8 @@ class Breaker:
     def _on_transition(self, transition: BreakerTransition) -> None:
         self._wake()
         for listener in list(self._listeners):
+            if self._core.state is not transition.state:
+                return  # a listener moved it again: the later ones heard that, not this
             try:
                 listener(transition)
             except Exception:

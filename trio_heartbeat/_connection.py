@@ -58,6 +58,7 @@ from ._outcome import (
     protocol_error,
     transport_failed,
 )
+from ._pings import ANNOUNCE_MARGIN
 from ._protocol import HeartbeatProtocol
 from ._reader import Reader
 from ._state import State
@@ -68,8 +69,6 @@ __all__ = ["Connection", "EventListener", "as_bytes"]
 
 logger = logging.getLogger("trio_heartbeat")
 
-#: Extra spacing of ping() calls beyond the rate rule's half a send interval, as a fraction of it.
-_PING_MARGIN: Final = 0.125
 
 #: The reader task's name, shared by every connection (Trio would build a string per task).
 _READER_NAME: Final = "trio_heartbeat.Connection.reader"
@@ -307,7 +306,7 @@ class Connection:
                 or self._outcome is not None  # a broken transport leaves the core OPEN
             ):
                 raise self._closed_error()
-            next_at = core.earliest_ping + core.send_interval * _PING_MARGIN
+            next_at = core.earliest_ping + core.send_interval * ANNOUNCE_MARGIN
             if trio.current_time() >= next_at:
                 break
             await trio.sleep_until(next_at)

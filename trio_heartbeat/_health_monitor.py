@@ -33,11 +33,12 @@ import weakref
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from types import TracebackType
-from typing import NoReturn, Protocol, final
+from typing import Final, NoReturn, Protocol, final
 
 import trio
 
 from ._frames import HealthStatus
+from ._groups import reraise_single
 from ._health import MAX_COMPONENTS, Component, ComponentSnapshot, HealthBoard
 
 __all__ = [
@@ -49,6 +50,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger("trio_heartbeat")
+
+#: How many missed components a log line names.
+_NAMED: Final = 10
 
 #: Called as ``listener(status, previous)`` at every change of the derived status.
 HealthListener = Callable[[HealthStatus, HealthStatus], None]
@@ -238,7 +242,8 @@ class HealthMonitor:
     # -- publishing -----------------------------------------------------------------
 
     def publish_to(self, target: HealthTarget) -> None:
-        """Call ``target.set_health(status)`` now and at every change (held weakly)."""
+        """Call ``target.set_health(status)`` now and at every change (held weakly; an
+        exception from it at a change is logged, and the others are still told)."""
         target.set_health(self._board.reported)
         self._targets.add(target)
 
@@ -307,15 +312,13 @@ class HealthMonitor:
         status = board.poll(now)
         if status is None:
             return
-        missed = [c.name for c in board.components(now) if c.status is not HealthStatus.SERVING]
-        logger.info(
-            "health %s -> %s%s",
-            previous.name,
-            status.name,
-            f" (missed: {', '.join(missed)})" if missed else "",
-        )
+        if logger.isEnabledFor(logging.INFO):  # naming the missed walks every component
+            logger.info("health %s -> %s%s", previous.name, status.name, _missed(board, now))
         for target in list(self._targets):
-            target.set_health(status)
+            try:
+                target.set_health(status)
+            except Exception:
+                logger.exception("health target %r failed on %s", target, status.name)
         for listener in list(self._listeners):
             if board.reported is not status:
                 # A listener changed it again: that change was announced in full,
@@ -327,6 +330,14 @@ class HealthMonitor:
                 logger.exception("health listener %r failed on %s", listener, status.name)
         self._woken.set()
         self._woken = trio.Event()
+
+
+def _missed(board: HealthBoard, now: float) -> str:
+    names = [c.name for c in board.components(now) if c.status is not HealthStatus.SERVING]
+    if not names:
+        return ""
+    more = f" and {len(names) - _NAMED} more" if len(names) > _NAMED else ""
+    return f" (missed: {', '.join(names[:_NAMED])}{more})"
 
 
 @asynccontextmanager
@@ -347,9 +358,12 @@ async def open_health_monitor(
     monitor = HealthMonitor(status, max_components=max_components)
     for target in targets:
         monitor.publish_to(target)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(monitor.run)
-        try:
-            yield monitor
-        finally:
-            nursery.cancel_scope.cancel()
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(monitor.run)
+            try:
+                yield monitor
+            finally:
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        reraise_single(group)  # what the block raised, as itself

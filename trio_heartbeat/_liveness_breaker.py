@@ -138,6 +138,10 @@ class LivenessBinding:
         elif kind is Disconnected or kind is Stopped:
             self._follow(None)
             self.breaker.force_open("disconnected")
+            if kind is Stopped and self._client is not None:
+                # Stopped for good: let go of it (it and we would be a cycle).
+                self._client.remove_listener(self._on_supervisor)
+                self._client = None
 
 
 def bind_breaker(breaker: Breaker, source: Connection | ReconnectingClient) -> LivenessBinding:

@@ -127,12 +127,15 @@ class OutlierEjection:
     >>> trio.run(demo)
 
     As an endpoint source for ``open_reconnecting_client``, ``async for`` over
-    it yields the next endpoint to dial, round-robin over those not ejected at
-    that moment: the client asks before every attempt, so it never dials an
-    endpoint that is ejected then. Called, it returns :meth:`available`. When
-    every endpoint is ejected (only when the cap is all of them: one endpoint,
-    or 100 percent) both offer them all, as an empty list would make the client
-    give up; its backoff paces the attempts.
+    it yields the next endpoint to dial, round-robin over what calling it
+    returns at that moment (the client asks before every attempt): the
+    endpoints whose breaker admits calls, and only when there is none, the
+    others but those ejected on their failure rate until their open wait is
+    over. An endpoint that liveness forced open stays dialable then, since only
+    a new connection can show that its peer is back (a SERVING heartbeat lifts
+    its breaker); with no endpoint left at all, every one is offered, as an
+    empty list would make the client give up, and its backoff paces the
+    attempts.
     """
 
     __slots__ = (
@@ -209,8 +212,18 @@ class OutlierEjection:
         return [name for name in self._endpoints if name not in self._ejected]
 
     def __call__(self) -> list[str]:
-        """:meth:`available`, or every endpoint when all are ejected: never empty."""
-        return self.available() or list(self._endpoints)
+        """The endpoints to dial now, never none: those whose breaker admits calls; else
+        every one not ejected on its failure rate (a peer that liveness forced open can
+        only show it is back over a new connection); else all of them."""
+        self._look()
+        admitting, not_timed_out = [], []
+        for name in self._endpoints:
+            state = self._breakers[name].core.state
+            if state not in _SHUT:
+                admitting.append(name)
+            elif state is BreakerState.FORCED_OPEN or name not in self._ejected:
+                not_timed_out.append(name)
+        return admitting or not_timed_out or list(self._endpoints)
 
     def __aiter__(self) -> AsyncIterator[str]:
         """Endlessly, the endpoint to dial next, round-robin over the available ones.

@@ -5,8 +5,9 @@ one connection:
 
 * the **send rule**: a side that has sent nothing for its send interval sends
   a PING (a client leads by a tenth, see ``CLIENT_LEAD`` in ``_handshake``);
-* **health**: a change of our status is announced with a PING at once, as
-  soon as the rate rule allows;
+* **health**: a change of our status is announced with a PING at once, or
+  once five eighths of the send interval have passed since the last PING: the
+  rate rule's half and a margin (:data:`ANNOUNCE_MARGIN`);
 * the **rate rule**, whose sender's side is that two PINGs go at least half a
   send interval apart.
 
@@ -26,12 +27,18 @@ import struct
 from math import inf
 from typing import Final, final
 
-__all__ = ["RTT_REFRESH", "Heartbeat"]
+__all__ = ["ANNOUNCE_MARGIN", "RTT_REFRESH", "Heartbeat"]
 
 #: A side that asks for round-trip refreshes PINGs at least once in this many
 #: send intervals (two minutes with the defaults): a sliver of an idle
 #: connection's heartbeats.
 RTT_REFRESH: Final = 120
+
+#: How much later than the rate rule allows a health announcement goes, as a fraction
+#: of the send interval: delays on the way move PINGs closer together, and a run
+#: of announcements sent at the very limit (a status that flaps) would arrive as
+#: strikes and cost the connection its 1008 (as ``Connection.ping()`` keeps too).
+ANNOUNCE_MARGIN: Final = 0.125
 
 _MAX_OUTSTANDING: Final = 32
 _OPAQUE = struct.Struct(">Q")
@@ -50,9 +57,9 @@ class Heartbeat:
     >>> opaque = heartbeat.sent(now=6.0)
     >>> heartbeat.answered(opaque, now=6.25), heartbeat.answered(opaque, now=6.5)
     (0.25, None)
-    >>> heartbeat.announce(now=6.1)  # our health changed: announce it when the rate rule allows
+    >>> heartbeat.announce(now=6.1)  # health changed: the rate rule allows 6.5; 1/8 margin
     >>> heartbeat.due(last_sent=6.0)
-    6.5
+    6.625
     """
 
     __slots__ = (
@@ -109,11 +116,12 @@ class Heartbeat:
         if self.last_ping is not None:
             due = min(due, self.last_ping + self._refresh)
         if self._announce_from is not None:
-            due = min(due, max(self.earliest, self._announce_from))
+            allowed = self.earliest + self.send_interval * ANNOUNCE_MARGIN
+            due = min(due, max(allowed, self._announce_from))
         return due
 
     def announce(self, now: float) -> None:
-        """Our health changed at ``now``: the next PING carries it, as soon as the rate rule allows."""
+        """Our health changed at ``now``: the next PING carries it, as soon as it may go."""
         self._announce_from = now
 
     def sent(self, now: float) -> bytes:

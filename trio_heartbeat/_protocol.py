@@ -489,8 +489,8 @@ class HeartbeatProtocol:
         return opaque
 
     def set_health(self, status: HealthStatus, now: float) -> None:
-        """Change the health status we report; while OPEN, :attr:`ping_deadline` moves to the
-        earliest moment the rate rule allows, so the peer hears of it within one PING."""
+        """Change the health status we report; while OPEN, :attr:`ping_deadline` moves to
+        now, or to 5/8 of an interval after our last PING, so the peer hears of it at once."""
         status = HealthStatus(status)
         if status is self.health:
             return

@@ -293,7 +293,7 @@ class ReconnectingClient:
 
     def _emit(self, event: SupervisorEvent) -> None:
         logger.info("%s", describe(event))
-        for listener in self._listeners:
+        for listener in list(self._listeners):  # a listener may remove itself
             try:
                 listener(event)
             except Exception:
