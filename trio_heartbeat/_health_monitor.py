@@ -151,7 +151,8 @@ class HealthMonitor:
 
     Build it inside ``trio.run`` and run its timer with :func:`open_health_monitor`
     (or start :meth:`run` in a nursery of your own); without the timer, a missed
-    deadline is only noticed at the next check-in or ``set_status``.
+    deadline is only noticed at the next check-in, ``set_status`` or reading of
+    :attr:`status`.
 
     >>> async def main() -> None:
     ...     async with open_health_monitor() as health:
