@@ -292,7 +292,8 @@ async def test_a_component_used_as_a_context_manager_unregisters_on_the_way_out(
 async def test_without_its_timer_a_miss_is_noticed_at_the_next_poll(
     autojump_clock: MockClock,
 ) -> None:
-    """No timer: the miss at 1.0 is announced only when somebody acts or looks, at 2.0."""
+    """No timer: the miss at 1.0 is announced only when somebody looks, at 3.0; another
+    component's check-in in time (at 2.0) only moves its own deadline."""
     changes = Changes()
     health = HealthMonitor()
     health.add_listener(changes)
@@ -301,9 +302,12 @@ async def test_without_its_timer_a_miss_is_noticed_at_the_next_poll(
     await trio.sleep(2.0)
     assert changes.seen == []  # nobody polled
     b.check_in()
-    assert changes.seen == [(2.0, NOT_SERVING, SERVING)]
+    assert changes.seen == []
+    await trio.sleep(1.0)
+    assert health.status is NOT_SERVING
+    assert changes.seen == [(3.0, NOT_SERVING, SERVING)]
     a.check_in()
-    assert health.status is SERVING
+    assert changes.seen[-1] == (3.0, SERVING, NOT_SERVING)
 
 
 async def test_the_timer_runs_once_per_monitor(autojump_clock: MockClock) -> None:

@@ -226,9 +226,12 @@ async def test_a_reconnecting_client_opens_it_while_disconnected_and_no_call_get
                     await breaker.call_with_fallback(ask, client, fallback=cached) for _ in range(3)
                 ]
                 assert answers == ["cached"] * 3
-                await client.wait_connected()
+                await breaker.wait_state(S.HALF_OPEN)
                 second = trio.current_time()
-                assert state_of(breaker) is S.HALF_OPEN
+                assert client.connection is not None
+                # The verdict PING: it follows the server's HELLO by one trip (0.1 s).
+                assert client.connection.opened_at is not None
+                assert second == pytest.approx(client.connection.opened_at + 0.1)
                 assert repr(binding) == f"<LivenessBinding {breaker!r} to {client!r}>"
     assert reached == [first] * trials
     assert 3.0 < second < 3.5

@@ -471,22 +471,22 @@ class CircuitBreaker:
 
     def try_acquire(self, now: float) -> Permit | None:
         """A permit to make a call at ``now``, or ``None`` if the breaker refuses it."""
-        self.handle_timeout(now)
-        trial = self._state is BreakerState.HALF_OPEN
-        if trial:
-            admitted = self._trial_admitted < self.config.permitted_calls_in_half_open
-            if admitted:
-                self._trial_admitted += 1
-        else:
-            admitted = self._state is BreakerState.CLOSED
-        if not admitted:
-            self._rejected += 1
-            return None
-        self._in_flight += 1
-        permit = Permit(self, now, self._epoch)
-        if trial:
+        if self._state is BreakerState.CLOSED:  # the common case: nothing can time out
+            self._observe(now)
+            self._in_flight += 1
+            return Permit(self, now, self._epoch)
+        self.handle_timeout(now)  # it never leads to CLOSED
+        if (
+            self._state is BreakerState.HALF_OPEN
+            and self._trial_admitted < self.config.permitted_calls_in_half_open
+        ):
+            self._trial_admitted += 1
+            self._in_flight += 1
+            permit = Permit(self, now, self._epoch)
             self._trials_out.append(permit)
-        return permit
+            return permit
+        self._rejected += 1
+        return None
 
     def handle_timeout(self, now: float) -> None:
         """Move ``OPEN`` to ``HALF_OPEN`` if its wait is over at ``now``, and ``HALF_OPEN``

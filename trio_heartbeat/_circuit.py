@@ -160,7 +160,9 @@ class Breaker:
     # -- calls -----------------------------------------------------------------
 
     async def __aenter__(self) -> None:
-        await trio.lowlevel.checkpoint()
+        # A cancellation point, as Connection.send is; the call it admits does the
+        # yielding (a schedule point here would cost each call a trip through Trio).
+        await trio.lowlevel.checkpoint_if_cancelled()
         permit = self._acquire()
         self._held.setdefault(trio.lowlevel.current_task(), []).append(permit)
 
@@ -179,8 +181,16 @@ class Breaker:
 
     async def call(self, fn: Callable[[Unpack[Ts]], Awaitable[T]], *args: *Ts) -> T:
         """``await fn(*args)`` through the breaker; :exc:`CircuitOpen` if refused."""
-        async with self:
-            return await fn(*args)
+        # As ``async with self``, without the per-task stack a block needs.
+        await trio.lowlevel.checkpoint_if_cancelled()
+        permit = self._acquire()
+        try:
+            result = await fn(*args)
+        except BaseException as exc:
+            self._settle(permit, exc)
+            raise
+        self._settle(permit, None)
+        return result
 
     async def call_with_fallback(
         self,
@@ -196,8 +206,7 @@ class Breaker:
         that ``record_failure`` counts); anything else propagates.
         """
         try:
-            async with self:
-                return await fn(*args)
+            return await self.call(fn, *args)
         except CircuitOpen as exc:
             refused: Exception = exc
         except Exception as exc:

@@ -159,6 +159,11 @@ class Component:
         return self._last
 
     @property
+    def missed(self) -> bool:
+        """Whether the last :meth:`HealthBoard.poll` counted it missed (its check-in recovers it)."""
+        return self._missed
+
+    @property
     def registered(self) -> bool:
         """False once unregistered: then it no longer counts, and check-ins are ignored."""
         return self._board is not None

@@ -122,10 +122,15 @@ class HealthComponent:
     def check_in(self) -> None:
         """It is alive now: its deadline moves to now plus its period (a missed one recovers).
 
-        Cheap enough to call every time round a busy loop: O(log n) at worst.
+        Cheap enough to call every time round a busy loop: a check-in in time only
+        moves the deadline later, which no one needs to hear of; one that recovers
+        a missed component polls the board and wakes the timer, O(log n).
         """
-        self._component.check_in(trio.current_time())
-        self._monitor._changed()
+        component = self._component
+        recovers = component.missed
+        component.check_in(trio.current_time())
+        if recovers:
+            self._monitor._changed()
 
     def unregister(self) -> None:
         """It no longer counts (idempotent)."""
