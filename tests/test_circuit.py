@@ -285,6 +285,11 @@ async def test_raising_listener_is_logged_and_harmless(
     assert state_of(breaker) is S.OPEN
     assert [r.name for r in caplog.records] == ["trio_heartbeat"]
     assert "listener bug" in caplog.text
+    opened = BreakerTransition(S.CLOSED, S.OPEN, 4.0, "failure rate 100.0% >= 50.0%")
+    record = caplog.records[0]
+    assert record.getMessage() == f"breaker listener {broken!r} failed on {opened!r}"
+    assert record.exc_info is not None
+    assert type(record.exc_info[1]) is RuntimeError
     breaker.remove_listener(broken)
     await trio.sleep_until(9.0)
     assert state_of(breaker) is S.HALF_OPEN
@@ -299,7 +304,7 @@ async def test_wait_state_wakes_at_open_until(autojump_clock: trio.abc.Clock) ->
     await trip(breaker)
     assert await breaker.wait_state(S.HALF_OPEN) is S.HALF_OPEN
     assert trio.current_time() == 9.0
-    with pytest.raises(ValueError, match="at least one state"):
+    with pytest.raises(ValueError, match=r"^wait_state needs at least one state$"):
         await breaker.wait_state()
 
 
@@ -326,6 +331,36 @@ async def test_wait_closed_follows_liveness(autojump_clock: trio.abc.Clock) -> N
         await breaker.call(answer_after_sleep, 1.0)
         await breaker.call(answer_after_sleep, 1.0)
     assert closed_at == [102.0]
+
+
+async def test_force_open_and_liveness_restored_are_heard_at_the_current_time(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Listeners hear force_open's reason word for word, and both moves at the time of the
+    call: forced open at 2.5, lifted at 3.5."""
+    breaker = Breaker(CONFIG)
+    heard: list[BreakerTransition] = []
+    breaker.add_listener(heard.append)
+    await trio.sleep(2.5)
+    assert breaker.force_open("peer convicted")
+    await trio.sleep(1.0)
+    assert breaker.liveness_restored()
+    assert heard == [
+        BreakerTransition(S.CLOSED, S.FORCED_OPEN, 2.5, "peer convicted"),
+        BreakerTransition(S.FORCED_OPEN, S.HALF_OPEN, 3.5, "liveness restored"),
+    ]
+
+
+async def test_a_breaker_starts_closed_at_the_time_it_is_made(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Made at 5.0, it has been CLOSED since 5.0 (not since the clock's zero), and its
+    statistics and repr say so."""
+    await trio.sleep(5.0)
+    breaker = Breaker(CONFIG)
+    stats = breaker.statistics()
+    assert (stats.state, stats.state_since, stats.calls) == (S.CLOSED, 5.0, 0)
+    assert repr(breaker).startswith("<Breaker <CircuitBreaker CLOSED since 5.0: ")
 
 
 async def test_nested_blocks_in_one_task(autojump_clock: trio.abc.Clock) -> None:

@@ -70,6 +70,47 @@ def test_the_next_check_in_recovers_a_missed_component() -> None:
     assert board.poll(4.5) is SERVING
 
 
+def test_a_recovered_component_that_checks_in_on_time_stays_serving() -> None:
+    """After a miss and its recovery, check-ins in time change nothing: the recovery is
+    counted once, so the board stays SERVING until the next deadline is missed."""
+    board = HealthBoard()
+    worker = board.register("worker", 1.0, now=0.0)
+    assert board.poll(1.0) is NOT_SERVING
+    worker.check_in(1.5)
+    assert board.poll(1.5) is SERVING
+    for now in (2.0, 2.5, 3.25):
+        worker.check_in(now)
+        assert board.poll(now) is None
+        assert board.status(now) is SERVING
+    assert (worker.misses, worker.deadline, board.next_deadline) == (1, 4.25, 4.25)
+    assert board.poll(4.25) is NOT_SERVING
+    worker.check_in(4.5)
+    assert board.poll(4.5) is SERVING
+    assert worker.misses == 2
+
+
+def test_missed_says_whether_the_last_poll_counted_it_missed() -> None:
+    """False from registration, and still False once the deadline has passed unpolled;
+    True from the poll that reaches the deadline; False again after the recovering
+    check-in, and after unregistering a missed component."""
+    board = HealthBoard()
+    worker = board.register("worker", 1.0, now=0.0)
+    seen = [worker.missed]
+    assert worker.status(1.0) is NOT_SERVING
+    seen.append(worker.missed)  # no poll yet
+    assert board.poll(1.0) is NOT_SERVING
+    seen.append(worker.missed)
+    worker.check_in(1.5)
+    seen.append(worker.missed)
+    assert board.poll(1.5) is SERVING
+    assert board.poll(2.5) is NOT_SERVING
+    seen.append(worker.missed)
+    worker.unregister()
+    seen.append(worker.missed)
+    assert seen == [False, False, True, False, True, False]
+    assert all(type(flag) is bool for flag in seen)
+
+
 def test_a_check_in_at_exactly_the_deadline_is_a_miss() -> None:
     """The deadline is the first missed instant, so a check-in then is late (and recovers)."""
     board = HealthBoard()
@@ -100,6 +141,20 @@ def test_a_check_in_never_moves_the_deadline_back() -> None:
     worker.check_in(4.0)
     assert worker.last_check_in == 5.0
     assert worker.deadline == 6.0
+
+
+def test_a_check_in_at_the_instant_of_the_last_one_is_ignored() -> None:
+    """Even when it would count: with a period below the clock's resolution at 1.0
+    (2**-60 s), the deadline is 1.0 itself, so the component is missed from its
+    registration, and a check-in at 1.0 still counts no miss and recovers nothing."""
+    board = HealthBoard()
+    worker = board.register("worker", 2**-60, now=1.0)
+    assert worker.deadline == 1.0
+    assert board.poll(1.0) is NOT_SERVING
+    worker.check_in(1.0)
+    assert (worker.misses, worker.last_check_in, worker.deadline) == (0, 1.0, 1.0)
+    assert board.next_deadline == math.inf  # still counted missed: not back in the heap
+    assert board.poll(1.0) is None
 
 
 def test_a_degraded_component_only_degrades() -> None:
@@ -222,6 +277,38 @@ def test_unregistered_entries_are_dropped_once_they_outnumber_the_live_ones() ->
     assert board.next_deadline == keeper.deadline == 100.0
     assert board.poll(99.0) is None
     assert board.poll(100.0) is NOT_SERVING
+
+
+def test_the_heap_is_compacted_exactly_when_it_passes_twice_the_live_components_plus_16() -> None:
+    """With one live component, each unregistered one leaves an entry behind: the heap
+    grows to 18 entries (2 x 1 + 16) and the unregistering that would leave 19 drops
+    every stale entry at once, leaving the live one's; and so on, every 18 unregisterings."""
+    board = HealthBoard()
+    board.register("keeper", 100.0, now=0.0)
+    sizes: list[int] = []
+    for n in range(40):
+        board.register(f"short-{n}", 1.0 + n, now=0.0).unregister()
+        sizes.append(len(board._heap))
+    cycle = [*range(2, 19), 1]
+    assert sizes == (cycle * 3)[:40]
+    assert board.next_deadline == 100.0
+
+
+def test_components_with_equal_deadlines_are_never_compared() -> None:
+    """Heap entries of equal deadlines are told apart by a number that is never reused,
+    whether the entry was pushed by a registration or renewed after a check-in: b (2.0)
+    and c (2.0) share a deadline after a's entry was renewed, and polling past them works."""
+    board = HealthBoard()
+    a = board.register("a", 1.0, now=0.0)
+    board.register("b", 2.0, now=0.0)
+    a.check_in(0.5)
+    assert board.next_deadline == 1.5  # a's entry renewed
+    board.register("c", 1.0, now=1.0)
+    assert board.poll(1.5) is NOT_SERVING  # a missed; b and c, both at 2.0, now at the top
+    assert board.next_deadline == 2.0
+    assert board.poll(2.0) is None
+    assert board.next_deadline == math.inf
+    assert [s.status for s in board.components(2.0)] == [NOT_SERVING] * 3
 
 
 # -- next_deadline for a timer ---------------------------------------------------------
@@ -378,9 +465,10 @@ def test_register_refuses_a_duplicate_name() -> None:
 def test_register_refuses_serving_as_when_missed() -> None:
     """A component that stands for SERVING when missed would mean nothing; ints are enums."""
     board = HealthBoard()
-    with pytest.raises(ValueError, match="when_missed"):
+    refused = r"^when_missed must be DEGRADED or NOT_SERVING, not SERVING$"
+    with pytest.raises(ValueError, match=refused):
         board.register("worker", 1.0, when_missed=SERVING, now=0.0)
-    with pytest.raises(ValueError, match="when_missed"):
+    with pytest.raises(ValueError, match=refused):
         board.register("worker", 1.0, when_missed=0, now=0.0)  # type: ignore[arg-type]
     assert board.register("w", 1.0, when_missed=1, now=0.0).when_missed is DEGRADED  # type: ignore[arg-type]
 
