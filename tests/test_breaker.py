@@ -775,3 +775,20 @@ def test_a_core_listener_that_moves_the_breaker_again_supersedes_the_move_it_hea
     breaker.liveness_restored(2.0)
     assert breaker.state is FORCED_OPEN
     assert later == [FORCED_OPEN, FORCED_OPEN]
+
+
+def test_a_core_listener_that_moves_the_breaker_away_and_back_supersedes_the_move() -> None:
+    """Forced open, lifted and forced open again from a listener: the later listener's
+    last word is the newest move, not the stale first one."""
+    breaker = CircuitBreaker(config())
+    later: list[str] = []
+
+    def bounce(transition: BreakerTransition) -> None:
+        if transition.reason == "convicted":
+            breaker.liveness_restored(transition.at)
+            breaker.force_open(transition.at, "convicted again")
+
+    breaker.add_listener(bounce)
+    breaker.add_listener(lambda transition: later.append(transition.reason))
+    breaker.force_open(1.0, "convicted")
+    assert later == ["liveness restored", "convicted again"]

@@ -461,3 +461,26 @@ async def test_a_listener_that_moves_the_breaker_again_supersedes_the_move_it_he
     assert breaker.state is S.FORCED_OPEN
     assert first == [S.FORCED_OPEN, S.HALF_OPEN, S.FORCED_OPEN]
     assert later == [S.FORCED_OPEN, S.FORCED_OPEN]
+
+
+async def test_a_listener_that_moves_the_breaker_away_and_back_supersedes_the_move(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """The first listener answers a forced open by lifting it and forcing it open again:
+    the state ends as it was, yet the later listener hears the newer moves last, never
+    the stale first one after them."""
+    breaker = Breaker(CONFIG)
+    later: list[tuple[BreakerState, BreakerState, str]] = []
+
+    def bounce(transition: BreakerTransition) -> None:
+        if transition.reason == "convicted":
+            breaker.liveness_restored()
+            breaker.force_open("convicted again")
+
+    breaker.add_listener(bounce)
+    breaker.add_listener(lambda t: later.append((t.previous, t.state, t.reason)))
+    breaker.force_open("convicted")
+    assert later == [
+        (S.FORCED_OPEN, S.HALF_OPEN, "liveness restored"),
+        (S.HALF_OPEN, S.FORCED_OPEN, "convicted again"),
+    ]

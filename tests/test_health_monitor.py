@@ -534,3 +534,53 @@ async def test_below_info_a_change_walks_no_component(
         assert health.status is NOT_SERVING
     finally:
         logging.getLogger("trio_heartbeat").setLevel(logging.NOTSET)
+
+
+async def test_a_group_raised_by_the_block_comes_out_as_it_was_raised(
+    autojump_clock: MockClock,
+) -> None:
+    """The block's own ExceptionGroup, of one or two leaves, is neither unwrapped nor
+    wrapped again."""
+    for leaves in ([KeyError("a")], [KeyError("a"), ValueError("b")]):
+        group = ExceptionGroup("from the block", leaves)
+        with pytest.raises(ExceptionGroup) as info:
+            async with open_health_monitor():
+                raise group
+        assert info.value is group
+
+
+async def test_ten_missed_components_are_all_named_with_no_more(
+    autojump_clock: MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    health = HealthMonitor()
+    for number in range(10):
+        health.register(f"c{number}", 1.0)
+    await trio.sleep(1.0)
+    with caplog.at_level(logging.INFO, logger="trio_heartbeat"):
+        assert health.status is NOT_SERVING
+    names = ", ".join(f"c{number}" for number in range(10))
+    assert [r.getMessage() for r in caplog.records] == [
+        f"health SERVING -> NOT_SERVING (missed: {names})"
+    ]
+
+
+async def test_a_listener_that_changes_the_status_away_and_back_supersedes_the_change(
+    autojump_clock: MockClock,
+) -> None:
+    """At 1.0 the first listener answers NOT_SERVING by going DEGRADED and then
+    NOT_SERVING again: the status ends where it was, yet the later listener must hear
+    the two newer changes last, never the stale first one after them."""
+    later = Changes()
+    async with open_health_monitor() as health:
+        a = health.register("a", 1.0)
+
+        def bounce(status: HealthStatus, previous: HealthStatus) -> None:
+            if previous is SERVING:
+                health.set_status(DEGRADED)
+                a.check_in()  # DEGRADED now
+                health.set_status(NOT_SERVING)  # and NOT_SERVING again
+
+        health.add_listener(bounce)
+        health.add_listener(later)
+        await trio.sleep(1.5)
+    assert later.seen == [(1.0, DEGRADED, NOT_SERVING), (1.0, NOT_SERVING, DEGRADED)]

@@ -409,3 +409,25 @@ async def test_a_stopped_client_is_not_kept_alive_by_its_binding(
         assert repr(binding).endswith("to None>")
     finally:
         gc.enable()
+
+
+async def test_binding_to_a_client_that_has_stopped_keeps_nothing_alive(
+    autojump_clock: MockClock,
+) -> None:
+    """A stopped client says nothing more: the binding forces the breaker open and does
+    not listen to it (a listener would be a cycle keeping it until a full collection)."""
+    breaker = Breaker()
+    gc.disable()
+    try:
+        async with open_memory_network() as network:
+            network.listen(ENDPOINT, echo)
+            async with reconnecting(network) as client:
+                await client.wait_connected()
+            binding = bind_breaker(breaker, client)
+            gone = weakref.ref(client)
+            del client
+            assert gone() is None
+        assert state_of(breaker) is S.FORCED_OPEN
+        assert repr(binding).endswith("to None>")
+    finally:
+        gc.enable()

@@ -9,6 +9,7 @@ of trips, forced opens, restorations and waits.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import pickle
@@ -43,6 +44,8 @@ CONFIG = BreakerConfig(
     open_jitter=0.0,
 )
 A, B, C, D = "a:1", "b:1", "c:1", "d:1"
+#: As CONFIG, but a trip keeps the breaker open for a minute.
+LONG_OPEN = dataclasses.replace(CONFIG, wait_in_open=60.0, max_wait_in_open=60.0)
 
 
 class Boom(Exception):
@@ -407,9 +410,10 @@ async def test_record_failure_is_every_breakers_rule(autojump_clock: trio.abc.Cl
 
 
 async def test_the_client_never_dials_an_ejected_endpoint(autojump_clock: trio.abc.Clock) -> None:
-    """With A forced open, a client cycling through crashes dials B and C only."""
-    pool = OutlierEjection([A, B, C], config=CONFIG)
-    pool.breaker(A).force_open("peer convicted")
+    """With A ejected on its failure rate (open for 60 s), a client cycling through crashes
+    dials B and C only."""
+    pool = OutlierEjection([A, B, C], config=LONG_OPEN)
+    await trip(pool, A)
     record = Recorder()
     async with open_memory_network() as network:
         hosts = {name: network.listen(name, echo) for name in (A, B, C)}
@@ -479,22 +483,56 @@ async def test_a_peer_forced_open_is_dialled_again_once_no_other_admits_calls(
     assert [(at, e.endpoint) for at, e in record.of(Connected)][-1][1] == A
 
 
+async def test_a_peer_forced_open_takes_its_turn_beside_a_dead_one_that_never_connected(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """B never listens, so no connection ever tells its breaker anything: it stays
+    CLOSED. A drops at 1.0 (forced open) and is back at 2.0. The round still comes to
+    A: B at 2.0 (after the 1 s backoff), A at 3.0, and the client is on A again.
+    (Offering forced-open endpoints only when no breaker admits calls dialled the dead
+    B for ever.)"""
+    pool = OutlierEjection([A, B], config=CONFIG)
+    record = Recorder()
+
+    def bind(event: object) -> None:
+        if isinstance(event, Connected):
+            bind_breaker(pool.breaker(event.endpoint), event.connection)
+
+    async with open_memory_network() as network:
+        host_a = network.listen(A, echo)
+        async with reconnecting(network, pool, record, backoff=ConstantBackoff(1.0)) as client:
+            client.add_listener(bind)
+            await client.wait_connected()
+            await trio.sleep_until(1.0)
+            host_a.down()
+            await trio.sleep_until(2.0)
+            host_a.up(echo)
+            await trio.sleep_until(3.5)
+            assert client.state is SupervisorState.CONNECTED
+            assert pool.breaker(B).state is S.CLOSED
+    attempts = [(at, e.endpoint) for at, e in record.of(AttemptStarted)]
+    assert attempts == [(0.0, A), (2.0, B), (3.0, A)]
+    assert record.times(Connected) == [0.0, 3.0]
+
+
 async def test_the_callable_source_lists_the_available_endpoints(
     autojump_clock: trio.abc.Clock,
 ) -> None:
-    """Called, the pool is a list source too: an ejected endpoint is never in it."""
-    pool = OutlierEjection([A, B, C], config=CONFIG)
-    pool.breaker(B).force_open("peer convicted")
+    """Called, the pool is a list source too: an endpoint ejected on its failure rate is
+    not in it, one that liveness forced open is."""
+    pool = OutlierEjection([A, B, C, D], config=LONG_OPEN)
+    await trip(pool, B)
+    pool.breaker(D).force_open("peer convicted")
     record = Recorder()
     async with open_memory_network() as network:
-        for name in (A, B, C):
+        for name in (A, B, C, D):
             network.listen(name, echo)
         async with reconnecting(
             network, pool.__call__, record, backoff=ConstantBackoff(1.0)
         ) as client:
             await client.wait_connected()
     assert [e.endpoint for _, e in record.of(AttemptStarted)] == [A]
-    assert pool() == [A, C]
+    assert pool() == [A, C, D]
 
 
 async def test_each_dialling_round_starts_one_further_on(autojump_clock: trio.abc.Clock) -> None:
@@ -503,7 +541,7 @@ async def test_each_dialling_round_starts_one_further_on(autojump_clock: trio.ab
     first, second = aiter(pool), aiter(pool)
     assert [await anext(first) for _ in range(4)] == [A, B, C, A]
     assert await anext(second) == B
-    pool.breaker(C).force_open("peer convicted")
+    await trip(pool, C)  # ejected on its failure rate: out of the round
     assert [await anext(second) for _ in range(3)] == [A, B, A]
 
 

@@ -808,10 +808,14 @@ async def test_a_send_waiting_for_room_fails_once_the_client_is_closed(
                 refused_at.append(trio.current_time())
 
     async with open_memory_network() as network:
-        with pytest.raises(UndeliveredMessages) as info:
+        # The close's error comes from a task of the test's own nursery, whose group
+        # the client leaves as it was raised.
+        with pytest.raises(ExceptionGroup) as info:
             await fill_then_close(network)
     assert refused_at == [1.0]  # at once, when the close began
-    assert info.value.messages == [b"fills the buffer"]
+    (undelivered,) = info.value.exceptions
+    assert isinstance(undelivered, UndeliveredMessages)
+    assert undelivered.messages == [b"fills the buffer"]
     assert trio.current_time() == 1.0 + Config().close_timeout
 
 
@@ -1972,3 +1976,25 @@ async def test_a_removed_listener_hears_nothing_more(
             with pytest.raises(ValueError, match="not in list"):
                 client.remove_listener(record)
     assert [type(event) for _, event in record.events] == [AttemptStarted, Connected]
+
+
+async def test_a_group_raised_by_the_block_comes_out_as_it_was_raised(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The block's own ExceptionGroup, of one or two leaves, is neither unwrapped nor
+    wrapped again."""
+
+    async def connected_then_raise(
+        network: MemoryNetwork, group: ExceptionGroup[Exception]
+    ) -> None:
+        async with reconnecting(network) as client:
+            await client.wait_connected()
+            raise group
+
+    async with open_memory_network() as network:
+        network.listen(ENDPOINT, echo)
+        for leaves in ([KeyError("a")], [KeyError("a"), ValueError("b")]):
+            group = ExceptionGroup("from the block", leaves)
+            with pytest.raises(ExceptionGroup) as info:
+                await connected_then_raise(network, group)
+            assert info.value is group

@@ -591,8 +591,8 @@ class CircuitBreaker:
             self._window = self._new_window()
             self._consecutive_trips = 0
             self._waits = self.config.open_waits()
-        transition = BreakerTransition(previous, state, now, reason)
+        transition, epoch = BreakerTransition(previous, state, now, reason), self._epoch
         for listener in list(self._listeners):
-            if self._state is not state:
+            if self._epoch != epoch:
                 break  # a listener moved it again: the later ones heard that, not this
             listener(transition)

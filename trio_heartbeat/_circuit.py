@@ -107,7 +107,7 @@ class Breaker:
     a failure; when it says no, the call is released without an outcome.
     """
 
-    __slots__ = ("_changed", "_core", "_held", "_listeners", "_record_failure")
+    __slots__ = ("_changed", "_core", "_held", "_listeners", "_moves", "_record_failure")
 
     def __init__(
         self,
@@ -119,6 +119,7 @@ class Breaker:
         self._record_failure = record_failure
         self._listeners: list[Listener] = []
         self._changed = trio.Event()
+        self._moves = 0  # transitions heard so far
         # Permits held by ``async with`` blocks, per task (a stack for nesting).
         self._held: dict[trio.lowlevel.Task, list[Permit]] = {}
         self._core.add_listener(self._on_transition)
@@ -282,8 +283,10 @@ class Breaker:
 
     def _on_transition(self, transition: BreakerTransition) -> None:
         self._wake()
+        self._moves += 1
+        move = self._moves
         for listener in list(self._listeners):
-            if self._core.state is not transition.state:
+            if self._moves != move:
                 return  # a listener moved it again: the later ones heard that, not this
             try:
                 listener(transition)

@@ -169,7 +169,7 @@ class HealthMonitor:
     >>> trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
     """
 
-    __slots__ = ("_board", "_listeners", "_running", "_targets", "_timer", "_woken")
+    __slots__ = ("_board", "_changes", "_listeners", "_running", "_targets", "_timer", "_woken")
 
     def __init__(
         self,
@@ -183,6 +183,7 @@ class HealthMonitor:
         self._woken = trio.Event()
         self._timer: trio.CancelScope | None = None
         self._running = False
+        self._changes = 0  # changes announced so far
 
     def __repr__(self) -> str:
         return (
@@ -325,8 +326,10 @@ class HealthMonitor:
                 target.set_health(status)
             except Exception:
                 logger.exception("health target %r failed on %s", target, status.name)
+        self._changes += 1
+        change = self._changes
         for listener in list(self._listeners):
-            if board.reported is not status:
+            if self._changes != change:
                 # A listener changed it again: that change was announced in full,
                 # to everyone; the rest must not hear this older one after it.
                 return
@@ -364,12 +367,18 @@ async def open_health_monitor(
     monitor = HealthMonitor(status, max_components=max_components)
     for target in targets:
         monitor.publish_to(target)
+    raised: BaseException | None = None
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(monitor.run)
             try:
                 yield monitor
+            except BaseException as exc:
+                raised = exc
+                raise
             finally:
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
-        reraise_single(group)  # what the block raised, as itself
+        reraise_single(group, raised)  # what the block raised, as it was raised
+    finally:
+        raised = None  # no cycle through this frame

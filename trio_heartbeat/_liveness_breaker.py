@@ -41,7 +41,13 @@ from ._events import (
     PongReceived,
 )
 from ._frames import HealthStatus
-from ._reconnect_events import Connected, Disconnected, Stopped, SupervisorEvent
+from ._reconnect_events import (
+    Connected,
+    Disconnected,
+    Stopped,
+    SupervisorEvent,
+    SupervisorState,
+)
 from ._supervisor import ReconnectingClient
 
 __all__ = ["LivenessBinding", "bind_breaker"]
@@ -161,11 +167,12 @@ def bind_breaker(breaker: Breaker, source: Connection | ReconnectingClient) -> L
     """
     binding = LivenessBinding(breaker)
     if isinstance(source, ReconnectingClient):
-        binding._client = source
-        source.add_listener(binding._on_supervisor)
         conn = source.connection
         if conn is None:
             breaker.force_open("not connected")
+        if source.state is not SupervisorState.CLOSED:  # a stopped one says nothing more
+            binding._client = source
+            source.add_listener(binding._on_supervisor)
         binding._follow(conn)
     elif isinstance(source, Connection):
         binding._follow(source)

@@ -128,14 +128,14 @@ class OutlierEjection:
 
     As an endpoint source for ``open_reconnecting_client``, ``async for`` over
     it yields the next endpoint to dial, round-robin over what calling it
-    returns at that moment (the client asks before every attempt): the
-    endpoints whose breaker admits calls, and only when there is none, the
-    others but those ejected on their failure rate until their open wait is
-    over. An endpoint that liveness forced open stays dialable then, since only
+    returns at that moment (the client asks before every attempt): every
+    endpoint but those ejected on their failure rate, until their open wait is
+    over. An endpoint that liveness forced open stays in the round, since only
     a new connection can show that its peer is back (a SERVING heartbeat lifts
-    its breaker); with no endpoint left at all, every one is offered, as an
-    empty list would make the client give up, and its backoff paces the
-    attempts.
+    its breaker), and no breaker hears of a dial that fails, so a dead endpoint
+    and a recovered one take their turns alike; the client's backoff paces the
+    attempts. With no endpoint left at all, every one is offered, as an empty
+    list would make the client give up.
     """
 
     __slots__ = (
@@ -212,18 +212,17 @@ class OutlierEjection:
         return [name for name in self._endpoints if name not in self._ejected]
 
     def __call__(self) -> list[str]:
-        """The endpoints to dial now, never none: those whose breaker admits calls; else
-        every one not ejected on its failure rate (a peer that liveness forced open can
-        only show it is back over a new connection); else all of them."""
+        """The endpoints to dial now, never none: every one but those ejected on their
+        failure rate until their open wait is over (a peer that liveness forced open
+        can only show it is back over a new connection); all, if that leaves none."""
         self._look()
-        admitting, not_timed_out = [], []
-        for name in self._endpoints:
-            state = self._breakers[name].core.state
-            if state not in _SHUT:
-                admitting.append(name)
-            elif state is BreakerState.FORCED_OPEN or name not in self._ejected:
-                not_timed_out.append(name)
-        return admitting or not_timed_out or list(self._endpoints)
+        breakers, ejected = self._breakers, self._ejected
+        dialable = [
+            name
+            for name in self._endpoints
+            if name not in ejected or breakers[name].core.state is BreakerState.FORCED_OPEN
+        ]
+        return dialable or list(self._endpoints)
 
     def __aiter__(self) -> AsyncIterator[str]:
         """Endlessly, the endpoint to dial next, round-robin over the available ones.

@@ -574,12 +574,14 @@ async def open_reconnecting_client(
         listeners=listeners,
         connector=connector,
     )
+    raised: BaseException | None = None
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(client._run)
             try:
                 yield client
             except BaseException as exc:
+                raised = exc
                 if client.buffered and not only_cancelled(exc):
                     exc.add_note(
                         f"{client.buffered} message(s) accepted by send() were not delivered"
@@ -588,7 +590,8 @@ async def open_reconnecting_client(
             await client.aclose()
             nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
-        reraise_single(group)
+        reraise_single(group, raised)  # the block's own error as it was raised
     finally:
+        raised = None  # no cycle through this frame
         if client._state is not SupervisorState.CLOSED:
             client._finish(None)
