@@ -502,18 +502,19 @@ async def test_a_target_that_raises_is_logged_and_everyone_else_is_still_told(
     assert failed == [f"health target {broken!r} failed on NOT_SERVING"]
 
 
+@pytest.mark.parametrize(("missed", "more"), [(10, ""), (12, " and 2 more")])
 async def test_a_log_line_names_ten_missed_components_at_most(
-    autojump_clock: MockClock, caplog: pytest.LogCaptureFixture
+    autojump_clock: MockClock, caplog: pytest.LogCaptureFixture, missed: int, more: str
 ) -> None:
     health = HealthMonitor()
-    for number in range(12):
+    for number in range(missed):
         health.register(f"c{number}", 1.0)
     await trio.sleep(1.0)
     with caplog.at_level(logging.INFO, logger="trio_heartbeat"):
         assert health.status is NOT_SERVING
     names = ", ".join(f"c{number}" for number in range(10))
     assert [r.getMessage() for r in caplog.records] == [
-        f"health SERVING -> NOT_SERVING (missed: {names} and 2 more)"
+        f"health SERVING -> NOT_SERVING (missed: {names}{more})"
     ]
 
 
@@ -547,21 +548,6 @@ async def test_a_group_raised_by_the_block_comes_out_as_it_was_raised(
             async with open_health_monitor():
                 raise group
         assert info.value is group
-
-
-async def test_ten_missed_components_are_all_named_with_no_more(
-    autojump_clock: MockClock, caplog: pytest.LogCaptureFixture
-) -> None:
-    health = HealthMonitor()
-    for number in range(10):
-        health.register(f"c{number}", 1.0)
-    await trio.sleep(1.0)
-    with caplog.at_level(logging.INFO, logger="trio_heartbeat"):
-        assert health.status is NOT_SERVING
-    names = ", ".join(f"c{number}" for number in range(10))
-    assert [r.getMessage() for r in caplog.records] == [
-        f"health SERVING -> NOT_SERVING (missed: {names})"
-    ]
 
 
 async def test_a_listener_that_changes_the_status_away_and_back_supersedes_the_change(

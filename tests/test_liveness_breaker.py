@@ -134,21 +134,23 @@ async def test_not_serving_opens_it_and_only_a_serving_heartbeat_lets_it_half_op
     ]
 
 
+@pytest.mark.parametrize("status", [HealthStatus.NOT_SERVING, HealthStatus.DEGRADED])
 async def test_a_server_not_serving_from_its_hello_keeps_a_new_clients_breaker_open(
-    autojump_clock: MockClock,
+    autojump_clock: MockClock, status: HealthStatus
 ) -> None:
-    """Connected at 0.0 to a server whose HELLO and PINGs say NOT_SERVING: still open;
-    SERVING from 2.0 on half-opens it at that PING (no delay on this network)."""
+    """Bound before the first connection (forced open, not connected), then connected at
+    0.0 to a server whose HELLO and PINGs say NOT_SERVING, or DEGRADED: neither lifts
+    anything; SERVING from 2.0 half-opens it at that PING (no delay on this network)."""
     breaker = Breaker()
     moves = Moves(breaker)
     async with open_memory_network() as network:
-        host = network.listen(ENDPOINT, echo, config=Config(status=HealthStatus.NOT_SERVING))
+        host = network.listen(ENDPOINT, echo, config=Config(status=status))
         server = host.server
         assert server is not None
         async with reconnecting(network) as client:
             with bind_breaker(breaker, client):
                 conn = await client.wait_connected()
-                assert conn.peer_health is HealthStatus.NOT_SERVING
+                assert conn.peer_health is status
                 await trio.sleep_until(2.0)
                 assert state_of(breaker) is S.FORCED_OPEN
                 server.set_health(HealthStatus.SERVING)
@@ -332,32 +334,6 @@ async def test_binding_to_a_connection_whose_peer_said_not_serving_opens_it_at_o
             with bind_breaker(breaker, conn):
                 assert state_of(breaker) is S.FORCED_OPEN
     assert moves.seen == [(0.5, S.FORCED_OPEN, "peer reports NOT_SERVING")]
-
-
-async def test_a_degraded_server_keeps_a_forced_open_breaker_open_until_it_serves(
-    autojump_clock: MockClock,
-) -> None:
-    """Bound before the first connection (forced open, not connected): the server's HELLO
-    and PINGs say DEGRADED, which lifts nothing; SERVING from 2.0 half-opens it at that
-    PING (no delay on this network)."""
-    breaker = Breaker()
-    moves = Moves(breaker)
-    async with open_memory_network() as network:
-        host = network.listen(ENDPOINT, echo, config=Config(status=HealthStatus.DEGRADED))
-        server = host.server
-        assert server is not None
-        async with reconnecting(network) as client:
-            with bind_breaker(breaker, client):
-                conn = await client.wait_connected()
-                assert conn.peer_health is HealthStatus.DEGRADED
-                await trio.sleep_until(2.0)
-                assert state_of(breaker) is S.FORCED_OPEN
-                server.set_health(HealthStatus.SERVING)
-                await trio.sleep(0.5)
-    assert moves.seen == [
-        (0.0, S.FORCED_OPEN, "not connected"),
-        (2.0, S.HALF_OPEN, "liveness restored"),
-    ]
 
 
 async def test_only_a_disconnection_or_the_stop_forces_a_hand_lifted_breaker_open_again(
