@@ -30,6 +30,7 @@ SANS_IO = [
     "trio_heartbeat/_pings.py",
     "trio_heartbeat/_protocol.py",
     "trio_heartbeat/_rate.py",
+    "trio_heartbeat/_restart.py",
     "trio_heartbeat/_silence.py",
     "trio_heartbeat/_state.py",
 ]
@@ -45,9 +46,11 @@ RUNTIME = [
     "trio_heartbeat/_outliers.py",
     "trio_heartbeat/_reader.py",
     "trio_heartbeat/_registry.py",
+    "trio_heartbeat/_sdnotify.py",
     "trio_heartbeat/_server.py",
     "trio_heartbeat/_stream_connection.py",
     "trio_heartbeat/_supervisor.py",
+    "trio_heartbeat/_systemd.py",
     "trio_heartbeat/_transport.py",
     "trio_heartbeat/_writer.py",
 ]

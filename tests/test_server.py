@@ -1268,3 +1268,23 @@ async def test_an_ended_connection_is_let_go_while_its_handler_runs_on(
         assert trio.current_time() == 2
         assert refs[0]() is None
         assert server._stream_scopes == set()  # the scope of each call goes with it
+
+
+async def test_wait_draining_returns_the_moment_the_drain_begins(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    server = Server(echo, config=CONFIG)
+    began: list[float] = []
+
+    async def watch() -> None:
+        await server.wait_draining()
+        began.append(trio.current_time())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch)
+        await trio.sleep(2.5)
+        assert began == []
+        await server.drain()
+    assert began == [2.5]
+    await server.wait_draining()  # at once, once it has begun
+    assert trio.current_time() == 2.5

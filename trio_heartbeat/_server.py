@@ -152,6 +152,7 @@ class Server:
         # custom transports and tests serve outside our nursery too.
         self._stream_scopes: set[trio.CancelScope] = set()
         self._draining = False
+        self._drain_begun = trio.Event()
         self._active = 0
         # The connections being served, those the registry no longer lists
         # (replaced by a newer one, still closing) included: drain waits for them.
@@ -178,6 +179,10 @@ class Server:
     def draining(self) -> bool:
         """True once :meth:`drain` has begun."""
         return self._draining
+
+    async def wait_draining(self) -> None:
+        """Sleep until :meth:`drain` begins (at once if it has)."""
+        await self._drain_begun.wait()
 
     def statistics(self) -> ServerStatistics:
         """Counters since the server started; see :class:`ServerStatistics`."""
@@ -421,6 +426,7 @@ class Server:
         connection at all. Safe to call more than once.
         """
         self._draining = True
+        self._drain_begun.set()
         self._accept_scope.cancel()
         for conn in list(self._serving):
             conn.close_nowait(CloseCode.GOING_AWAY, "server draining", flush=False)

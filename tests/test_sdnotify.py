@@ -1,0 +1,545 @@
+"""``SystemdNotifier`` (``_sdnotify.py``): systemd's notify protocol, against real datagram sockets.
+
+What it pins: ``from_environment`` reads ``NOTIFY_SOCKET`` (a path, an
+``@abstract`` name, nothing, something unusable), ``WATCHDOG_USEC`` (halved;
+zero and garbage mean no watchdog) and ``WATCHDOG_PID`` (ours, another's,
+garbage); a real ``AF_UNIX`` datagram socket bound where ``NOTIFY_SOCKET``
+points (a file, and on Linux an abstract name) receives each message as one
+datagram, with our pid in its credentials; malformed messages raise
+:exc:`ValueError`, but a receiver that is gone or a full receive buffer only
+drops messages, logged once, without raising or waiting; ``STATUS=`` text is
+made one bounded printable line (hypothesis). The watchdog's pace is checked
+in virtual time (``autojump_clock``) with exact times: the sends are
+synchronous, so the datagrams of a tick are in the receiver's queue when the
+test looks half an interval later.
+"""
+
+from __future__ import annotations
+
+import doctest
+import logging
+import os
+import socket
+import struct
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+from hypothesis import given
+from hypothesis import strategies as st
+from trio.testing import MockClock
+
+from trio_heartbeat import _sdnotify
+from trio_heartbeat._sdnotify import MAX_MESSAGE, STATUS_LIMIT, SystemdNotifier
+
+LOGGER = "trio_heartbeat.sdnotify"
+LINUX = sys.platform == "linux"
+
+
+# -- receivers: what systemd would bind ----------------------------------------------------
+
+
+@pytest.fixture
+def short_dir(tmp_path: Path) -> Iterator[Path]:
+    """``tmp_path``, or a shorter temporary directory if a socket path there would be too long."""
+    if len(str(tmp_path)) < 80:
+        yield tmp_path
+        return
+    with tempfile.TemporaryDirectory(prefix="thb-sd-") as name:  # pragma: no cover
+        yield Path(name)
+
+
+def bind_receiver(address: str) -> socket.socket:
+    """A non-blocking datagram socket bound at ``address`` (``@name`` or a path)."""
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.setblocking(False)
+    if address.startswith("@"):
+        receiver.bind(b"\0" + address[1:].encode())
+    else:
+        receiver.bind(address)
+    return receiver
+
+
+def drain(receiver: socket.socket) -> list[str]:
+    """Every datagram waiting in ``receiver``, decoded."""
+    received = []
+    while True:
+        try:
+            received.append(receiver.recv(MAX_MESSAGE * 2).decode())
+        except BlockingIOError:
+            return received
+
+
+@pytest.fixture(params=["path", "abstract"])
+def receiver(
+    request: pytest.FixtureRequest, short_dir: Path
+) -> Iterator[tuple[str, socket.socket]]:
+    """``(NOTIFY_SOCKET, bound socket)``: a socket file, or a name in Linux's abstract namespace."""
+    if request.param == "abstract":
+        if not LINUX:  # pragma: no cover
+            pytest.skip("abstract sockets are Linux's")
+        address = f"@trio-heartbeat-test/{uuid.uuid4().hex}"
+    else:
+        address = str(short_dir / "notify")
+    sock = bind_receiver(address)
+    try:
+        yield address, sock
+    finally:
+        sock.close()
+
+
+@pytest.fixture
+def path_receiver(short_dir: Path) -> Iterator[tuple[str, socket.socket]]:
+    """``(NOTIFY_SOCKET, bound socket)`` for a socket file."""
+    address = str(short_dir / "notify")
+    sock = bind_receiver(address)
+    try:
+        yield address, sock
+    finally:
+        sock.close()
+
+
+# -- from_environment ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("environ", [{}, {"NOTIFY_SOCKET": ""}, {"WATCHDOG_USEC": "1000000"}])
+def test_no_notify_socket_means_no_notifier(environ: dict[str, str]) -> None:
+    """Outside systemd (or with the variable emptied) there is nothing to notify, watchdog or not."""
+    assert SystemdNotifier.from_environment(environ) is None
+
+
+@pytest.mark.parametrize("address", ["/run/systemd/notify", "@/org/freedesktop/systemd1/notify"])
+def test_a_path_or_an_abstract_name_is_taken_as_it_is(address: str) -> None:
+    """The address is kept as written; with no WATCHDOG_USEC there is no watchdog."""
+    notifier = SystemdNotifier.from_environment({"NOTIFY_SOCKET": address})
+    assert notifier is not None
+    assert notifier.address == address
+    assert notifier.watchdog_interval is None
+
+
+def test_an_abstract_name_becomes_a_leading_nul_byte_and_a_path_stays_a_path() -> None:
+    """What ``sendto`` is given: the ``@`` replaced by NUL, or the path unchanged."""
+    assert _sdnotify._sockaddr("@name/x") == b"\0name/x"
+    assert _sdnotify._sockaddr("/run/notify") == "/run/notify"
+
+
+@pytest.mark.parametrize(
+    "address", ["run/notify", "./notify", "@", "vsock:2:1234", "/run/no\0tify", "@a\0b"]
+)
+def test_an_unusable_address_is_a_warning_and_no_notifier(
+    address: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A relative path, a bare ``@``, an address family we do not speak, a NUL: logged, then ignored."""
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        assert SystemdNotifier.from_environment({"NOTIFY_SOCKET": address}) is None
+    assert [r.levelno for r in caplog.records] == [logging.WARNING]
+    assert "NOTIFY_SOCKET" in caplog.text
+    with pytest.raises(ValueError, match="notify socket"):
+        SystemdNotifier(address)
+
+
+@pytest.mark.parametrize(
+    ("usec", "interval"),
+    [
+        ("1000000", 0.5),
+        ("10000000", 5.0),
+        ("3", 1.5e-6),
+        ("0", None),
+        ("", None),
+    ],
+)
+def test_the_watchdog_interval_is_half_of_watchdog_usec(usec: str, interval: float | None) -> None:
+    """Half the timeout, in seconds; zero or empty means no watchdog."""
+    environ = {"NOTIFY_SOCKET": "/run/notify", "WATCHDOG_USEC": usec}
+    notifier = SystemdNotifier.from_environment(environ)
+    assert notifier is not None
+    assert notifier.watchdog_interval == interval
+
+
+@pytest.mark.parametrize("usec", ["-1000000", "1.5", " 1000000", "1e6", "ten", "\u0661\u0662"])
+def test_a_malformed_watchdog_usec_is_a_warning_and_no_watchdog(
+    usec: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Only ASCII digits count (not Arabic-Indic ones, which ``int`` would take); the notifier stays."""
+    environ = {"NOTIFY_SOCKET": "/run/notify", "WATCHDOG_USEC": usec}
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        notifier = SystemdNotifier.from_environment(environ)
+    assert notifier is not None
+    assert notifier.watchdog_interval is None
+    assert "WATCHDOG_USEC" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("owner", "interval"),
+    [
+        (None, 0.5),  # unset: the pings are ours
+        ("", 0.5),  # empty counts as unset
+        ("4242", 0.5),  # ours
+        ("4243", None),  # another process's (we are a child that inherited it)
+        ("1", None),
+    ],
+)
+def test_watchdog_pid_must_be_ours_or_unset(owner: str | None, interval: float | None) -> None:
+    """``WATCHDOG_PID`` names the one process that owes the pings."""
+    environ = {"NOTIFY_SOCKET": "/run/notify", "WATCHDOG_USEC": "1000000"}
+    if owner is not None:
+        environ["WATCHDOG_PID"] = owner
+    notifier = SystemdNotifier.from_environment(environ, pid=4242)
+    assert notifier is not None
+    assert notifier.watchdog_interval == interval
+
+
+@pytest.mark.parametrize("owner", ["abc", "-4242", "42.0", "0x10"])
+def test_a_malformed_watchdog_pid_is_a_warning_and_no_watchdog(
+    owner: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """We cannot tell whether the pings are ours: safer not to send them for someone else."""
+    environ = {"NOTIFY_SOCKET": "/run/notify", "WATCHDOG_USEC": "1000000", "WATCHDOG_PID": owner}
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        notifier = SystemdNotifier.from_environment(environ, pid=4242)
+    assert notifier is not None
+    assert notifier.watchdog_interval is None
+    assert "WATCHDOG_PID" in caplog.text
+
+
+def test_our_pid_and_os_environ_are_the_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Called with no arguments, it reads this process's environment and pid."""
+    monkeypatch.setenv("NOTIFY_SOCKET", "/run/notify")
+    monkeypatch.setenv("WATCHDOG_USEC", "2000000")
+    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
+    notifier = SystemdNotifier.from_environment()
+    assert notifier is not None
+    assert notifier.watchdog_interval == 1.0
+    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid() + 1))
+    notifier = SystemdNotifier.from_environment()
+    assert notifier is not None
+    assert notifier.watchdog_interval is None
+
+
+@pytest.mark.parametrize("interval", [0.0, -1.0, float("inf"), float("nan")])
+def test_the_constructor_refuses_an_interval_that_is_not_a_positive_time(interval: float) -> None:
+    """Zero, negative, infinite and NaN intervals are errors."""
+    with pytest.raises(ValueError, match="watchdog_interval"):
+        SystemdNotifier("/run/notify", interval)
+
+
+def test_repr_and_doctests() -> None:
+    """The repr reads as the call that made it; the module's examples run."""
+    assert repr(SystemdNotifier("@x", 2.0)) == "SystemdNotifier('@x', watchdog_interval=2.0)"
+    result = doctest.testmod(_sdnotify)
+    assert result.attempted > 0
+    assert result.failed == 0
+
+
+# -- real datagrams ------------------------------------------------------------------------
+
+
+async def test_each_message_is_one_datagram_at_the_receiver(
+    receiver: tuple[str, socket.socket],
+) -> None:
+    """READY, STATUS, WATCHDOG, STOPPING, arbitrary fields: one datagram each, in order."""
+    address, sock = receiver
+    async with SystemdNotifier(address) as notifier:
+        assert await notifier.ready()
+        assert await notifier.status("3 peers, SERVING")
+        assert await notifier.watchdog()
+        assert await notifier.ready(status="serving on 127.0.0.1:7400")
+        assert await notifier.notify(STATUS="custom", ERRNO=0)
+        assert await notifier.stopping(status="draining")
+        assert await notifier.stopping()
+        assert notifier.sent == 7
+        assert notifier.dropped == 0
+    assert drain(sock) == [
+        "READY=1",
+        "STATUS=3 peers, SERVING",
+        "WATCHDOG=1",
+        "READY=1\nSTATUS=serving on 127.0.0.1:7400",
+        "STATUS=custom\nERRNO=0",
+        "STOPPING=1\nSTATUS=draining",
+        "STOPPING=1",
+    ]
+
+
+async def test_reloading_carries_the_monotonic_time_of_the_request(
+    path_receiver: tuple[str, socket.socket],
+) -> None:
+    """``RELOADING=1`` with ``MONOTONIC_USEC`` on CLOCK_MONOTONIC, as Type=notify-reload wants."""
+    address, sock = path_receiver
+    async with SystemdNotifier(address) as notifier:
+        before = time.monotonic_ns() // 1000
+        assert await notifier.reloading(status="reloading")
+        after = time.monotonic_ns() // 1000
+    [message] = drain(sock)
+    reloading, stamp, status = message.split("\n")
+    assert reloading == "RELOADING=1"
+    assert status == "STATUS=reloading"
+    key, _, value = stamp.partition("=")
+    assert key == "MONOTONIC_USEC"
+    assert before <= int(value) <= after
+
+
+@pytest.mark.skipif(not LINUX, reason="SCM_CREDENTIALS is Linux's")
+async def test_the_datagram_carries_our_pid_for_notify_access_main(
+    path_receiver: tuple[str, socket.socket],
+) -> None:
+    """The kernel attaches the sender's credentials, which NotifyAccess=main checks against MAINPID."""
+    address, sock = path_receiver
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+    async with SystemdNotifier(address) as notifier:
+        assert await notifier.ready()
+    credentials = struct.calcsize("3i")
+    data, ancillary, _, _ = sock.recvmsg(MAX_MESSAGE, socket.CMSG_SPACE(credentials))
+    assert data == b"READY=1"
+    [(level, kind, payload)] = ancillary
+    assert (level, kind) == (socket.SOL_SOCKET, socket.SCM_CREDENTIALS)
+    pid, _, _ = struct.unpack("3i", payload[:credentials])
+    assert pid == os.getpid()
+
+
+async def test_a_cancelled_send_sends_nothing(path_receiver: tuple[str, socket.socket]) -> None:
+    """Cancelled before its checkpoint, a notification is not half-sent: it is not sent."""
+    address, sock = path_receiver
+    async with SystemdNotifier(address) as notifier:
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await notifier.ready()
+        assert scope.cancelled_caught
+        assert notifier.sent == 0
+        assert notifier.dropped == 0
+    assert drain(sock) == []
+
+
+async def test_a_receiver_that_is_gone_drops_messages_without_raising(
+    path_receiver: tuple[str, socket.socket], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A manager that went away costs dropped messages and one warning; a new one is found again.
+
+    Each message is sent to the address afresh, so a socket re-created at
+    the same path (a re-executed manager) receives the next one.
+    """
+    address, sock = path_receiver
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        async with SystemdNotifier(address) as notifier:
+            assert await notifier.ready()
+            sock.close()
+            os.unlink(address)
+            assert not await notifier.watchdog()
+            assert not await notifier.status("still here")
+            assert (notifier.sent, notifier.dropped) == (1, 2)
+            warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+            assert len(warnings) == 1
+            assert address in warnings[0].getMessage()
+
+            again = bind_receiver(address)
+            try:
+                assert await notifier.watchdog()
+                assert drain(again) == ["WATCHDOG=1"]
+            finally:
+                again.close()
+            assert (notifier.sent, notifier.dropped) == (2, 2)
+    assert "go through again" in caplog.records[-1].getMessage()
+
+
+async def test_a_full_receive_buffer_drops_messages_without_blocking_the_loop(
+    path_receiver: tuple[str, socket.socket], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A manager that does not read: sends fail at once with EAGAIN, counted, logged once."""
+    address, sock = path_receiver
+    attempts = 0
+    with caplog.at_level(logging.WARNING, logger=LOGGER), trio.fail_after(10):
+        async with SystemdNotifier(address) as notifier:
+            while notifier.dropped < 100:
+                await notifier.status("x" * 200)
+                attempts += 1
+                assert attempts < 1_000_000, "the receive buffer never filled"
+            queued = notifier.sent
+            assert queued > 0
+            assert len(caplog.records) == 1
+            assert len(drain(sock)) == queued
+            assert await notifier.watchdog()  # room again
+            assert drain(sock) == ["WATCHDOG=1"]
+
+
+async def test_after_closing_messages_are_dropped_quietly(
+    path_receiver: tuple[str, socket.socket], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A watchdog that outlives the notifier cannot crash the service; closing twice is fine."""
+    address, sock = path_receiver
+    notifier = SystemdNotifier(address)
+    assert await notifier.watchdog()
+    await notifier.aclose()
+    await notifier.aclose()
+    with caplog.at_level(logging.DEBUG, logger=LOGGER):
+        assert not await notifier.watchdog()
+    assert caplog.records == []
+    assert (notifier.sent, notifier.dropped) == (1, 1)
+    assert drain(sock) == ["WATCHDOG=1"]
+
+
+async def test_closing_a_notifier_that_never_sent_is_fine() -> None:
+    """The socket is made at the first send: closing before it has nothing to close."""
+    notifier = SystemdNotifier("/nonexistent/notify")
+    await notifier.aclose()
+    assert not notifier.send_nowait("READY=1")
+    assert notifier.dropped == 1
+
+
+# -- malformed messages --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "",
+        "READY",
+        "ready=1",
+        "=1",
+        "READY=1\n",
+        "READY=1\nSTATUS",
+        "1READY=1",
+        "STATUS=a\0b",
+        "STATUS=" + "x" * MAX_MESSAGE,
+        "STATUS=" + "\u00e9" * (MAX_MESSAGE // 2),  # under the limit in characters, not in bytes
+    ],
+)
+def test_a_malformed_or_oversized_message_is_a_value_error(message: str) -> None:
+    """Lines must be KEY=VALUE with an upper-case name, no NUL, the whole within MAX_MESSAGE bytes."""
+    notifier = SystemdNotifier("/nonexistent/notify")
+    with pytest.raises(ValueError, match=r"notification|NUL|STATUS"):
+        notifier.send_nowait(message)
+    assert (notifier.sent, notifier.dropped) == (0, 0)
+
+
+async def test_notify_refuses_bad_fields() -> None:
+    """No fields, a value that is not text or an integer, a newline in a value: errors before sending."""
+    notifier = SystemdNotifier("/nonexistent/notify")
+    with pytest.raises(ValueError, match="empty"):
+        await notifier.notify()
+    with pytest.raises(ValueError, match="string or an integer"):
+        await notifier.notify(READY=True)
+    with pytest.raises(ValueError, match="string or an integer"):
+        await notifier.notify(EXTEND_TIMEOUT_USEC=1.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="one line"):
+        await notifier.notify(STATUS="two\nlines")
+    with pytest.raises(ValueError, match="variable name"):
+        await notifier.notify(status="lower case")
+    assert (notifier.sent, notifier.dropped) == (0, 0)
+    await notifier.aclose()
+
+
+async def test_the_largest_message_is_accepted(path_receiver: tuple[str, socket.socket]) -> None:
+    """MAX_MESSAGE bytes exactly is within the bound, and arrives whole."""
+    address, sock = path_receiver
+    message = "STATUS=" + "x" * (MAX_MESSAGE - len("STATUS="))
+    async with SystemdNotifier(address) as notifier:
+        assert notifier.send_nowait(message)
+    assert drain(sock) == [message]
+
+
+# -- STATUS= text --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "sent"),
+    [
+        ("3 peers", "3 peers"),
+        ("two\nlines", "two lines"),
+        ("  tabs\tand\r\nbreaks  ", "tabs and breaks"),
+        ("nul\0bell\x07", "nul bell"),
+        ("", ""),
+        ("x" * STATUS_LIMIT, "x" * STATUS_LIMIT),
+        ("x" * (STATUS_LIMIT + 1), "x" * (STATUS_LIMIT - 1) + "\u2026"),
+    ],
+)
+def test_status_text_is_one_bounded_printable_line(text: str, sent: str) -> None:
+    """Control characters and runs of white space become one space; long text is cut with an ellipsis."""
+    assert _sdnotify._sanitize_status(text) == sent
+
+
+@given(st.text())
+def test_any_status_text_makes_a_valid_message(text: str) -> None:
+    """Whatever the text, the STATUS= line is one printable line within both bounds."""
+    line = _sdnotify._sanitize_status(text)
+    assert len(line) <= STATUS_LIMIT
+    assert line.isprintable()
+    assert line == line.strip()
+    _sdnotify._check_field("STATUS", line)
+    assert len(f"READY=1\nSTATUS={line}".encode()) <= MAX_MESSAGE
+
+
+# -- the watchdog, in virtual time ---------------------------------------------------------
+
+
+async def test_watchdog_pings_on_the_grid_only_while_healthy(
+    autojump_clock: MockClock, path_receiver: tuple[str, socket.socket]
+) -> None:
+    """A ping at exactly k * interval while healthy; none while unhealthy; back on the grid after.
+
+    ``healthy()`` is asked at every tick; the test reads the receiver half
+    an interval after each tick.
+    """
+    address, sock = path_receiver
+    unhealthy_ticks = {3, 4}
+    asked: list[float] = []
+
+    def healthy() -> bool:
+        asked.append(trio.current_time())
+        return len(asked) - 1 not in unhealthy_ticks
+
+    received: list[int] = []
+    async with SystemdNotifier(address, watchdog_interval=0.5) as notifier:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(notifier.run_watchdog, healthy)
+            for tick in range(8):
+                await trio.sleep_until(tick * 0.5 + 0.25)
+                messages = drain(sock)
+                assert set(messages) <= {"WATCHDOG=1"}
+                received.append(len(messages))
+            nursery.cancel_scope.cancel()
+        assert notifier.sent == 6
+    assert asked == [tick * 0.5 for tick in range(8)]
+    assert received == [1, 1, 1, 0, 0, 1, 1, 1]
+
+
+async def test_a_blocked_loop_sends_no_pings_and_resumes_on_the_grid(
+    autojump_clock: MockClock, path_receiver: tuple[str, socket.socket]
+) -> None:
+    """A stall (the clock jumps with no task running): no ping during it, one late, no burst after."""
+    address, sock = path_receiver
+    asked: list[float] = []
+
+    def healthy() -> bool:
+        asked.append(trio.current_time())
+        return True
+
+    async with (
+        SystemdNotifier(address, watchdog_interval=0.5) as notifier,
+        trio.open_nursery() as nursery,
+    ):
+        await nursery.start(notifier.run_watchdog, healthy)
+        await trio.sleep_until(0.75)
+        assert len(drain(sock)) == 2  # at 0.0 and 0.5
+        autojump_clock.jump(1.0)  # the loop was blocked from 0.75 to 1.75
+        await trio.sleep_until(2.75)
+        nursery.cancel_scope.cancel()
+    assert asked == [0.0, 0.5, 1.75, 2.0, 2.5]
+    assert drain(sock) == ["WATCHDOG=1"] * 3
+
+
+async def test_without_a_watchdog_run_watchdog_returns_at_once(autojump_clock: MockClock) -> None:
+    """No WATCHDOG_USEC: started, then done at the same moment, ``healthy`` never asked."""
+    notifier = SystemdNotifier("/nonexistent/notify")
+
+    def healthy() -> bool:  # pragma: no cover - must not be called
+        raise AssertionError("asked without a watchdog")
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(notifier.run_watchdog, healthy)
+    assert trio.current_time() == 0.0
+    assert notifier.sent == notifier.dropped == 0
+    await notifier.aclose()
