@@ -48,6 +48,7 @@ RUNTIME = [
     "trio_heartbeat/_registry.py",
     "trio_heartbeat/_sdnotify.py",
     "trio_heartbeat/_server.py",
+    "trio_heartbeat/_services.py",
     "trio_heartbeat/_stream_connection.py",
     "trio_heartbeat/_supervisor.py",
     "trio_heartbeat/_systemd.py",

@@ -35,7 +35,14 @@ from trio_heartbeat import (
     UnknownEndpoint,
     _errors,
 )
-from trio_heartbeat._errors import Conviction, NoEndpointLeft, UsageError, describe_os_error
+from trio_heartbeat._errors import (
+    Conviction,
+    NoEndpointLeft,
+    SupervisorGaveUp,
+    UsageError,
+    describe_os_error,
+)
+from trio_heartbeat._restart import ExitKind
 
 #: One or more instances of each public exception, with every attribute set.
 EXAMPLES: list[HeartbeatError] = [
@@ -64,6 +71,9 @@ EXAMPLES: list[HeartbeatError] = [
 INTERNAL_EXAMPLES: list[HeartbeatError] = [
     NoEndpointLeft("the endpoint source ran dry"),
     UsageError("--timeout must be longer than --interval"),
+    # Not exported yet: the service supervisor (#13) is not wired.
+    SupervisorGaveUp("child db failed", "db", ExitKind.FAILED, KeyError("lost")),
+    SupervisorGaveUp("child worker hung", "worker", ExitKind.HUNG, None),
 ]
 
 

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, final
 
 if TYPE_CHECKING:
     from ._breaker import BreakerState
+    from ._restart import ExitKind
 
 #: The close code of an ending without any CLOSE frame (CloseCode.ABNORMAL_CLOSURE).
 _NO_CLOSE = 1006
@@ -43,6 +44,7 @@ __all__ = [
     "ProtocolError",
     "ReconnectFailed",
     "RemoteProtocolError",
+    "SupervisorGaveUp",
     "UndeliveredMessages",
     "UnknownEndpoint",
     "UsageError",
@@ -256,6 +258,26 @@ class UnknownEndpoint(HeartbeatError, KeyError):
 
     def __str__(self) -> str:  # KeyError would print the repr of its argument
         return f"not an endpoint of this outlier ejection: {self.endpoint}"
+
+
+@final
+class SupervisorGaveUp(HeartbeatError):
+    """A service supervisor's restart budget ran out: it stopped its children and ended.
+
+    ``child`` is the child whose exit would have exceeded the budget, ``kind``
+    how it ended and ``error`` its exception (``None`` for a NORMAL or HUNG
+    end without one), also chained as ``__cause__``.
+    """
+
+    def __init__(self, message: str, child: str, kind: ExitKind, error: BaseException | None):
+        super().__init__(message)
+        self.child = child
+        self.kind = kind
+        self.error = error
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # ``args`` holds only the message; the default would call ``cls(message)``.
+        return (type(self), (str(self), self.child, self.kind, self.error), self.__dict__)
 
 
 @final

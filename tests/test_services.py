@@ -1,0 +1,545 @@
+"""The service supervisor (``_services.py``): children run, watched and restarted, in virtual time.
+
+What it pins: each strategy stops the right siblings one at a time, the last
+started first, and starts everyone again in start order; each restart type;
+the budget's N+1th restart raises one SupervisorGaveUp (never a group) with
+the child's exception as its cause, at exactly the expected time and once
+every child is stopped; a hung child is cancelled at exactly its check-in
+deadline, restarted once it has ended, or abandoned after its shutdown
+timeout; backoff delays are exact and start over after a healthy run; the
+health board turns NOT_SERVING while a child is hung; leaving the block stops
+everything in reverse order, an outside cancellation ends everything, and no
+task is left; the events, the log and the counters. Times are exact
+(``autojump_clock``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import pickle
+from collections.abc import Awaitable, Callable
+
+import pytest
+import trio
+from helpers import task_names
+from trio.testing import MockClock
+
+from trio_heartbeat._backoff import ConstantBackoff, ExponentialBackoff
+from trio_heartbeat._errors import SupervisorGaveUp
+from trio_heartbeat._frames import HealthStatus
+from trio_heartbeat._health_monitor import open_health_monitor
+from trio_heartbeat._restart import ChildState, ExitKind, RestartBudget, RestartType, Strategy
+from trio_heartbeat._services import (
+    CheckIn,
+    ChildAbandoned,
+    ChildExited,
+    ChildRestarting,
+    ChildSpec,
+    ChildStarted,
+    ChildStopped,
+    ServiceEvent,
+    SupervisorStopped,
+    open_service_supervisor,
+)
+
+NO_WAIT = ConstantBackoff(0.0)
+ROOMY = RestartBudget(max_restarts=100, period=1000.0)
+
+
+class Boom(Exception):
+    """What a failing child raises."""
+
+
+class Record:
+    """What the children did and what the supervisor reported, each with its virtual time."""
+
+    def __init__(self) -> None:
+        self.log: list[tuple[float, str, str]] = []
+        self.events: list[tuple[float, ServiceEvent]] = []
+
+    def note(self, name: str, what: str) -> None:
+        self.log.append((trio.current_time(), name, what))
+
+    def __call__(self, event: ServiceEvent) -> None:
+        self.events.append((trio.current_time(), event))
+
+    def of(self, name: str) -> list[tuple[float, str]]:
+        return [(t, what) for t, who, what in self.log if who == name]
+
+    def starts(self) -> list[tuple[float, str]]:
+        return [(t, e.name) for t, e in self.events if isinstance(e, ChildStarted)]
+
+    def stops(self) -> list[tuple[float, str]]:
+        return [(t, e.name) for t, e in self.events if isinstance(e, ChildStopped)]
+
+
+def scripted(
+    rec: Record, name: str, *runs: tuple[float, str], cleanup: float = 0.0
+) -> Callable[[], Awaitable[None]]:
+    """A child that, run after run, lives ``duration`` and then "fail"s or "return"s
+    (for ever once the script is spent); cancelled, it spends ``cleanup`` seconds shielded."""
+    script = iter(runs)
+
+    async def child() -> None:
+        duration, ending = next(script, (math.inf, "return"))
+        rec.note(name, "start")
+        try:
+            await trio.sleep(duration)
+        except trio.Cancelled:
+            rec.note(name, "cancelled")
+            with trio.CancelScope(shield=True):
+                await trio.sleep(cleanup)
+            rec.note(name, "ended")
+            raise
+        rec.note(name, ending)
+        if ending == "fail":
+            raise Boom(name)
+
+    return child
+
+
+def spec(rec: Record, name: str, *runs: tuple[float, str], **kwargs: object) -> ChildSpec:
+    cleanup = kwargs.pop("cleanup", 0.0)
+    assert isinstance(cleanup, float)
+    return ChildSpec(name, scripted(rec, name, *runs, cleanup=cleanup), **kwargs)  # type: ignore[arg-type]
+
+
+def no_service_tasks() -> bool:
+    return not any("service" in name for name in task_names())
+
+
+# -- strategies ------------------------------------------------------------------------
+
+
+async def test_one_for_one_restarts_only_the_crashed_child_after_its_backoff(
+    autojump_clock: MockClock,
+) -> None:
+    """b fails at 1 and starts again at 1.5 (backoff 0.5); a and c run on untouched."""
+    rec = Record()
+    children = [spec(rec, "a"), spec(rec, "b", (1.0, "fail")), spec(rec, "c")]
+    async with open_service_supervisor(
+        children, backoff=ConstantBackoff(0.5), listeners=[rec]
+    ) as sup:
+        await trio.sleep(2.0)
+        assert rec.starts() == [(0.0, "a"), (0.0, "b"), (0.0, "c"), (1.5, "b")]
+        assert rec.of("a") == [(0.0, "start")]
+        assert rec.of("c") == [(0.0, "start")]
+        assert rec.of("b") == [(0.0, "start"), (1.0, "fail"), (1.5, "start")]
+        stats = sup.statistics()
+        assert (stats.starts, stats.failed_exits, stats.restarts) == (4, 1, 1)
+        assert stats.running == ("a", "b", "c")
+    assert no_service_tasks()
+
+
+async def test_one_for_all_stops_the_others_one_at_a_time_in_reverse_then_starts_all(
+    autojump_clock: MockClock,
+) -> None:
+    """b fails at 1: c is cancelled, ends 0.25 s later, then a is, and only when a has
+    ended (1.5) are a, b, c started again, in start order."""
+    rec = Record()
+    children = [
+        spec(rec, "a", cleanup=0.25),
+        spec(rec, "b", (1.0, "fail")),
+        spec(rec, "c", cleanup=0.25),
+    ]
+    async with open_service_supervisor(
+        children, strategy=Strategy.ONE_FOR_ALL, backoff=ConstantBackoff(0.125), listeners=[rec]
+    ):
+        await trio.sleep(2.0)
+        assert rec.of("c")[:3] == [(0.0, "start"), (1.0, "cancelled"), (1.25, "ended")]
+        assert rec.of("a")[:3] == [(0.0, "start"), (1.25, "cancelled"), (1.5, "ended")]
+        assert rec.stops() == [(1.25, "c"), (1.5, "a")]
+        assert rec.starts()[3:] == [(1.5, "a"), (1.5, "b"), (1.5, "c")]
+
+
+async def test_rest_for_one_restarts_the_child_and_those_started_after_it(
+    autojump_clock: MockClock,
+) -> None:
+    """b fails at 1: c is stopped and b, c start again; a is left alone."""
+    rec = Record()
+    children = [spec(rec, "a"), spec(rec, "b", (1.0, "fail")), spec(rec, "c")]
+    async with open_service_supervisor(
+        children, strategy=Strategy.REST_FOR_ONE, backoff=NO_WAIT, listeners=[rec]
+    ):
+        await trio.sleep(2.0)
+        assert rec.stops() == [(1.0, "c")]
+        assert rec.starts()[3:] == [(1.0, "b"), (1.0, "c")]
+        assert rec.of("a") == [(0.0, "start")]
+
+
+# -- restart types ---------------------------------------------------------------------
+
+
+async def test_transient_is_restarted_after_a_failure_not_after_a_normal_return(
+    autojump_clock: MockClock,
+) -> None:
+    """A transient child that fails is restarted; one that returns leaves for good."""
+    rec = Record()
+    child = spec(rec, "t", (1.0, "fail"), (1.0, "return"), restart=RestartType.TRANSIENT)
+    async with open_service_supervisor([child], backoff=NO_WAIT, listeners=[rec]) as sup:
+        await trio.sleep(3.0)
+        assert rec.of("t") == [(0.0, "start"), (1.0, "fail"), (1.0, "start"), (2.0, "return")]
+        assert sup.state("t") is None
+        assert sup.statistics().normal_exits == 1
+
+
+async def test_temporary_is_never_restarted_not_even_with_its_siblings(
+    autojump_clock: MockClock,
+) -> None:
+    """A temporary child that fails is gone; one stopped by a ONE_FOR_ALL restart is too."""
+    rec = Record()
+    children = [
+        spec(rec, "gone", (0.5, "fail"), restart=RestartType.TEMPORARY),
+        spec(rec, "quiet", restart=RestartType.TEMPORARY),
+        spec(rec, "p", (1.0, "fail")),
+    ]
+    async with open_service_supervisor(
+        children, strategy=Strategy.ONE_FOR_ALL, backoff=NO_WAIT, listeners=[rec]
+    ) as sup:
+        await trio.sleep(2.0)
+        assert rec.of("gone") == [(0.0, "start"), (0.5, "fail")]
+        assert rec.of("quiet") == [(0.0, "start"), (1.0, "cancelled"), (1.0, "ended")]
+        assert rec.starts()[3:] == [(1.0, "p")]
+        assert (sup.state("gone"), sup.state("quiet"), sup.state("p")) == (
+            None,
+            None,
+            ChildState.RUNNING,
+        )
+        with pytest.raises(KeyError):
+            sup.state("nobody")
+
+
+# -- the budget ------------------------------------------------------------------------
+
+
+async def test_the_restart_past_the_budget_stops_everyone_and_raises_one_error(
+    autojump_clock: MockClock,
+) -> None:
+    """Budget 2 in 10 s, 1 s backoff, a child failing at once: restarts at 1 and 2, and
+    its third failure at 2 gives up: the sibling (shielding 0.25 s) is stopped first, and
+    one SupervisorGaveUp leaves the block at 2.25, caused by the child's own exception."""
+    rec = Record()
+    children = [spec(rec, "steady", cleanup=0.25), spec(rec, "bad", *[(0.0, "fail")] * 5)]
+    with pytest.raises(SupervisorGaveUp) as caught:
+        async with open_service_supervisor(
+            children,
+            budget=RestartBudget(max_restarts=2, period=10.0),
+            backoff=ConstantBackoff(1.0),
+            listeners=[rec],
+        ):
+            await trio.sleep_forever()
+    assert trio.current_time() == 2.25
+    error = caught.value
+    assert type(error) is SupervisorGaveUp
+    assert (error.child, error.kind) == ("bad", ExitKind.FAILED)
+    assert isinstance(error.error, Boom)
+    assert error.__cause__ is error.error
+    assert rec.starts() == [(0.0, "steady"), (0.0, "bad"), (1.0, "bad"), (2.0, "bad")]
+    assert rec.of("steady") == [(0.0, "start"), (2.0, "cancelled"), (2.25, "ended")]
+    assert rec.events[-1] == (2.25, SupervisorStopped(error))
+    assert no_service_tasks()
+
+
+async def test_a_childs_exception_is_never_an_exception_group(autojump_clock: MockClock) -> None:
+    """With a budget of 0 the first failure gives up: the error is SupervisorGaveUp itself,
+    not a group, and it pickles with its fields."""
+    rec = Record()
+    with pytest.raises(SupervisorGaveUp) as caught:
+        async with open_service_supervisor(
+            [spec(rec, "x", (0.5, "fail"))], budget=RestartBudget(max_restarts=0)
+        ):
+            await trio.sleep_forever()
+    assert type(caught.value) is SupervisorGaveUp  # not a group
+    assert trio.current_time() == 0.5
+    copy = pickle.loads(pickle.dumps(caught.value))
+    assert (type(copy), str(copy), copy.child, copy.kind) == (
+        SupervisorGaveUp,
+        str(caught.value),
+        "x",
+        ExitKind.FAILED,
+    )
+    assert isinstance(copy.error, Boom)
+
+
+# -- hangs -----------------------------------------------------------------------------
+
+
+def checking_in(
+    rec: Record, name: str, *, checks: int, cleanup: float = 0.0, release: trio.Event | None = None
+) -> Callable[[CheckIn], Awaitable[None]]:
+    """Checks in every second ``checks`` times, then hangs; cancelled, it cleans up for
+    ``cleanup`` seconds, or until ``release`` is set, shielded. Later runs never hang."""
+    runs = 0
+
+    async def child(check_in: CheckIn) -> None:
+        nonlocal runs
+        runs += 1
+        rec.note(name, "start")
+        try:
+            for _ in range(checks if runs == 1 else 10_000):
+                await trio.sleep(1.0)
+                check_in.check_in()
+            await trio.sleep_forever()
+        except trio.Cancelled:
+            rec.note(name, "cancelled")
+            with trio.CancelScope(shield=True):
+                await trio.sleep(cleanup)
+                if release is not None:
+                    await release.wait()
+            rec.note(name, "ended")
+            raise
+
+    return child
+
+
+@pytest.mark.parametrize(("cleanup", "restart_at"), [(0.0, 3.0), (1.0, 4.0)])
+async def test_a_hung_child_is_cancelled_at_its_deadline_and_restarted_once_ended(
+    autojump_clock: MockClock, cleanup: float, restart_at: float
+) -> None:
+    """Check-ins at 1 with a 2 s period: cancelled at exactly 3; reported HUNG and
+    restarted when it has ended (its shielded cleanup delays the restart as long)."""
+    rec = Record()
+    child = ChildSpec("w", checking_in(rec, "w", checks=1, cleanup=cleanup), check_in_period=2.0)
+    async with open_service_supervisor([child], backoff=NO_WAIT, listeners=[rec]) as sup:
+        await trio.sleep(10.0)
+        assert rec.of("w")[:4] == [
+            (0.0, "start"),
+            (3.0, "cancelled"),
+            (restart_at, "ended"),
+            (restart_at, "start"),
+        ]
+        exited = [(t, e) for t, e in rec.events if isinstance(e, ChildExited)]
+        assert exited == [(restart_at, ChildExited("w", ExitKind.HUNG, None))]
+        assert sup.statistics().hung_exits == 1
+
+
+async def test_a_hung_child_that_never_ends_is_abandoned_after_its_shutdown_timeout(
+    autojump_clock: MockClock,
+) -> None:
+    """Hung at 2, shutdown_timeout 1.5: abandoned at 3.5 and restarted beside it; the
+    block's end still waits for the abandoned task, which is not leaked."""
+    rec = Record()
+    release = trio.Event()
+    child = ChildSpec(
+        "w",
+        checking_in(rec, "w", checks=0, release=release),
+        check_in_period=2.0,
+        shutdown_timeout=1.5,
+    )
+    async with open_service_supervisor([child], backoff=NO_WAIT, listeners=[rec]) as sup:
+        await trio.sleep(5.0)
+        assert rec.of("w") == [(0.0, "start"), (2.0, "cancelled"), (3.5, "start")]
+        assert (3.5, ChildAbandoned("w", 1.5)) in rec.events
+        assert sup.statistics().abandoned == 1
+        release.set()
+        await trio.sleep(1.0)
+        assert rec.of("w")[-1] == (5.0, "ended")
+    assert no_service_tasks()
+
+
+async def test_health_is_not_serving_from_the_missed_deadline_until_the_hung_run_ends(
+    autojump_clock: MockClock,
+) -> None:
+    """With a monitor, the child is a component: NOT_SERVING at exactly 3 (its deadline),
+    SERVING again at 4 once the hung run has ended; the stop at the block's end (at 6,
+    the child then slow to end) leaves the board at once, without a miss."""
+    rec = Record()
+    changes: list[tuple[float, HealthStatus]] = []
+    child = ChildSpec("w", checking_in(rec, "w", checks=1, cleanup=1.0), check_in_period=2.0)
+    async with open_health_monitor() as health:
+        health.add_listener(lambda status, _: changes.append((trio.current_time(), status)))
+        async with open_service_supervisor([child], backoff=NO_WAIT, health=health):
+            await trio.sleep(6.0)
+            assert "w" in health
+        assert "w" not in health
+        assert trio.current_time() == 7.0
+        await trio.sleep(5.0)
+    assert changes == [(3.0, HealthStatus.NOT_SERVING), (4.0, HealthStatus.SERVING)]
+
+
+# -- backoff -----------------------------------------------------------------------------
+
+
+async def test_backoff_delays_are_exact_and_start_over_after_a_healthy_run(
+    autojump_clock: MockClock,
+) -> None:
+    """Exponential 0.25 doubling: failures at once restart at 0.25, 0.75, 1.75; a run that
+    lasts the budget's period (10 s) resets it, so the next delay is 0.25 again."""
+    rec = Record()
+    runs = [(0.0, "fail")] * 3 + [(10.0, "fail"), (0.0, "fail")]
+    async with open_service_supervisor(
+        [spec(rec, "x", *runs)],
+        budget=RestartBudget(max_restarts=10, period=10.0),
+        backoff=ExponentialBackoff(base=0.25, factor=2.0, cap=8.0),
+        listeners=[rec],
+    ):
+        await trio.sleep(20.0)
+    assert [t for t, _ in rec.starts()] == [0.0, 0.25, 0.75, 1.75, 12.0, 12.5]
+    delays = [e.delay for _, e in rec.events if isinstance(e, ChildRestarting)]
+    assert delays == [0.25, 0.5, 1.0, 0.25, 0.5]
+
+
+async def test_a_backoff_that_runs_out_starts_over(autojump_clock: MockClock) -> None:
+    """Giving up is the budget's job: a spent backoff iterator begins again."""
+    rec = Record()
+    async with open_service_supervisor(
+        [spec(rec, "x", *[(0.0, "fail")] * 3)],
+        budget=ROOMY,
+        backoff=ConstantBackoff(1.0, max_attempts=2),
+        listeners=[rec],
+    ):
+        await trio.sleep(5.0)
+    assert [t for t, _ in rec.starts()] == [0.0, 1.0, 2.0, 3.0]
+
+
+# -- the block's end -------------------------------------------------------------------
+
+
+async def test_leaving_the_block_stops_every_child_in_reverse_order(
+    autojump_clock: MockClock,
+) -> None:
+    """Each child is cancelled only once the one started after it has ended."""
+    rec = Record()
+    children = [spec(rec, name, cleanup=0.25) for name in "abc"]
+    async with open_service_supervisor(children, listeners=[rec]) as sup:
+        await trio.sleep(1.0)
+    assert trio.current_time() == 1.75
+    assert rec.stops() == [(1.25, "c"), (1.5, "b"), (1.75, "a")]
+    assert rec.events[-1] == (1.75, SupervisorStopped(None))
+    assert sup.statistics().stopped == 3
+    assert sup.statistics().running == ()
+    assert no_service_tasks()
+
+
+async def test_cancellation_from_outside_ends_everything_at_once(autojump_clock: MockClock) -> None:
+    """An outside deadline cancels the block and every child at that moment; nothing
+    is raised past the scope and no task is left."""
+    rec = Record()
+    children = [spec(rec, name) for name in "ab"]
+    with trio.move_on_after(2.0) as scope:
+        async with open_service_supervisor(children, listeners=[rec]):
+            await trio.sleep_forever()
+    assert scope.cancelled_caught
+    assert trio.current_time() == 2.0
+    assert sorted(rec.log) == [
+        (0.0, "a", "start"),
+        (0.0, "b", "start"),
+        (2.0, "a", "cancelled"),
+        (2.0, "a", "ended"),
+        (2.0, "b", "cancelled"),
+        (2.0, "b", "ended"),
+    ]
+    assert rec.events[-1] == (2.0, SupervisorStopped(None))
+    assert no_service_tasks()
+
+
+async def test_the_blocks_own_error_comes_out_as_itself(autojump_clock: MockClock) -> None:
+    """A ValueError raised in the block is raised as it is, not in a group."""
+    rec = Record()
+    with pytest.raises(ValueError, match="mine"):
+        async with open_service_supervisor([spec(rec, "a")]):
+            raise ValueError("mine")
+    assert no_service_tasks()
+
+
+# -- events, logging, validation ----------------------------------------------------
+
+
+async def test_events_arrive_in_order_and_a_failing_listener_is_only_logged(
+    autojump_clock: MockClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Start, exit with the error, restarting, start, stop, stopped; a listener that raises
+    is logged and the others still hear everything."""
+    rec = Record()
+
+    def broken(event: ServiceEvent) -> None:
+        raise RuntimeError("listener bug")
+
+    caplog.set_level(logging.INFO, logger="trio_heartbeat")
+    async with open_service_supervisor(
+        [spec(rec, "x", (1.0, "fail"))], backoff=ConstantBackoff(0.5), listeners=[broken, rec]
+    ) as sup:
+        await trio.sleep(2.0)
+        sup.remove_listener(broken)
+    kinds = [type(e).__name__ for _, e in rec.events]
+    assert kinds == [
+        "ChildStarted",
+        "ChildExited",
+        "ChildRestarting",
+        "ChildStarted",
+        "ChildStopped",
+        "SupervisorStopped",
+    ]
+    exited = rec.events[1][1]
+    assert isinstance(exited, ChildExited)
+    assert isinstance(exited.error, Boom)
+    assert rec.events[2] == (1.0, ChildRestarting("x", 0.5, ("x",)))
+    assert "service listener" in caplog.text
+    assert "listener bug" in caplog.text
+    assert "'x' failed; restarting 'x'" in caplog.text
+    assert "stopped child 'x'" in caplog.text
+
+
+def test_child_specs_are_checked() -> None:
+    """Bad names, periods, timeouts and types are refused when the spec is made."""
+
+    async def fn() -> None: ...
+
+    values: list[dict[str, object]] = [
+        {"name": ""},
+        {"check_in_period": 0.0},
+        {"check_in_period": math.inf},
+        {"shutdown_timeout": -1.0},
+    ]
+    for bad in values:
+        with pytest.raises(ValueError, match="must be"):
+            ChildSpec(**{"name": "x", "fn": fn, **bad})  # type: ignore[arg-type]
+    types: list[dict[str, object]] = [{"fn": 3}, {"restart": "permanent"}, {"args": [1]}]
+    for bad in types:
+        with pytest.raises(TypeError):
+            ChildSpec(**{"name": "x", "fn": fn, **bad})  # type: ignore[arg-type]
+
+
+async def test_args_are_passed_after_the_check_in_handle(autojump_clock: MockClock) -> None:
+    """``fn(check_in, *args)`` with a period, ``fn(*args)`` without."""
+    seen: list[tuple[object, ...]] = []
+
+    async def child(*args: object) -> None:
+        seen.append(args)
+        seen.sort(key=lambda args: isinstance(args[0], CheckIn))
+        await trio.sleep_forever()
+
+    children = [
+        ChildSpec("plain", child, args=(1, 2)),
+        ChildSpec("watched", child, args=(3,), check_in_period=5.0),
+    ]
+    async with open_service_supervisor(children):
+        await trio.sleep(1.0)
+    assert seen[0] == (1, 2)
+    handle, three = seen[1]
+    assert isinstance(handle, CheckIn)
+    assert three == 3
+    assert handle.name == "watched"
+    assert handle.deadline == 5.0
+
+
+async def test_bad_children_and_a_taken_health_name_are_refused(autojump_clock: MockClock) -> None:
+    """Anything but a ChildSpec is a TypeError; a watched child whose name the monitor
+    already holds is a ValueError, before anything starts."""
+    rec = Record()
+    with pytest.raises(TypeError, match="ChildSpec"):
+        async with open_service_supervisor(["x"]):  # type: ignore[list-item]
+            pass  # pragma: no cover
+    async with open_health_monitor() as health:
+        health.register("w", 1.0)
+        child = ChildSpec("w", checking_in(rec, "w", checks=0), check_in_period=2.0)
+        with pytest.raises(ValueError, match="already has a component"):
+            async with open_service_supervisor([child], health=health):
+                pass  # pragma: no cover
+    assert rec.log == []
+    async with open_service_supervisor([spec(rec, "a")]) as sup:
+        sup.add_listener(rec)
+        await trio.sleep(1.0)
+    assert rec.events[-1] == (1.0, SupervisorStopped(None))
