@@ -187,6 +187,7 @@ COMPANIONS = {
     "test_protocol_stateful": "_protocol",
     "test_local_health_processes": "_local_health",
     "test_health_monitor_processes": "_health_monitor",
+    "test_systemd_processes": "_systemd",
 }
 
 

@@ -44,6 +44,7 @@ from ._liveness_breaker import bind_breaker
 from ._options import ConnectionOptions
 from ._server import Server
 from ._supervisor import open_reconnecting_client
+from ._systemd import notify_systemd
 
 __all__ = ["main"]
 
@@ -293,6 +294,8 @@ async def serve(args: argparse.Namespace) -> int:
         host, port = listeners[0].socket.getsockname()[:2]
         print(f"listening on {host}:{port}", flush=True)
         nursery.start_soon(_drain_on_signal, server, nursery)
+        # Under systemd (NOTIFY_SOCKET): READY, STATUS, the watchdog, STOPPING.
+        nursery.start_soon(notify_systemd, server)
     stats = server.statistics()
     logger.info("stopped: %d served, %d refused", stats.completed_handshakes, stats.refused)
     return 0

@@ -1,0 +1,118 @@
+"""A real ``serve`` process under a stand-in for systemd: what it says on ``NOTIFY_SOCKET``.
+
+A datagram socket of the test plays systemd's side, at a path or at an
+abstract name; ``serve`` is started with ``NOTIFY_SOCKET`` pointing at it and
+``WATCHDOG_USEC`` of one second. What it pins, with generous bounds (a real
+process on a shared machine): READY=1 with a status line once it listens,
+WATCHDOG=1 about every half second, a STATUS= line when a peer connects,
+no pings while the process is stopped (SIGSTOP: its loop cannot run), pings
+again after SIGCONT, and STOPPING=1 when SIGTERM starts the drain.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+CLI = [sys.executable, "-m", "trio_heartbeat"]
+
+
+def collect(sock: socket.socket, seconds: float) -> list[tuple[float, str]]:
+    """Every datagram that comes within ``seconds``, with its monotonic arrival time."""
+    heard: list[tuple[float, str]] = []
+    end = time.monotonic() + seconds
+    while (left := end - time.monotonic()) > 0:
+        sock.settimeout(left)
+        try:
+            data = sock.recv(65536)
+        except TimeoutError:
+            break
+        heard.append((time.monotonic(), data.decode()))
+    return heard
+
+
+@contextmanager
+def serve_under(address: str) -> Iterator[tuple[subprocess.Popen[str], int]]:
+    env = dict(os.environ, NOTIFY_SOCKET=address, WATCHDOG_USEC="1000000")
+    env.pop("WATCHDOG_PID", None)
+    process = subprocess.Popen(
+        [*CLI, "serve", "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        assert line.startswith("listening on 127.0.0.1:"), line
+        yield process, int(line.rsplit(":", 1)[1])
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGCONT)
+            process.kill()
+        process.communicate(timeout=30)
+
+
+def notify_socket(tmp_path: Path, abstract: bool) -> tuple[socket.socket, str]:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    if abstract:
+        name = f"trio-heartbeat-test-{os.getpid()}-{time.monotonic_ns()}"
+        sock.bind("\0" + name)
+        return sock, "@" + name
+    path = str(tmp_path / "notify")
+    sock.bind(path)
+    return sock, path
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("abstract", [False, True], ids=["path", "abstract"])
+def test_serve_tells_systemd_ready_status_watchdog_and_stopping(
+    tmp_path: Path, abstract: bool
+) -> None:
+    if abstract and not sys.platform.startswith("linux"):
+        pytest.skip("abstract sockets are Linux's")
+    sock, address = notify_socket(tmp_path, abstract)
+    with sock, serve_under(address) as (process, port):
+        first = collect(sock, 1.6)
+        assert first[0][1] == "READY=1\nSTATUS=0 peer(s), SERVING"
+        pings = [at for at, text in first if text == "WATCHDOG=1"]
+        assert len(pings) >= 2
+        assert all(0.3 < b - a < 1.0 for a, b in itertools.pairwise(pings))
+
+        client = subprocess.Popen(  # a peer, for the status line
+            [*CLI, "connect", f"127.0.0.1:{port}"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            joined = collect(sock, 2.5)
+        finally:
+            client.kill()
+            client.communicate(timeout=30)  # closes its stdin too
+        assert any(text == "STATUS=1 peer(s), SERVING" for _, text in joined)
+
+        process.send_signal(signal.SIGSTOP)  # the loop cannot run: no pings
+        stopped = collect(sock, 1.5)
+        process.send_signal(signal.SIGCONT)
+        assert [text for _, text in stopped if text == "WATCHDOG=1"] == []
+        resumed = collect(sock, 1.5)
+        assert any(text == "WATCHDOG=1" for _, text in resumed)
+
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+        last = collect(sock, 0.5)
+        assert any(text.startswith("STOPPING=1") for _, text in resumed + last)
+    assert process.returncode == 0
