@@ -44,6 +44,7 @@ RUNTIME = [
     "trio_heartbeat/_mailbox.py",
     "trio_heartbeat/_outcome.py",
     "trio_heartbeat/_outliers.py",
+    "trio_heartbeat/_probes.py",
     "trio_heartbeat/_reader.py",
     "trio_heartbeat/_registry.py",
     "trio_heartbeat/_sdnotify.py",

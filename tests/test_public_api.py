@@ -182,3 +182,20 @@ def test_the_python_the_readme_names_is_the_one_the_package_requires() -> None:
     assert project["tool"]["mypy"]["python_version"] == "3.11"
     assert "Python 3.11 or newer" in (root / "README.md").read_text()
     assert metadata.metadata("trio-heartbeat")["Requires-Python"] == ">=3.11"
+
+
+def test_importing_the_package_needs_trio_alone() -> None:
+    """Extras stay extras: h11 (the probes), httpx, rich are imported only by the modules
+    that use them, never by ``import trio_heartbeat``."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, trio_heartbeat, trio_heartbeat.testing\n"
+        "extras = {'h11', 'httpx', 'rich', 'matplotlib'} & set(sys.modules)\n"
+        "print(sorted(extras))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.strip() == "[]"

@@ -1,0 +1,920 @@
+"""HTTP probes (``_probes.py``): ``/livez``, ``/readyz`` and ``/peers`` on h11.
+
+One connection is driven over :func:`trio.testing.memory_stream_pair` in
+virtual time (``autojump_clock``), so the timeouts are exact: a request that
+does not arrive whole within ``request_timeout`` gets 408 at that moment, an
+idle connection is closed quietly at it, a client that does not read is cut off
+at it, a lingering close lasts at most a second. The client side is h11 itself
+for well-formed requests and raw bytes for the rest (garbage, oversized heads,
+pipelining, a byte at a time); a spy on ``json.dumps`` shows a long peer
+list encoded a slice at a time. The listener is checked over real loopback
+sockets in real time, with generous bounds: the address reported for port 0,
+health flipping, the connection cap answered 503 at once, and an idle server
+that takes no steps at all.
+"""
+
+from __future__ import annotations
+
+import doctest
+import functools
+import json
+import logging
+import math
+from collections.abc import Callable
+
+import h11
+import pytest
+import trio
+import trio.testing
+
+from trio_heartbeat import _probes
+from trio_heartbeat._probes import ProbeServer, ProbeStatistics, serve_probes
+
+Client = trio.abc.HalfCloseableStream
+
+
+class Health:
+    """Switchable answers for the probe callables."""
+
+    def __init__(self) -> None:
+        self.live = True
+        self.ready = True
+        self.peers: list[dict[str, object]] = [{"id": "a", "rtt": 0.5}]
+
+    def probes(self, **limits: int | float) -> ProbeServer:
+        return ProbeServer(
+            livez=lambda: self.live,
+            readyz=lambda: self.ready,
+            peers=lambda: self.peers,
+            **limits,  # type: ignore[arg-type]
+        )
+
+
+def request_bytes(method: str = "GET", target: str = "/livez", *headers: str) -> bytes:
+    lines = [f"{method} {target} HTTP/1.1", "Host: probe", *headers, "", ""]
+    return "\r\n".join(lines).encode()
+
+
+def padded_request(size: int) -> bytes:
+    """A GET /livez whose head is exactly ``size`` bytes."""
+    plain = request_bytes("GET", "/livez", "X-Pad: ")
+    return request_bytes("GET", "/livez", "X-Pad: " + "p" * (size - len(plain)))
+
+
+def parse_responses(raw: bytes, method: bytes = b"GET") -> list[tuple[h11.Response, bytes]]:
+    """Every response in ``raw``, as an h11 client that sent ``method`` requests reads them."""
+    conn = h11.Connection(h11.CLIENT)
+    conn.receive_data(raw)
+    responses: list[tuple[h11.Response, bytes]] = []
+    while True:
+        conn.send(h11.Request(method=method, target="/", headers=[("Host", "probe")]))
+        conn.send(h11.EndOfMessage())
+        response, body = None, b""
+        while (event := conn.next_event()) is not h11.NEED_DATA:
+            if isinstance(event, h11.Response):
+                response = event
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                break
+        if response is None:
+            return responses
+        responses.append((response, body))
+        if conn.our_state is h11.MUST_CLOSE or not conn.trailing_data[0]:
+            return responses
+        conn.start_next_cycle()
+
+
+def header(response: h11.Response, name: bytes) -> bytes | None:
+    values = [value for key, value in response.headers if key == name]
+    assert len(values) <= 1
+    return values[0] if values else None
+
+
+async def read_to_eof(stream: trio.abc.ReceiveStream) -> bytes:
+    received = b""
+    while data := await stream.receive_some():
+        received += data
+    return received
+
+
+async def read_response(
+    stream: trio.abc.ReceiveStream, conn: h11.Connection
+) -> tuple[h11.Response, bytes]:
+    """One response, read with ``conn`` (an h11 client that has sent its request)."""
+    response, body = None, b""
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(bytes(await stream.receive_some()))
+        elif isinstance(event, h11.Response):
+            response = event
+        elif isinstance(event, h11.Data):
+            body += event.data
+        elif isinstance(event, h11.EndOfMessage):
+            assert response is not None
+            return response, body
+        else:
+            raise AssertionError(f"unexpected {event!r}")
+
+
+class HttpClient:
+    """An h11 client on one connection: keep-alive requests, one after another."""
+
+    def __init__(self, stream: Client) -> None:
+        self.stream = stream
+        self.conn = h11.Connection(h11.CLIENT)
+
+    async def get(
+        self, target: str, method: str = "GET", headers: tuple[tuple[str, str], ...] = ()
+    ) -> tuple[h11.Response, bytes]:
+        if self.conn.our_state is h11.DONE:
+            self.conn.start_next_cycle()
+        data = self.conn.send(
+            h11.Request(method=method, target=target, headers=[("Host", "probe"), *headers])
+        )
+        data += self.conn.send(h11.EndOfMessage())
+        await self.stream.send_all(data)
+        return await read_response(self.stream, self.conn)
+
+
+def open_client(
+    nursery: trio.Nursery,
+    probes: ProbeServer,
+    pair: Callable[[], tuple[Client, Client]] = trio.testing.memory_stream_pair,
+) -> Client:
+    """A client end whose other end ``probes`` serves in ``nursery``."""
+    client, server = pair()
+    nursery.start_soon(probes.serve_stream, server)
+    return client
+
+
+async def served_until(
+    nursery: trio.Nursery, probes: ProbeServer, server: trio.abc.HalfCloseableStream
+) -> list[float]:
+    """Serve ``server``; the returned list gets the time it ended."""
+    ended: list[float] = []
+
+    async def serve() -> None:
+        await probes.serve_stream(server)
+        ended.append(trio.current_time())
+
+    nursery.start_soon(serve)
+    return ended
+
+
+# -- the routes -----------------------------------------------------------------
+
+
+async def test_livez_and_readyz_follow_the_callables(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """200 ok while a callable is true, 503 while false, 200 again: read on every request."""
+    health = Health()
+    async with trio.open_nursery() as nursery:
+        client = HttpClient(open_client(nursery, health.probes()))
+        for target, flag in (("/livez", "live"), ("/readyz", "ready")):
+            assert (await client.get(target))[0].status_code == 200
+            setattr(health, flag, False)
+            response, body = await client.get(target)
+            assert response.status_code == 503
+            assert body == b"not live\n" if flag == "live" else b"not ready\n"
+            setattr(health, flag, True)
+            response, body = await client.get(target)
+            assert (response.status_code, body) == (200, b"ok\n")
+        await client.stream.aclose()
+
+
+async def test_every_answer_has_its_type_length_and_no_store(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Content-Type, an exact Content-Length, Cache-Control: no-store, the reason phrase."""
+    async with trio.open_nursery() as nursery:
+        client = HttpClient(open_client(nursery, Health().probes()))
+        for target in ("/livez", "/peers", "/nowhere"):
+            response, body = await client.get(target)
+            assert header(response, b"content-length") == str(len(body)).encode()
+            assert header(response, b"cache-control") == b"no-store"
+            assert header(response, b"content-type") in (
+                b"text/plain; charset=utf-8",
+                b"application/json",
+            )
+            assert response.reason in (b"OK", b"Not Found")
+        await client.stream.aclose()
+
+
+async def test_peers_is_a_json_array_bounded_by_max_peers(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """/peers lists at most max_peers entries; X-Total-Count says how many there were."""
+    health = Health()
+    health.peers = [{"id": str(n), "rtt": n / 4, "health": None} for n in range(5)]
+    async with trio.open_nursery() as nursery:
+        client = HttpClient(open_client(nursery, health.probes(max_peers=3)))
+        response, body = await client.get("/peers")
+        assert header(response, b"content-type") == b"application/json"
+        assert json.loads(body) == health.peers[:3]
+        assert header(response, b"x-total-count") == b"5"
+        health.peers = []
+        response, body = await client.get("/peers")
+        assert (json.loads(body), header(response, b"x-total-count")) == ([], b"0")
+        await client.stream.aclose()
+
+
+async def test_a_long_peer_list_is_encoded_a_slice_at_a_time(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """1000 peers: four encodings of at most 256, other tasks running in between.
+
+    The body is still one JSON array with every peer in order.
+    """
+    health = Health()
+    health.peers = [{"id": str(n), "rtt": n / 8} for n in range(1000)]
+    real_dumps = json.dumps
+    ticks = 0
+    slices: list[tuple[int, int]] = []  # (entries encoded, ticks by then)
+
+    def spy(obj: list[object], **kwargs: object) -> str:
+        slices.append((len(obj), ticks))
+        return real_dumps(obj, **kwargs)  # type: ignore[arg-type]
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await trio.lowlevel.checkpoint()
+
+    monkeypatch.setattr(json, "dumps", spy)
+    async with trio.open_nursery() as nursery:
+        client = HttpClient(open_client(nursery, health.probes()))
+        nursery.start_soon(ticker)
+        response, body = await client.get("/peers")
+        nursery.cancel_scope.cancel()
+    assert json.loads(body) == health.peers
+    assert [entries for entries, _ in slices] == [256, 256, 256, 232]
+    # Trio runs each runnable task once per batch, in random order: across the
+    # three checkpoints the ticker ran in the two batches in between at least.
+    assert slices[-1][1] - slices[0][1] >= 2
+
+
+async def test_peers_is_not_found_without_a_peers_callable(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """No peers callable, no /peers route: 404 for GET and for any other method."""
+    probes = ProbeServer(livez=lambda: True, readyz=lambda: True)
+    async with trio.open_nursery() as nursery:
+        client = HttpClient(open_client(nursery, probes))
+        assert (await client.get("/peers"))[0].status_code == 404
+        assert (await client.get("/peers", method="POST"))[0].status_code == 404
+        await client.stream.aclose()
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "status"),
+    [
+        ("GET", "/", 404),
+        ("GET", "/livez/", 404),
+        ("GET", "/LIVEZ", 404),
+        ("GET", "*", 404),
+        ("GET", "/livez?verbose=1", 200),
+        ("POST", "/nowhere", 404),
+        ("POST", "/livez", 405),
+        ("PUT", "/readyz", 405),
+        ("DELETE", "/peers", 405),
+        ("OPTIONS", "/livez", 405),
+    ],
+)
+async def test_unknown_paths_are_404_and_other_methods_405(
+    autojump_clock: trio.testing.MockClock, method: str, target: str, status: int
+) -> None:
+    """The path decides first (404), then the method (405 with Allow); a query is ignored."""
+    async with trio.open_nursery() as nursery:
+        client = HttpClient(open_client(nursery, Health().probes()))
+        response, _ = await client.get(target, method=method)
+        assert response.status_code == status
+        assert header(response, b"allow") == (b"GET, HEAD" if status == 405 else None)
+        await client.stream.aclose()
+
+
+async def test_head_is_get_without_the_body(autojump_clock: trio.testing.MockClock) -> None:
+    """HEAD has GET's status and headers (Content-Length included) and no body bytes at all."""
+    async with trio.open_nursery() as nursery:
+        client = open_client(nursery, Health().probes())
+        await client.send_all(request_bytes("HEAD", "/peers") + request_bytes("GET", "/peers"))
+        await client.send_eof()
+        raw = await read_to_eof(client)
+    head_end = raw.index(b"\r\n\r\n") + 4
+    ((head, _),) = parse_responses(raw[:head_end], method=b"HEAD")
+    ((get, body),) = parse_responses(raw[head_end:])
+    assert raw[head_end:].startswith(b"HTTP/1.1 200 OK\r\n")  # nothing between the two
+    assert head.status_code == get.status_code == 200
+    assert head.headers == get.headers
+    assert header(head, b"content-length") == str(len(body)).encode() != b"0"
+
+
+async def test_a_callable_that_raises_is_500_logged_and_the_server_serves_on(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each callable's failure is a 500 with the traceback logged; the next request is answered."""
+    failing = {"live": False, "ready": False, "peers": False}
+
+    def check(name: str) -> bool:
+        if failing[name]:
+            raise RuntimeError(f"{name} broke")
+        return True
+
+    def peers() -> list[dict[str, object]]:
+        check("peers")
+        return [{"rtt": math.nan}] if failing["ready"] else []
+
+    probes = ProbeServer(livez=lambda: check("live"), readyz=lambda: check("ready"), peers=peers)
+    async with trio.open_nursery() as nursery:
+        client = HttpClient(open_client(nursery, probes))
+        for name, target in (("live", "/livez"), ("ready", "/readyz"), ("peers", "/peers")):
+            failing[name] = True
+            with caplog.at_level(logging.ERROR, logger="trio_heartbeat.probes"):
+                response, body = await client.get(target)
+            assert (response.status_code, body) == (500, b"probe failed\n")
+            record = caplog.records[-1]
+            assert record.name == "trio_heartbeat.probes"
+            assert record.exc_info is not None
+            assert target in record.getMessage()
+            failing[name] = False
+            assert (await client.get(target))[0].status_code == 200
+        # A peer list that is not valid JSON (NaN) is a failure too, not a bad document.
+        failing["ready"] = True
+        caplog.clear()
+        with caplog.at_level(logging.ERROR, logger="trio_heartbeat.probes"):
+            assert (await client.get("/peers"))[0].status_code == 500
+        assert isinstance(caplog.records[-1].exc_info[1], ValueError)  # type: ignore[index]
+        await client.stream.aclose()
+    assert probes.statistics().responses == {500: 4, 200: 3}
+
+
+# -- malformed and oversized requests ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "status"),
+    [
+        (b"\x00\x01garbage\xff\r\n\r\n", 400),
+        (b"GET /livez HTTP/1.1\r\n\r\n", 400),  # HTTP/1.1 without Host
+        (b"GET /livez HTTP/1.1\r\nHost: a\r\nContent-Length: x\r\n\r\n", 400),
+        (b"GET /livez HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
+    ],
+)
+async def test_a_malformed_request_is_refused_and_closed(
+    autojump_clock: trio.testing.MockClock, raw: bytes, status: int
+) -> None:
+    """400 (501 for an unknown transfer coding) with Connection: close, then EOF at once."""
+    async with trio.open_nursery() as nursery:
+        client = open_client(nursery, Health().probes())
+        await client.send_all(raw)
+        received = await read_to_eof(client)
+        assert trio.current_time() == 0
+    ((response, _),) = parse_responses(received)
+    assert response.status_code == status
+    assert header(response, b"connection") == b"close"
+
+
+async def test_a_request_cut_short_by_eof_is_400(autojump_clock: trio.testing.MockClock) -> None:
+    """A client that half-closes in the middle of its head still reads why."""
+    async with trio.open_nursery() as nursery:
+        client = open_client(nursery, Health().probes())
+        await client.send_all(b"GET /livez HTTP/1.1\r\nHo")
+        await client.send_eof()
+        ((response, _),) = parse_responses(await read_to_eof(client))
+    assert response.status_code == 400
+
+
+async def test_a_head_of_exactly_max_request_bytes_is_served_and_one_more_is_431(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The bound is exact: a 512-byte head is answered, a 513-byte one refused 431 and closed."""
+    async with trio.open_nursery() as nursery:
+        client = open_client(nursery, Health().probes(max_request_bytes=512))
+        await client.send_all(padded_request(512))
+        (response, _) = await read_response(client, sent_get())
+        assert response.status_code == 200
+        await client.send_all(padded_request(513))
+        ((response, _),) = parse_responses(await read_to_eof(client))
+        assert response.status_code == 431
+        assert header(response, b"connection") == b"close"
+
+
+def sent_get() -> h11.Connection:
+    """An h11 client that has sent a GET, ready to read its response."""
+    conn = h11.Connection(h11.CLIENT)
+    conn.send(h11.Request(method="GET", target="/", headers=[("Host", "probe")]))
+    conn.send(h11.EndOfMessage())
+    return conn
+
+
+async def test_a_huge_head_is_431_and_the_linger_drops_a_bounded_amount(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """200 kB of header: 431, and the lingering close stops reading after 64 kB and closes."""
+    client, server = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        ended = await served_until(nursery, Health().probes(), server)
+        await client.send_all(b"GET /livez HTTP/1.1\r\nX-Big: " + b"b" * 200_000)
+        ((response, _),) = parse_responses(await read_to_eof(client))
+    assert response.status_code == 431
+    assert ended == [0.0]
+
+
+@pytest.mark.parametrize(
+    "body_headers",
+    [
+        ("Content-Length: 100000",),  # declared: refused before the body is sent
+        ("Transfer-Encoding: chunked",),
+    ],
+)
+async def test_a_body_over_the_bound_is_413(
+    autojump_clock: trio.testing.MockClock, body_headers: tuple[str, ...]
+) -> None:
+    """A declared length over the bound is refused at once; a chunked body once it passes it."""
+    async with trio.open_nursery() as nursery:
+        client = open_client(nursery, Health().probes(max_request_bytes=1024))
+        await client.send_all(request_bytes("POST", "/livez", *body_headers))
+        if "chunked" in body_headers[0]:
+            for _ in range(5):
+                await client.send_all(b"100\r\n" + b"c" * 0x100 + b"\r\n")
+        ((response, _),) = parse_responses(await read_to_eof(client))
+        assert trio.current_time() == 0
+    assert response.status_code == 413
+
+
+async def test_a_small_body_is_read_and_dropped_and_the_connection_kept(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A GET with a body inside the bound is answered, and the next request on it too."""
+    async with trio.open_nursery() as nursery:
+        client = open_client(nursery, Health().probes())
+        await client.send_all(request_bytes("GET", "/livez", "Content-Length: 5") + b"hello")
+        await client.send_all(request_bytes("GET", "/readyz"))
+        await client.send_eof()
+        responses = parse_responses(await read_to_eof(client))
+    assert [(r.status_code, body) for r, body in responses] == [(200, b"ok\n"), (200, b"ok\n")]
+
+
+# -- time -----------------------------------------------------------------------
+
+
+async def test_half_a_request_gets_408_at_the_request_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The 408 comes exactly request_timeout after the server started waiting, then EOF."""
+    async with trio.open_nursery() as nursery:
+        client = open_client(nursery, Health().probes(request_timeout=5.0))
+        await client.send_all(b"GET /livez HTTP/1.1\r\nHo")
+        raw = await read_to_eof(client)
+        assert trio.current_time() == 5.0
+    ((response, _),) = parse_responses(raw)
+    assert response.status_code == 408
+    assert header(response, b"connection") == b"close"
+
+
+async def test_a_request_a_byte_at_a_time_is_served_within_the_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Bytes trickling in are fine while the whole request arrives in time."""
+    raw = request_bytes()
+    async with trio.open_nursery() as nursery:
+        client = open_client(nursery, Health().probes(request_timeout=5.0))
+        for byte in raw:
+            await client.send_all(bytes([byte]))
+            await trio.sleep(4.0 / len(raw))
+        (response, _) = await read_response(client, sent_get())
+        assert response.status_code == 200
+        await client.aclose()
+
+
+async def test_a_trickle_does_not_extend_the_deadline(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A byte every 0.25 s never leaves the connection idle for long, and still gets 408 at 5 s."""
+    raw = request_bytes()
+    async with trio.open_nursery() as nursery:
+        client = open_client(nursery, Health().probes(request_timeout=5.0))
+
+        async def trickle() -> None:
+            for byte in raw:
+                await client.send_all(bytes([byte]))
+                await trio.sleep(0.25)
+
+        nursery.start_soon(trickle)
+        received = await read_to_eof(client)
+        assert trio.current_time() == 5.0
+        nursery.cancel_scope.cancel()
+    assert parse_responses(received)[0][0].status_code == 408
+
+
+async def test_a_client_that_sends_nothing_is_closed_quietly(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """No bytes of a request by request_timeout: EOF, no 408."""
+    async with trio.open_nursery() as nursery:
+        client = open_client(nursery, Health().probes(request_timeout=2.5))
+        assert await read_to_eof(client) == b""
+        assert trio.current_time() == 2.5
+
+
+async def test_each_request_has_its_own_deadline(autojump_clock: trio.testing.MockClock) -> None:
+    """An idle keep-alive connection is closed request_timeout after the last answer."""
+    async with trio.open_nursery() as nursery:
+        client = HttpClient(open_client(nursery, Health().probes(request_timeout=5.0)))
+        await trio.sleep(3.0)
+        assert (await client.get("/livez"))[0].status_code == 200
+        assert await read_to_eof(client.stream) == b""
+        assert trio.current_time() == 8.0
+
+
+async def test_a_client_that_does_not_read_is_cut_off(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Over a lockstep stream, an answer no one reads frees the slot at request_timeout."""
+    probes = Health().probes(request_timeout=5.0, max_connections=1)
+    client, server = trio.testing.lockstep_stream_pair()
+    async with trio.open_nursery() as nursery:
+        ended = await served_until(nursery, probes, server)
+        await client.send_all(request_bytes())
+        await trio.sleep(60)
+        assert ended == [5.0]
+        assert probes.statistics().active == 0
+
+
+async def test_a_lingering_close_waits_a_second_at_most(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """After a refusal the server reads until the client's EOF, but no more than a second."""
+    client, server = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        ended = await served_until(nursery, Health().probes(), server)
+        await client.send_all(b"garbage\r\n\r\n")
+        (response, _) = await read_response(client, sent_get())
+        assert response.status_code == 400
+        assert await client.receive_some() == b""  # our EOF comes at once
+        await trio.sleep(10)
+    assert ended == [1.0]
+
+
+# -- keep-alive -----------------------------------------------------------------
+
+
+async def test_keep_alive_serves_two_requests_on_one_connection(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Two requests, one connection, both answered; the client's EOF ends it."""
+    probes = Health().probes()
+    async with trio.open_nursery() as nursery:
+        client = HttpClient(open_client(nursery, probes))
+        assert (await client.get("/livez"))[0].status_code == 200
+        assert (await client.get("/readyz"))[0].status_code == 200
+        assert probes.statistics().active == 1
+        await client.stream.send_eof()
+        assert await read_to_eof(client.stream) == b""
+    assert probes.statistics() == ProbeStatistics(active=0, refused=0, responses={200: 2})
+
+
+async def test_pipelined_requests_are_answered_in_order_each_within_its_own_bound(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Three requests in one write, together over max_request_bytes: each is its own request."""
+    requests = padded_request(300) + request_bytes("GET", "/nowhere") + padded_request(300)
+    assert len(requests) > 512
+    async with trio.open_nursery() as nursery:
+        client = open_client(nursery, Health().probes(max_request_bytes=300))
+        await client.send_all(requests)
+        await client.send_eof()
+        responses = parse_responses(await read_to_eof(client))
+    assert [r.status_code for r, _ in responses] == [200, 404, 200]
+
+
+async def test_a_pipelined_request_counts_the_bytes_already_read_for_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Bytes of the next request read along with this one count against the next one's bound."""
+    async with trio.open_nursery() as nursery:
+        client = open_client(nursery, Health().probes(max_request_bytes=300))
+        await client.send_all(request_bytes() + padded_request(301))
+        responses = parse_responses(await read_to_eof(client))
+    assert [r.status_code for r, _ in responses] == [200, 431]
+
+
+async def test_a_connection_serves_at_most_max_requests(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The last allowed answer says Connection: close, and the server closes."""
+    async with trio.open_nursery() as nursery:
+        client = HttpClient(open_client(nursery, Health().probes(max_requests_per_connection=3)))
+        answers = [await client.get("/livez") for _ in range(3)]
+        assert await read_to_eof(client.stream) == b""
+        assert trio.current_time() == 0
+    assert [header(r, b"connection") for r, _ in answers] == [None, None, b"close"]
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"GET /livez HTTP/1.0\r\n\r\n",
+        request_bytes("GET", "/livez", "Connection: close"),
+    ],
+)
+async def test_a_client_that_asks_to_close_is_closed(
+    autojump_clock: trio.testing.MockClock, raw: bytes
+) -> None:
+    """HTTP/1.0, or Connection: close: the answer says close and EOF follows at once."""
+    async with trio.open_nursery() as nursery:
+        client = open_client(nursery, Health().probes())
+        await client.send_all(raw)
+        ((response, body),) = parse_responses(await read_to_eof(client))
+        assert trio.current_time() == 0
+    assert (response.status_code, body) == (200, b"ok\n")
+    assert header(response, b"connection") == b"close"
+
+
+async def test_a_client_gone_mid_exchange_frees_its_slot(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A broken stream (a reset) ends the connection quietly and the count goes back down."""
+
+    probes = Health().probes(max_connections=1)
+    client, server = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        ended = await served_until(nursery, probes, server)
+        await client.send_all(request_bytes())
+        # Gone before the answer: the server's send finds the stream broken.
+        await trio.aclose_forcefully(client)
+        await trio.testing.wait_all_tasks_blocked()
+    assert ended == [0.0]
+    assert probes.statistics().active == 0
+
+
+# -- the connection cap -----------------------------------------------------------
+
+
+async def test_over_max_connections_a_client_gets_503_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The third of two slots is answered 503 with Connection: close at time 0, never queued."""
+    probes = Health().probes(max_connections=2)
+    async with trio.open_nursery() as nursery:
+        holders = [open_client(nursery, probes) for _ in range(2)]
+        await trio.testing.wait_all_tasks_blocked()
+        late = open_client(nursery, probes)
+        await late.send_eof()
+        ((response, body),) = parse_responses(await read_to_eof(late))
+        assert trio.current_time() == 0
+        assert (response.status_code, body) == (503, b"too many probe connections\n")
+        assert header(response, b"connection") == b"close"
+        assert probes.statistics().refused == 1
+        # A slot given back is a slot for the next client.
+        await holders[0].aclose()
+        await trio.testing.wait_all_tasks_blocked()
+        client = HttpClient(open_client(nursery, probes))
+        assert (await client.get("/readyz"))[0].status_code == 200
+        nursery.cancel_scope.cancel()
+
+
+async def test_refusals_past_sixteen_are_closed_without_a_word(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Sixteen refused clients that linger; the seventeenth is closed at once with no bytes."""
+    probes = Health().probes(max_connections=1)
+    async with trio.open_nursery() as nursery:
+        open_client(nursery, probes)
+        await trio.testing.wait_all_tasks_blocked()
+        lingering = [open_client(nursery, probes) for _ in range(16)]
+        await trio.testing.wait_all_tasks_blocked()
+        silent = open_client(nursery, probes)
+        assert await read_to_eof(silent) == b""
+        assert trio.current_time() == 0
+        for client in lingering:  # each was told why
+            ((response, _),) = parse_responses(await read_to_eof(client))
+            assert response.status_code == 503
+        # Their lingering ends a second later, and a refusal is explained again.
+        await trio.sleep(1.0)
+        ((response, _),) = parse_responses(await read_to_eof(open_client(nursery, probes)))
+        assert response.status_code == 503
+        assert probes.statistics().refused == 18
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_refusal_that_cannot_be_sent_is_dropped(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A refused client that does not read, or is gone, costs a second at most."""
+    probes = Health().probes(max_connections=1)
+    async with trio.open_nursery() as nursery:
+        open_client(nursery, probes)
+        await trio.testing.wait_all_tasks_blocked()
+        client, server = trio.testing.lockstep_stream_pair()
+        ended = await served_until(nursery, probes, server)
+        gone, gone_server = trio.testing.memory_stream_pair()
+        await trio.aclose_forcefully(gone)
+        gone_ended = await served_until(nursery, probes, gone_server)
+        await trio.sleep(5)
+        assert (ended, gone_ended) == ([1.0], [0.0])
+        nursery.cancel_scope.cancel()
+
+
+# -- settings ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("limits", "message"),
+    [
+        ({"max_connections": 0}, "max_connections"),
+        ({"max_requests_per_connection": 0}, "max_requests_per_connection"),
+        ({"max_peers": 0}, "max_peers"),
+        ({"request_timeout": 0}, "request_timeout"),
+        ({"request_timeout": math.inf}, "request_timeout"),
+        ({"request_timeout": math.nan}, "request_timeout"),
+        ({"max_request_bytes": 255}, "max_request_bytes"),
+    ],
+)
+def test_bad_limits_are_refused(limits: dict[str, float], message: str) -> None:
+    """Each limit is checked when the server is made, and the error names it."""
+    with pytest.raises(ValueError, match=message):
+        Health().probes(**limits)
+
+
+def test_doctests() -> None:
+    """The examples in the module's docstrings run."""
+    assert doctest.testmod(_probes).failed == 0
+
+
+# -- real sockets -----------------------------------------------------------------
+
+
+async def http_get(host: str, port: int, target: str) -> tuple[h11.Response, bytes]:
+    """One GET on a connection of its own."""
+    stream = await trio.open_tcp_stream(host, port)
+    async with stream:
+        return await HttpClient(stream).get(target)
+
+
+async def test_serve_probes_reports_the_port_it_bound_and_follows_health() -> None:
+    """Port 0: started() gives the real address; the endpoints answer over TCP as health flips."""
+    health = Health()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            host, port = await nursery.start(
+                functools.partial(
+                    serve_probes,
+                    livez=lambda: health.live,
+                    readyz=lambda: health.ready,
+                    peers=lambda: health.peers,
+                )
+            )
+            assert host == "127.0.0.1"
+            assert port > 0
+            assert (await http_get(host, port, "/livez"))[0].status_code == 200
+            health.live = False
+            assert (await http_get(host, port, "/livez"))[0].status_code == 503
+            health.live = True
+            assert (await http_get(host, port, "/livez"))[0].status_code == 200
+            health.ready = False
+            assert (await http_get(host, port, "/readyz"))[0].status_code == 503
+            assert json.loads((await http_get(host, port, "/peers"))[1]) == health.peers
+            nursery.cancel_scope.cancel()
+
+
+async def test_serve_probes_passes_its_limits_on() -> None:
+    """max_request_bytes and request_timeout reach the server it runs."""
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            host, port = await nursery.start(
+                functools.partial(
+                    serve_probes,
+                    livez=lambda: True,
+                    readyz=lambda: True,
+                    max_request_bytes=512,
+                    request_timeout=0.5,
+                )
+            )
+            async with await trio.open_tcp_stream(host, port) as client:
+                await client.send_all(padded_request(513))
+                ((response, _),) = parse_responses(await read_to_eof(client))
+                assert response.status_code == 431
+            async with await trio.open_tcp_stream(host, port) as silent:
+                start = trio.current_time()
+                assert await read_to_eof(silent) == b""
+                assert 0.4 < trio.current_time() - start < 5.0
+            nursery.cancel_scope.cancel()
+
+
+async def test_serve_probes_refuses_past_its_connection_cap() -> None:
+    """serve_probes(max_connections=1): a second client is refused while the first is served."""
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            host, port = await nursery.start(
+                functools.partial(
+                    serve_probes, livez=lambda: True, readyz=lambda: True, max_connections=1
+                )
+            )
+            async with await trio.open_tcp_stream(host, port) as first:
+                assert (await HttpClient(first).get("/livez"))[0].status_code == 200
+                async with await trio.open_tcp_stream(host, port) as second:
+                    ((response, _),) = parse_responses(await read_to_eof(second))
+                assert response.status_code == 503
+            nursery.cancel_scope.cancel()
+
+
+async def test_garbage_and_an_oversized_head_over_tcp() -> None:
+    """Over a real socket too: garbage is 400, a 20 kB head 431, each then closed."""
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            host, port = await nursery.start(Health().probes().serve)
+            for raw, status in (
+                (b"\x16\x03\x01 not http\r\n\r\n", 400),
+                (b"GET /livez HTTP/1.1\r\nX-Big: " + b"b" * 20_000 + b"\r\n\r\n", 431),
+            ):
+                stream = await trio.open_tcp_stream(host, port)
+                async with stream:
+                    await stream.send_all(raw)
+                    ((response, _),) = parse_responses(await read_to_eof(stream))
+                assert response.status_code == status
+            nursery.cancel_scope.cancel()
+
+
+async def test_the_connection_cap_over_tcp() -> None:
+    """Four clients held open; the fifth gets 503 at once; one leaves and a new one is served."""
+    probes = Health().probes(max_connections=4, request_timeout=30.0)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            host, port = await nursery.start(probes.serve)
+            held = [HttpClient(await trio.open_tcp_stream(host, port)) for _ in range(4)]
+            for client in held:  # answered: each is being served
+                assert (await client.get("/livez"))[0].status_code == 200
+            start = trio.current_time()
+            async with await trio.open_tcp_stream(host, port) as fifth:
+                ((response, _),) = parse_responses(await read_to_eof(fifth))
+            assert response.status_code == 503
+            assert trio.current_time() - start < 5.0  # at once, not after request_timeout
+            await held[0].stream.aclose()
+            while probes.statistics().active == 4:  # noqa: ASYNC110 - nothing signals this
+                await trio.sleep(0.01)
+            assert (await http_get(host, port, "/readyz"))[0].status_code == 200
+            for client in held[1:]:
+                await client.stream.aclose()
+            nursery.cancel_scope.cancel()
+    assert probes.statistics().refused == 1
+
+
+async def test_serve_listeners_reports_the_first_listeners_address() -> None:
+    """Listeners opened by the caller are served as they are, their address reported."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    expected = listeners[0].socket.getsockname()[:2]
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            address = await nursery.start(
+                functools.partial(Health().probes().serve_listeners, listeners)
+            )
+            assert address == expected
+            assert (await http_get(address[0], address[1], "/livez"))[0].status_code == 200
+            nursery.cancel_scope.cancel()
+
+
+class StepCounter(trio.abc.Instrument):
+    """Counts the steps every task but one takes."""
+
+    def __init__(self, ignore: trio.lowlevel.Task) -> None:
+        self.ignore = ignore
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task is not self.ignore:
+            self.steps += 1
+
+
+async def test_an_idle_server_costs_the_event_loop_nothing() -> None:
+    """While no request comes, with or without an open connection, no task takes a step.
+
+    No busy loop and no polling timer: the listener waits in accept, an idle
+    connection in receive under its one deadline.
+    """
+    probes = Health().probes(request_timeout=30.0)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            host, port = await nursery.start(probes.serve)
+            counter = StepCounter(trio.lowlevel.current_task())
+            await trio.testing.wait_all_tasks_blocked()
+            trio.lowlevel.add_instrument(counter)
+            try:
+                await trio.sleep(0.3)
+                idle_server = counter.steps
+                client = HttpClient(await trio.open_tcp_stream(host, port))
+                assert (await client.get("/livez"))[0].status_code == 200
+                await trio.testing.wait_all_tasks_blocked()
+                counter.steps = 0
+                await trio.sleep(0.3)
+                idle_connection = counter.steps
+            finally:
+                trio.lowlevel.remove_instrument(counter)
+            statistics = trio.lowlevel.current_statistics()
+            assert statistics.tasks_runnable == 0
+            await client.stream.aclose()
+            nursery.cancel_scope.cancel()
+    assert (idle_server, idle_connection) == (0, 0)
