@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import enum
 import inspect
+import subprocess
+import sys
 import tomllib
 import types
 import typing
@@ -187,9 +189,6 @@ def test_the_python_the_readme_names_is_the_one_the_package_requires() -> None:
 def test_importing_the_package_needs_trio_alone() -> None:
     """Extras stay extras: h11 (the probes), httpx, rich are imported only by the modules
     that use them, never by ``import trio_heartbeat``."""
-    import subprocess
-    import sys
-
     code = (
         "import sys, trio_heartbeat, trio_heartbeat.testing\n"
         "extras = {'h11', 'httpx', 'rich', 'matplotlib'} & set(sys.modules)\n"
