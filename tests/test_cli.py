@@ -12,6 +12,7 @@ the protocol itself is held to the spec through the subprocess in
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -615,3 +616,61 @@ def test_connect_shows_the_peers_health_and_the_breakers_state_as_they_change() 
         "breaker CLOSED -> FORCED_OPEN: connection ended: 1000",
     ]
     assert [line for line in said if line in wanted] == wanted, err
+
+
+@pytest.mark.slow
+def test_serve_health_port_answers_probes_and_refuses_garbage_without_harm() -> None:
+    """``serve --health-port 0`` prints ``health on HOST:PORT``; /livez and /readyz are 200,
+    /peers lists a connected client; garbage on the probe port gets a 400, and the
+    heartbeat client stays connected throughout."""
+    with serving("--health-port", "0") as (port, server):
+        assert server.stdout is not None
+        line = server.stdout.readline()
+        assert line.startswith("health on 127.0.0.1:"), line
+        probe_port = int(line.rsplit(":", 1)[1])
+        client = subprocess.Popen(
+            [*CLI, "connect", f"127.0.0.1:{port}", "--id", "probe-watcher"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            time.sleep(1.5)
+
+            def get(path: str) -> tuple[int, str]:
+                with socket.create_connection(("127.0.0.1", probe_port), timeout=10) as probe:
+                    probe.sendall(
+                        f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+                    )
+                    answer = b""
+                    while chunk := probe.recv(65536):
+                        answer += chunk
+                head, _, body = answer.decode().partition("\r\n\r\n")
+                return int(head.split()[1]), body
+
+            assert get("/livez") == (200, "ok\n")
+            assert get("/readyz")[0] == 200
+            status, body = get("/peers")
+            assert status == 200
+            (peer,) = json.loads(body)
+            assert peer["id"] == "probe-watcher"
+            assert peer["health"] == "SERVING"
+            with socket.create_connection(("127.0.0.1", probe_port), timeout=10) as probe:
+                probe.sendall(b"\x00\x01garbage\r\n\r\n")
+                assert probe.recv(65536).startswith(b"HTTP/1.1 400")
+            time.sleep(0.5)
+            assert client.poll() is None  # still connected: nothing reached the heartbeats
+        finally:
+            client.kill()
+            _, client_err = client.communicate(timeout=30)
+    assert "disconnected" not in client_err
+
+
+def test_serve_health_port_already_taken_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        status = main(["serve", "--port", "0", "--health-port", str(taken.getsockname()[1])])
+    assert status == 2
+    assert "cannot listen on 127.0.0.1:" in capsys.readouterr().err

@@ -7,7 +7,9 @@ trip, its health) can be checked to the exact virtual second.
 
 from __future__ import annotations
 
+import json
 import math
+import time
 
 import pytest
 import trio
@@ -377,3 +379,32 @@ async def test_a_silent_peer_is_suspect_then_heard_then_gone_with_the_reason_kep
 def test_the_departures_keep_the_last_ones_only() -> None:
     registry = LivenessRegistry()
     assert registry.departures.maxlen == DEPARTURES_KEPT == 256
+
+
+async def test_as_json_gives_every_peer_in_json_ready_values(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Names for statuses, None for what is not known yet, wall-clock seconds for times."""
+    server = Server(echo, config=CONFIG)
+    async with trio.open_nursery() as nursery:
+        client_stream, server_stream = trio.testing.memory_stream_pair()
+        nursery.start_soon(server.handle_stream, server_stream)
+        async with open_stream_connection(
+            client_stream, role=Role.CLIENT, config=Config(instance_id="node-7")
+        ):
+            await trio.sleep(0.5)
+            before = time.time()
+            (peer,) = server.registry.as_json()
+            after = time.time()
+        nursery.cancel_scope.cancel()
+    assert json.loads(json.dumps(peer)) == peer
+    assert (peer["id"], peer["health"], peer["state"], peer["liveness"]) == (
+        "node-7",
+        "SERVING",
+        "OPEN",
+        "ALIVE",
+    )
+    since = peer["connected_since"]
+    assert isinstance(since, float)
+    assert before - 0.5 - 1 <= since <= after - 0.5 + 1
+    assert peer["rtt"] is None or isinstance(peer["rtt"], float)

@@ -102,7 +102,7 @@ def test_each_strategy_with_each_restart_type_and_exit_kind(
     decision = plan.child_exited("y", kind, now=1.0)
     assert decision.child == "y"
     assert decision.kind is kind
-    assert not decision.give_up
+    assert decision.give_up is False
     if RESTARTED[restart_type, kind]:
         stop, start, removed = RESTART[strategy]
         assert (decision.stop, decision.start, decision.removed) == (stop, start, removed)
@@ -179,7 +179,8 @@ def test_the_n_plus_first_restart_within_the_period_gives_up() -> None:
     *made, last = crash_at(plan, 0.0, 1.0, 2.0, 5.0)
     assert [d.restarts_in_window for d in made] == [1, 2, 3]
     assert not any(d.give_up for d in made)
-    assert last.give_up
+    assert last.give_up is True
+    assert (last.child, last.kind) == ("a", FAILED)
     assert last.restarts_in_window == 4
     assert last.reason == "'a' failed; 4 restarts within 5.0 s, more than 3: giving up"
     assert last.stop == ("c", "b")
@@ -210,7 +211,9 @@ def test_a_budget_of_zero_gives_up_at_the_first_restart_only() -> None:
                         RestartBudget(max_restarts=0))  # fmt: skip
     assert not plan.child_exited("t", FAILED, now=0.0).give_up
     assert not plan.child_exited("r", NORMAL, now=0.0).give_up
-    assert plan.child_exited("p", NORMAL, now=0.0).give_up
+    last = plan.child_exited("p", NORMAL, now=0.0)
+    assert last.give_up
+    assert (last.child, last.kind) == ("p", NORMAL)
 
 
 def test_a_restart_of_everyone_counts_once() -> None:
@@ -239,6 +242,30 @@ def test_ends_that_are_not_restarted_never_count() -> None:
     assert plan.statistics(0.0).restarts == 0
 
 
+def test_an_end_that_is_not_restarted_reports_the_window_as_it_stands() -> None:
+    """Its ``restarts_in_window`` counts the earlier restarts still in the window, the one
+    exactly ``period`` old included, and none once it has slid past."""
+    plan = running_plan([("a", PERMANENT), ("t", TEMPORARY), ("u", TEMPORARY)], ONE_FOR_ONE)
+    carry_out(plan, plan.child_exited("a", FAILED, now=1.0))
+    at_the_edge = plan.child_exited("t", FAILED, now=6.0)  # the restart at 1.0 is 5 s old
+    assert at_the_edge.restarts_in_window == 1
+    assert at_the_edge.give_up is False
+    assert plan.child_exited("u", NORMAL, now=6.5).restarts_in_window == 0
+
+
+def test_every_exit_and_every_abnormal_one_is_counted() -> None:
+    """``exits`` and ``abnormal_exits`` add up over decisions of every kind."""
+    plan = running_plan([("a", PERMANENT), ("b", TRANSIENT), ("t", TEMPORARY)], ONE_FOR_ONE,
+                        RestartBudget(max_restarts=10))  # fmt: skip
+    carry_out(plan, plan.child_exited("a", FAILED, now=0.0))
+    carry_out(plan, plan.child_exited("a", HUNG, now=1.0))
+    carry_out(plan, plan.child_exited("a", NORMAL, now=2.0))
+    carry_out(plan, plan.child_exited("b", HUNG, now=3.0))
+    plan.child_exited("t", FAILED, now=4.0)
+    stats = plan.statistics(4.0)
+    assert (stats.exits, stats.abnormal_exits) == (5, 4)
+
+
 def test_giving_up_drops_children_waiting_to_start() -> None:
     """On giving up, a PENDING child is not stopped (it never ran) and leaves at once."""
     plan = running_plan([("a", PERMANENT), ("b", PERMANENT)], ONE_FOR_ONE, RestartBudget(2))
@@ -247,6 +274,7 @@ def test_giving_up_drops_children_waiting_to_start() -> None:
     assert plan.pending == ("b",)
     decision = plan.child_exited("a", FAILED, now=0.5)
     assert decision.give_up
+    assert (decision.child, decision.kind) == ("a", FAILED)
     assert (decision.stop, decision.removed) == ((), ("a", "b"))
     assert len(plan) == 0
 
@@ -415,7 +443,7 @@ def test_bad_construction_is_refused() -> None:
         RestartPlan([("a", "permanent")], ONE_FOR_ONE)  # type: ignore[list-item]
     with pytest.raises(TypeError, match="a child's name must be a str"):
         RestartPlan([(1, PERMANENT)], ONE_FOR_ONE)  # type: ignore[list-item]
-    with pytest.raises(ValueError, match="must not be empty"):
+    with pytest.raises(ValueError, match=r"^a child's name must not be empty$"):
         RestartPlan([("", PERMANENT)], ONE_FOR_ONE)
     with pytest.raises(ValueError, match="already has a child named 'a'"):
         RestartPlan([("a", PERMANENT), ("a", TEMPORARY)], ONE_FOR_ONE)

@@ -17,6 +17,7 @@ test looks half an interval later.
 from __future__ import annotations
 
 import doctest
+import errno
 import logging
 import os
 import socket
@@ -108,9 +109,14 @@ def path_receiver(short_dir: Path) -> Iterator[tuple[str, socket.socket]]:
 
 
 @pytest.mark.parametrize("environ", [{}, {"NOTIFY_SOCKET": ""}, {"WATCHDOG_USEC": "1000000"}])
-def test_no_notify_socket_means_no_notifier(environ: dict[str, str]) -> None:
-    """Outside systemd (or with the variable emptied) there is nothing to notify, watchdog or not."""
-    assert SystemdNotifier.from_environment(environ) is None
+def test_no_notify_socket_means_no_notifier(
+    environ: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Outside systemd (or with the variable emptied) there is nothing to notify, watchdog or
+    not, and nothing to warn about: that is the usual case, not a misconfiguration."""
+    with caplog.at_level(logging.DEBUG, logger=LOGGER):
+        assert SystemdNotifier.from_environment(environ) is None
+    assert caplog.records == []
 
 
 @pytest.mark.parametrize("address", ["/run/systemd/notify", "@/org/freedesktop/systemd1/notify"])
@@ -134,13 +140,17 @@ def test_an_abstract_name_becomes_a_leading_nul_byte_and_a_path_stays_a_path() -
 def test_an_unusable_address_is_a_warning_and_no_notifier(
     address: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A relative path, a bare ``@``, an address family we do not speak, a NUL: logged, then ignored."""
+    """A relative path, a bare ``@``, an address family we do not speak, a NUL: logged, then ignored.
+
+    The warning gives the constructor's reason, which names the address.
+    """
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         assert SystemdNotifier.from_environment({"NOTIFY_SOCKET": address}) is None
-    assert [r.levelno for r in caplog.records] == [logging.WARNING]
-    assert "NOTIFY_SOCKET" in caplog.text
-    with pytest.raises(ValueError, match="notify socket"):
+    with pytest.raises(ValueError, match="notify socket") as refused:
         SystemdNotifier(address)
+    [record] = caplog.records
+    assert record.levelno == logging.WARNING
+    assert record.getMessage() == f"not notifying systemd: NOTIFY_SOCKET: {refused.value}"
 
 
 @pytest.mark.parametrize(
@@ -171,7 +181,10 @@ def test_a_malformed_watchdog_usec_is_a_warning_and_no_watchdog(
         notifier = SystemdNotifier.from_environment(environ)
     assert notifier is not None
     assert notifier.watchdog_interval is None
-    assert "WATCHDOG_USEC" in caplog.text
+    [record] = caplog.records
+    assert record.getMessage() == (
+        f"ignoring WATCHDOG_USEC={usec!r}: not a positive number of microseconds"
+    )
 
 
 @pytest.mark.parametrize(
@@ -204,7 +217,10 @@ def test_a_malformed_watchdog_pid_is_a_warning_and_no_watchdog(
         notifier = SystemdNotifier.from_environment(environ, pid=4242)
     assert notifier is not None
     assert notifier.watchdog_interval is None
-    assert "WATCHDOG_PID" in caplog.text
+    [record] = caplog.records
+    assert record.getMessage() == (
+        f"ignoring the watchdog: WATCHDOG_PID={owner!r} is not a process id"
+    )
 
 
 def test_our_pid_and_os_environ_are_the_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -323,17 +339,22 @@ async def test_a_receiver_that_is_gone_drops_messages_without_raising(
     the same path (a re-executed manager) receives the next one.
     """
     address, sock = path_receiver
+    dropped = (
+        f"notification to {address} dropped ({os.strerror(errno.ENOENT)}); "
+        "further failures are not logged until one goes through"
+    )
+    through = f"notifications to {address} go through again"
     with caplog.at_level(logging.INFO, logger=LOGGER):
         async with SystemdNotifier(address) as notifier:
             assert await notifier.ready()
+            assert caplog.records == []  # a first send that goes through is not news
             sock.close()
             os.unlink(address)
             assert not await notifier.watchdog()
             assert not await notifier.status("still here")
             assert (notifier.sent, notifier.dropped) == (1, 2)
-            warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
-            assert len(warnings) == 1
-            assert address in warnings[0].getMessage()
+            assert [r.getMessage() for r in caplog.records] == [dropped]
+            assert caplog.records[0].levelno == logging.WARNING
 
             again = bind_receiver(address)
             try:
@@ -341,22 +362,50 @@ async def test_a_receiver_that_is_gone_drops_messages_without_raising(
                 assert drain(again) == ["WATCHDOG=1"]
             finally:
                 again.close()
+                os.unlink(address)
             assert (notifier.sent, notifier.dropped) == (2, 2)
-    assert "go through again" in caplog.records[-1].getMessage()
+            assert [r.getMessage() for r in caplog.records] == [dropped, through]
+            assert caplog.records[1].levelno == logging.INFO
+            # Gone again: a new run of failures, so a new warning.
+            assert not await notifier.watchdog()
+            assert (notifier.sent, notifier.dropped) == (2, 3)
+    assert [r.getMessage() for r in caplog.records] == [dropped, through, dropped]
+
+
+async def test_a_first_send_that_fails_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    """A notifier whose very first message fails warns about it, as any run of failures."""
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        async with SystemdNotifier("/nonexistent/notify") as notifier:
+            assert not await notifier.ready()
+    [record] = caplog.records
+    assert record.levelno == logging.WARNING
+    assert record.getMessage().startswith(
+        f"notification to /nonexistent/notify dropped ({os.strerror(errno.ENOENT)})"
+    )
 
 
 async def test_a_full_receive_buffer_drops_messages_without_blocking_the_loop(
     path_receiver: tuple[str, socket.socket], caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A manager that does not read: sends fail at once with EAGAIN, counted, logged once."""
+    """A manager that does not read: sends fail at once with EAGAIN, counted, logged once.
+
+    The sends that fill the buffer run in a worker thread, given up on after
+    10 s: a send that blocked would fail the test rather than hang it (and
+    the receiver, closed at teardown, then frees the thread).
+    """
     address, sock = path_receiver
-    attempts = 0
-    with caplog.at_level(logging.WARNING, logger=LOGGER), trio.fail_after(10):
+
+    def fill(notifier: SystemdNotifier) -> None:
+        attempts = 0
+        while notifier.dropped < 100:
+            notifier.send_nowait("STATUS=" + "x" * 200)
+            attempts += 1
+            assert attempts < 1_000_000, "the receive buffer never filled"
+
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
         async with SystemdNotifier(address) as notifier:
-            while notifier.dropped < 100:
-                await notifier.status("x" * 200)
-                attempts += 1
-                assert attempts < 1_000_000, "the receive buffer never filled"
+            with trio.fail_after(10):
+                await trio.to_thread.run_sync(fill, notifier, abandon_on_cancel=True)
             queued = notifier.sent
             assert queued > 0
             assert len(caplog.records) == 1
@@ -376,8 +425,9 @@ async def test_after_closing_messages_are_dropped_quietly(
     await notifier.aclose()
     with caplog.at_level(logging.DEBUG, logger=LOGGER):
         assert not await notifier.watchdog()
+        assert not await notifier.status("gone")
     assert caplog.records == []
-    assert (notifier.sent, notifier.dropped) == (1, 1)
+    assert (notifier.sent, notifier.dropped) == (1, 2)
     assert drain(sock) == ["WATCHDOG=1"]
 
 
@@ -418,8 +468,10 @@ def test_a_malformed_or_oversized_message_is_a_value_error(message: str) -> None
 async def test_notify_refuses_bad_fields() -> None:
     """No fields, a value that is not text or an integer, a newline in a value: errors before sending."""
     notifier = SystemdNotifier("/nonexistent/notify")
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(ValueError, match=r"^an empty notification$"):
         await notifier.notify()
+    with pytest.raises(ValueError, match=r"^an empty notification$"):
+        notifier.send_nowait("")
     with pytest.raises(ValueError, match="string or an integer"):
         await notifier.notify(READY=True)
     with pytest.raises(ValueError, match="string or an integer"):
@@ -430,6 +482,15 @@ async def test_notify_refuses_bad_fields() -> None:
         await notifier.notify(status="lower case")
     assert (notifier.sent, notifier.dropped) == (0, 0)
     await notifier.aclose()
+
+
+async def test_a_value_may_hold_equals_signs(path_receiver: tuple[str, socket.socket]) -> None:
+    """Each line splits at its first ``=``: the name is before it, the rest is the value."""
+    address, sock = path_receiver
+    async with SystemdNotifier(address) as notifier:
+        assert notifier.send_nowait("STATUS=load=0.5, peers=3\nREADY=1")
+        assert await notifier.notify(STATUS="a=b")
+    assert drain(sock) == ["STATUS=load=0.5, peers=3\nREADY=1", "STATUS=a=b"]
 
 
 async def test_the_largest_message_is_accepted(path_receiver: tuple[str, socket.socket]) -> None:
@@ -454,6 +515,8 @@ async def test_the_largest_message_is_accepted(path_receiver: tuple[str, socket.
         ("", ""),
         ("x" * STATUS_LIMIT, "x" * STATUS_LIMIT),
         ("x" * (STATUS_LIMIT + 1), "x" * (STATUS_LIMIT - 1) + "\u2026"),
+        # A cut just after a space: the space goes, and the ellipsis follows the last word.
+        ("x" * (STATUS_LIMIT - 2) + " " + "y" * 9, "x" * (STATUS_LIMIT - 2) + "\u2026"),
     ],
 )
 def test_status_text_is_one_bounded_printable_line(text: str, sent: str) -> None:
@@ -475,6 +538,26 @@ def test_any_status_text_makes_a_valid_message(text: str) -> None:
 # -- the watchdog, in virtual time ---------------------------------------------------------
 
 
+class Health:
+    """A ``healthy()`` for the watchdog: records when it is asked, and says no at the asks
+    numbered in ``unhealthy`` (counting from 0).
+
+    Asked twice at one moment, it raises: that is a burst of pings, and under
+    the autojump clock a watchdog loop that never sleeps would hang the test
+    instead of failing it.
+    """
+
+    def __init__(self, unhealthy: frozenset[int] = frozenset()) -> None:
+        self.asked: list[float] = []
+        self.unhealthy = unhealthy
+
+    def __call__(self) -> bool:
+        now = trio.current_time()
+        assert not self.asked or self.asked[-1] < now, f"asked twice at {now}"
+        self.asked.append(now)
+        return len(self.asked) - 1 not in self.unhealthy
+
+
 async def test_watchdog_pings_on_the_grid_only_while_healthy(
     autojump_clock: MockClock, path_receiver: tuple[str, socket.socket]
 ) -> None:
@@ -484,13 +567,7 @@ async def test_watchdog_pings_on_the_grid_only_while_healthy(
     an interval after each tick.
     """
     address, sock = path_receiver
-    unhealthy_ticks = {3, 4}
-    asked: list[float] = []
-
-    def healthy() -> bool:
-        asked.append(trio.current_time())
-        return len(asked) - 1 not in unhealthy_ticks
-
+    healthy = Health(unhealthy=frozenset({3, 4}))
     received: list[int] = []
     async with SystemdNotifier(address, watchdog_interval=0.5) as notifier:
         async with trio.open_nursery() as nursery:
@@ -502,21 +579,66 @@ async def test_watchdog_pings_on_the_grid_only_while_healthy(
                 received.append(len(messages))
             nursery.cancel_scope.cancel()
         assert notifier.sent == 6
-    assert asked == [tick * 0.5 for tick in range(8)]
+    assert healthy.asked == [tick * 0.5 for tick in range(8)]
     assert received == [1, 1, 1, 0, 0, 1, 1, 1]
 
 
-async def test_a_blocked_loop_sends_no_pings_and_resumes_on_the_grid(
+async def test_the_grid_starts_when_the_watchdog_does(
     autojump_clock: MockClock, path_receiver: tuple[str, socket.socket]
+) -> None:
+    """Started at 0.25 with an interval of 0.5, the ticks fall at 0.25 + k * 0.5, not on
+    multiples of the interval."""
+    address, sock = path_receiver
+    healthy = Health()
+    async with (
+        SystemdNotifier(address, watchdog_interval=0.5) as notifier,
+        trio.open_nursery() as nursery,
+    ):
+        await trio.sleep_until(0.25)
+        await nursery.start(notifier.run_watchdog, healthy)
+        await trio.sleep_until(1.5)
+        nursery.cancel_scope.cancel()
+    assert healthy.asked == [0.25, 0.75, 1.25]
+    assert drain(sock) == ["WATCHDOG=1"] * 3
+
+
+async def test_an_interval_with_no_exact_binary_form_keeps_its_pace(
+    autojump_clock: MockClock, path_receiver: tuple[str, socket.socket]
+) -> None:
+    """With an interval of 0.1 s (rounded in binary), 2 s bring 21 pings, one per tick, never
+    two at once: rounding never makes a tick look passed when it is the one just served."""
+    address, sock = path_receiver
+    healthy = Health()
+    async with (
+        SystemdNotifier(address, watchdog_interval=0.1) as notifier,
+        trio.open_nursery() as nursery,
+    ):
+        await nursery.start(notifier.run_watchdog, healthy)
+        received = 0
+        for half in range(1, 5):  # read every half second: the queue holds only a few datagrams
+            await trio.sleep_until(half / 2 + 0.05)
+            received += len(drain(sock))
+        nursery.cancel_scope.cancel()
+    assert healthy.asked == pytest.approx([k / 10 for k in range(21)])
+    assert received == 21
+
+
+@pytest.mark.parametrize(
+    ("stall", "asked"),
+    [
+        (1.0, [0.0, 0.5, 1.75, 2.0, 2.5]),  # the tick at 1.0 fires late; 1.5 is skipped
+        (2.0, [0.0, 0.5, 2.75, 3.0, 3.5]),  # the tick at 1.0 fires late; 1.5 to 2.5 are skipped
+    ],
+)
+async def test_a_blocked_loop_sends_no_pings_and_resumes_on_the_grid(
+    autojump_clock: MockClock,
+    path_receiver: tuple[str, socket.socket],
+    stall: float,
+    asked: list[float],
 ) -> None:
     """A stall (the clock jumps with no task running): no ping during it, one late, no burst after."""
     address, sock = path_receiver
-    asked: list[float] = []
-
-    def healthy() -> bool:
-        asked.append(trio.current_time())
-        return True
-
+    healthy = Health()
     async with (
         SystemdNotifier(address, watchdog_interval=0.5) as notifier,
         trio.open_nursery() as nursery,
@@ -524,11 +646,38 @@ async def test_a_blocked_loop_sends_no_pings_and_resumes_on_the_grid(
         await nursery.start(notifier.run_watchdog, healthy)
         await trio.sleep_until(0.75)
         assert len(drain(sock)) == 2  # at 0.0 and 0.5
-        autojump_clock.jump(1.0)  # the loop was blocked from 0.75 to 1.75
-        await trio.sleep_until(2.75)
+        autojump_clock.jump(stall)  # the loop was blocked from 0.75 on
+        await trio.sleep_until(0.75 + stall + 1.0)
         nursery.cancel_scope.cancel()
-    assert asked == [0.0, 0.5, 1.75, 2.0, 2.5]
+    assert healthy.asked == asked
     assert drain(sock) == ["WATCHDOG=1"] * 3
+
+
+async def test_a_check_that_takes_a_whole_interval_skips_the_tick_it_reaches(
+    autojump_clock: MockClock, path_receiver: tuple[str, socket.socket]
+) -> None:
+    """``healthy()`` at 0.0 returns at exactly 0.5: its ping goes out then, and serves for the
+    tick at 0.5, which is not asked again; the next ask is at 1.0."""
+    address, sock = path_receiver
+    health = Health()
+
+    def slow_at_first() -> bool:
+        answer = health()
+        if len(health.asked) == 1:
+            autojump_clock.jump(0.5)  # the check itself took one interval
+        return answer
+
+    async with (
+        SystemdNotifier(address, watchdog_interval=0.5) as notifier,
+        trio.open_nursery() as nursery,
+    ):
+        await nursery.start(notifier.run_watchdog, slow_at_first)
+        await trio.sleep_until(0.75)
+        assert drain(sock) == ["WATCHDOG=1"]  # the one sent at 0.5
+        await trio.sleep_until(1.75)
+        nursery.cancel_scope.cancel()
+    assert health.asked == [0.0, 1.0, 1.5]
+    assert drain(sock) == ["WATCHDOG=1"] * 2
 
 
 async def test_without_a_watchdog_run_watchdog_returns_at_once(autojump_clock: MockClock) -> None:

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import trio
 
@@ -45,6 +45,9 @@ from ._options import ConnectionOptions
 from ._server import Server
 from ._supervisor import open_reconnecting_client
 from ._systemd import notify_systemd
+
+if TYPE_CHECKING:
+    from ._probes import ProbeServer
 
 __all__ = ["main"]
 
@@ -176,6 +179,19 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="how long a drain waits for peers to close (default: 10)",
     )
+    serve.add_argument(
+        "--health-port",
+        type=_port,
+        metavar="P",
+        help="serve HTTP probes on port P (0 picks one; prints 'health on HOST:PORT'): "
+        "/livez, /readyz (200 while SERVING), /peers (needs the 'health' extra)",
+    )
+    serve.add_argument(
+        "--health-host",
+        default="127.0.0.1",
+        metavar="HOST",
+        help="address of the probes (default: 127.0.0.1)",
+    )
     _add_common(serve)
 
     connect = commands.add_parser(
@@ -270,6 +286,28 @@ async def _drain_on_signal(server: Server, nursery: trio.Nursery) -> None:
             nursery.start_soon(server.drain)
 
 
+async def _open_probes(
+    server: Server, args: argparse.Namespace
+) -> tuple[ProbeServer, list[trio.SocketListener]]:
+    """The HTTP probes of ``serve --health-port``, listening; h11 is needed only then."""
+    try:
+        from ._probes import ProbeServer
+    except ImportError as exc:
+        raise UsageError(
+            f"--health-port needs the 'health' extra (pip install 'trio-heartbeat[health]'): {exc}"
+        ) from None
+    probes = ProbeServer(
+        livez=lambda: True,  # answered at all: the loop runs
+        readyz=lambda: server.config.status is HealthStatus.SERVING and not server.draining,
+        peers=server.registry.as_json,
+    )
+    try:
+        listeners = await trio.open_tcp_listeners(args.health_port, host=args.health_host)
+    except OSError as exc:
+        raise UsageError(f"cannot listen on {args.health_host}:{args.health_port}: {exc}") from exc
+    return probes, listeners
+
+
 async def serve(args: argparse.Namespace) -> int:
     """Run the echo server until drained (Ctrl-C / SIGTERM), or stopped by a second signal."""
     config = _config(args)
@@ -284,6 +322,12 @@ async def serve(args: argparse.Namespace) -> int:
         listeners = await trio.open_tcp_listeners(args.port, host=args.host)
     except OSError as exc:
         raise UsageError(f"cannot listen on {args.host}:{args.port}: {exc}") from exc
+    try:
+        probes = await _open_probes(server, args) if args.health_port is not None else None
+    except UsageError:
+        for listener in listeners:
+            await listener.aclose()
+        raise
 
     async def run_until_drained(task_status: trio.TaskStatus[Server]) -> None:
         await server.serve_listeners(listeners, task_status=task_status)
@@ -293,6 +337,9 @@ async def serve(args: argparse.Namespace) -> int:
         await nursery.start(run_until_drained)
         host, port = listeners[0].socket.getsockname()[:2]
         print(f"listening on {host}:{port}", flush=True)
+        if probes is not None:
+            probe_host, probe_port = await nursery.start(probes[0].serve_listeners, probes[1])
+            print(f"health on {probe_host}:{probe_port}", flush=True)
         nursery.start_soon(_drain_on_signal, server, nursery)
         # Under systemd (NOTIFY_SOCKET): READY, STATUS, the watchdog, STOPPING.
         nursery.start_soon(notify_systemd, server)

@@ -9,6 +9,7 @@ moves with every frame and is read, not pushed.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -122,6 +123,30 @@ class LivenessRegistry:
     def snapshot(self) -> list[PeerInfo]:
         """A :class:`PeerInfo` for every open connection, in order of arrival."""
         return [_snapshot(conn) for conn in self._connections]
+
+    def as_json(self) -> list[dict[str, object]]:
+        """The snapshot as JSON-ready values, for an HTTP probe (``/peers``) or a log.
+
+        Times are wall-clock Unix seconds here (only for people to read: the
+        registry itself keeps ``trio.current_time()``); statuses are names;
+        ``rtt`` and ``last_seen`` are ``None`` until known.
+        """
+        now, wall = trio.current_time(), time.time()
+        return [
+            {
+                "id": peer.peer_id,
+                "address": peer.address,
+                "connected_since": round(wall - (now - peer.connected_since), 3),
+                "last_seen": None
+                if peer.last_seen is None
+                else round(wall - (now - peer.last_seen), 3),
+                "rtt": peer.rtt,
+                "health": None if peer.health is None else peer.health.name,
+                "state": peer.state.name,
+                "liveness": peer.liveness.name,
+            }
+            for peer in self.snapshot()
+        ]
 
     def get(self, peer_id: str) -> PeerInfo | None:
         """The peer with this non-empty instance id, if connected."""
