@@ -636,7 +636,6 @@ def test_serve_health_port_answers_probes_and_refuses_garbage_without_harm() -> 
             text=True,
         )
         try:
-            time.sleep(1.5)
 
             def get(path: str) -> tuple[int, str]:
                 with socket.create_connection(("127.0.0.1", probe_port), timeout=10) as probe:
@@ -649,18 +648,30 @@ def test_serve_health_port_answers_probes_and_refuses_garbage_without_harm() -> 
                 head, _, body = answer.decode().partition("\r\n\r\n")
                 return int(head.split()[1]), body
 
-            assert get("/livez") == (200, "ok\n")
-            assert get("/readyz")[0] == 200
-            status, body = get("/peers")
-            assert status == 200
-            (peer,) = json.loads(body)
+            def peers() -> list[dict[str, object]]:
+                status, body = get("/peers")
+                assert status == 200
+                listed: list[dict[str, object]] = json.loads(body)
+                return listed
+
+            deadline = time.monotonic() + 15
+            while not (listed := peers()) and time.monotonic() < deadline:
+                time.sleep(0.05)  # the client is still connecting
+            (peer,) = listed
             assert peer["id"] == "probe-watcher"
             assert peer["health"] == "SERVING"
+            assert get("/livez") == (200, "ok\n")
+            assert get("/readyz")[0] == 200
             with socket.create_connection(("127.0.0.1", probe_port), timeout=10) as probe:
                 probe.sendall(b"\x00\x01garbage\r\n\r\n")
                 assert probe.recv(65536).startswith(b"HTTP/1.1 400")
-            time.sleep(0.5)
-            assert client.poll() is None  # still connected: nothing reached the heartbeats
+            # The same connection, still there: nothing reached the heartbeats.
+            (after,) = peers()
+            since, since_after = peer["connected_since"], after["connected_since"]
+            assert isinstance(since, float)
+            assert isinstance(since_after, float)
+            assert abs(since_after - since) < 0.01  # wall and loop clocks, rounded to 1 ms
+            assert client.poll() is None
         finally:
             client.kill()
             _, client_err = client.communicate(timeout=30)

@@ -365,41 +365,25 @@ async def test_only_a_disconnection_or_the_stop_forces_a_hand_lifted_breaker_ope
     ]
 
 
+@pytest.mark.parametrize("bound", ["while it runs", "once it has stopped"])
 async def test_a_stopped_client_is_not_kept_alive_by_its_binding(
-    autojump_clock: MockClock,
+    autojump_clock: MockClock, bound: str
 ) -> None:
-    """Without the collector, the client goes once it has stopped and nobody holds it:
-    the binding (still held) lets go of it at its Stopped event."""
+    """Without the collector, the client goes once it has stopped and nobody holds it: a
+    binding made while it runs (still held) lets go of it at its Stopped event; one made
+    once it has stopped forces the breaker open and never listens to it (a listener would
+    be a cycle keeping it until a full collection)."""
     breaker = Breaker()
     gc.disable()
     try:
         async with open_memory_network() as network:
             network.listen(ENDPOINT, echo)
             async with reconnecting(network) as client:
+                if bound == "while it runs":
+                    binding = bind_breaker(breaker, client)
+                await client.wait_connected()
+            if bound == "once it has stopped":
                 binding = bind_breaker(breaker, client)
-                await client.wait_connected()
-            gone = weakref.ref(client)
-            del client
-            assert gone() is None
-        assert state_of(breaker) is S.FORCED_OPEN
-        assert repr(binding).endswith("to None>")
-    finally:
-        gc.enable()
-
-
-async def test_binding_to_a_client_that_has_stopped_keeps_nothing_alive(
-    autojump_clock: MockClock,
-) -> None:
-    """A stopped client says nothing more: the binding forces the breaker open and does
-    not listen to it (a listener would be a cycle keeping it until a full collection)."""
-    breaker = Breaker()
-    gc.disable()
-    try:
-        async with open_memory_network() as network:
-            network.listen(ENDPOINT, echo)
-            async with reconnecting(network) as client:
-                await client.wait_connected()
-            binding = bind_breaker(breaker, client)
             gone = weakref.ref(client)
             del client
             assert gone() is None

@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import math
 import pickle
+from collections.abc import Callable
 
 import pytest
 import trio
@@ -67,6 +68,16 @@ async def trip(pool: OutlierEjection, endpoint: str) -> None:
     for _ in range(2):
         with pytest.raises(Boom):
             await pool.breaker(endpoint).call(fail, endpoint)
+
+
+def binding_each_connection(pool: OutlierEjection) -> Callable[[object], None]:
+    """A client listener that binds each new connection to its endpoint's breaker."""
+
+    def bind(event: object) -> None:
+        if isinstance(event, Connected):
+            bind_breaker(pool.breaker(event.endpoint), event.connection)
+
+    return bind
 
 
 def events(heard: list[EjectionEvent]) -> list[tuple[str, bool, float]]:
@@ -456,10 +467,7 @@ async def test_a_peer_forced_open_is_dialled_again_once_no_other_admits_calls(
     offered only endpoints not ejected kept dialling the dead B for ever.)"""
     pool = OutlierEjection([A, B], config=CONFIG)
     record = Recorder()
-
-    def bind(event: object) -> None:
-        if isinstance(event, Connected):
-            bind_breaker(pool.breaker(event.endpoint), event.connection)
+    bind = binding_each_connection(pool)
 
     async with open_memory_network() as network:
         host_a = network.listen(A, echo)
@@ -493,10 +501,7 @@ async def test_a_peer_forced_open_takes_its_turn_beside_a_dead_one_that_never_co
     B for ever.)"""
     pool = OutlierEjection([A, B], config=CONFIG)
     record = Recorder()
-
-    def bind(event: object) -> None:
-        if isinstance(event, Connected):
-            bind_breaker(pool.breaker(event.endpoint), event.connection)
+    bind = binding_each_connection(pool)
 
     async with open_memory_network() as network:
         host_a = network.listen(A, echo)

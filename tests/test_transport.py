@@ -415,6 +415,29 @@ async def test_after_a_protocol_error_we_linger_briefly_for_the_peer_to_hang_up(
     assert stopped_reading_at == [1.6]
 
 
+async def test_linger_stops_reading_past_max_bytes_and_at_the_peers_eof(
+    autojump_clock: MockClock,
+) -> None:
+    """A peer that floods is read only up to ``max_bytes`` (plus the last read); one that
+    hangs up ends the linger at its EOF. Either way our EOF went out first."""
+    ours, theirs = trio.testing.memory_stream_pair()
+    await theirs.send_all(b"x" * (3 * RECEIVE_SIZE))
+    await linger(ours, max_bytes=1000)
+    assert await theirs.receive_some(1) == b""  # our EOF
+    left = 0
+    with trio.move_on_after(1.0):  # what linger left unread is still there
+        while True:
+            left += len(await ours.receive_some(3 * RECEIVE_SIZE))
+    assert left == 2 * RECEIVE_SIZE  # one read took it past its 1,000 bytes
+
+    ours, theirs = trio.testing.memory_stream_pair()
+    await theirs.send_all(b"x" * 100)
+    await theirs.send_eof()
+    started = trio.current_time()
+    await linger(ours, max_bytes=1000)
+    assert trio.current_time() == started  # at the EOF, with no wait
+
+
 # -- the functions on their own --------------------------------------------------------
 
 direct_io = pytest.mark.skipif(sys.platform == "win32", reason="no direct socket I/O on Windows")

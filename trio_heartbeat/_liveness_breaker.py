@@ -95,15 +95,16 @@ class LivenessBinding:
     def _follow(self, conn: Connection | None) -> None:
         if self._bound is not None:
             self._bound.remove_listener(self._on_event)
-        self._bound = conn
+        self._bound = None
         if conn is None:
             return
-        conn.add_listener(self._on_event)
         closed = conn.closed
-        if closed is not None:
+        if closed is not None:  # nothing more can come: not listened to at all
             self._ended(closed.code, closed.reason)
-            self._follow(None)
-        elif conn.peer_health is HealthStatus.NOT_SERVING:
+            return
+        self._bound = conn
+        conn.add_listener(self._on_event)
+        if conn.peer_health is HealthStatus.NOT_SERVING:
             self.breaker.force_open("peer reports NOT_SERVING")
         elif conn.peer_health is HealthStatus.SERVING and conn.opened_at is not None:
             self._restored()

@@ -61,6 +61,8 @@ from typing import Final, NoReturn, final
 import h11
 import trio
 
+from ._transport import linger
+
 __all__ = ["ProbeServer", "ProbeStatistics", "serve_probes"]
 
 logger = logging.getLogger("trio_heartbeat.probes")
@@ -361,13 +363,7 @@ class ProbeServer:
     async def _linger(self, stream: trio.abc.HalfCloseableStream) -> None:
         """Our EOF, then the client's bytes dropped until its EOF, for a moment at most."""
         with trio.move_on_after(min(_LINGER_SECONDS, self.request_timeout)):
-            await stream.send_eof()
-            dropped = 0
-            while dropped <= _LINGER_BYTES:
-                data = await stream.receive_some(_RECEIVE_SIZE)
-                if not data:
-                    return
-                dropped += len(data)
+            await linger(stream, _LINGER_BYTES)
 
     # -- the routes -------------------------------------------------------------
 

@@ -17,6 +17,7 @@ so the rest of the runtime sees every transport alike.
 from __future__ import annotations
 
 import errno
+import math
 import os
 import sys
 from typing import Final
@@ -87,16 +88,21 @@ def stream_error(exc: OSError) -> trio.ClosedResourceError | trio.BrokenResource
     return translated
 
 
-async def linger(stream: trio.abc.Stream) -> None:
+async def linger(stream: trio.abc.Stream, max_bytes: float = math.inf) -> None:
     """End our side of the stream and discard what still comes, until the peer's EOF.
 
     After our CLOSE for a peer's protocol error, bytes of the peer's may still
     be unread. Closing a TCP socket with unread input sends a reset, and a reset
     can destroy our CLOSE in the peer's receive buffer before the peer reads
     it: the one frame that says what went wrong. So send EOF and read until the
-    peer's EOF, as HTTP servers do with a lingering close. The caller bounds it.
+    peer's EOF, as HTTP servers do with a lingering close. The caller bounds the
+    time; ``max_bytes`` bounds what is read and dropped (a peer that floods).
     """
     if isinstance(stream, trio.abc.HalfCloseableStream):
         await stream.send_eof()
-    while await stream.receive_some(RECEIVE_SIZE):
-        pass
+    dropped = 0
+    while dropped <= max_bytes:
+        data = await stream.receive_some(RECEIVE_SIZE)
+        if not data:
+            return
+        dropped += len(data)
