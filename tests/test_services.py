@@ -15,9 +15,11 @@ task is left; the events, the log and the counters. Times are exact
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import pickle
+import weakref
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -30,18 +32,16 @@ from trio_heartbeat._errors import SupervisorGaveUp
 from trio_heartbeat._frames import HealthStatus
 from trio_heartbeat._health_monitor import open_health_monitor
 from trio_heartbeat._restart import ChildState, ExitKind, RestartBudget, RestartType, Strategy
-from trio_heartbeat._services import (
-    CheckIn,
+from trio_heartbeat._service_events import (
     ChildAbandoned,
     ChildExited,
     ChildRestarting,
-    ChildSpec,
     ChildStarted,
     ChildStopped,
     ServiceEvent,
     SupervisorStopped,
-    open_service_supervisor,
 )
+from trio_heartbeat._services import CheckIn, ChildSpec, ServiceSupervisor, open_service_supervisor
 
 NO_WAIT = ConstantBackoff(0.0)
 ROOMY = RestartBudget(max_restarts=100, period=1000.0)
@@ -336,6 +336,183 @@ async def test_a_hung_child_that_never_ends_is_abandoned_after_its_shutdown_time
         await trio.sleep(1.0)
         assert rec.of("w")[-1] == (5.0, "ended")
     assert no_service_tasks()
+
+
+async def test_a_child_abandoned_again_while_its_last_abandoned_run_lingers_gives_up(
+    autojump_clock: MockClock,
+) -> None:
+    """A child that shields for ever, period 2, shutdown_timeout 1: abandoned at 3 and
+    restarted; hung again at 5 and abandoned at 6 while the first copy still runs, so the
+    supervisor gives up at 6 (error set, SupervisorStopped(error) heard) instead of piling
+    up one unkillable task per restart; the exception comes once the copies end."""
+    rec = Record()
+    release = trio.Event()
+
+    async def stubborn(check_in: CheckIn) -> None:
+        rec.note("w", "start")
+        with trio.CancelScope(shield=True):
+            await release.wait()
+
+    child = ChildSpec("w", stubborn, check_in_period=2.0, shutdown_timeout=1.0)
+
+    def on_event(event: ServiceEvent) -> None:
+        if isinstance(event, SupervisorStopped):
+            release.set()  # the watcher, say systemd's watchdog, ends the process
+
+    async def run() -> None:
+        async with open_service_supervisor(
+            [child], backoff=NO_WAIT, listeners=[rec, on_event]
+        ) as sup:
+            supervisors.append(sup)
+            await trio.sleep(5.5)
+            assert sup.error is None
+            await trio.sleep_forever()
+
+    supervisors: list[ServiceSupervisor] = []
+    with pytest.raises(SupervisorGaveUp) as caught:
+        await run()
+    assert caught.value is supervisors[0].error
+    assert caught.value.child == "w"
+    assert caught.value.kind is ExitKind.HUNG
+    assert "abandoned again" in str(caught.value)
+    stopped = [(t, e) for t, e in rec.events if isinstance(e, SupervisorStopped)]
+    assert stopped == [(6.0, SupervisorStopped(caught.value))]
+    assert [t for t, _ in rec.starts()] == [0.0, 3.0]
+    assert supervisors[0].statistics().abandoned == 2
+
+
+async def test_the_give_up_is_known_before_a_child_that_shields_for_ever_ends(
+    autojump_clock: MockClock,
+) -> None:
+    """A sibling that never ends keeps the block from ending (Trio cannot kill it), but
+    ``error`` and SupervisorStopped(error) say at once that the supervisor gave up."""
+    rec = Record()
+    release = trio.Event()
+
+    async def shielding() -> None:
+        with trio.CancelScope(shield=True):
+            await release.wait()
+
+    stubborn = ChildSpec("s", shielding, shutdown_timeout=1.0)
+    crashing = spec(rec, "c", *[(0.0, "fail")] * 2)
+    seen: list[float] = []
+
+    def on_event(event: ServiceEvent) -> None:
+        if isinstance(event, SupervisorStopped) and event.error is not None:
+            seen.append(trio.current_time())
+            release.set()  # the watcher, say systemd's watchdog, ends the process
+
+    supervisors: list[ServiceSupervisor] = []
+
+    async def run() -> None:
+        async with open_service_supervisor(
+            [stubborn, crashing],
+            budget=RestartBudget(max_restarts=1, period=5.0),
+            backoff=NO_WAIT,
+            listeners=[on_event],
+        ) as sup:
+            supervisors.append(sup)
+            await trio.sleep_forever()
+
+    with pytest.raises(SupervisorGaveUp) as caught:
+        await run()
+    assert seen == [1.0]  # "s" cancelled at 0 and abandoned at 1: only then the verdict
+    assert caught.value is supervisors[0].error
+    assert caught.value.child == "c"
+
+
+async def test_a_check_in_exactly_at_the_deadline_counts(autojump_clock: MockClock) -> None:
+    """``sleep(period); check_in()`` wakes in the same instant as the deadline: the
+    check-in counts every time, whatever order Trio runs the two tasks in (once it was a
+    coin toss per period, and 100 periods never all came up right)."""
+
+    async def punctual(check_in: CheckIn) -> None:
+        while True:
+            await trio.sleep(1.0)
+            check_in.check_in()
+
+    child = ChildSpec("p", punctual, check_in_period=1.0)
+    async with open_service_supervisor([child], backoff=NO_WAIT) as sup:
+        await trio.sleep(100.5)
+        stats = sup.statistics()
+    assert (stats.starts, stats.hung_exits) == (1, 0)
+
+
+async def test_a_failed_run_is_freed_without_a_garbage_collection(
+    autojump_clock: MockClock,
+) -> None:
+    """With gc disabled, what a failed run held (a local of the child, its CheckIn) is
+    gone once the run is reported: no cycle through its exception's traceback."""
+
+    class Held:
+        pass
+
+    refs: list[weakref.ref[object]] = []
+
+    async def failing(check_in: CheckIn) -> None:
+        held = Held()
+        refs.append(weakref.ref(held))
+        await trio.sleep(1.0)
+        error = Boom(check_in.name)
+        refs.append(weakref.ref(error))  # its traceback holds the supervisor's frame
+        raise error
+
+    child = ChildSpec("f", failing, check_in_period=5.0)
+    quiet = logging.getLogger("trio_heartbeat")
+    gc.collect()
+    gc.disable()
+    quiet.disabled = True  # a captured log record would hold the errors
+    try:
+        async with open_service_supervisor([child], budget=ROOMY, backoff=NO_WAIT):
+            await trio.sleep(10.5)
+            assert len(refs) == 21
+            assert [ref() is None for ref in refs] == [True] * 20 + [False]
+    finally:
+        quiet.disabled = False
+        gc.enable()
+
+
+async def test_a_stale_check_in_handle_changes_nothing(autojump_clock: MockClock) -> None:
+    """The handle of a run that ended keeps its last deadline when checked in."""
+    handles: list[CheckIn] = []
+
+    async def short(check_in: CheckIn) -> None:
+        handles.append(check_in)
+        await trio.sleep(0.5)
+
+    child = ChildSpec("s", short, check_in_period=2.0)
+    async with open_service_supervisor([child], backoff=ConstantBackoff(1.0)):
+        await trio.sleep(1.0)  # ran 0 to 0.5, restarts at 1.5
+        handles[0].check_in()
+        assert handles[0].deadline == 2.0
+
+
+async def test_a_health_name_taken_meanwhile_fails_the_start_not_the_supervisor(
+    autojump_clock: MockClock,
+) -> None:
+    """Someone registers "w" on the board while w is down: the restart at 1 is a FAILED
+    exit (the ValueError its error), retried after the backoff; once the name is free
+    again (at 1.2) the next attempt, at 1.25, runs."""
+    rec = Record()
+    w = ChildSpec("w", checking_in(rec, "w", checks=0), check_in_period=0.5, shutdown_timeout=0.0)
+    async with (
+        open_health_monitor() as health,
+        open_service_supervisor(
+            [w], budget=ROOMY, backoff=ConstantBackoff(0.25), health=health, listeners=[rec]
+        ) as sup,
+    ):
+        await trio.sleep(0.6)  # hung at 0.5, restart due at 0.75
+        squatter = health.register("w", 10.0)
+        await trio.sleep(0.5)
+        squatter.unregister()
+        await trio.sleep(0.5)
+        assert [t for t, _ in rec.starts()] == [0.0, 1.25]
+        failed = [(t, e) for t, e in rec.events if isinstance(e, ChildExited)]
+        assert [(t, e.kind) for t, e in failed] == [
+            (0.5, ExitKind.HUNG), (0.75, ExitKind.FAILED), (1.0, ExitKind.FAILED),
+        ]  # fmt: skip
+        assert isinstance(failed[1][1].error, ValueError)
+        assert sup.state("w") is ChildState.RUNNING
 
 
 async def test_health_is_not_serving_from_the_missed_deadline_until_the_hung_run_ends(

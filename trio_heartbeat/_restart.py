@@ -500,7 +500,8 @@ class RestartPlan:
             everyone = tuple(self._children)
             del self._children[name]
             reason = (
-                f"{ended}; {count} restarts within {period!r} s, more than {allowed}: giving up"
+                f"{ended}; {allowed} restart(s) within {period!r} s already, as many as the"
+                " budget allows: giving up"
             )
             return Decision(name, kind, self._stop_everything(), (), everyone, True, reason, count)
         stop, start, removed = self._restart(name)

@@ -18,14 +18,21 @@ synchronous step at a time, so no two endings interleave. Each step:
 2. notices hangs: a child with a ``check_in_period`` gets a :class:`CheckIn`
    handle as its first argument; starting counts as a check-in, and a child
    that has not checked in for a whole period is cancelled at exactly that
-   deadline (virtual time) and, once it has ended, reported as HUNG;
+   deadline (virtual time) and, once it has ended, reported as HUNG. A
+   check-in made in the very instant of the deadline counts (the loop lets
+   every task woken at that instant run before it judges), but in real time a
+   child should check in at least twice per period, as systemd asks of its
+   watchdog;
 3. stops the stop queue one child at a time, the last started first, as OTP
    does: the next child is cancelled only once the one before has ended;
 4. abandons a cancelled child not ended ``shutdown_timeout`` seconds after its
    cancellation (a hung one: after its deadline). Trio cannot kill a task that
    shields itself: the supervisor only stops waiting for it (its end is
-   reported, an error logged, the restarts go ahead); its task stays in the
-   nursery, and leaving the supervisor's block still waits for it;
+   reported, an error logged, the restarts go ahead, so for a while two runs
+   of the child may be alive at once); its task stays in the nursery, and
+   leaving the supervisor's block still waits for it. A child abandoned again
+   while an abandoned run of it is still alive is beyond help: the supervisor
+   gives up rather than pile up copies it cannot stop;
 5. starts the PENDING children, in start order, once no child is being
    stopped and their delay has passed (under ONE_FOR_ALL and REST_FOR_ONE no
    child starts before an earlier pending one: later children may depend on
@@ -33,8 +40,13 @@ synchronous step at a time, so no two endings interleave. Each step:
 
 The loop then sleeps until it is woken by an ending or until the earliest time
 step 2, 4 or 5 is waiting for. On a give-up, the plan lists every running
-child; once they are stopped the loop raises :class:`SupervisorGaveUp`, which
-cancels the block and comes out of the ``async with`` on its own.
+child; once they are stopped (or abandoned) the supervisor's
+:attr:`~ServiceSupervisor.error` is set, listeners hear
+``SupervisorStopped(error)``, and the loop raises :class:`SupervisorGaveUp`,
+which cancels the block and comes out of the ``async with`` once every task
+has ended: never, if an abandoned child shields itself for ever. That is why
+a liveness check (``/livez``, systemd's watchdog) looks at ``error`` or the
+event, not at the exception: the platform can still end the process.
 
 A child's backoff starts over when its run lasted at least the budget's
 ``period`` (too long ago to be part of a storm the budget would stop), and
@@ -53,17 +65,17 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Final, NoReturn, TypeAlias, final
+from typing import Final, NoReturn, final
 
 import trio
 
 from ._backoff import ExponentialBackoff
 from ._errors import SupervisorGaveUp
-from ._groups import reraise_single
+from ._groups import forget_frames, reraise_single
 from ._health_monitor import HealthComponent, HealthMonitor
 from ._restart import (
     DEFAULT_RESTART_BUDGET,
@@ -74,21 +86,23 @@ from ._restart import (
     RestartType,
     Strategy,
 )
+from ._service_events import (
+    ChildAbandoned,
+    ChildExited,
+    ChildRestarting,
+    ChildStarted,
+    ChildStopped,
+    ServiceEvent,
+    ServiceListener,
+    ServiceStatistics,
+    SupervisorStopped,
+)
 
 __all__ = [
     "DEFAULT_SERVICE_BACKOFF",
     "CheckIn",
-    "ChildAbandoned",
-    "ChildExited",
-    "ChildRestarting",
     "ChildSpec",
-    "ChildStarted",
-    "ChildStopped",
-    "ServiceEvent",
-    "ServiceListener",
-    "ServiceStatistics",
     "ServiceSupervisor",
-    "SupervisorStopped",
     "open_service_supervisor",
 ]
 
@@ -152,8 +166,8 @@ def _seconds(value: object) -> bool:
 class CheckIn:
     """The handle a child with a ``check_in_period`` gets: call :meth:`check_in` often.
 
-    One handle per run of the child; once the run is being stopped or was
-    found hung, checking in changes nothing.
+    One handle per run of the child; once the run is being stopped, was found
+    hung or has ended, checking in changes nothing (not even :attr:`deadline`).
     """
 
     __slots__ = ("_run",)
@@ -173,7 +187,7 @@ class CheckIn:
     def check_in(self) -> None:
         """The child is alive: its deadline moves to now plus its period."""
         run = self._run
-        if run.cancelled:
+        if run.cancelled or run.ended:
             return
         assert run.spec.check_in_period is not None  # only such runs get a handle
         run.deadline = trio.current_time() + run.spec.check_in_period
@@ -198,92 +212,6 @@ class _Run:
         self.cancelled = self.hung = self.ended = self.reported = False
         self.error: Exception | None = None
         self.component: HealthComponent | None = None
-
-
-# -- what it reports ------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class ServiceEvent:
-    """Base class of everything a service supervisor reports."""
-
-
-@final
-@dataclass(frozen=True, slots=True)
-class ChildStarted(ServiceEvent):
-    """The child's task was spawned."""
-
-    name: str
-
-
-@final
-@dataclass(frozen=True, slots=True)
-class ChildExited(ServiceEvent):
-    """The child ended on its own (or hung): NORMAL, FAILED with ``error``, or HUNG."""
-
-    name: str
-    kind: ExitKind
-    error: Exception | None
-
-
-@final
-@dataclass(frozen=True, slots=True)
-class ChildRestarting(ServiceEvent):
-    """``name`` exited and ``children`` (it among them) start again in ``delay`` seconds."""
-
-    name: str
-    delay: float
-    children: tuple[str, ...]
-
-
-@final
-@dataclass(frozen=True, slots=True)
-class ChildStopped(ServiceEvent):
-    """The supervisor stopped the child (a sibling's restart, a give-up, the block's end)."""
-
-    name: str
-
-
-@final
-@dataclass(frozen=True, slots=True)
-class ChildAbandoned(ServiceEvent):
-    """The child did not end within ``shutdown_timeout`` seconds of its cancellation."""
-
-    name: str
-    shutdown_timeout: float
-
-
-@final
-@dataclass(frozen=True, slots=True)
-class SupervisorStopped(ServiceEvent):
-    """The supervisor ended: ``error`` if it gave up, ``None`` if its block was left."""
-
-    error: SupervisorGaveUp | None
-
-
-#: Called as ``listener(event)``; its exceptions are logged, never raised.
-ServiceListener: TypeAlias = Callable[[ServiceEvent], None]
-
-
-@final
-@dataclass(frozen=True, slots=True)
-class ServiceStatistics:
-    """What :meth:`ServiceSupervisor.statistics` reports."""
-
-    #: Children started, restarts included.
-    starts: int
-    #: Ends reported to the plan, by kind (ends the supervisor caused are ``stopped``).
-    normal_exits: int
-    failed_exits: int
-    hung_exits: int
-    #: Children the supervisor stopped.
-    stopped: int
-    #: Children that did not end within their shutdown timeout.
-    abandoned: int
-    #: Decisions that restarted something (each counts once against the budget).
-    restarts: int
-    #: The running children, in start order.
-    running: tuple[str, ...]
 
 
 # -- the supervisor -------------------------------------------------------------------
@@ -328,10 +256,25 @@ class ServiceSupervisor:
         self._stopped = False  # SupervisorStopped was emitted
         self._gave_up: SupervisorGaveUp | None = None
         self._counts = dict.fromkeys(("starts", "stopped", "abandoned"), 0)
+        self._lingering: Counter[str] = Counter()  # abandoned runs still running, by child
+        #: The :exc:`SupervisorGaveUp` once the supervisor gave up (see :attr:`error`).
+        self._error: SupervisorGaveUp | None = None
         self._exits = dict.fromkeys(ExitKind, 0)
 
     def __repr__(self) -> str:
         return f"<ServiceSupervisor {self._plan.strategy.value}, running {self._plan.running}>"
+
+    @property
+    def error(self) -> SupervisorGaveUp | None:
+        """The :exc:`SupervisorGaveUp` once the supervisor has given up, else ``None``.
+
+        Set the moment every child it could stop has been stopped, before the
+        error is raised: a child that shields itself from cancellation keeps
+        the ``async with`` from ending (Trio cannot kill it), so a liveness
+        check (``/livez``, systemd's watchdog) should look here, not wait for
+        the exception.
+        """
+        return self._error
 
     def state(self, name: str) -> ChildState | None:
         """Where ``name`` stands; ``None`` once it left for good (:exc:`KeyError` if unknown)."""
@@ -378,6 +321,10 @@ class ServiceSupervisor:
                 else:
                     await spec.fn(CheckIn(run), *spec.args)
         except Exception as exc:  # anything else (Cancelled from outside) ends the supervisor
+            # The traceback keeps the child's frames, whose variables (its
+            # CheckIn among them) lead back to this run: a cycle that would keep
+            # every failed run alive until a full collection. The lines stay.
+            forget_frames(exc)
             run.error = exc
         finally:
             run.ended = True
@@ -385,6 +332,7 @@ class ServiceSupervisor:
                 run.component.unregister()
             self._ended.append(run)
             self._woken.set()
+            del self, run, spec  # nor a cycle through this frame, which the traceback holds
 
     # -- the loop ----------------------------------------------------------------------
 
@@ -394,6 +342,9 @@ class ServiceSupervisor:
             self._step()
             with trio.move_on_at(self._next_wake()):
                 await self._woken.wait()
+            # Every task woken at this instant runs first, so that a check-in
+            # made exactly at its deadline counts, whatever order Trio picks.
+            await trio.lowlevel.checkpoint()
 
     def _next_wake(self) -> float:
         wake = math.inf
@@ -410,6 +361,7 @@ class ServiceSupervisor:
             run = self._ended.popleft()
             if run.reported:
                 logger.info("abandoned child %r ended at last", run.spec.name)
+                self._lingering[run.spec.name] -= 1
             else:
                 self._report(run, now)
         for run in list(self._runs.values()):
@@ -434,6 +386,7 @@ class ServiceSupervisor:
             error, self._gave_up = self._gave_up, None
             logger.error("service supervisor gave up: %s", error)
             self._stopped = True
+            self._error = error
             self._emit(SupervisorStopped(error))
             raise error from error.error
         if self._closing:
@@ -450,11 +403,17 @@ class ServiceSupervisor:
         assert self._nursery is not None
         spec = self._specs[name]
         run = _Run(spec, now)
-        if self._health is not None and spec.check_in_period is not None:
-            run.component = self._health.register(name, spec.check_in_period)
         self._runs[name] = run
         self._not_before.pop(name, None)
         self._plan.started(name)
+        if self._health is not None and spec.check_in_period is not None:
+            try:
+                run.component = self._health.register(name, spec.check_in_period)
+            except ValueError as exc:  # its name was taken on the board meanwhile
+                run.error, run.ended = exc, True
+                self._ended.append(run)  # a start that failed: reported FAILED next
+                self._woken.set()
+                return
         self._nursery.start_soon(self._run_child, run, name=f"trio_heartbeat service {name}")
         self._counts["starts"] += 1
         logger.info("started child %r", name)
@@ -473,6 +432,18 @@ class ServiceSupervisor:
         )
         self._counts["abandoned"] += 1
         self._emit(ChildAbandoned(name, timeout))
+        if self._lingering[name] and not self._plan.closed:
+            # Its last abandoned run is still there: restarting again would pile
+            # up copies without end, and Trio cannot kill them. Beyond help.
+            self._stop_queue.extend(self._plan.shutdown())
+            self._gave_up = SupervisorGaveUp(
+                f"child {name!r} was abandoned again while an earlier run of it was still"
+                " running: giving up",
+                name,
+                ExitKind.HUNG,
+                run.error,
+            )
+        self._lingering[name] += 1
         self._report(run, now)
 
     def _report(self, run: _Run, now: float) -> None:
@@ -550,7 +521,8 @@ async def open_service_supervisor(
     outside included) cancels them all at once and raises that exception.
     When ``budget`` runs out, the children are stopped, the block is cancelled
     and one :class:`SupervisorGaveUp` is raised, with the last child's
-    exception as its cause. A child's own exception never escapes; one that
+    exception as its cause (once every task has ended: see
+    :attr:`ServiceSupervisor.error` for a child that never does). A child's own exception never escapes; one that
     is not an :exc:`Exception` (:exc:`KeyboardInterrupt`) ends the supervisor
     and comes out as itself. ``listeners`` hear every :class:`ServiceEvent`,
     the first starts included.
