@@ -25,12 +25,14 @@ from trio_heartbeat import (
     CloseCode,
     ConnectionClosed,
     ConnectionRejected,
+    ExitKind,
     HeartbeatError,
     HeartbeatTimeout,
     LocalProtocolError,
     ProtocolError,
     ReconnectFailed,
     RemoteProtocolError,
+    SupervisorGaveUp,
     UndeliveredMessages,
     UnknownEndpoint,
     _errors,
@@ -38,11 +40,9 @@ from trio_heartbeat import (
 from trio_heartbeat._errors import (
     Conviction,
     NoEndpointLeft,
-    SupervisorGaveUp,
     UsageError,
     describe_os_error,
 )
-from trio_heartbeat._restart import ExitKind
 
 #: One or more instances of each public exception, with every attribute set.
 EXAMPLES: list[HeartbeatError] = [
@@ -65,15 +65,14 @@ EXAMPLES: list[HeartbeatError] = [
     CircuitOpen(BreakerState.OPEN, 4.5),
     CircuitOpen(BreakerState.FORCED_OPEN),
     UnknownEndpoint("db-7:5432"),
+    SupervisorGaveUp("child db failed", "db", ExitKind.FAILED, KeyError("lost")),
+    SupervisorGaveUp("child worker hung", "worker", ExitKind.HUNG, None),
 ]
 
 #: The exceptions the package keeps to itself: not exported, still picklable.
 INTERNAL_EXAMPLES: list[HeartbeatError] = [
     NoEndpointLeft("the endpoint source ran dry"),
     UsageError("--timeout must be longer than --interval"),
-    # Not exported yet: the service supervisor (#13) is not wired.
-    SupervisorGaveUp("child db failed", "db", ExitKind.FAILED, KeyError("lost")),
-    SupervisorGaveUp("child worker hung", "worker", ExitKind.HUNG, None),
 ]
 
 

@@ -25,14 +25,22 @@ from typing import Any
 import pytest
 
 import trio_heartbeat
+import trio_heartbeat.probes
 import trio_heartbeat.testing
 
-PUBLIC_MODULES = [trio_heartbeat, trio_heartbeat.testing]
+PUBLIC_MODULES = [trio_heartbeat, trio_heartbeat.testing, trio_heartbeat.probes]
 #: Base classes, protocols and enums: meant to be subclassed, implemented or
 #: are final by nature.
 #: Classes that are handed out, never constructed by users (their docstrings
 #: say so): their constructors take the test kit's private plumbing.
-NOT_CONSTRUCTED = {"FaultyStream", "FaultyHalfCloseableStream", "ProxyConnection", "LinkFaults"}
+NOT_CONSTRUCTED = {
+    "FaultyStream",
+    "FaultyHalfCloseableStream",
+    "ProxyConnection",
+    "LinkFaults",
+    "CheckIn",
+    "ServiceSupervisor",
+}
 OPEN_FOR_SUBCLASSING = {
     "Event",
     "FailureDetector",
@@ -40,6 +48,7 @@ OPEN_FOR_SUBCLASSING = {
     "ProtocolError",
     "ConnectionClosed",
     "SupervisorEvent",
+    "ServiceEvent",
     "FaultyStream",
     "SupportsSockopt",
 }

@@ -47,6 +47,7 @@ from ._errors import LocalProtocolError as LocalProtocolError
 from ._errors import ProtocolError as ProtocolError
 from ._errors import ReconnectFailed as ReconnectFailed
 from ._errors import RemoteProtocolError as RemoteProtocolError
+from ._errors import SupervisorGaveUp as SupervisorGaveUp
 from ._errors import UndeliveredMessages as UndeliveredMessages
 from ._errors import UnknownEndpoint as UnknownEndpoint
 from ._events import NEED_DATA as NEED_DATA
@@ -106,10 +107,34 @@ from ._reconnect_events import SupervisorState as SupervisorState
 from ._registry import Departure as Departure
 from ._registry import LivenessRegistry as LivenessRegistry
 from ._registry import PeerInfo as PeerInfo
+from ._restart import DEFAULT_RESTART_BUDGET as DEFAULT_RESTART_BUDGET
+from ._restart import ChildState as ChildState
+from ._restart import Decision as Decision
+from ._restart import ExitKind as ExitKind
+from ._restart import RestartBudget as RestartBudget
+from ._restart import RestartPlan as RestartPlan
+from ._restart import RestartStatistics as RestartStatistics
+from ._restart import RestartType as RestartType
+from ._restart import Strategy as Strategy
+from ._sdnotify import SystemdNotifier as SystemdNotifier
 from ._server import Handler as Handler
 from ._server import Server as Server
 from ._server import ServerStatistics as ServerStatistics
 from ._server import serve_tcp as serve_tcp
+from ._service_events import ChildAbandoned as ChildAbandoned
+from ._service_events import ChildExited as ChildExited
+from ._service_events import ChildRestarting as ChildRestarting
+from ._service_events import ChildStarted as ChildStarted
+from ._service_events import ChildStopped as ChildStopped
+from ._service_events import ServiceEvent as ServiceEvent
+from ._service_events import ServiceListener as ServiceListener
+from ._service_events import ServiceStatistics as ServiceStatistics
+from ._service_events import SupervisorStopped as SupervisorStopped
+from ._services import DEFAULT_SERVICE_BACKOFF as DEFAULT_SERVICE_BACKOFF
+from ._services import CheckIn as CheckIn
+from ._services import ChildSpec as ChildSpec
+from ._services import ServiceSupervisor as ServiceSupervisor
+from ._services import open_service_supervisor as open_service_supervisor
 from ._silence import SilenceRule as SilenceRule
 from ._state import State as State
 from ._statistics import ConnectionStatistics as ConnectionStatistics
@@ -118,6 +143,7 @@ from ._supervisor import DEFAULT_STOP_CODES as DEFAULT_STOP_CODES
 from ._supervisor import Connector as Connector
 from ._supervisor import ReconnectingClient as ReconnectingClient
 from ._supervisor import open_reconnecting_client as open_reconnecting_client
+from ._systemd import notify_systemd as notify_systemd
 
 __all__ = [
     "AdaptiveDetector",
@@ -133,6 +159,14 @@ __all__ = [
     "BreakerTransition",
     "BrokenConnection",
     "BufferBudget",
+    "CheckIn",
+    "ChildAbandoned",
+    "ChildExited",
+    "ChildRestarting",
+    "ChildSpec",
+    "ChildStarted",
+    "ChildState",
+    "ChildStopped",
     "CircuitBreaker",
     "CircuitOpen",
     "Close",
@@ -152,8 +186,11 @@ __all__ = [
     "ConstantBackoff",
     "Conviction",
     "DataReceived",
+    "Decision",
     "DecorrelatedJitterBackoff",
     "DEFAULT_BACKOFF",
+    "DEFAULT_RESTART_BUDGET",
+    "DEFAULT_SERVICE_BACKOFF",
     "DEFAULT_STOP_CODES",
     "Departure",
     "Disconnected",
@@ -164,6 +201,7 @@ __all__ = [
     "EqualJitterBackoff",
     "Event",
     "EventListener",
+    "ExitKind",
     "ExponentialBackoff",
     "FailureDetector",
     "FixedTimeout",
@@ -195,9 +233,11 @@ __all__ = [
     "LocalHealth",
     "LocalProtocolError",
     "NEED_DATA",
+    "notify_systemd",
     "open_connection",
     "open_health_monitor",
     "open_reconnecting_client",
+    "open_service_supervisor",
     "open_stream_connection",
     "OutlierEjection",
     "OutlierStatistics",
@@ -216,17 +256,29 @@ __all__ = [
     "ReconnectFailed",
     "ReconnectingClient",
     "RemoteProtocolError",
+    "RestartBudget",
+    "RestartPlan",
+    "RestartStatistics",
+    "RestartType",
     "Role",
     "serve_tcp",
     "Server",
     "ServerStatistics",
+    "ServiceEvent",
+    "ServiceListener",
+    "ServiceStatistics",
+    "ServiceSupervisor",
     "SilenceRule",
     "State",
     "Stopped",
+    "Strategy",
     "SupervisorEvent",
+    "SupervisorGaveUp",
     "SupervisorListener",
     "SupervisorState",
+    "SupervisorStopped",
     "SupportsSockopt",
+    "SystemdNotifier",
     "UndeliveredMessages",
     "UnknownEndpoint",
     "WindowKind",
