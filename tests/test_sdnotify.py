@@ -1,21 +1,27 @@
 """``SystemdNotifier`` (``_sdnotify.py``): systemd's notify protocol, against real datagram sockets.
 
 What it pins: ``from_environment`` reads ``NOTIFY_SOCKET`` (a path, an
-``@abstract`` name, nothing, something unusable), ``WATCHDOG_USEC`` (halved;
-zero and garbage mean no watchdog) and ``WATCHDOG_PID`` (ours, another's,
-garbage); a real ``AF_UNIX`` datagram socket bound where ``NOTIFY_SOCKET``
-points (a file, and on Linux an abstract name) receives each message as one
-datagram, with our pid in its credentials; malformed messages raise
-:exc:`ValueError`, but a receiver that is gone or a full receive buffer only
-drops messages, logged once, without raising or waiting; ``STATUS=`` text is
-made one bounded printable line (hypothesis). The watchdog's pace is checked
-in virtual time (``autojump_clock``) with exact times: the sends are
-synchronous, so the datagrams of a tick are in the receiver's queue when the
-test looks half an interval later.
+``@abstract`` name, nothing, something unusable), ``WATCHDOG_USEC`` (halved,
+raised to ``MIN_WATCHDOG_INTERVAL`` with a warning; zero, garbage, thousands
+of digits and out-of-range values mean no watchdog and a warning) and
+``WATCHDOG_PID`` (ours, another's, garbage), and never raises whatever the
+strings (hypothesis); a real ``AF_UNIX`` datagram socket bound where
+``NOTIFY_SOCKET`` points (a file, and on Linux an abstract name) receives
+each message as one datagram, with our pid in its credentials; malformed
+messages raise :exc:`ValueError`, but a receiver that is gone or a full
+receive buffer only drops messages, without raising or waiting, and a
+receiver that comes and goes is logged at most once a minute (virtual time);
+``STATUS=`` text is made one bounded printable line (hypothesis). The
+watchdog's pace is checked in virtual time (``autojump_clock``) with exact
+times: the sends are synchronous, so the datagrams of a tick are in the
+receiver's queue when the test looks half an interval later. Receivers are
+bound with the standard library's sockets, synchronously, so that virtual
+time stands still meanwhile.
 """
 
 from __future__ import annotations
 
+import contextlib
 import doctest
 import errno
 import logging
@@ -36,7 +42,12 @@ from hypothesis import strategies as st
 from trio.testing import MockClock
 
 from trio_heartbeat import _sdnotify
-from trio_heartbeat._sdnotify import MAX_MESSAGE, STATUS_LIMIT, SystemdNotifier
+from trio_heartbeat._sdnotify import (
+    MAX_MESSAGE,
+    MIN_WATCHDOG_INTERVAL,
+    STATUS_LIMIT,
+    SystemdNotifier,
+)
 
 LOGGER = "trio_heartbeat.sdnotify"
 LINUX = sys.platform == "linux"
@@ -105,6 +116,31 @@ def path_receiver(short_dir: Path) -> Iterator[tuple[str, socket.socket]]:
         sock.close()
 
 
+@contextlib.contextmanager
+def warnings_of(name: str) -> Iterator[list[logging.LogRecord]]:
+    """The records of WARNING and above that logger ``name`` emits in the block.
+
+    For where ``caplog``, a function-scoped fixture, does not fit: inside
+    one example of a hypothesis test.
+    """
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    log = logging.getLogger(name)
+    handler = Keep(logging.WARNING)
+    level = log.level
+    log.setLevel(logging.WARNING)
+    log.addHandler(handler)
+    try:
+        yield records
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+
+
 # -- from_environment ----------------------------------------------------------------------
 
 
@@ -158,33 +194,126 @@ def test_an_unusable_address_is_a_warning_and_no_notifier(
     [
         ("1000000", 0.5),
         ("10000000", 5.0),
-        ("3", 1.5e-6),
-        ("0", None),
+        ("20000", MIN_WATCHDOG_INTERVAL),  # the shortest timeout kept as it is
+        ("18446744073709551614", (2**64 - 2) / 2_000_000),  # the longest: 2**64 - 2
         ("", None),
     ],
 )
-def test_the_watchdog_interval_is_half_of_watchdog_usec(usec: str, interval: float | None) -> None:
-    """Half the timeout, in seconds; zero or empty means no watchdog."""
+def test_the_watchdog_interval_is_half_of_watchdog_usec(
+    usec: str, interval: float | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Half the timeout, in seconds, from 20 ms up to 2**64 - 2 µs; empty means no watchdog.
+    None of these is worth a warning."""
     environ = {"NOTIFY_SOCKET": "/run/notify", "WATCHDOG_USEC": usec}
-    notifier = SystemdNotifier.from_environment(environ)
+    with caplog.at_level(logging.DEBUG, logger=LOGGER):
+        notifier = SystemdNotifier.from_environment(environ)
     assert notifier is not None
     assert notifier.watchdog_interval == interval
+    assert caplog.records == []
 
 
-@pytest.mark.parametrize("usec", ["-1000000", "1.5", " 1000000", "1e6", "ten", "\u0661\u0662"])
-def test_a_malformed_watchdog_usec_is_a_warning_and_no_watchdog(
+def shown(value: str) -> str:
+    """How a log line shows an environment value: its repr, or its first 32 characters and its
+    length past 40 characters."""
+    if len(value) <= 40:
+        return repr(value)
+    return f"{value[:32]!r}... ({len(value)} characters)"
+
+
+@pytest.mark.parametrize(
+    "usec",
+    [
+        "0",
+        "00",
+        "0500000",  # a leading zero: systemd never writes one, and C might read it as octal
+        "-1000000",
+        "+1000000",
+        "1.5",
+        " 1000000",
+        "1000000\n",
+        "1e6",
+        "ten",
+        "\u0661\u0662",  # Arabic-Indic digits, which int() would take
+        "\uff11\uff12\uff13",  # full-width digits, likewise
+        "18446744073709551615",  # 2**64 - 1: systemd's USEC_INFINITY, not a timeout
+        "18446744073709551616",  # past 64 bits
+        "100000000000000000000",  # 21 digits
+        "9" * 400,  # once an OverflowError in the division
+        "9" * 5000,  # once a ValueError from int(): past sys.get_int_max_str_digits()
+        "0" * 5000 + "1",
+    ],
+)
+def test_an_unusable_watchdog_usec_is_a_warning_and_no_watchdog(
     usec: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Only ASCII digits count (not Arabic-Indic ones, which ``int`` would take); the notifier stays."""
+    """Only a decimal number from 1 to 2**64 - 2 in ASCII digits counts; anything else, however
+    long, is one warning (its value cut short) and no watchdog, never an exception. The notifier
+    stays."""
     environ = {"NOTIFY_SOCKET": "/run/notify", "WATCHDOG_USEC": usec}
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         notifier = SystemdNotifier.from_environment(environ)
     assert notifier is not None
     assert notifier.watchdog_interval is None
     [record] = caplog.records
+    assert record.levelno == logging.WARNING
     assert record.getMessage() == (
-        f"ignoring WATCHDOG_USEC={usec!r}: not a positive number of microseconds"
+        f"ignoring WATCHDOG_USEC={shown(usec)}: not a number of microseconds from 1 to 2**64 - 2"
     )
+    assert len(record.getMessage()) < 150
+
+
+def test_a_long_value_is_shown_cut_short() -> None:
+    """Past 40 characters a log line shows the first 32 and the length; up to 40, the repr."""
+    assert _sdnotify._shown("x" * 40) == repr("x" * 40)
+    assert _sdnotify._shown("x" * 41) == "'" + "x" * 32 + "'... (41 characters)"
+    assert _sdnotify._shown("9" * 5000) == "'" + "9" * 32 + "'... (5000 characters)"
+
+
+@pytest.mark.parametrize(
+    ("usec", "timeout", "half"),
+    [("1", "1e-06", "5e-07"), ("3", "3e-06", "1.5e-06"), ("19999", "0.019999", "0.0099995")],
+)
+def test_a_watchdog_timeout_under_20_ms_is_pinged_every_10_ms_with_a_warning(
+    usec: str, timeout: str, half: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Half of ``WATCHDOG_USEC=1`` would be a ping every 0.5 µs, a loop that does nothing else:
+    the interval is raised to ``MIN_WATCHDOG_INTERVAL`` (10 ms), and one warning says so."""
+    environ = {"NOTIFY_SOCKET": "/run/notify", "WATCHDOG_USEC": usec}
+    with caplog.at_level(logging.DEBUG, logger=LOGGER):
+        notifier = SystemdNotifier.from_environment(environ)
+    assert notifier is not None
+    assert notifier.watchdog_interval == MIN_WATCHDOG_INTERVAL == 0.01
+    [record] = caplog.records
+    assert record.levelno == logging.WARNING
+    assert record.getMessage() == (
+        f"WATCHDOG_USEC={usec}: a timeout of {timeout} s is too short to keep from an event "
+        f"loop; pinging every 0.01 s instead of {half} s"
+    )
+
+
+async def test_watchdog_usec_1_pings_a_hundred_times_a_second_not_millions(
+    autojump_clock: MockClock, path_receiver: tuple[str, socket.socket]
+) -> None:
+    """With ``WATCHDOG_USEC=1`` from the environment, 0.1 s of the watchdog asks ``healthy()``
+    and pings 11 times, every 10 ms (it gives up at the 12th ask, so a spinning loop fails the
+    test at once instead of making it slow)."""
+    address, sock = path_receiver
+    environ = {"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "1"}
+    notifier = SystemdNotifier.from_environment(environ)
+    assert notifier is not None
+    asked: list[float] = []
+
+    def healthy() -> bool:
+        asked.append(trio.current_time())
+        assert len(asked) <= 11, f"asked {len(asked)} times by {asked[-1]}"
+        return True
+
+    async with notifier, trio.open_nursery() as nursery:
+        await nursery.start(notifier.run_watchdog, healthy)
+        await trio.sleep_until(0.105)
+        nursery.cancel_scope.cancel()
+    assert asked == pytest.approx([k / 100 for k in range(11)])
+    assert drain(sock) == ["WATCHDOG=1"] * 11
 
 
 @pytest.mark.parametrize(
@@ -195,6 +324,7 @@ def test_a_malformed_watchdog_usec_is_a_warning_and_no_watchdog(
         ("4242", 0.5),  # ours
         ("4243", None),  # another process's (we are a child that inherited it)
         ("1", None),
+        ("2147483647", None),  # the largest pid_t: a process id, not ours
     ],
 )
 def test_watchdog_pid_must_be_ours_or_unset(owner: str | None, interval: float | None) -> None:
@@ -207,11 +337,31 @@ def test_watchdog_pid_must_be_ours_or_unset(owner: str | None, interval: float |
     assert notifier.watchdog_interval == interval
 
 
-@pytest.mark.parametrize("owner", ["abc", "-4242", "42.0", "0x10"])
+@pytest.mark.parametrize(
+    "owner",
+    [
+        "abc",
+        "-4242",
+        "42.0",
+        "0x10",
+        "0",  # no process has pid 0
+        "04242",  # a leading zero
+        " 4242",
+        "4242\n",
+        "\u0664\u0662\u0664\u0662",  # 4242 in Arabic-Indic digits, which int() would take
+        "2147483648",  # past pid_t
+        "9" * 5000,  # once a ValueError from int()
+    ],
+)
 def test_a_malformed_watchdog_pid_is_a_warning_and_no_watchdog(
     owner: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """We cannot tell whether the pings are ours: safer not to send them for someone else."""
+    """We cannot tell whether the pings are ours: safer not to send them for someone else.
+
+    A process id is a decimal number from 1 to 2**31 - 1 in ASCII digits; even
+    one that ``int`` would read as ours (4242) is refused if systemd would not
+    have written it so.
+    """
     environ = {"NOTIFY_SOCKET": "/run/notify", "WATCHDOG_USEC": "1000000", "WATCHDOG_PID": owner}
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         notifier = SystemdNotifier.from_environment(environ, pid=4242)
@@ -219,8 +369,46 @@ def test_a_malformed_watchdog_pid_is_a_warning_and_no_watchdog(
     assert notifier.watchdog_interval is None
     [record] = caplog.records
     assert record.getMessage() == (
-        f"ignoring the watchdog: WATCHDOG_PID={owner!r} is not a process id"
+        f"ignoring the watchdog: WATCHDOG_PID={shown(owner)} is not a process id"
     )
+
+
+#: Values for WATCHDOG_USEC and WATCHDOG_PID: any text, numbers of every size (negative ones,
+#: 2**64 and past), thousands of digits, leading zeros, digits of other scripts.
+environment_values = st.one_of(
+    st.text(),
+    st.integers(min_value=-(2**70), max_value=2**70).map(str),
+    st.integers(min_value=0, max_value=6000).map(lambda n: "9" * n),
+    st.integers(min_value=0, max_value=6000).map(lambda n: "0" * n + "1"),
+    st.text(alphabet="0123456789\u0660\u0661\u0664\uff11 +-", max_size=30),
+)
+
+
+@given(usec=environment_values, owner=environment_values)
+def test_from_environment_never_raises_whatever_the_watchdog_variables(
+    usec: str, owner: str
+) -> None:
+    """Any strings: a notifier with either a sane interval (from 10 ms to half of 2**64 - 2 µs)
+    or none; no interval means the variable is empty, the pid is another process's, or a
+    warning (one, on one line of bounded length) said why."""
+    environ = {"NOTIFY_SOCKET": "/run/notify", "WATCHDOG_USEC": usec, "WATCHDOG_PID": owner}
+    with warnings_of(LOGGER) as records:
+        notifier = SystemdNotifier.from_environment(environ, pid=4242)
+    assert notifier is not None
+    interval = notifier.watchdog_interval
+    assert len(records) <= 1
+    for record in records:
+        message = record.getMessage()
+        assert "\n" not in message
+        assert len(message) < 500
+    if interval is not None:
+        assert MIN_WATCHDOG_INTERVAL <= interval <= (2**64 - 2) / 2_000_000
+        assert owner in ("", "4242")
+        assert usec.isascii()
+        assert usec.isdigit()
+    else:
+        someone_elses = owner.isascii() and owner.isdigit() and owner.lstrip("0") != "4242"
+        assert usec == "" or someone_elses or len(records) == 1
 
 
 def test_our_pid_and_os_environ_are_the_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -237,11 +425,17 @@ def test_our_pid_and_os_environ_are_the_defaults(monkeypatch: pytest.MonkeyPatch
     assert notifier.watchdog_interval is None
 
 
-@pytest.mark.parametrize("interval", [0.0, -1.0, float("inf"), float("nan")])
-def test_the_constructor_refuses_an_interval_that_is_not_a_positive_time(interval: float) -> None:
-    """Zero, negative, infinite and NaN intervals are errors."""
-    with pytest.raises(ValueError, match="watchdog_interval"):
+@pytest.mark.parametrize("interval", [0.0, -1.0, 5e-7, 0.0099, float("inf"), float("nan")])
+def test_the_constructor_refuses_an_interval_that_is_not_a_time_from_10_ms(
+    interval: float,
+) -> None:
+    """Zero, negative, shorter than ``MIN_WATCHDOG_INTERVAL``, infinite and NaN intervals are
+    errors (code that names its own interval gets no silent correction); 10 ms itself is fine."""
+    with pytest.raises(
+        ValueError, match=r"watchdog_interval must be a number of seconds from 0\.01"
+    ):
         SystemdNotifier("/run/notify", interval)
+    assert SystemdNotifier("/run/notify", 0.01).watchdog_interval == 0.01
 
 
 def test_repr_and_doctests() -> None:
@@ -330,20 +524,29 @@ async def test_a_cancelled_send_sends_nothing(path_receiver: tuple[str, socket.s
     assert drain(sock) == []
 
 
+def dropped_warning(address: str, since: int = 0) -> str:
+    """The warning that starts a logged run of failures to ``address`` (ENOENT)."""
+    more = f"; {since} more dropped since the last warning" if since else ""
+    return (
+        f"notification to {address} dropped ({os.strerror(errno.ENOENT)}){more}; further "
+        "failures are not logged until one goes through, nor a new run of them within 60 s"
+    )
+
+
 async def test_a_receiver_that_is_gone_drops_messages_without_raising(
-    path_receiver: tuple[str, socket.socket], caplog: pytest.LogCaptureFixture
+    autojump_clock: MockClock,
+    path_receiver: tuple[str, socket.socket],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """A manager that went away costs dropped messages and one warning; a new one is found again.
+    """A manager that went away costs dropped messages, one warning, and one info line with the
+    count when a new one is found; a second run of failures at once is not logged.
 
     Each message is sent to the address afresh, so a socket re-created at
     the same path (a re-executed manager) receives the next one.
     """
     address, sock = path_receiver
-    dropped = (
-        f"notification to {address} dropped ({os.strerror(errno.ENOENT)}); "
-        "further failures are not logged until one goes through"
-    )
-    through = f"notifications to {address} go through again"
+    dropped = dropped_warning(address)
+    through = f"notifications to {address} go through again (2 dropped)"
     with caplog.at_level(logging.INFO, logger=LOGGER):
         async with SystemdNotifier(address) as notifier:
             assert await notifier.ready()
@@ -366,10 +569,103 @@ async def test_a_receiver_that_is_gone_drops_messages_without_raising(
             assert (notifier.sent, notifier.dropped) == (2, 2)
             assert [r.getMessage() for r in caplog.records] == [dropped, through]
             assert caplog.records[1].levelno == logging.INFO
-            # Gone again: a new run of failures, so a new warning.
+            # Gone again at once: a new run of failures, within a minute of the warning.
             assert not await notifier.watchdog()
             assert (notifier.sent, notifier.dropped) == (2, 3)
-    assert [r.getMessage() for r in caplog.records] == [dropped, through, dropped]
+    assert [r.getMessage() for r in caplog.records] == [dropped, through]
+
+
+async def test_a_receiver_that_comes_and_goes_is_logged_once_a_minute(
+    autojump_clock: MockClock, short_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Gone at every odd second (two drops each time), back at every even one, for 125 s: a
+    warning at 1, 61 and 121 and an info line after each, not a pair every two seconds.
+
+    The runs in between are counted in the next warning (29 runs of 2 drops),
+    and ``dropped`` counts every drop.
+    """
+    address = str(short_dir / "notify")
+    logged: list[tuple[float, int, str]] = []
+
+    class Record(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            logged.append((trio.current_time(), record.levelno, record.getMessage()))
+
+    handler = Record()
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        logging.getLogger(LOGGER).addHandler(handler)
+        try:
+            async with SystemdNotifier(address) as notifier:
+                for second in range(126):
+                    await trio.sleep_until(second)
+                    if second % 2:
+                        assert not await notifier.watchdog()
+                        assert not await notifier.watchdog()
+                    else:
+                        receiver = bind_receiver(address)  # synchronous: no time passes
+                        try:
+                            assert await notifier.watchdog()
+                        finally:
+                            receiver.close()
+                            os.unlink(address)
+        finally:
+            logging.getLogger(LOGGER).removeHandler(handler)
+    assert (notifier.sent, notifier.dropped) == (63, 126)
+    through = f"notifications to {address} go through again (2 dropped)"
+    assert logged == [
+        (1.0, logging.WARNING, dropped_warning(address)),
+        (2.0, logging.INFO, through),
+        (61.0, logging.WARNING, dropped_warning(address, since=58)),
+        (62.0, logging.INFO, through),
+        (121.0, logging.WARNING, dropped_warning(address, since=58)),
+        (122.0, logging.INFO, through),
+    ]
+
+
+async def test_a_clock_reading_before_the_last_warning_counts_as_a_minute_passed(
+    monkeypatch: pytest.MonkeyPatch, path_receiver: tuple[str, socket.socket]
+) -> None:
+    """Readings from two clocks (Trio's, and the monotonic one in a thread) can go backwards:
+    that may bring a warning early, never silence one for long. Scripted readings: a warning
+    at 100; at 50 (before it) a warning again; at 80 (within 60 s of 50) none; at 110 one,
+    which counts the drop of the run at 80."""
+    address, sock = path_receiver
+    readings = iter([100.0, 50.0, 80.0, 110.0])
+    monkeypatch.setattr(_sdnotify, "_now", lambda: next(readings))
+    warnings = []
+    async with SystemdNotifier(address) as notifier:
+        for _ in range(4):
+            sock.close()
+            os.unlink(address)
+            with warnings_of(LOGGER) as records:
+                assert not notifier.send_nowait("WATCHDOG=1")
+                assert not notifier.send_nowait("WATCHDOG=1")  # same run: the clock is not read
+            warnings.append([record.getMessage() for record in records])
+            sock = bind_receiver(address)
+            assert notifier.send_nowait("WATCHDOG=1")
+    sock.close()
+    assert warnings == [
+        [dropped_warning(address)],
+        [dropped_warning(address)],
+        [],
+        [dropped_warning(address, since=2)],
+    ]
+    assert next(readings, None) is None  # read once per run of failures, not per send
+
+
+async def test_the_minute_is_read_on_trios_clock_else_the_monotonic_one(
+    autojump_clock: MockClock,
+) -> None:
+    """In a Trio run, ``_now`` is :func:`trio.current_time` (virtual here); in a worker thread,
+    outside any run, it is :func:`time.monotonic`."""
+    await trio.sleep(5.0)
+    assert _sdnotify._now() == trio.current_time() == 5.0
+
+    def in_thread() -> tuple[float, float, float]:
+        return time.monotonic(), _sdnotify._now(), time.monotonic()
+
+    before, now, after = await trio.to_thread.run_sync(in_thread)
+    assert before <= now <= after
 
 
 async def test_a_first_send_that_fails_is_logged(caplog: pytest.LogCaptureFixture) -> None:

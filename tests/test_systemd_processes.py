@@ -6,7 +6,9 @@ abstract name; ``serve`` is started with ``NOTIFY_SOCKET`` pointing at it and
 process on a shared machine): READY=1 with a status line once it listens,
 WATCHDOG=1 about every half second, a STATUS= line when a peer connects,
 no pings while the process is stopped (SIGSTOP: its loop cannot run), pings
-again after SIGCONT, and STOPPING=1 when SIGTERM starts the drain.
+again after SIGCONT, and STOPPING=1 when SIGTERM starts the drain. With an
+absurd ``WATCHDOG_USEC`` (5,000 digits, or 1 µs) ``serve`` still serves and
+stops cleanly: no watchdog at all, or pings no closer than 10 ms apart.
 """
 
 from __future__ import annotations
@@ -42,8 +44,8 @@ def collect(sock: socket.socket, seconds: float) -> list[tuple[float, str]]:
 
 
 @contextmanager
-def serve_under(address: str) -> Iterator[tuple[subprocess.Popen[str], int]]:
-    env = dict(os.environ, NOTIFY_SOCKET=address, WATCHDOG_USEC="1000000")
+def serve_under(address: str, usec: str = "1000000") -> Iterator[tuple[subprocess.Popen[str], int]]:
+    env = dict(os.environ, NOTIFY_SOCKET=address, WATCHDOG_USEC=usec)
     env.pop("WATCHDOG_PID", None)
     process = subprocess.Popen(
         [*CLI, "serve", "--port", "0"],
@@ -115,4 +117,29 @@ def test_serve_tells_systemd_ready_status_watchdog_and_stopping(
         process.wait(timeout=30)
         last = collect(sock, 0.5)
         assert any(text.startswith("STOPPING=1") for _, text in resumed + last)
+    assert process.returncode == 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("usec", "fewest", "most"), [("9" * 5000, 0, 0), ("1", 10, 150)], ids=["5000-digits", "1-usec"]
+)
+def test_serve_survives_an_absurd_watchdog_usec(
+    tmp_path: Path, usec: str, fewest: int, most: int
+) -> None:
+    """5,000 digits (once a ValueError out of ``from_environment`` that ended ``serve``): READY,
+    no ping, a clean stop. 1 µs (once 10,000 pings a second, the loop doing nothing else): at
+    most 150 pings in a second, for one every 10 ms, and a clean stop."""
+    sock, address = notify_socket(tmp_path, abstract=False)
+    with sock, serve_under(address, usec) as (process, _):
+        heard = collect(sock, 1.5)
+        assert heard, f"nothing heard; serve exited with {process.poll()}"
+        assert heard[0][1] == "READY=1\nSTATUS=0 peer(s), SERVING"
+        ready_at = heard[0][0]
+        pings = [at for at, text in heard if text == "WATCHDOG=1" and at > ready_at + 0.25]
+        assert fewest <= len([at for at in pings if at <= ready_at + 1.25]) <= most
+        assert process.poll() is None
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
     assert process.returncode == 0

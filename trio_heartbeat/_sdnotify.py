@@ -23,21 +23,48 @@ is blocked, or a process that judges itself unwell, therefore stops pinging,
 and systemd restarts it: the watchdog measures the one thing that matters,
 that the loop still runs and still thinks it is fine.
 
+The pings are never closer together than :data:`MIN_WATCHDOG_INTERVAL`
+(10 ms): a loop that pinged at half of ``WATCHDOG_USEC=1`` would spend all
+its time on the watchdog, and a timeout of a few milliseconds cannot be kept
+by an event loop anyway (one full garbage collection can outlast it).
+systemd's own ``sd_watchdog_enabled()`` accepts any timeout from 1 µs, so
+:meth:`~SystemdNotifier.from_environment` raises a half-timeout under the
+floor to the floor and logs a warning, while the constructor refuses a
+shorter ``watchdog_interval``.
+
 The notifier must never hurt the service it reports on. Every datagram goes
 out with a single non-blocking ``sendto`` on a plain socket (Trio's own
 socket ``sendto`` would wait for room in a full buffer, and a notification is
 not worth waiting for): a message that would block, or that fails because the
-manager is gone, is dropped and counted, and logged once per run of failures,
-never raised. Only programming errors raise :exc:`ValueError` (a key that is
-not a variable name, a value with a newline, a message over
-:data:`MAX_MESSAGE` bytes): they are wrong on every run, and a test finds them.
+manager is gone, is dropped and counted in ``dropped``, never raised. The
+log says so sparingly. The first failure of a run of failures is a warning
+and its end (the next message that goes through) an info line with the
+count, but a run that starts less than a minute after the last warning
+is logged by neither; its drops are counted in the next warning. A buffer
+that fills and drains all day, or a manager that keeps coming and going,
+costs at most one warning and one info line a minute. The minute is read on
+Trio's clock (:func:`trio.current_time`), or on :func:`time.monotonic` for a
+send made outside Trio (a worker thread); a reading earlier than the last
+warning counts as a minute passed, so mixing the two clocks can bring a
+warning early but never silence one. Only programming errors raise
+:exc:`ValueError` (a key that is not a variable name, a value with a
+newline, a message over :data:`MAX_MESSAGE` bytes): they are wrong on
+every run, and a test finds them.
 
-``from_environment`` decides what an unusable ``NOTIFY_SOCKET`` means (a
-relative path, a ``vsock:`` address, a NUL byte): it logs a warning and
-returns ``None``, as if the variable were unset, rather than stop a service
-over the channel it reports on; a unit that needs readiness then fails its
-start-up timeout with the warning in its journal. The constructor, used by
-code that names the address itself, raises :exc:`ValueError` instead.
+``from_environment`` decides what an unusable variable means: it logs a
+warning and carries on without it, rather than stop a service over the
+channel it reports on, and it never raises, whatever the strings. An unusable
+``NOTIFY_SOCKET`` (a relative path, a ``vsock:`` address, a NUL byte) is as
+if it were unset: no notifier, and a unit that needs readiness fails its
+start-up timeout with the warning in its journal. An unusable
+``WATCHDOG_USEC`` or ``WATCHDOG_PID`` means no watchdog. Like systemd's
+``sd_watchdog_enabled()``, it takes ``WATCHDOG_USEC`` as a decimal number
+from 1 to ``2**64 - 2`` (``2**64 - 1`` is systemd's "infinity") and
+``WATCHDOG_PID`` as a process id from 1 to ``2**31 - 1``; it also
+refuses leading zeros, signs, white space and digits other than ASCII ones,
+none of which systemd writes, and checks the length before converting, so
+that 5,000 digits cost nothing. The constructor, used by code that names the
+address itself, raises :exc:`ValueError` instead.
 
 A unit file that restarts a server whose loop blocks or whose health fails::
 
@@ -77,7 +104,7 @@ from typing import Final, final
 
 import trio
 
-__all__ = ["MAX_MESSAGE", "STATUS_LIMIT", "SystemdNotifier"]
+__all__ = ["MAX_MESSAGE", "MIN_WATCHDOG_INTERVAL", "STATUS_LIMIT", "SystemdNotifier"]
 
 logger = logging.getLogger("trio_heartbeat.sdnotify")
 
@@ -87,8 +114,19 @@ MAX_MESSAGE: Final = 4096
 #: The longest ``STATUS=`` text :meth:`SystemdNotifier.status` sends, in characters.
 STATUS_LIMIT: Final = 256
 
+#: The shortest time between two ``WATCHDOG=1``, in seconds.
+MIN_WATCHDOG_INTERVAL: Final = 0.01
+
+#: A run of failed sends that starts sooner than this after the last warning
+#: (in seconds) is not logged.
+_REPORT_EVERY: Final = 60.0
+#: The largest ``WATCHDOG_USEC`` (2**64 - 1 is systemd's USEC_INFINITY) and ``WATCHDOG_PID``.
+_MAX_USEC: Final = 2**64 - 2
+_MAX_PID: Final = 2**31 - 1
+
 _KEY: Final = re.compile(r"[A-Z_][A-Z0-9_]*")
-_DIGITS: Final = re.compile(r"[0-9]+")
+#: A positive decimal number as systemd writes one: ASCII digits, no leading zero.
+_NUMBER: Final = re.compile(r"[1-9][0-9]*")
 _WHITESPACE: Final = re.compile(r"\s+")
 
 
@@ -119,22 +157,70 @@ def _sockaddr(address: str) -> str | bytes:
     raise ValueError(f"a notify socket is '@name' (abstract) or an absolute path, got {address!r}")
 
 
-def _parse_watchdog(environ: Mapping[str, str], pid: int) -> float | None:
-    """Half of ``WATCHDOG_USEC`` in seconds, if the pings are expected of process ``pid``."""
-    usec = environ.get("WATCHDOG_USEC", "")
-    if not usec:
+def _shown(value: str) -> str:
+    """``value`` for a log line: its repr, cut short if it is long."""
+    if len(value) <= 40:
+        return repr(value)
+    return f"{value[:32]!r}... ({len(value)} characters)"
+
+
+def _number(value: str, largest: int) -> int | None:
+    """``value`` as a decimal number from 1 to ``largest``, or ``None``.
+
+    The length is checked before :func:`int` runs, which would raise past
+    ``sys.get_int_max_str_digits()`` digits.
+    """
+    if _NUMBER.fullmatch(value) is None or len(value) > len(str(largest)):
         return None
-    if _DIGITS.fullmatch(usec) is None or int(usec) == 0:
-        logger.warning("ignoring WATCHDOG_USEC=%r: not a positive number of microseconds", usec)
+    number = int(value)
+    return number if number <= largest else None
+
+
+def _parse_watchdog(environ: Mapping[str, str], pid: int) -> float | None:
+    """Half of ``WATCHDOG_USEC`` in seconds, if the pings are expected of process ``pid``.
+
+    Never raises: an unusable value is logged and means no watchdog.
+    """
+    text = environ.get("WATCHDOG_USEC", "")
+    if not text:
+        return None
+    usec = _number(text, _MAX_USEC)
+    if usec is None:
+        logger.warning(
+            "ignoring WATCHDOG_USEC=%s: not a number of microseconds from 1 to 2**64 - 2",
+            _shown(text),
+        )
         return None
     owner = environ.get("WATCHDOG_PID", "")
     if owner:
-        if _DIGITS.fullmatch(owner) is None:
-            logger.warning("ignoring the watchdog: WATCHDOG_PID=%r is not a process id", owner)
+        owner_pid = _number(owner, _MAX_PID)
+        if owner_pid is None:
+            logger.warning(
+                "ignoring the watchdog: WATCHDOG_PID=%s is not a process id", _shown(owner)
+            )
             return None
-        if int(owner) != pid:
+        if owner_pid != pid:
             return None  # the pings are someone else's to send (we are a child)
-    return int(usec) / 2_000_000
+    interval = usec / 2_000_000
+    if interval < MIN_WATCHDOG_INTERVAL:
+        logger.warning(
+            "WATCHDOG_USEC=%s: a timeout of %g s is too short to keep from an event loop; "
+            "pinging every %g s instead of %g s",
+            text,
+            usec / 1_000_000,
+            MIN_WATCHDOG_INTERVAL,
+            interval,
+        )
+        return MIN_WATCHDOG_INTERVAL
+    return interval
+
+
+def _now() -> float:
+    """Trio's clock in a Trio run, else :func:`time.monotonic` (see the module's documentation)."""
+    try:
+        return trio.current_time()
+    except RuntimeError:  # not in a Trio run: a worker thread, or no loop at all
+        return time.monotonic()
 
 
 @final
@@ -143,9 +229,10 @@ class SystemdNotifier:
 
     ``address`` is written as in ``NOTIFY_SOCKET``: ``@name`` for an abstract
     socket, else an absolute path. ``watchdog_interval`` is the time between
-    two ``WATCHDOG=1`` in seconds (``None``: no watchdog). Raises
-    :exc:`ValueError` for an address or interval that cannot be used. Most
-    code calls :meth:`from_environment` instead.
+    two ``WATCHDOG=1`` in seconds (``None``: no watchdog), at least
+    :data:`MIN_WATCHDOG_INTERVAL`. Raises :exc:`ValueError` for an address or
+    interval that cannot be used. Most code calls :meth:`from_environment`
+    instead.
 
     >>> notifier = SystemdNotifier("@example/notify", watchdog_interval=5.0)
     >>> notifier
@@ -175,8 +262,11 @@ class SystemdNotifier:
     __slots__ = (
         "_closed",
         "_failing",
+        "_logged",
+        "_reported",
         "_sockaddr",
         "_socket",
+        "_warned_at",
         "address",
         "dropped",
         "sent",
@@ -185,10 +275,12 @@ class SystemdNotifier:
 
     def __init__(self, address: str, watchdog_interval: float | None = None) -> None:
         self._sockaddr = _sockaddr(address)
-        if watchdog_interval is not None and not 0.0 < watchdog_interval < math.inf:
+        if watchdog_interval is not None and not (
+            MIN_WATCHDOG_INTERVAL <= watchdog_interval < math.inf
+        ):
             raise ValueError(
-                f"watchdog_interval must be a positive number of seconds or None, "
-                f"got {watchdog_interval!r}"
+                f"watchdog_interval must be a number of seconds from {MIN_WATCHDOG_INTERVAL} "
+                f"(finite) or None, got {watchdog_interval!r}"
             )
         self.address = address
         self.watchdog_interval = watchdog_interval
@@ -197,7 +289,10 @@ class SystemdNotifier:
         #: How many messages were dropped: a full buffer, a manager gone, or sent after closing.
         self.dropped = 0
         self._socket: socket.socket | None = None
-        self._failing = False  # in a run of failed sends (already logged)
+        self._failing = False  # in a run of failed sends
+        self._reported = False  # ...whose first failure was logged
+        self._logged = 0  # how many of the `dropped` the log has told of
+        self._warned_at: float | None = None  # when the last warning was logged
         self._closed = False
 
     @classmethod
@@ -206,10 +301,12 @@ class SystemdNotifier:
     ) -> SystemdNotifier | None:
         """The notifier that ``NOTIFY_SOCKET`` asks for, or ``None`` without one.
 
-        ``WATCHDOG_USEC`` sets :attr:`watchdog_interval` to half its value,
-        unless ``WATCHDOG_PID`` names another process than ``pid`` (by default,
-        this one); a zero or malformed value means no watchdog. An address that
-        cannot be used is logged as a warning and taken for no address.
+        ``WATCHDOG_USEC`` sets :attr:`watchdog_interval` to half its value
+        (but at least :data:`MIN_WATCHDOG_INTERVAL`, with a warning), unless
+        ``WATCHDOG_PID`` names another process than ``pid`` (by default, this
+        one). Never raises: a value that cannot be used is logged as a
+        warning, and means no watchdog (``WATCHDOG_USEC``, ``WATCHDOG_PID``)
+        or no notifier (``NOTIFY_SOCKET``).
         """
         address = environ.get("NOTIFY_SOCKET", "")
         if not address:
@@ -230,7 +327,8 @@ class SystemdNotifier:
         """Send ``message`` (``KEY=VALUE`` lines) now; true if it went out.
 
         Raises :exc:`ValueError` for a malformed or oversized message, and
-        nothing else: a failed send is counted in :attr:`dropped` and logged.
+        nothing else: a failed send is counted in :attr:`dropped` and logged,
+        at most once a minute (see the module's documentation).
         """
         if not message:
             raise ValueError("an empty notification")
@@ -251,21 +349,42 @@ class SystemdNotifier:
                 self._socket.setblocking(False)
             self._socket.sendto(payload, self._sockaddr)
         except OSError as exc:  # BlockingIOError (a full buffer) among them
-            self.dropped += 1
-            if not self._failing:
-                self._failing = True
-                logger.warning(
-                    "notification to %s dropped (%s); further failures are not logged "
-                    "until one goes through",
-                    self.address,
-                    exc.strerror or exc,
-                )
+            self._failed(exc)
             return False
         if self._failing:
             self._failing = False
-            logger.info("notifications to %s go through again", self.address)
+            if self._reported:
+                logger.info(
+                    "notifications to %s go through again (%d dropped)",
+                    self.address,
+                    self.dropped - self._logged,
+                )
+                self._logged = self.dropped
         self.sent += 1
         return True
+
+    def _failed(self, exc: OSError) -> None:
+        """Count a failed send; log it if it starts a run of failures and a warning is due."""
+        self.dropped += 1
+        if self._failing:
+            return
+        self._failing = True
+        now = _now()
+        last = self._warned_at
+        self._reported = last is None or not last <= now < last + _REPORT_EVERY
+        if not self._reported:
+            return
+        self._warned_at = now
+        unlogged = self.dropped - 1 - self._logged  # in the runs that were not logged
+        self._logged = self.dropped - 1
+        logger.warning(
+            "notification to %s dropped (%s)%s; further failures are not logged until one "
+            "goes through, nor a new run of them within %g s",
+            self.address,
+            exc.strerror or exc,
+            f"; {unlogged} more dropped since the last warning" if unlogged else "",
+            _REPORT_EVERY,
+        )
 
     async def send(self, message: str) -> bool:
         """Send ``message``, as :meth:`send_nowait`, at a checkpoint; true if it went out.
