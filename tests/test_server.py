@@ -663,6 +663,31 @@ async def test_other_accept_errors_end_serving(autojump_clock: trio.testing.Mock
     assert listener.closed
 
 
+async def test_a_server_that_failed_serves_again_one_that_drained_does_not(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """An accept error ends serving; served again on a new listener (what a service
+    supervisor restarting it does), the same server accepts and answers a peer. After a
+    drain, serving again accepts nobody and returns at once."""
+    server = Server(echo, config=CONFIG, keepalive=None)
+    with pytest.raises(OSError, match="scripted"):
+        await server.serve_listeners(
+            cast(list[trio.SocketListener], [ScriptedListener([raising(errno.EBADF)])])
+        )
+    client_end, server_end = trio.testing.memory_stream_pair()
+
+    async def body() -> None:
+        assert (await RawPeer(client_end).read_hello()).instance_id == CONFIG.instance_id
+
+    await serve_scripted(server, ScriptedListener([lambda: server_end]), body)
+    await server.drain()
+    again = ScriptedListener([lambda: trio.testing.memory_stream_pair()[1]])
+    with trio.fail_after(1):
+        await server.serve_listeners(cast(list[trio.SocketListener], [again]))
+    assert again.script != []  # never accepted
+    assert again.closed
+
+
 async def test_an_accept_error_with_connections_open_tears_them_down_and_raises_it(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

@@ -228,6 +228,10 @@ class Server:
     ) -> None:
         """Serve on listeners you opened; they are closed when this returns.
 
+        A server whose serving ended with an error may serve again (on new
+        listeners: a service supervisor restarting it, say); one that was
+        drained stays drained.
+
         Returns after :meth:`drain` has finished; cancelling it instead tears
         every connection down at once (each still sends CLOSE 1001 if it can).
         An ``accept`` error that is not about capacity (EMFILE and the like
@@ -247,6 +251,10 @@ class Server:
     async def _serve(
         self, listeners: list[trio.SocketListener], task_status: trio.TaskStatus[Server]
     ) -> None:
+        # A scope is entered once: a server served again gets another.
+        self._accept_scope = trio.CancelScope()
+        if self._draining:
+            self._accept_scope.cancel()
         async with trio.open_nursery() as connections:
             self._connections_scope = connections.cancel_scope
             try:
