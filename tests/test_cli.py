@@ -12,6 +12,7 @@ the protocol itself is held to the spec through the subprocess in
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -32,9 +33,12 @@ import trio
 from helpers import client_hello
 
 from trio_heartbeat._adaptive import AdaptiveDetector
-from trio_heartbeat._cli import DEFAULT_PORT, _config, _lines, _options, build_parser, main
+from trio_heartbeat._cli import DEFAULT_PORT, _config, _lines, _options, build_parser, main, serve
+from trio_heartbeat._client import open_connection
+from trio_heartbeat._config import Config
 from trio_heartbeat._detectors import FixedTimeout
 from trio_heartbeat._frames import encode_data
+from trio_heartbeat._server import Server
 
 
 @pytest.fixture(autouse=True)
@@ -685,3 +689,67 @@ def test_serve_health_port_already_taken_is_a_usage_error(
         status = main(["serve", "--port", "0", "--health-port", str(taken.getsockname()[1])])
     assert status == 2
     assert "cannot listen on 127.0.0.1:" in capsys.readouterr().err
+
+
+# -- serve under its service supervisor ------------------------------------------------
+
+
+def failing_serve_listeners(
+    monkeypatch: pytest.MonkeyPatch, failures: int
+) -> tuple[list[int], trio.Event]:
+    """Make the first ``failures`` runs of Server.serve_listeners fail as an accept error
+    would (listeners closed, OSError raised); returns the ports each run was given, and
+    an event set at the second run."""
+    ports: list[int] = []
+    original = Server.serve_listeners
+    restarted = trio.Event()
+
+    async def flaky(
+        self: Server,
+        listeners: list[trio.SocketListener],
+        *,
+        task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        ports.append(listeners[0].socket.getsockname()[1])
+        if len(ports) == 2:
+            restarted.set()
+        if len(ports) <= failures:
+            for listener in listeners:
+                await listener.aclose()
+            raise OSError(errno.EBADF, "accept failed")
+        await original(self, listeners, task_status=task_status)
+
+    monkeypatch.setattr(Server, "serve_listeners", flaky)
+    return ports, restarted
+
+
+async def test_serve_restarts_a_failed_server_on_the_same_port(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Serving fails once: the supervisor restarts the server 0.125 s later, bound to the
+    port it had, and a client completes its handshake there."""
+    ports, restarted = failing_serve_listeners(monkeypatch, failures=1)
+    args = build_parser().parse_args(["serve", "--host", "127.0.0.1", "--port", "0"])
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve, args)
+            await restarted.wait()
+            assert ports[0] == ports[1]
+            async with open_connection("127.0.0.1", ports[1], config=Config()) as conn:
+                assert conn.peer is not None
+            nursery.cancel_scope.cancel()
+    assert "child 'server' failed; restarting 'server' (one_for_one)" in caplog.messages
+
+
+async def test_serve_exits_1_once_its_supervisor_gives_up(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Serving fails every time: after 3 restarts within 5 s the supervisor gives up and
+    serve returns 1, saying why."""
+    ports, _ = failing_serve_listeners(monkeypatch, failures=1_000)
+    args = build_parser().parse_args(["serve", "--host", "127.0.0.1", "--port", "0"])
+    with trio.fail_after(10):
+        assert await serve(args) == 1
+    assert len(ports) == 4
+    assert len(set(ports)) == 1
+    assert caplog.messages[-1].startswith("stopped: child 'server' failed; 3 restart(s)")

@@ -10,6 +10,7 @@ again when it recovers, and STOPPING=1 the moment the server drains.
 
 from __future__ import annotations
 
+import math
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -22,9 +23,13 @@ import trio.testing
 from helpers import echo
 from trio.testing import MockClock
 
+from trio_heartbeat._backoff import ConstantBackoff
+from trio_heartbeat._errors import SupervisorGaveUp
 from trio_heartbeat._frames import HealthStatus, Role
+from trio_heartbeat._restart import RestartBudget
 from trio_heartbeat._sdnotify import SystemdNotifier
 from trio_heartbeat._server import Server
+from trio_heartbeat._services import ChildSpec, open_service_supervisor
 from trio_heartbeat._stream_connection import open_stream_connection
 from trio_heartbeat._systemd import notify_systemd
 
@@ -134,6 +139,52 @@ async def test_the_applications_own_word_stops_the_pings(
         verdict[0] = False
         await trio.sleep_until(5.5)
         nursery.cancel_scope.cancel()
+    assert [at for at, _ in listener.messages("WATCHDOG")] == [0.0, 1.0, 2.0]
+
+
+async def test_the_pings_stop_the_moment_a_supervisor_gives_up(
+    autojump_clock: MockClock, tmp_path: Path
+) -> None:
+    """``healthy`` is the supervisor's ``error is None``; a child crashes at 2.2 and at
+    once on its restart (budget 1 in 5 s): the supervisor gives up at 2.2, though a
+    sibling takes 30 s to stop (the exception comes at 32.2); the last ping is at 2.0."""
+    server = Server(echo)
+    crashes = [2.2, 0.0]
+
+    async def crashing() -> None:
+        await trio.sleep(crashes.pop(0) if crashes else math.inf)
+        raise RuntimeError("crash")
+
+    async def slow_to_stop() -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.sleep(30.0)
+
+    children = [ChildSpec("slow", slow_to_stop, shutdown_timeout=60.0), ChildSpec("c", crashing)]
+    errors: list[SupervisorGaveUp | None] = []
+
+    async def supervised(nursery: trio.Nursery, notifier: SystemdNotifier) -> None:
+        async with open_service_supervisor(
+            children, budget=RestartBudget(1, 5.0), backoff=ConstantBackoff(0.0)
+        ) as supervisor:
+            alive = lambda: supervisor.error is None  # noqa: E731
+            await nursery.start(partial(notify_systemd, server, notifier, healthy=alive))
+            await trio.sleep_until(2.1)
+            errors.append(supervisor.error)
+            await trio.sleep_until(2.3)
+            errors.append(supervisor.error)
+            await trio.sleep_forever()
+
+    async with systemd(tmp_path) as (listener, path), trio.open_nursery() as nursery:
+        notifier = SystemdNotifier(path, watchdog_interval=1.0)
+        nursery.start_soon(close_at_exit, notifier)
+        with pytest.raises(SupervisorGaveUp) as caught:
+            await supervised(nursery, notifier)
+        assert trio.current_time() == 32.2
+        nursery.cancel_scope.cancel()
+    assert errors == [None, caught.value]
     assert [at for at, _ in listener.messages("WATCHDOG")] == [0.0, 1.0, 2.0]
 
 

@@ -15,6 +15,7 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
@@ -29,7 +30,7 @@ from ._config import Config
 from ._connection import Connection
 from ._detectors import FailureDetector, FixedTimeout
 from ._endpoints import parse_endpoint
-from ._errors import ReconnectFailed, UndeliveredMessages, UsageError
+from ._errors import ReconnectFailed, SupervisorGaveUp, UndeliveredMessages, UsageError
 from ._events import (
     ConnectionEnded,
     Event,
@@ -42,7 +43,9 @@ from ._frames import HealthStatus, Role
 from ._handshake import CLIENT_LEAD
 from ._liveness_breaker import bind_breaker
 from ._options import ConnectionOptions
+from ._restart import RestartType
 from ._server import Server
+from ._services import ChildSpec, ServiceSupervisor, open_service_supervisor
 from ._supervisor import open_reconnecting_client
 from ._systemd import notify_systemd
 
@@ -287,7 +290,7 @@ async def _drain_on_signal(server: Server, nursery: trio.Nursery) -> None:
 
 
 async def _open_probes(
-    server: Server, args: argparse.Namespace
+    server: Server, args: argparse.Namespace, alive: Callable[[], bool]
 ) -> tuple[ProbeServer, list[trio.SocketListener]]:
     """The HTTP probes of ``serve --health-port``, listening; h11 is needed only then."""
     try:
@@ -297,19 +300,27 @@ async def _open_probes(
             f"--health-port needs the 'health' extra (pip install 'trio-heartbeat[health]'): {exc}"
         ) from None
     probes = ProbeServer(
-        livez=lambda: True,  # answered at all: the loop runs
+        livez=alive,  # answered at all: the loop runs; and the supervisor did not give up
         readyz=lambda: server.config.status is HealthStatus.SERVING and not server.draining,
-        peers=server.registry.as_json,
+        peers=server.registry.json_entries,
     )
     try:
         listeners = await trio.open_tcp_listeners(args.health_port, host=args.health_host)
     except OSError as exc:
-        raise UsageError(f"cannot listen on {args.health_host}:{args.health_port}: {exc}") from exc
+        raise UsageError(
+            f"cannot listen on {args.health_host}:{args.health_port} (--health-port): {exc}"
+        ) from exc
     return probes, listeners
 
 
 async def serve(args: argparse.Namespace) -> int:
-    """Run the echo server until drained (Ctrl-C / SIGTERM), or stopped by a second signal."""
+    """Run the echo server until drained (Ctrl-C / SIGTERM), or stopped by a second signal.
+
+    The server runs as the child of a service supervisor: if serving ends with
+    an error, it is restarted on the same port (with the supervisor's backoff
+    and budget). Past the budget, ``/livez`` answers 503, systemd's watchdog
+    pings stop, and ``serve`` exits with status 1.
+    """
     config = _config(args)
     server = Server(
         _echo,
@@ -318,31 +329,48 @@ async def serve(args: argparse.Namespace) -> int:
         max_connections=args.max_connections,
         drain_timeout=args.drain_timeout,
     )
+    supervisors: list[ServiceSupervisor] = []
+
+    def alive() -> bool:
+        return all(supervisor.error is None for supervisor in supervisors)
+
     try:
         listeners = await trio.open_tcp_listeners(args.port, host=args.host)
     except OSError as exc:
         raise UsageError(f"cannot listen on {args.host}:{args.port}: {exc}") from exc
     try:
-        probes = await _open_probes(server, args) if args.health_port is not None else None
+        probes = await _open_probes(server, args, alive) if args.health_port is not None else None
     except UsageError:
         for listener in listeners:
             await listener.aclose()
         raise
+    host, port = listeners[0].socket.getsockname()[:2]
+    first = [listeners]
 
-    async def run_until_drained(task_status: trio.TaskStatus[Server]) -> None:
-        await server.serve_listeners(listeners, task_status=task_status)
+    async def run_server() -> None:
+        # The listeners opened above; after a failure, the same port bound again.
+        current = first.pop() if first else await trio.open_tcp_listeners(port, host=args.host)
+        await server.serve_listeners(current)
         nursery.cancel_scope.cancel()  # drained: stop watching for signals
 
-    async with trio.open_nursery() as nursery:
-        await nursery.start(run_until_drained)
-        host, port = listeners[0].socket.getsockname()[:2]
-        print(f"listening on {host}:{port}", flush=True)
-        if probes is not None:
-            probe_host, probe_port = await nursery.start(probes[0].serve_listeners, probes[1])
-            print(f"health on {probe_host}:{probe_port}", flush=True)
-        nursery.start_soon(_drain_on_signal, server, nursery)
-        # Under systemd (NOTIFY_SOCKET): READY, STATUS, the watchdog, STOPPING.
-        nursery.start_soon(notify_systemd, server)
+    child = ChildSpec("server", run_server, restart=RestartType.TRANSIENT)
+    gave_up: list[SupervisorGaveUp] = []
+    try:
+        async with trio.open_nursery() as nursery, open_service_supervisor([child]) as supervisor:
+            supervisors.append(supervisor)
+            print(f"listening on {host}:{port}", flush=True)
+            if probes is not None:
+                probe_host, probe_port = await nursery.start(probes[0].serve_listeners, probes[1])
+                print(f"health on {probe_host}:{probe_port}", flush=True)
+            nursery.start_soon(_drain_on_signal, server, nursery)
+            # Under systemd (NOTIFY_SOCKET): READY, STATUS, the watchdog, STOPPING.
+            nursery.start_soon(partial(notify_systemd, server, healthy=alive))
+            await trio.sleep_forever()
+    except* SupervisorGaveUp as group:
+        gave_up.extend(group.exceptions)  # type: ignore[arg-type]
+    if gave_up:
+        logger.error("stopped: %s", gave_up[0])
+        return 1
     stats = server.statistics()
     logger.info("stopped: %d served, %d refused", stats.completed_handshakes, stats.refused)
     return 0

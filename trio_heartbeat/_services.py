@@ -268,11 +268,11 @@ class ServiceSupervisor:
     def error(self) -> SupervisorGaveUp | None:
         """The :exc:`SupervisorGaveUp` once the supervisor has given up, else ``None``.
 
-        Set the moment every child it could stop has been stopped, before the
-        error is raised: a child that shields itself from cancellation keeps
-        the ``async with`` from ending (Trio cannot kill it), so a liveness
-        check (``/livez``, systemd's watchdog) should look here, not wait for
-        the exception.
+        Set the moment it decides to, while its children are still being
+        stopped, long before the error can be raised: a child that shields
+        itself from cancellation keeps the ``async with`` from ending (Trio
+        cannot kill it). A liveness check (``/livez``, systemd's watchdog)
+        looks here, not at the exception.
         """
         return self._error
 
@@ -436,7 +436,7 @@ class ServiceSupervisor:
             # Its last abandoned run is still there: restarting again would pile
             # up copies without end, and Trio cannot kill them. Beyond help.
             self._stop_queue.extend(self._plan.shutdown())
-            self._gave_up = SupervisorGaveUp(
+            self._gave_up = self._error = SupervisorGaveUp(
                 f"child {name!r} was abandoned again while an earlier run of it was still"
                 " running: giving up",
                 name,
@@ -467,7 +467,9 @@ class ServiceSupervisor:
         self._emit(ChildExited(name, kind, run.error))
         self._stop_queue.extend(decision.stop)
         if decision.give_up:
-            self._gave_up = SupervisorGaveUp(f"child {decision.reason}", name, kind, run.error)
+            self._gave_up = self._error = SupervisorGaveUp(
+                f"child {decision.reason}", name, kind, run.error
+            )
         elif decision.start:
             delay = self._next_delay(name, now - run.started_at)
             for child in decision.start:
