@@ -6,21 +6,28 @@ does not arrive whole within ``request_timeout`` gets 408 at that moment, an
 idle connection is closed quietly at it, a client that does not read is cut off
 at it, a lingering close lasts at most a second. The client side is h11 itself
 for well-formed requests and raw bytes for the rest (garbage, oversized heads,
-pipelining, a byte at a time); a spy on ``json.dumps`` shows a long peer
-list encoded a slice at a time. The listener is checked over real loopback
-sockets in real time, with generous bounds: the address reported for port 0,
-health flipping, the connection cap answered 503 at once, and an idle server
-that takes no steps at all.
+pipelining, a byte at a time); a peer sequence that records the step it is
+read in shows a long list built a slice at a time, and only as far as
+max_peers. At the connection cap, idle, trickling and non-reading clients
+(reconnecting at once) give their slots to newcomers, so /livez is answered
+200 throughout; 503 comes only while every slot is busy (a held /readyz
+stands for a long /peers). The listener is checked over real loopback sockets
+in real time, with generous bounds: the address reported for port 0, health
+flipping, the oldest idle connection closed for a fifth client, and an idle
+server that takes no steps at all.
 """
 
 from __future__ import annotations
 
+import contextlib
 import doctest
 import functools
+import itertools
 import json
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import overload
 
 import h11
 import pytest
@@ -163,6 +170,18 @@ async def served_until(
     return ended
 
 
+class StepCounter(trio.abc.Instrument):
+    """Counts the steps every task but one takes."""
+
+    def __init__(self, ignore: trio.lowlevel.Task | None) -> None:
+        self.ignore = ignore
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task is not self.ignore:
+            self.steps += 1
+
+
 # -- the routes -----------------------------------------------------------------
 
 
@@ -221,22 +240,44 @@ async def test_peers_is_a_json_array_bounded_by_max_peers(
         await client.stream.aclose()
 
 
-async def test_a_long_peer_list_is_encoded_a_slice_at_a_time(
-    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """1000 peers: four encodings of at most 256, other tasks running in between.
+class BuiltOnDemand(Sequence[dict[str, object]]):
+    """``size`` peers, each built when it is read; records the run's step count at each build.
 
-    The body is still one JSON array with every peer in order.
+    Entries built in one step of the serving task were built with no
+    checkpoint in between: the builds grouped by step are the slices.
     """
-    health = Health()
-    health.peers = [{"id": str(n), "rtt": n / 8} for n in range(1000)]
-    real_dumps = json.dumps
-    ticks = 0
-    slices: list[tuple[int, int]] = []  # (entries encoded, ticks by then)
 
-    def spy(obj: list[object], **kwargs: object) -> str:
-        slices.append((len(obj), ticks))
-        return real_dumps(obj, **kwargs)  # type: ignore[arg-type]
+    def __init__(self, size: int, steps: StepCounter) -> None:
+        self.size = size
+        self.steps = steps
+        self.built: list[int] = []  # the step count at each build
+
+    def __len__(self) -> int:
+        return self.size
+
+    def build(self, n: int) -> dict[str, object]:
+        self.built.append(self.steps.steps)
+        return {"id": str(n), "rtt": n / 8}
+
+    @overload
+    def __getitem__(self, index: int) -> dict[str, object]: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[dict[str, object]]: ...
+    def __getitem__(self, index: int | slice) -> dict[str, object] | list[dict[str, object]]:
+        if isinstance(index, slice):
+            return [self.build(n) for n in range(self.size)[index]]
+        return self.build(range(self.size)[index])
+
+
+async def test_a_long_peer_list_is_built_and_encoded_a_slice_at_a_time(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """1000 peers, max_peers 300: built 64 at a time, other tasks running in between.
+
+    Only the 300 listed are ever built (X-Total-Count is len() of the
+    sequence); the body is one JSON array of them in order.
+    """
+    ticks = 0
 
     async def ticker() -> None:
         nonlocal ticks
@@ -244,17 +285,81 @@ async def test_a_long_peer_list_is_encoded_a_slice_at_a_time(
             ticks += 1
             await trio.lowlevel.checkpoint()
 
-    monkeypatch.setattr(json, "dumps", spy)
+    counter = StepCounter(None)
+    peers = BuiltOnDemand(1000, counter)
+    tick_at_build: list[int] = []
+    real_build = peers.build
+
+    def build(n: int) -> dict[str, object]:
+        tick_at_build.append(ticks)
+        return real_build(n)
+
+    peers.build = build  # type: ignore[method-assign]
+    probes = ProbeServer(
+        livez=lambda: True, readyz=lambda: True, peers=lambda: peers, max_peers=300
+    )
+    trio.lowlevel.add_instrument(counter)
+    try:
+        async with trio.open_nursery() as nursery:
+            client = HttpClient(open_client(nursery, probes))
+            nursery.start_soon(ticker)
+            response, body = await client.get("/peers")
+            nursery.cancel_scope.cancel()
+    finally:
+        trio.lowlevel.remove_instrument(counter)
+    assert json.loads(body) == [{"id": str(n), "rtt": n / 8} for n in range(300)]
+    assert header(response, b"x-total-count") == b"1000"
+    assert [len(list(group)) for _, group in itertools.groupby(peers.built)] == [64] * 4 + [44]
+    # Trio runs each runnable task once per batch, in random order: across the
+    # four checkpoints the ticker ran in the three batches in between at least.
+    assert tick_at_build[-1] - tick_at_build[0] >= 3
+
+
+async def test_a_long_answer_is_written_in_pieces_of_about_64_kb(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """2000 peers, about 230 kB: written 64 kB (and at most one slice more) at a time,
+    never joined into one buffer, and the bytes are the whole answer."""
+    health = Health()
+    health.peers = [{"id": f"{n:0100d}"} for n in range(2000)]
+    client, server = trio.testing.memory_stream_pair()
+    writes: list[int] = []
+    real_send_all = server.send_stream.send_all
+
+    async def recording(data: bytes | bytearray | memoryview) -> None:
+        writes.append(len(data))
+        await real_send_all(data)
+
+    server.send_stream.send_all = recording  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(health.probes().serve_stream, server)
+        await client.send_all(request_bytes("GET", "/peers", "Connection: close"))
+        raw = await read_to_eof(client)
+    ((_, body),) = parse_responses(raw)
+    assert json.loads(body) == health.peers
+    slice_bytes = 64 * len('{"id":"%s"},' % ("0" * 100))
+    assert len(writes) == 4
+    assert all(65536 <= size < 65536 + slice_bytes for size in writes[:-1])
+    assert sum(writes) == len(raw)
+
+
+async def test_peers_stops_at_what_the_sequence_gives(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A sequence that yields fewer entries than its len() still makes a valid array."""
+
+    class Shrunk(list[dict[str, object]]):
+        def __len__(self) -> int:
+            return 200
+
+    health = Health()
+    health.peers = Shrunk([{"id": str(n)} for n in range(70)])
     async with trio.open_nursery() as nursery:
         client = HttpClient(open_client(nursery, health.probes()))
-        nursery.start_soon(ticker)
         response, body = await client.get("/peers")
-        nursery.cancel_scope.cancel()
+        await client.stream.aclose()
     assert json.loads(body) == health.peers
-    assert [entries for entries, _ in slices] == [256, 256, 256, 232]
-    # Trio runs each runnable task once per batch, in random order: across the
-    # three checkpoints the ticker ran in the two batches in between at least.
-    assert slices[-1][1] - slices[0][1] >= 2
+    assert header(response, b"x-total-count") == b"200"
 
 
 async def test_peers_is_not_found_without_a_peers_callable(
@@ -654,13 +759,115 @@ async def test_a_client_gone_mid_exchange_frees_its_slot(
 # -- the connection cap -----------------------------------------------------------
 
 
-async def test_over_max_connections_a_client_gets_503_at_once(
+def hold_readyz(probes: ProbeServer, monkeypatch: pytest.MonkeyPatch) -> trio.Event:
+    """/readyz answers 200 only once the event returned is set.
+
+    A connection waiting for it is busy working out its answer (as one on a
+    long /peers is), for as long as a test needs: it cannot be evicted.
+    """
+    release = trio.Event()
+
+    async def held() -> object:
+        await release.wait()
+        return _probes._OK
+
+    monkeypatch.setitem(probes._routes, b"/readyz", held)
+    return release
+
+
+def busy_client(nursery: trio.Nursery, probes: ProbeServer) -> Client:
+    """A client whose GET /readyz (held by :func:`hold_readyz`) keeps its slot busy."""
+    client = open_client(nursery, probes)
+    nursery.start_soon(client.send_all, request_bytes("GET", "/readyz"))
+    return client
+
+
+async def test_idle_connections_give_their_slots_to_newcomers_longest_waiting_first(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    """The third of two slots is answered 503 with Connection: close at time 0, never queued."""
-    probes = Health().probes(max_connections=2)
+    """Four idle clients fill the slots; each newcomer is served at once and the client
+    waiting longest (since it connected, or since its last answer) is closed quietly."""
+    probes = Health().probes(max_connections=4, request_timeout=30.0)
     async with trio.open_nursery() as nursery:
-        holders = [open_client(nursery, probes) for _ in range(2)]
+        idle = []
+        for _ in range(4):  # connected at 0, 1, 2, 3
+            idle.append(open_client(nursery, probes))
+            await trio.sleep(1.0)
+        # idle[0] asks something at 4: its waiting starts again after idle[3]'s.
+        keeper = HttpClient(idle[0])
+        assert (await keeper.get("/livez"))[0].status_code == 200
+        for evicted in (idle[1], idle[2], idle[3], idle[0]):
+            newcomer = HttpClient(open_client(nursery, probes))
+            assert (await newcomer.get("/livez"))[0].status_code == 200
+            assert await read_to_eof(evicted) == b""
+            assert trio.current_time() == 4.0
+            statistics = probes.statistics()
+            assert (statistics.active, statistics.refused) == (4, 0)
+        assert probes.statistics().evicted == 4
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("hog", ["idle", "a byte a second", "never reads"])
+async def test_idle_and_slow_clients_never_make_livez_fail(
+    autojump_clock: trio.testing.MockClock, hog: str
+) -> None:
+    """max_connections clients that send nothing, or a byte a second, or ask /peers and
+    never read, each reconnecting as soon as it is closed: a kubelet's GET /livez every
+    half second for 20 s is answered 200 every time, and the cap holds."""
+    health = Health()
+    health.peers = [{"id": "p" * 1000}] * 200  # more than the lockstep stream takes at once
+    probes = health.probes(max_connections=4)
+    connections = 0
+
+    async def dribble(client: Client) -> None:
+        for byte in request_bytes():
+            await client.send_all(bytes([byte]))
+            await trio.sleep(1.0)
+
+    async def hogging() -> None:
+        nonlocal connections
+        while True:
+            pair = trio.testing.lockstep_stream_pair if hog == "never reads" else None
+            client = open_client(nursery, probes, *(pair,) if pair else ())
+            connections += 1
+            if hog == "never reads":
+                await client.send_all(request_bytes("GET", "/peers"))
+                await client.wait_send_all_might_not_block()  # closed: no longer blocks
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await client.send_all(b"x")
+                continue
+            async with trio.open_nursery() as talking:
+                if hog == "a byte a second":
+                    talking.start_soon(dribble, client)
+                await read_to_eof(client)
+                talking.cancel_scope.cancel()
+
+    statuses = []
+    async with trio.open_nursery() as nursery:
+        for _ in range(4):
+            nursery.start_soon(hogging)
+        await trio.sleep(0.25)
+        while trio.current_time() < 20:
+            client = HttpClient(open_client(nursery, probes))
+            statuses.append((await client.get("/livez"))[0].status_code)
+            assert probes.statistics().active <= 4
+            await client.stream.aclose()
+            await trio.sleep(0.5)
+        nursery.cancel_scope.cancel()
+    assert statuses == [200] * 40
+    assert probes.statistics().refused == 0
+    assert connections >= 4 + 40  # each probe evicted one and it came back
+
+
+async def test_over_max_connections_all_busy_a_client_gets_503_at_once(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With both slots busy answering, the third client is answered 503 with Connection:
+    close at time 0, never queued; once an answer is sent its slot serves the next client."""
+    probes = Health().probes(max_connections=2)
+    release = hold_readyz(probes, monkeypatch)
+    async with trio.open_nursery() as nursery:
+        holders = [busy_client(nursery, probes) for _ in range(2)]
         await trio.testing.wait_all_tasks_blocked()
         late = open_client(nursery, probes)
         await late.send_eof()
@@ -668,22 +875,26 @@ async def test_over_max_connections_a_client_gets_503_at_once(
         assert trio.current_time() == 0
         assert (response.status_code, body) == (503, b"too many probe connections\n")
         assert header(response, b"connection") == b"close"
-        assert probes.statistics().refused == 1
-        # A slot given back is a slot for the next client.
-        await holders[0].aclose()
-        await trio.testing.wait_all_tasks_blocked()
+        assert (probes.statistics().refused, probes.statistics().evicted) == (1, 0)
+        release.set()
+        for holder in holders:
+            (response, _) = await read_response(holder, sent_get())
+            assert response.status_code == 200
+        # Answered, the holders wait for their next request: a newcomer takes a slot.
         client = HttpClient(open_client(nursery, probes))
-        assert (await client.get("/readyz"))[0].status_code == 200
+        assert (await client.get("/livez"))[0].status_code == 200
+        assert probes.statistics().evicted == 1
         nursery.cancel_scope.cancel()
 
 
 async def test_refusals_past_sixteen_are_closed_without_a_word(
-    autojump_clock: trio.testing.MockClock,
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Sixteen refused clients that linger; the seventeenth is closed at once with no bytes."""
     probes = Health().probes(max_connections=1)
+    hold_readyz(probes, monkeypatch)
     async with trio.open_nursery() as nursery:
-        open_client(nursery, probes)
+        busy_client(nursery, probes)
         await trio.testing.wait_all_tasks_blocked()
         lingering = [open_client(nursery, probes) for _ in range(16)]
         await trio.testing.wait_all_tasks_blocked()
@@ -702,12 +913,13 @@ async def test_refusals_past_sixteen_are_closed_without_a_word(
 
 
 async def test_a_refusal_that_cannot_be_sent_is_dropped(
-    autojump_clock: trio.testing.MockClock,
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A refused client that does not read, or is gone, costs a second at most."""
     probes = Health().probes(max_connections=1)
+    hold_readyz(probes, monkeypatch)
     async with trio.open_nursery() as nursery:
-        open_client(nursery, probes)
+        busy_client(nursery, probes)
         await trio.testing.wait_all_tasks_blocked()
         client, server = trio.testing.lockstep_stream_pair()
         ended = await served_until(nursery, probes, server)
@@ -805,8 +1017,8 @@ async def test_serve_probes_passes_its_limits_on() -> None:
             nursery.cancel_scope.cancel()
 
 
-async def test_serve_probes_refuses_past_its_connection_cap() -> None:
-    """serve_probes(max_connections=1): a second client is refused while the first is served."""
+async def test_serve_probes_gives_an_idle_slot_to_a_newcomer() -> None:
+    """serve_probes(max_connections=1): a second client is served, the idle first one closed."""
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             host, port = await nursery.start(
@@ -817,8 +1029,8 @@ async def test_serve_probes_refuses_past_its_connection_cap() -> None:
             async with await trio.open_tcp_stream(host, port) as first:
                 assert (await HttpClient(first).get("/livez"))[0].status_code == 200
                 async with await trio.open_tcp_stream(host, port) as second:
-                    ((response, _),) = parse_responses(await read_to_eof(second))
-                assert response.status_code == 503
+                    assert (await HttpClient(second).get("/livez"))[0].status_code == 200
+                    assert await read_to_eof(first) == b""
             nursery.cancel_scope.cancel()
 
 
@@ -840,7 +1052,7 @@ async def test_garbage_and_an_oversized_head_over_tcp() -> None:
 
 
 async def test_the_connection_cap_over_tcp() -> None:
-    """Four clients held open; the fifth gets 503 at once; one leaves and a new one is served."""
+    """Four clients held open: a fifth is served at once, the oldest closed, the cap kept."""
     probes = Health().probes(max_connections=4, request_timeout=30.0)
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
@@ -849,18 +1061,15 @@ async def test_the_connection_cap_over_tcp() -> None:
             for client in held:  # answered: each is being served
                 assert (await client.get("/livez"))[0].status_code == 200
             start = trio.current_time()
-            async with await trio.open_tcp_stream(host, port) as fifth:
-                ((response, _),) = parse_responses(await read_to_eof(fifth))
-            assert response.status_code == 503
-            assert trio.current_time() - start < 5.0  # at once, not after request_timeout
-            await held[0].stream.aclose()
-            while probes.statistics().active == 4:  # noqa: ASYNC110 - nothing signals this
-                await trio.sleep(0.01)
             assert (await http_get(host, port, "/readyz"))[0].status_code == 200
-            for client in held[1:]:
+            assert trio.current_time() - start < 5.0  # at once, not after request_timeout
+            assert await read_to_eof(held[0].stream) == b""
+            assert (await held[1].get("/livez"))[0].status_code == 200
+            assert probes.statistics().active <= 4
+            for client in held:
                 await client.stream.aclose()
             nursery.cancel_scope.cancel()
-    assert probes.statistics().refused == 1
+    assert (probes.statistics().refused, probes.statistics().evicted) == (0, 1)
 
 
 async def test_serve_listeners_reports_the_first_listeners_address() -> None:
@@ -875,18 +1084,6 @@ async def test_serve_listeners_reports_the_first_listeners_address() -> None:
             assert address == expected
             assert (await http_get(address[0], address[1], "/livez"))[0].status_code == 200
             nursery.cancel_scope.cancel()
-
-
-class StepCounter(trio.abc.Instrument):
-    """Counts the steps every task but one takes."""
-
-    def __init__(self, ignore: trio.lowlevel.Task) -> None:
-        self.ignore = ignore
-        self.steps = 0
-
-    def before_task_step(self, task: trio.lowlevel.Task) -> None:
-        if task is not self.ignore:
-            self.steps += 1
 
 
 async def test_an_idle_server_costs_the_event_loop_nothing() -> None:

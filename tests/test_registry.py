@@ -408,3 +408,49 @@ async def test_as_json_gives_every_peer_in_json_ready_values(
     assert isinstance(since, float)
     assert before - 0.5 - 1 <= since <= after - 0.5 + 1
     assert peer["rtt"] is None or isinstance(peer["rtt"], float)
+
+
+async def test_json_entries_are_built_only_when_read_and_as_json_stops_at_its_limit(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """len() and a limit cost no entry; each entry read costs one statistics() call.
+
+    The sequence holds the peers open when it was made: one that leaves
+    afterwards is still in it, with its entry built as it is then.
+    """
+    server = Server(echo, config=CONFIG)
+    registry = server.registry
+    calls = 0
+    real_statistics = Connection.statistics
+
+    def counted(conn: Connection) -> object:
+        nonlocal calls
+        calls += 1
+        return real_statistics(conn)
+
+    async with trio.open_nursery() as nursery:
+        peers = [attach(nursery, server, f"memory:{name}") for name in ("alpha", "beta", "gamma")]
+        for peer, name in zip(peers, ("alpha", "beta", "gamma"), strict=True):
+            await peer.handshake(instance_id=name)
+        await trio.testing.wait_all_tasks_blocked()
+        monkeypatch.setattr(Connection, "statistics", counted)
+        entries = registry.json_entries()
+        assert (len(entries), calls) == (3, 0)
+        assert [entry["id"] for entry in registry.as_json(limit=2)] == ["alpha", "beta"]
+        assert calls == 2
+        assert entries[1]["id"] == "beta"
+        assert [entry["id"] for entry in entries[1:]] == ["beta", "gamma"]
+        assert calls == 5
+        everyone = registry.as_json()
+        assert [entry["address"] for entry in everyone] == [
+            "memory:alpha",
+            "memory:beta",
+            "memory:gamma",
+        ]
+        assert list(entries) == everyone  # the same values, in the same order
+        await peers[0].stream.aclose()  # alpha's transport ends
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(registry) == 2
+        assert [entry["id"] for entry in entries] == ["alpha", "beta", "gamma"]
+        assert entries[0]["state"] == "ERROR"  # the transport ended without a CLOSE
+        nursery.cancel_scope.cancel()

@@ -316,10 +316,8 @@ async def _open_probes(
 async def serve(args: argparse.Namespace) -> int:
     """Run the echo server until drained (Ctrl-C / SIGTERM), or stopped by a second signal.
 
-    The server runs as the child of a service supervisor: if serving ends with
-    an error, it is restarted on the same port (with the supervisor's backoff
-    and budget). Past the budget, ``/livez`` answers 503, systemd's watchdog
-    pings stop, and ``serve`` exits with status 1.
+    A supervisor restarts a server that failed on the same port; once it gives
+    up, ``/livez`` answers 503, the watchdog pings stop and ``serve`` exits 1.
     """
     config = _config(args)
     server = Server(

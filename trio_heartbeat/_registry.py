@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Final, final
+from itertools import islice
+from typing import Final, final, overload
 
 import trio
 
@@ -91,6 +92,50 @@ class Departure:
 
 
 @final
+class _JsonEntries(Sequence[dict[str, object]]):
+    """Peers as JSON-ready dicts, each built only when it is read."""
+
+    __slots__ = ("_connections",)
+
+    def __init__(self, connections: list[Connection]) -> None:
+        self._connections = connections
+
+    def __len__(self) -> int:
+        return len(self._connections)
+
+    @overload
+    def __getitem__(self, index: int) -> dict[str, object]: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[dict[str, object]]: ...
+    def __getitem__(self, index: int | slice) -> dict[str, object] | list[dict[str, object]]:
+        if isinstance(index, slice):
+            return [_json_entry(conn) for conn in self._connections[index]]
+        return _json_entry(self._connections[index])
+
+    def __iter__(self) -> Iterator[dict[str, object]]:
+        for conn in self._connections:
+            yield _json_entry(conn)
+
+
+def _json_entry(conn: Connection) -> dict[str, object]:
+    now, wall = trio.current_time(), time.time()
+    stats = conn.statistics()
+    assert stats.opened_at is not None
+    last_seen = stats.last_received
+    health = stats.peer_health
+    return {
+        "id": stats.peer_id or "",
+        "address": conn.remote_address,
+        "connected_since": round(wall - (now - stats.opened_at), 3),
+        "last_seen": None if last_seen is None else round(wall - (now - last_seen), 3),
+        "rtt": stats.srtt,
+        "health": None if health is None else health.name,
+        "state": stats.state.name,
+        "liveness": conn.liveness.name,
+    }
+
+
+@final
 class LivenessRegistry:
     """Every open connection of a server, queryable and awaitable.
 
@@ -124,29 +169,25 @@ class LivenessRegistry:
         """A :class:`PeerInfo` for every open connection, in order of arrival."""
         return [_snapshot(conn) for conn in self._connections]
 
-    def as_json(self) -> list[dict[str, object]]:
+    def as_json(self, limit: int | None = None) -> list[dict[str, object]]:
         """The snapshot as JSON-ready values, for an HTTP probe (``/peers``) or a log.
 
         Times are wall-clock Unix seconds here (only for people to read: the
         registry itself keeps ``trio.current_time()``); statuses are names;
-        ``rtt`` and ``last_seen`` are ``None`` until known.
+        ``rtt`` and ``last_seen`` are ``None`` until known. ``limit`` lists the
+        first peers only; the others cost nothing.
         """
-        now, wall = trio.current_time(), time.time()
-        return [
-            {
-                "id": peer.peer_id,
-                "address": peer.address,
-                "connected_since": round(wall - (now - peer.connected_since), 3),
-                "last_seen": None
-                if peer.last_seen is None
-                else round(wall - (now - peer.last_seen), 3),
-                "rtt": peer.rtt,
-                "health": None if peer.health is None else peer.health.name,
-                "state": peer.state.name,
-                "liveness": peer.liveness.name,
-            }
-            for peer in self.snapshot()
-        ]
+        return [_json_entry(conn) for conn in islice(self._connections, limit)]
+
+    def json_entries(self) -> Sequence[dict[str, object]]:
+        """The entries of :meth:`as_json` as a sequence that builds each one when read.
+
+        It holds the peers open now; ``len()`` counts them without building
+        an entry. A peer that leaves meanwhile stays in it, described as it is
+        when its entry is built, so that a long list can be built a slice at a
+        time with checkpoints in between (``/peers`` does).
+        """
+        return _JsonEntries(list(self._connections))
 
     def get(self, peer_id: str) -> PeerInfo | None:
         """The peer with this non-empty instance id, if connected."""
