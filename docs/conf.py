@@ -69,7 +69,7 @@ from trio_heartbeat import *
 # thb_states draws the state machine from trio_heartbeat._state.TRANSITIONS,
 # thb_cli the command line's options from its argument parser, and thb_reexports
 # checks that every public name of these modules is documented.
-thb_public_modules = ["trio_heartbeat", "trio_heartbeat.testing"]
+thb_public_modules = ["trio_heartbeat", "trio_heartbeat.testing", "trio_heartbeat.probes"]
 
 # thb_spec: the page that holds THB/1, the protocol specification. The
 # {thb-spec} role links to its numbered sections ({thb-spec}`§4` renders

@@ -56,7 +56,9 @@ With a :class:`~trio_heartbeat._health_monitor.HealthMonitor`, each run of a
 child with a ``check_in_period`` is also a component of the board, named
 after the child, checked in with it and unregistered when the run has ended:
 the process health is NOT_SERVING from the moment a child misses its deadline
-until the hung run has ended (or been abandoned) and is restarted. A run the
+until the hung run has ended (or been abandoned); the next run, once its
+backoff has passed, joins the board again (a child waiting for its restart
+is not on the board, crashed or hung). A run the
 supervisor stops leaves the board at its cancellation: a stop, however slow,
 is not a health problem.
 """
