@@ -8,7 +8,10 @@ WATCHDOG=1 about every half second, a STATUS= line when a peer connects,
 no pings while the process is stopped (SIGSTOP: its loop cannot run), pings
 again after SIGCONT, and STOPPING=1 when SIGTERM starts the drain. With an
 absurd ``WATCHDOG_USEC`` (5,000 digits, or 1 µs) ``serve`` still serves and
-stops cleanly: no watchdog at all, or pings no closer than 10 ms apart.
+stops cleanly: no watchdog at all, or pings no closer than 10 ms apart. An
+application that wires a service supervisor to the notifier and the probes
+(``tests/_supervised_server.py``) stops pinging and answers ``/livez`` 503 the
+moment its supervisor gives up, while its loop still runs.
 """
 
 from __future__ import annotations
@@ -143,3 +146,57 @@ def test_serve_survives_an_absurd_watchdog_usec(
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=30)
     assert process.returncode == 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_an_application_whose_supervisor_gives_up_stops_pinging_and_fails_livez(
+    tmp_path: Path,
+) -> None:
+    """tests/_supervised_server.py wires its supervisor to notify_systemd and the probes.
+    Its worker crashes four times: the supervisor gives up while a slow child (3 s) is
+    still being stopped, and in that time the loop runs on, but no WATCHDOG=1 comes and
+    /livez answers 503; then the process exits 1."""
+    sock, address = notify_socket(tmp_path, abstract=False)
+    env = dict(os.environ, NOTIFY_SOCKET=address, WATCHDOG_USEC="400000")
+    env.pop("WATCHDOG_PID", None)
+    script = Path(__file__).with_name("_supervised_server.py")
+    with (
+        sock,
+        subprocess.Popen(
+            [sys.executable, str(script)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env=env,
+        ) as process,
+    ):
+        assert process.stdin is not None
+        assert process.stdout is not None
+        try:
+            assert process.stdout.readline().startswith("listening on 127.0.0.1:")
+            health = process.stdout.readline().strip().removeprefix("health on ")
+            host, port = health.rsplit(":", 1)
+            before = collect(sock, 1.0)
+            assert sum(text == "WATCHDOG=1" for _, text in before) >= 2
+            assert http_get(host, int(port), "/livez").startswith("HTTP/1.1 200")
+            process.stdin.write("crash\n" * 4)
+            process.stdin.flush()
+            assert process.stdout.readline() == "gave up\n"
+            collect(sock, 0.01)  # pings sent before the give-up, already queued
+            after = collect(sock, 1.5)  # the journal flushes for 3 s
+            assert process.poll() is None  # still running
+            assert [text for _, text in after if text == "WATCHDOG=1"] == []
+            assert http_get(host, int(port), "/livez").startswith("HTTP/1.1 503")
+            assert process.wait(timeout=30) == 1
+        finally:
+            if process.poll() is None:
+                process.kill()
+
+
+def http_get(host: str, port: int, path: str) -> str:
+    """The status line and headers of one GET, over a fresh connection."""
+    with socket.create_connection((host, port), timeout=10) as conn:
+        conn.sendall(f"GET {path} HTTP/1.1\r\nHost: probe\r\n\r\n".encode())
+        return conn.recv(65536).decode()

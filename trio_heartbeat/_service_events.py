@@ -48,7 +48,11 @@ class ChildStarted(ServiceEvent):
 @final
 @dataclass(frozen=True, slots=True)
 class ChildExited(ServiceEvent):
-    """The child ended on its own (or hung): NORMAL, FAILED with ``error``, or HUNG."""
+    """The child ended on its own (or hung): NORMAL, FAILED with ``error``, or HUNG.
+
+    If this exit is one too many for the budget, the supervisor's ``error``
+    is already set when listeners hear it.
+    """
 
     name: str
     kind: ExitKind

@@ -466,13 +466,13 @@ class ServiceSupervisor:
         self._exits[kind] += 1
         level = logging.INFO if kind is ExitKind.NORMAL else logging.WARNING
         logger.log(level, "child %s", decision.reason, exc_info=run.error)
-        self._emit(ChildExited(name, kind, run.error))
-        self._stop_queue.extend(decision.stop)
-        if decision.give_up:
+        if decision.give_up:  # before the event: its listeners see ``error`` set
             self._gave_up = self._error = SupervisorGaveUp(
                 f"child {decision.reason}", name, kind, run.error
             )
-        elif decision.start:
+        self._emit(ChildExited(name, kind, run.error))
+        self._stop_queue.extend(decision.stop)
+        if decision.start:
             delay = self._next_delay(name, now - run.started_at)
             for child in decision.start:
                 self._not_before[child] = now + delay
