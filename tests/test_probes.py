@@ -26,6 +26,7 @@ import itertools
 import json
 import logging
 import math
+import socket
 from collections.abc import Callable, Sequence
 from typing import overload
 
@@ -1115,3 +1116,359 @@ async def test_an_idle_server_costs_the_event_loop_nothing() -> None:
             await client.stream.aclose()
             nursery.cancel_scope.cancel()
     assert (idle_server, idle_connection) == (0, 0)
+
+
+# -- exact details: the bytes on the wire, the limits, the edges -------------------
+
+
+async def test_the_bytes_of_an_answer_are_exact(autojump_clock: trio.testing.MockClock) -> None:
+    """The status line and headers, names cased as written, in this order, and compact JSON:
+    a keep-alive /livez, then /peers asked to close (X-Total-Count, Connection: close)."""
+    async with trio.open_nursery() as nursery:
+        client = open_client(nursery, Health().probes())
+        await client.send_all(request_bytes() + request_bytes("GET", "/peers", "Connection: close"))
+        raw = await read_to_eof(client)
+    assert raw == (
+        b"HTTP/1.1 200 OK\r\n"
+        b"Content-Type: text/plain; charset=utf-8\r\n"
+        b"Content-Length: 3\r\n"
+        b"Cache-Control: no-store\r\n"
+        b"\r\n"
+        b"ok\n"
+        b"HTTP/1.1 200 OK\r\n"
+        b"Content-Type: application/json\r\n"
+        b"Content-Length: 23\r\n"
+        b"Cache-Control: no-store\r\n"
+        b"X-Total-Count: 1\r\n"
+        b"Connection: close\r\n"
+        b"\r\n"
+        b'[{"id":"a","rtt":0.5}]\n'
+    )
+
+
+async def test_a_refusal_says_its_reason_phrase_in_the_body(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Half a request: at the timeout, exactly this 408, its phrase as the body."""
+    async with trio.open_nursery() as nursery:
+        client = open_client(nursery, Health().probes(request_timeout=5.0))
+        await client.send_all(b"GET /livez HTTP/1.1\r\nHo")
+        raw = await read_to_eof(client)
+        assert trio.current_time() == 5.0
+    assert raw == (
+        b"HTTP/1.1 408 Request Timeout\r\n"
+        b"Content-Type: text/plain; charset=utf-8\r\n"
+        b"Content-Length: 16\r\n"
+        b"Cache-Control: no-store\r\n"
+        b"Connection: close\r\n"
+        b"\r\n"
+        b"Request Timeout\n"
+    )
+
+
+def test_the_default_limits() -> None:
+    """4 connections, 5 s, 8192 bytes, 100 requests a connection, 10,000 peers."""
+    probes = ProbeServer(livez=lambda: True, readyz=lambda: True)
+    assert (
+        probes.max_connections,
+        probes.request_timeout,
+        probes.max_request_bytes,
+        probes.max_requests_per_connection,
+        probes.max_peers,
+    ) == (4, 5.0, 8192, 100, 10_000)
+
+
+@pytest.mark.parametrize("name", ["max_connections", "max_requests_per_connection", "max_peers"])
+def test_a_count_under_one_is_refused_by_name(name: str) -> None:
+    """The exact message names the limit and the value."""
+    with pytest.raises(ValueError, match=rf"^{name} must be at least 1, not 0$"):
+        Health().probes(**{name: 0})
+
+
+async def test_a_request_bound_of_exactly_256_bytes_is_accepted(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """256 is the smallest bound: accepted, and a head of 256 bytes is served under it."""
+    async with trio.open_nursery() as nursery:
+        client = open_client(nursery, Health().probes(max_request_bytes=256))
+        await client.send_all(padded_request(256))
+        assert (await read_response(client, sent_get()))[0].status_code == 200
+        await client.aclose()
+
+
+async def test_a_head_longer_than_h11s_own_limit_is_served_under_a_larger_bound(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """With max_request_bytes=32768, a 30,000-byte head (over h11's default of 16 kB) is 200."""
+    async with trio.open_nursery() as nursery:
+        client = open_client(nursery, Health().probes(max_request_bytes=32768))
+        await client.send_all(padded_request(30_000))
+        assert (await read_response(client, sent_get()))[0].status_code == 200
+        await client.aclose()
+
+
+async def test_a_declared_length_at_the_bound_is_not_refused_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Only a Content-Length over max_request_bytes is refused before the body comes; one of
+    exactly the bound is read, and refused with 413 once the bytes pass it: nothing comes
+    back for the second before the body is sent, and the 413 at that moment."""
+    async with trio.open_nursery() as nursery:
+        client = open_client(nursery, Health().probes(max_request_bytes=1024))
+        await client.send_all(request_bytes("POST", "/livez", "Content-Length: 1024"))
+        with trio.move_on_after(1.0) as waiting:
+            await client.receive_some()
+        assert waiting.cancelled_caught
+        await client.send_all(b"b" * 1024)
+        ((response, _),) = parse_responses(await read_to_eof(client))
+        assert trio.current_time() == 1.0
+    assert response.status_code == 413
+
+
+async def test_the_route_is_the_target_up_to_its_first_question_mark(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """/livez?x=1?y=2 is /livez: 200; when livez raises, 500 and exactly this log line."""
+    health = Health()
+    live = [True]
+
+    def livez() -> bool:
+        if not live[0]:
+            raise RuntimeError("livez broke")
+        return True
+
+    probes = ProbeServer(livez=livez, readyz=lambda: health.ready)
+    async with trio.open_nursery() as nursery:
+        client = HttpClient(open_client(nursery, probes))
+        assert (await client.get("/livez?x=1?y=2"))[0].status_code == 200
+        live[0] = False
+        with caplog.at_level(logging.ERROR, logger="trio_heartbeat.probes"):
+            assert (await client.get("/livez?x=1?y=2"))[0].status_code == 500
+        await client.stream.aclose()
+    assert [record.getMessage() for record in caplog.records] == ["the probe /livez?x=1?y=2 failed"]
+
+
+async def test_a_refusal_that_ends_frees_its_place_among_the_sixteen(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sixteen refusals linger; one client closes, ending its refusal: of two newcomers
+    the first is told why (503), the second is closed without a word, all at time 0."""
+    probes = Health().probes(max_connections=1)
+    hold_readyz(probes, monkeypatch)
+    async with trio.open_nursery() as nursery:
+        busy_client(nursery, probes)
+        await trio.testing.wait_all_tasks_blocked()
+        lingering = [open_client(nursery, probes) for _ in range(16)]
+        await trio.testing.wait_all_tasks_blocked()
+        ((response, _),) = parse_responses(await read_to_eof(lingering[0]))
+        assert response.status_code == 503
+        await lingering[0].aclose()
+        await trio.testing.wait_all_tasks_blocked()
+        told = open_client(nursery, probes)
+        await trio.testing.wait_all_tasks_blocked()
+        silent = open_client(nursery, probes)
+        assert await read_to_eof(silent) == b""
+        ((response, _),) = parse_responses(await read_to_eof(told))
+        assert response.status_code == 503
+        assert trio.current_time() == 0
+        assert probes.statistics().refused == 18
+        nursery.cancel_scope.cancel()
+
+
+class HeldReceive(trio.abc.HalfCloseableStream):
+    """A stream whose ``receive_some``, once data came, holds it (shielded) until released:
+    the connection is evicted while its request is on its way in."""
+
+    def __init__(self, inner: trio.abc.HalfCloseableStream) -> None:
+        self.inner = inner
+        self.arrived = trio.Event()
+        self.release = trio.Event()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        data = await self.inner.receive_some(max_bytes)
+        if data:
+            self.arrived.set()
+            with trio.CancelScope(shield=True):
+                await self.release.wait()
+        return bytes(data)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self.inner.send_eof()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_a_connection_evicted_while_its_request_comes_in_stops_unanswered(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """max_connections=1: the request is read, but a newcomer takes the slot before the
+    server turns to it; the evicted connection stops before answering (no bytes, no count)
+    and the newcomer is served."""
+    probes = Health().probes(max_connections=1)
+    victim_client, victim_server = trio.testing.memory_stream_pair()
+    held = HeldReceive(victim_server)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(probes.serve_stream, held)
+        await victim_client.send_all(request_bytes())
+        await held.arrived.wait()
+        newcomer = HttpClient(open_client(nursery, probes))
+        await trio.testing.wait_all_tasks_blocked()
+        held.release.set()
+        assert await read_to_eof(victim_client) == b""
+        assert (await newcomer.get("/livez"))[0].status_code == 200
+        assert probes.statistics() == ProbeStatistics(
+            active=1, refused=0, responses={200: 1}, evicted=1
+        )
+        await newcomer.stream.aclose()
+    assert trio.current_time() == 0
+
+
+def peers_of_sizes(*sizes: int) -> list[dict[str, object]]:
+    """Peers in slices of 64 whose encoded pieces are ``sizes`` bytes long (the first
+    without the comma that leads each later piece)."""
+    peers: list[dict[str, object]] = []
+    for index, size in enumerate(sizes):
+        # 64 entries {"p":""} are 8 bytes each, with 63 commas between (and one before).
+        padding = size - 64 * 8 - 63 - (1 if index else 0)
+        assert padding >= 0
+        peers.append({"p": "x" * padding})
+        peers.extend({"p": ""} for _ in range(63))
+    return peers
+
+
+@pytest.mark.parametrize(
+    ("first", "later", "writes"),
+    [
+        # The head, "[" and the first slice make exactly 64 kB: written as they are;
+        # the next two slices make 64 kB less one byte: joined with the last one.
+        (65536, (40000, 25535, 600), [65536, 66135, 2]),
+        # 64 kB less one byte: not yet written; the next slice brings it over.
+        (65535, (600, 600, 600), [66135, 1202]),
+    ],
+)
+async def test_the_answer_is_written_each_time_the_batch_reaches_64_kb(
+    autojump_clock: trio.testing.MockClock,
+    first: int,
+    later: tuple[int, ...],
+    writes: list[int],
+) -> None:
+    """Exact write sizes around the 64 kB mark: a batch is written when it holds 65,536
+    bytes or more, counted from 0 again after each write. The head's length is read first
+    from a HEAD (Content-Length, and so the head, does not change)."""
+    health = Health()
+    client, server = trio.testing.memory_stream_pair()
+    sizes: list[int] = []
+    real_send_all = server.send_stream.send_all
+
+    async def recording(data: bytes | bytearray | memoryview) -> None:
+        sizes.append(len(data))
+        await real_send_all(data)
+
+    server.send_stream.send_all = recording  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(health.probes().serve_stream, server)
+        http = HttpClient(client)
+        health.peers = peers_of_sizes(first - 1, *later)
+        await http.get("/peers", method="HEAD")
+        head_length = sum(sizes)
+        # The pieces that fit around the head; its Content-Length keeps its digits.
+        health.peers = peers_of_sizes(first - 1 - head_length, *later)
+        sizes.clear()
+        await http.get("/peers", method="HEAD")
+        assert sum(sizes) == head_length
+        sizes.clear()
+        _, body = await http.get("/peers")
+        assert json.loads(body) == health.peers
+        await client.aclose()
+    assert sizes == writes
+
+
+async def test_serve_probes_hands_its_defaults_and_limits_to_the_server(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The server serve_probes makes gets 4 connections, 5 s and 8192 bytes by default,
+    and whatever limits it was given; it listens on 127.0.0.1 at a port of the system's
+    choosing (port 0: an ephemeral port, never a privileged one)."""
+    made: list[ProbeServer] = []
+    real = ProbeServer
+
+    def recording(**kwargs: object) -> ProbeServer:
+        made.append(real(**kwargs))  # type: ignore[arg-type]
+        return made[-1]
+
+    monkeypatch.setattr(_probes, "ProbeServer", recording)
+    with trio.fail_after(10):
+        serve = functools.partial(serve_probes, livez=bool, readyz=bool)
+        limited = functools.partial(
+            serve, max_connections=2, request_timeout=1.5, max_request_bytes=512
+        )
+        for run, expected in ((serve, (4, 5.0, 8192)), (limited, (2, 1.5, 512))):
+            async with trio.open_nursery() as nursery:
+                host, port = await nursery.start(run)
+                assert (host, port >= 1024) == ("127.0.0.1", True)
+                probes = made[-1]
+                assert (
+                    probes.max_connections,
+                    probes.request_timeout,
+                    probes.max_request_bytes,
+                ) == expected
+                nursery.cancel_scope.cancel()
+
+
+async def test_serve_probes_listens_on_the_host_and_port_it_is_given() -> None:
+    """host 127.0.0.2 and a free port named outright are where it listens and answers."""
+    with socket.socket() as probe_port:
+        probe_port.bind(("127.0.0.2", 0))
+        port = probe_port.getsockname()[1]
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            address = await nursery.start(
+                functools.partial(
+                    serve_probes,
+                    livez=lambda: True,
+                    readyz=lambda: True,
+                    host="127.0.0.2",
+                    port=port,
+                )
+            )
+            assert address == ("127.0.0.2", port)
+            assert (await http_get("127.0.0.2", port, "/livez"))[0].status_code == 200
+            nursery.cancel_scope.cancel()
+
+
+async def test_serve_picks_an_ephemeral_port_by_default() -> None:
+    """ProbeServer.serve() with no port: port 0, so the system's choice (never 1-1023)."""
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            host, port = await nursery.start(Health().probes().serve)
+            assert (host, port >= 1024) == ("127.0.0.1", True)
+            assert (await http_get(host, port, "/livez"))[0].status_code == 200
+            nursery.cancel_scope.cancel()
+
+
+def has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not has_ipv6_loopback(), reason="no IPv6 loopback")
+async def test_serve_on_ipv6_reports_host_and_port() -> None:
+    """An IPv6 listener's address (four fields from getsockname) is reported as (host, port)."""
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            address = await nursery.start(functools.partial(Health().probes().serve, host="::1"))
+            assert address[0] == "::1"
+            assert len(address) == 2
+            assert (await http_get("::1", address[1], "/livez"))[0].status_code == 200
+            nursery.cancel_scope.cancel()

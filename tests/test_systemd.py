@@ -198,7 +198,64 @@ async def test_without_notify_socket_it_returns_at_once(
 
 
 async def test_bad_settings_are_refused(autojump_clock: MockClock) -> None:
-    with pytest.raises(ValueError, match="grace"):
-        await notify_systemd(Server(echo), SystemdNotifier("/tmp/x"), grace=-1.0)
-    with pytest.raises(ValueError, match="status_every"):
-        await notify_systemd(Server(echo), SystemdNotifier("/tmp/x"), status_every=0.0)
+    """A negative or infinite grace, and a status_every of 0 or less, are refused before
+    anything is sent, with this exact message. In an already-cancelled scope, so that a
+    call that wrongly went ahead ends at its first checkpoint instead of running forever."""
+    message = r"^grace must be finite and not negative, status_every positive$"
+    for grace, status_every in (
+        (-1.0, 1.0),
+        (math.inf, 1.0),
+        (math.nan, 1.0),
+        (1.0, 0.0),
+        (1.0, -1.0),
+    ):
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            with pytest.raises(ValueError, match=message):
+                await notify_systemd(
+                    Server(echo), SystemdNotifier("/tmp/x"), grace=grace, status_every=status_every
+                )
+        assert not scope.cancelled_caught, (grace, status_every)
+
+
+@pytest.mark.parametrize("grace", [0.0, 0.5])
+async def test_a_grace_under_a_second_and_not_serving_from_the_start(
+    autojump_clock: MockClock, tmp_path: Path, grace: float
+) -> None:
+    """A grace of 0 or 0.5 s is accepted. The server is NOT_SERVING before the watchdog
+    starts: the tick at 0.0 first sees it and still pings (0 s of it is not more than the
+    grace), the tick at 1.0 does not; SERVING again at 2.25, pings from 3.0. The status
+    line is looked at once a second by default: the change shows at 3.0, not 2.25."""
+    server = Server(echo)
+    server.set_health(HealthStatus.NOT_SERVING)
+    async with systemd(tmp_path) as (listener, path), trio.open_nursery() as nursery:
+        notifier = SystemdNotifier(path, watchdog_interval=1.0)
+        nursery.start_soon(close_at_exit, notifier)
+        await nursery.start(partial(notify_systemd, server, notifier, grace=grace))
+        await trio.sleep_until(2.25)
+        server.set_health(HealthStatus.SERVING)
+        await trio.sleep_until(4.5)
+        nursery.cancel_scope.cancel()
+    assert listener.messages("READY") == [(0.0, "READY=1\nSTATUS=0 peer(s), NOT_SERVING")]
+    assert [at for at, _ in listener.messages("WATCHDOG")] == [0.0, 3.0, 4.0]
+    assert listener.messages("STATUS") == [(3.0, "STATUS=0 peer(s), SERVING")]
+
+
+async def test_the_notifier_comes_from_the_environment_by_default(
+    autojump_clock: MockClock, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a notifier, NOTIFY_SOCKET and WATCHDOG_USEC (2 s: a ping a second) are
+    read: READY=1 at once and the pings go to that socket, and the notifier is reported."""
+    server = Server(echo)
+    async with systemd(tmp_path) as (listener, path), trio.open_nursery() as nursery:
+        monkeypatch.setenv("NOTIFY_SOCKET", path)
+        monkeypatch.setenv("WATCHDOG_USEC", "2000000")
+        monkeypatch.delenv("WATCHDOG_PID", raising=False)
+        notifier = await nursery.start(notify_systemd, server)
+        assert isinstance(notifier, SystemdNotifier)
+        assert (notifier.address, notifier.watchdog_interval) == (path, 1.0)
+        nursery.start_soon(close_at_exit, notifier)
+        await trio.sleep_until(2.5)
+        nursery.cancel_scope.cancel()
+    assert listener.messages("READY") == [(0.0, "READY=1\nSTATUS=0 peer(s), SERVING")]
+    assert [at for at, _ in listener.messages("WATCHDOG")] == [0.0, 1.0, 2.0]
