@@ -194,6 +194,7 @@ COMPANIONS = {
     "test_local_health_processes": "_local_health",
     "test_health_monitor_processes": "_health_monitor",
     "test_systemd_processes": "_systemd",
+    "test_services_stateful": "_services",
 }
 
 

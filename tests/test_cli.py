@@ -32,11 +32,10 @@ import pytest
 import trio
 from helpers import client_hello
 
-from trio_heartbeat._adaptive import AdaptiveDetector
-from trio_heartbeat._cli import DEFAULT_PORT, _config, _lines, _options, build_parser, main, serve
+from trio_heartbeat._cli import _lines, main, serve
+from trio_heartbeat._cli_args import build_parser
 from trio_heartbeat._client import open_connection
 from trio_heartbeat._config import Config
-from trio_heartbeat._detectors import FixedTimeout
 from trio_heartbeat._frames import encode_data
 from trio_heartbeat._server import Server
 
@@ -165,66 +164,6 @@ def test_secret_file_with_no_key_in_it(
     assert run_for_error(capsys, ["serve", "--secret-file", str(secret)]) == (
         "error: --secret-file is empty"
     )
-
-
-def test_secret_file_key_is_stripped_of_surrounding_whitespace(tmp_path: Path) -> None:
-    secret = tmp_path / "secret"
-    secret.write_bytes(b"  s3cret key\n")
-    args = build_parser().parse_args(["serve", "--secret-file", str(secret)])
-    assert _config(args).secret == b"s3cret key"
-
-
-def test_options_reach_the_protocol_config(tmp_path: Path) -> None:
-    args = build_parser().parse_args(
-        [
-            "connect",
-            "--interval",
-            "0.25",
-            "--timeout",
-            "0.75",
-            "--handshake-timeout",
-            "2",
-            "--id",
-            "node-7",
-            "--linger",
-            "0.5",
-            "h1:1",
-            "h2:2",
-        ]
-    )
-    config = _config(args)
-    assert (config.interval_ms, config.timeout_ms, config.handshake_timeout) == (250, 750, 2.0)
-    assert config.instance_id == "node-7"
-    assert config.secret is None
-    assert args.endpoints == ["h1:1", "h2:2"]
-    assert args.linger == 0.5
-
-    defaults = build_parser().parse_args(["serve"])
-    assert (defaults.host, defaults.port, defaults.max_connections) == (
-        "127.0.0.1",
-        DEFAULT_PORT,
-        4096,
-    )
-    assert (defaults.interval, defaults.timeout, defaults.id) == (1.0, 3.0, "")
-
-
-@pytest.mark.parametrize("command", ["serve", "connect"])
-@pytest.mark.parametrize(
-    ("flag", "detector"), [([], AdaptiveDetector), (["--detector", "fixed"], FixedTimeout)]
-)
-def test_detector_picks_the_failure_detector_of_every_connection(
-    command: str, flag: list[str], detector: type
-) -> None:
-    endpoint = ["h1:1"] if command == "connect" else []
-    options = _options(build_parser().parse_args([command, *flag, *endpoint]))
-    assert options.detector is detector
-
-
-def test_an_unknown_detector_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as exited:
-        build_parser().parse_args(["serve", "--detector", "phi"])
-    assert exited.value.code == 2
-    assert "invalid choice: 'phi' (choose from 'adaptive', 'fixed')" in capsys.readouterr().err
 
 
 def test_serve_on_a_port_already_taken(capsys: pytest.CaptureFixture[str]) -> None:
@@ -753,3 +692,29 @@ async def test_serve_exits_1_once_its_supervisor_gives_up(
     assert len(ports) == 4
     assert len(set(ports)) == 1
     assert caplog.messages[-1].startswith("stopped: child 'server' failed; 3 restart(s)")
+
+
+@pytest.mark.slow
+def test_serve_outlives_a_reader_of_its_stdout_that_left() -> None:
+    """``serve --health-port 0 | head -1`` when head has left before the lines come: both
+    announcements meet a broken pipe, and serve goes on (still running a second later,
+    ended by SIGTERM with status 0, no traceback)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before anything is written
+    try:
+        server = subprocess.Popen(
+            [*CLI, "serve", "--port", "0", "--health-port", "0"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    finally:
+        os.close(write_end)
+    try:
+        time.sleep(1.5)
+        assert server.poll() is None
+    finally:
+        server.send_signal(signal.SIGTERM)
+        _, err = server.communicate(timeout=30)
+    assert server.returncode == 0, err
+    assert "BrokenPipeError" not in err

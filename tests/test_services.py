@@ -105,6 +105,14 @@ def spec(rec: Record, name: str, *runs: tuple[float, str], **kwargs: object) -> 
     return ChildSpec(name, scripted(rec, name, *runs, cleanup=cleanup), **kwargs)  # type: ignore[arg-type]
 
 
+def same_give_up(raised: SupervisorGaveUp, error: SupervisorGaveUp | None) -> bool:
+    """``error`` is the raised give-up's twin: equal in every field, without its traceback."""
+    assert error is not None
+    assert error.__traceback__ is None
+    fields = (str(error), error.child, error.kind, error.error, error.__cause__)
+    return fields == (str(raised), raised.child, raised.kind, raised.error, raised.__cause__)
+
+
 def no_service_tasks() -> bool:
     return not any("service" in name for name in task_names())
 
@@ -371,7 +379,7 @@ async def test_a_child_abandoned_again_while_its_last_abandoned_run_lingers_give
     supervisors: list[ServiceSupervisor] = []
     with pytest.raises(SupervisorGaveUp) as caught:
         await run()
-    assert caught.value is supervisors[0].error
+    assert same_give_up(caught.value, supervisors[0].error)
     assert caught.value.child == "w"
     assert caught.value.kind is ExitKind.HUNG
     assert "abandoned again" in str(caught.value)
@@ -417,7 +425,7 @@ async def test_the_give_up_is_known_before_a_child_that_shields_for_ever_ends(
     with pytest.raises(SupervisorGaveUp) as caught:
         await run()
     assert seen == [1.0]  # "s" cancelled at 0 and abandoned at 1: only then the verdict
-    assert caught.value is supervisors[0].error
+    assert same_give_up(caught.value, supervisors[0].error)
     assert caught.value.child == "c"
 
 
@@ -720,3 +728,185 @@ async def test_bad_children_and_a_taken_health_name_are_refused(autojump_clock: 
         sup.add_listener(rec)
         await trio.sleep(1.0)
     assert rec.events[-1] == (1.0, SupervisorStopped(None))
+
+
+class LoopSteps(trio.abc.Instrument):
+    """Cancels ``scope`` once the supervisor's loop takes 1000 steps in one instant."""
+
+    def __init__(self, scope: trio.CancelScope) -> None:
+        self.scope = scope
+        self.spun_at: float | None = None
+        self._at = -1.0
+        self._steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task.name != "trio_heartbeat service supervisor":
+            return
+        now = trio.current_time()
+        self._steps = self._steps + 1 if now == self._at else 0
+        self._at = now
+        if self._steps > 1000 and self.spun_at is None:
+            self.spun_at = now
+            self.scope.cancel()
+
+
+async def test_a_later_childs_earlier_backoff_does_not_spin_the_loop(
+    autojump_clock: MockClock,
+) -> None:
+    """REST_FOR_ONE, 1 s backoff: b fails at 1 (due again at 2), then a fails at 1.5 (due
+    at 2.5; b, still pending, waits behind it). From 2 to 2.5 the loop must sleep, not
+    spin (under autojump a spin stops the clock for ever): a and b start at 2.5."""
+    rec = Record()
+    children = [spec(rec, "a", (1.5, "fail")), spec(rec, "b", (1.0, "fail"))]
+    with trio.CancelScope() as scope:
+        steps = LoopSteps(scope)
+        trio.lowlevel.add_instrument(steps)
+        try:
+            async with open_service_supervisor(
+                children,
+                strategy=Strategy.REST_FOR_ONE,
+                budget=ROOMY,
+                backoff=ConstantBackoff(1.0),
+                listeners=[rec],
+            ):
+                await trio.sleep(3.0)
+        finally:
+            trio.lowlevel.remove_instrument(steps)
+    assert steps.spun_at is None, f"the loop spins at {steps.spun_at}"
+    assert rec.starts() == [(0.0, "a"), (0.0, "b"), (2.5, "a"), (2.5, "b")]
+
+
+async def test_the_log_tells_each_step_with_its_level_and_exception(
+    autojump_clock: MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Exact records: start, the missed deadline, the abandonment (with its timeout), the
+    restart and its delay, the lingering run's late end, a failure (its traceback
+    attached), the stop (with the error it raised on its way out) and the end; a failing listener is logged with itself and the
+    event. Kills the mutants that blank or swap a log call's text or arguments."""
+    runs = 0
+
+    async def child(check_in: CheckIn) -> None:
+        nonlocal runs
+        runs += 1
+        if runs == 1:  # hangs, then cleans up for 1.25 s: abandoned at 3, ends at 3.25
+            try:
+                await trio.sleep_forever()
+            finally:
+                with trio.CancelScope(shield=True):
+                    await trio.sleep(1.25)
+        elif runs == 2:
+            await trio.sleep(1.0)
+            raise Boom("second")
+        else:  # raises on its way out when stopped
+            try:
+                while True:
+                    await trio.sleep(0.5)
+                    check_in.check_in()
+            except trio.Cancelled:
+                raise Boom("third") from None
+
+    def broken(event: ServiceEvent) -> None:
+        if isinstance(event, ChildAbandoned):
+            raise RuntimeError("listener bug")
+
+    caplog.set_level(logging.INFO, logger="trio_heartbeat")
+    w = ChildSpec("w", child, check_in_period=2.0, shutdown_timeout=1.0)
+    async with open_service_supervisor(
+        [w], budget=ROOMY, backoff=ConstantBackoff(0.5), listeners=[broken]
+    ):
+        await trio.sleep(6.0)
+    records = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert records == [
+        ("INFO", "started child 'w'"),
+        ("WARNING", "child 'w' missed its check-in deadline: cancelling it"),
+        ("ERROR", "child 'w' did not end within 1 s of its cancellation: abandoned"),
+        ("ERROR", f"service listener {broken!r} failed on {ChildAbandoned('w', 1.0)!r}"),
+        ("WARNING", "child 'w' hung; restarting 'w' (one_for_one)"),
+        ("INFO", "restarting 'w' in 0.5 s"),
+        ("INFO", "abandoned child 'w' ended at last"),
+        ("INFO", "started child 'w'"),
+        ("WARNING", "child 'w' failed; restarting 'w' (one_for_one)"),
+        ("INFO", "restarting 'w' in 0.5 s"),
+        ("INFO", "started child 'w'"),
+        ("INFO", "stopping child 'w'"),
+        ("INFO", "stopped child 'w'"),
+        ("INFO", "service supervisor stopped"),
+    ]
+    with_errors = [(r.getMessage(), r.exc_info[1]) for r in caplog.records if r.exc_info]
+    assert [(message, str(error)) for message, error in with_errors] == [
+        (records[3][1], "listener bug"),
+        ("child 'w' failed; restarting 'w' (one_for_one)", "second"),
+        ("stopped child 'w'", "third"),
+    ]
+
+
+async def test_a_supervisor_that_gave_up_is_freed_without_a_garbage_collection(
+    autojump_clock: MockClock,
+) -> None:
+    """With gc disabled, a supervisor whose give-up was caught and dropped is gone as soon
+    as the caller lets go of it: ``error`` holds a twin without the traceback that leads
+    back through the supervisor's frames (the raised one kept it alive, 20 of 20)."""
+
+    async def give_up() -> weakref.ref[ServiceSupervisor]:
+        with pytest.raises(SupervisorGaveUp):
+            async with open_service_supervisor(
+                [spec(Record(), "c", (0.0, "fail"))], budget=RestartBudget(0, 5.0)
+            ) as sup:
+                await trio.sleep_forever()
+        return weakref.ref(sup)
+
+    quiet = logging.getLogger("trio_heartbeat")
+    gc.collect()
+    gc.disable()
+    quiet.disabled = True  # a captured log record would hold the errors
+    try:
+        ref = await give_up()
+        assert ref() is None
+    finally:
+        quiet.disabled = False
+        gc.enable()
+
+
+async def test_the_exit_that_makes_it_give_up_is_heard_with_error_set(
+    autojump_clock: MockClock,
+) -> None:
+    """A listener that hears the fatal ChildExited already reads ``error``: it can stop a
+    watchdog in that same instant."""
+    seen: list[tuple[float, str | None]] = []
+    supervisors: list[ServiceSupervisor] = []
+
+    def on_event(event: ServiceEvent) -> None:
+        if isinstance(event, ChildExited):
+            error = supervisors[0].error
+            seen.append((trio.current_time(), None if error is None else error.child))
+
+    async def run() -> None:
+        async with open_service_supervisor(
+            [spec(Record(), "c", (1.0, "fail"), (1.0, "fail"))],
+            budget=RestartBudget(1, 5.0),
+            backoff=NO_WAIT,
+            listeners=[on_event],
+        ) as sup:
+            supervisors.append(sup)
+            await trio.sleep_forever()
+
+    with pytest.raises(SupervisorGaveUp):
+        await run()
+    assert seen == [(1.0, None), (2.0, "c")]
+
+
+def test_an_iterator_is_refused_as_backoff() -> None:
+    """A generator would give its delays once, and every later restart would be at once
+    (6,600 starts in 2 s): a backoff is asked for its delays again, so it must be
+    re-iterable."""
+    with pytest.raises(TypeError, match="re-iterable"):
+        ServiceSupervisor([], Strategy.ONE_FOR_ONE, ROOMY, iter([0.1, 0.2]), None, ())
+    ServiceSupervisor([], Strategy.ONE_FOR_ONE, ROOMY, [0.1, 0.2], None, ())
+
+
+def test_at_most_a_thousand_children() -> None:
+    """Each step looks at every child: the count is bounded, and says so."""
+    children = [ChildSpec(f"c{i}", trio.sleep_forever) for i in range(1001)]
+    with pytest.raises(ValueError, match="at most 1000 children, not 1001"):
+        ServiceSupervisor(children, Strategy.ONE_FOR_ONE, ROOMY, NO_WAIT, None, ())
+    ServiceSupervisor(children[:1000], Strategy.ONE_FOR_ONE, ROOMY, NO_WAIT, None, ())

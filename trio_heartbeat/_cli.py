@@ -16,19 +16,15 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from importlib import metadata
-from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING
 
 import trio
 
-from ._adaptive import AdaptiveDetector
 from ._backoff import FullJitterBackoff
 from ._breaker import BreakerTransition
 from ._circuit import Breaker
-from ._config import Config
+from ._cli_args import _config, _options, build_parser
 from ._connection import Connection
-from ._detectors import FailureDetector, FixedTimeout
 from ._endpoints import parse_endpoint
 from ._errors import ReconnectFailed, SupervisorGaveUp, UndeliveredMessages, UsageError
 from ._events import (
@@ -42,7 +38,6 @@ from ._events import (
 from ._frames import HealthStatus, Role
 from ._handshake import CLIENT_LEAD
 from ._liveness_breaker import bind_breaker
-from ._options import ConnectionOptions
 from ._restart import RestartType
 from ._server import Server
 from ._services import ChildSpec, ServiceSupervisor, open_service_supervisor
@@ -54,209 +49,7 @@ if TYPE_CHECKING:
 
 __all__ = ["main"]
 
-DEFAULT_PORT: Final = 7400
 logger = logging.getLogger("trio_heartbeat.cli")
-
-
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
-    return value
-
-
-def _at_least_one(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
-    return value
-
-
-def _port(text: str) -> int:
-    # Checked here: the socket layer would silently take the port modulo 65536.
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
-    if not 0 <= value <= 0xFFFF:
-        raise argparse.ArgumentTypeError(f"must be 0 to 65535: {text!r}")
-    return value
-
-
-#: The failure detectors ``--detector`` picks from.
-_DETECTORS: dict[str, Callable[[], FailureDetector]] = {
-    "adaptive": AdaptiveDetector,
-    "fixed": FixedTimeout,
-}
-
-
-def _options(args: argparse.Namespace) -> ConnectionOptions:
-    return ConnectionOptions(detector=_DETECTORS[args.detector])
-
-
-def _add_common(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("heartbeat")
-    group.add_argument(
-        "--interval",
-        type=_positive,
-        default=1.0,
-        metavar="S",
-        help="heartbeat interval when idle, seconds (default: 1)",
-    )
-    group.add_argument(
-        "--timeout",
-        type=_positive,
-        default=3.0,
-        metavar="S",
-        help="longest silence before the peer is declared dead, seconds (default: 3)",
-    )
-    group.add_argument(
-        "--detector",
-        choices=sorted(_DETECTORS),
-        default="adaptive",
-        help="failure detector: 'adaptive' learns the peer's rhythm and may convict sooner "
-        "than --timeout (never before two intervals); 'fixed' waits for --timeout "
-        "(default: adaptive)",
-    )
-    group.add_argument(
-        "--handshake-timeout",
-        type=_positive,
-        default=10.0,
-        metavar="S",
-        help="time allowed for the THB/1 handshake, seconds (default: 10)",
-    )
-    group.add_argument(
-        "--secret-file",
-        type=Path,
-        metavar="F",
-        help="file holding the pre-shared HMAC key (THB/1 §6, docs/protocol.md)",
-    )
-    group.add_argument("--id", default="", metavar="NAME", help="this instance's id, sent in HELLO")
-    parser.add_argument(
-        "-v", "--verbose", action="store_true", help="also log every PING and PONG (debug level)"
-    )
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The ``python -m trio_heartbeat`` argument parser."""
-    parser = argparse.ArgumentParser(
-        prog="python -m trio_heartbeat",
-        description="THB/1 heartbeats over TCP: an echo server, a reconnecting client, a demo.",
-    )
-    parser.add_argument(
-        "--version", action="version", version=f"%(prog)s {metadata.version('trio-heartbeat')}"
-    )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    serve = commands.add_parser(
-        "serve",
-        help="run an echo server",
-        description="Echo every DATA frame back. Ctrl-C or SIGTERM drains.",
-    )
-    serve.add_argument(
-        "--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)"
-    )
-    serve.add_argument(
-        "--port",
-        type=_port,
-        default=DEFAULT_PORT,
-        help=f"port to listen on; 0 picks a free one (default: {DEFAULT_PORT})",
-    )
-    serve.add_argument(
-        "--max-connections",
-        type=_at_least_one,
-        default=4096,
-        metavar="N",
-        help="refuse clients beyond N with CLOSE 1013 (default: 4096)",
-    )
-    serve.add_argument(
-        "--drain-timeout",
-        type=_positive,
-        default=10.0,
-        metavar="S",
-        help="how long a drain waits for peers to close (default: 10)",
-    )
-    serve.add_argument(
-        "--health-port",
-        type=_port,
-        metavar="P",
-        help="serve HTTP probes on port P (0 picks one; prints 'health on HOST:PORT'): "
-        "/livez, /readyz (200 while SERVING), /peers (needs the 'health' extra)",
-    )
-    serve.add_argument(
-        "--health-host",
-        default="127.0.0.1",
-        metavar="HOST",
-        help="address of the probes (default: 127.0.0.1)",
-    )
-    _add_common(serve)
-
-    connect = commands.add_parser(
-        "connect",
-        help="connect and reconnect; stdin lines go out, messages come in",
-        description="Send each stdin line as DATA and print each DATA received. Reconnects with "
-        "full-jitter backoff until interrupted.",
-    )
-    connect.add_argument(
-        "endpoints", nargs="+", metavar="HOST:PORT", help="server(s) to connect to"
-    )
-    connect.add_argument(
-        "--backoff-cap",
-        type=_positive,
-        default=30.0,
-        metavar="S",
-        help="longest wait between attempts (default: 30)",
-    )
-    connect.add_argument(
-        "--rtt-every",
-        type=_positive,
-        default=5.0,
-        metavar="S",
-        help="report the round trip at most this often (default: 5)",
-    )
-    connect.add_argument(
-        "--linger",
-        type=_positive,
-        default=1.0,
-        metavar="S",
-        help="at the end of input, close once no message has come for S seconds (default: 1)",
-    )
-    _add_common(connect)
-
-    demo = commands.add_parser(
-        "demo", help="watch failure detection and reconnection, in one process"
-    )
-    demo.add_argument("--fast", action="store_true", help="shorter pauses (for tests)")
-    return parser
-
-
-def _config(args: argparse.Namespace) -> Config:
-    secret = None
-    if args.secret_file is not None:
-        try:
-            secret = args.secret_file.read_bytes().strip()
-        except OSError as exc:
-            raise UsageError(f"cannot read --secret-file: {exc}") from exc
-        if not secret:
-            raise UsageError("--secret-file is empty")
-    if args.timeout <= args.interval:
-        raise UsageError("--timeout must be longer than --interval")
-    try:
-        return Config(
-            interval=args.interval,
-            timeout=args.timeout,
-            handshake_timeout=args.handshake_timeout,
-            instance_id=args.id,
-            secret=secret,
-        )
-    except ValueError as exc:
-        raise UsageError(str(exc)) from exc
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -274,6 +67,15 @@ def _setup_logging(verbose: bool) -> None:
 async def _echo(conn: Connection) -> None:
     async for message in conn:
         await conn.send(message)
+
+
+def _announce(line: str) -> None:
+    """A line for scripts on stdout: one that read what it needed and left (``| head -1``,
+    to learn the port) is no reason to stop serving."""
+    try:
+        print(line, flush=True)
+    except BrokenPipeError:
+        _let_go_of_stdout()
 
 
 async def _drain_on_signal(server: Server, nursery: trio.Nursery) -> None:
@@ -344,26 +146,31 @@ async def serve(args: argparse.Namespace) -> int:
         raise
     host, port = listeners[0].socket.getsockname()[:2]
     first = [listeners]
+    drained = trio.Event()
 
     async def run_server() -> None:
         # The listeners opened above; after a failure, the same port bound again.
         current = first.pop() if first else await trio.open_tcp_listeners(port, host=args.host)
         await server.serve_listeners(current)
-        nursery.cancel_scope.cancel()  # drained: stop watching for signals
+        drained.set()
 
     child = ChildSpec("server", run_server, restart=RestartType.TRANSIENT)
     gave_up: list[SupervisorGaveUp] = []
     try:
-        async with trio.open_nursery() as nursery, open_service_supervisor([child]) as supervisor:
-            supervisors.append(supervisor)
-            print(f"listening on {host}:{port}", flush=True)
-            if probes is not None:
-                probe_host, probe_port = await nursery.start(probes[0].serve_listeners, probes[1])
-                print(f"health on {probe_host}:{probe_port}", flush=True)
-            nursery.start_soon(_drain_on_signal, server, nursery)
-            # Under systemd (NOTIFY_SOCKET): READY, STATUS, the watchdog, STOPPING.
-            nursery.start_soon(partial(notify_systemd, server, healthy=alive))
-            await trio.sleep_forever()
+        async with trio.open_nursery() as nursery:
+            async with open_service_supervisor([child]) as supervisor:
+                supervisors.append(supervisor)
+                _announce(f"listening on {host}:{port}")
+                if probes is not None:
+                    probe_host, probe_port = await nursery.start(
+                        probes[0].serve_listeners, probes[1]
+                    )
+                    _announce(f"health on {probe_host}:{probe_port}")
+                nursery.start_soon(_drain_on_signal, server, nursery)
+                # Under systemd (NOTIFY_SOCKET): READY, STATUS, the watchdog, STOPPING.
+                nursery.start_soon(partial(notify_systemd, server, healthy=alive))
+                await drained.wait()
+            nursery.cancel_scope.cancel()  # drained: stop watching for signals
     except* SupervisorGaveUp as group:
         gave_up.extend(group.exceptions)  # type: ignore[arg-type]
     if gave_up:
