@@ -263,7 +263,7 @@ async def _run(settings: Settings) -> list[Result]:
         stream = await trio.open_tcp_stream(LOOPBACK, raw_port)
         stack.push_async_callback(stream.aclose)
         conn = await stack.enter_async_context(
-            open_connection(LOOPBACK, thb_port, config=Config(interval=INTERVAL, timeout=1.0))
+            open_connection(LOOPBACK, thb_port, config=Config(interval=INTERVAL, timeout=10.0))
         )
         heartbeat = _Heartbeat(conn)
         subjects: dict[str, Sample] = {
