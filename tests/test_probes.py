@@ -10,11 +10,14 @@ pipelining, a byte at a time); a peer sequence that records the step it is
 read in shows a long list built a slice at a time, and only as far as
 max_peers. At the connection cap, idle, trickling and non-reading clients
 (reconnecting at once) give their slots to newcomers, so /livez is answered
-200 throughout; 503 comes only while every slot is busy (a held /readyz
-stands for a long /peers). The listener is checked over real loopback sockets
-in real time, with generous bounds: the address reported for port 0, health
-flipping, the oldest idle connection closed for a fifth client, and an idle
-server that takes no steps at all.
+200 throughout; connections already answered go before those never answered
+(a probe whose request is on its way in outlasts a pipelining client); at
+most half of max_connections peer lists are worked out at once, so a kubelet
+finds a slot while they are; 503 comes only while every slot is busy (a held
+/readyz stands for a long /peers). The listener is checked over real loopback
+sockets in real time, with generous bounds: the address reported for port 0,
+health flipping, the oldest idle connection closed for a fifth client, and an
+idle server that takes no steps at all.
 """
 
 from __future__ import annotations
@@ -783,29 +786,157 @@ def busy_client(nursery: trio.Nursery, probes: ProbeServer) -> Client:
     return client
 
 
-async def test_idle_connections_give_their_slots_to_newcomers_longest_waiting_first(
+async def test_newcomers_evict_answered_connections_first_then_those_never_answered(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    """Four idle clients fill the slots; each newcomer is served at once and the client
-    waiting longest (since it connected, or since its last answer) is closed quietly."""
+    """Four clients connect at 0, 1, 2, 3; the third is answered at 4, the first at 5 (both
+    kept alive). Newcomers that send nothing take the slots of the third and the first
+    (answered: in the order of their last answer), then of the second and the fourth (never
+    answered: in the order they connected), then of the first newcomer. Each evicted client
+    is closed quietly at once, the cap holds, and the last newcomer is served."""
     probes = Health().probes(max_connections=4, request_timeout=30.0)
     async with trio.open_nursery() as nursery:
-        idle = []
-        for _ in range(4):  # connected at 0, 1, 2, 3
-            idle.append(open_client(nursery, probes))
+        clients = []
+        for _ in range(4):
+            clients.append(open_client(nursery, probes))
             await trio.sleep(1.0)
-        # idle[0] asks something at 4: its waiting starts again after idle[3]'s.
-        keeper = HttpClient(idle[0])
-        assert (await keeper.get("/livez"))[0].status_code == 200
-        for evicted in (idle[1], idle[2], idle[3], idle[0]):
-            newcomer = HttpClient(open_client(nursery, probes))
-            assert (await newcomer.get("/livez"))[0].status_code == 200
-            assert await read_to_eof(evicted) == b""
-            assert trio.current_time() == 4.0
+        for index in (2, 0):
+            assert (await HttpClient(clients[index]).get("/livez"))[0].status_code == 200
+            await trio.sleep(1.0)
+        newcomers: list[Client] = []
+        for evicted in (clients[2], clients[0], clients[1], clients[3], None):
+            newcomers.append(open_client(nursery, probes))
+            assert await read_to_eof(evicted or newcomers[0]) == b""
+            assert trio.current_time() == 6.0
             statistics = probes.statistics()
             assert (statistics.active, statistics.refused) == (4, 0)
-        assert probes.statistics().evicted == 4
+        assert (await HttpClient(newcomers[-1]).get("/livez"))[0].status_code == 200
+        assert probes.statistics().evicted == 5
         nursery.cancel_scope.cancel()
+
+
+async def test_a_probe_on_its_way_in_outlasts_a_pipelining_client_answered_after_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """max_connections=2: a client answered once, then a probe whose request is held on its
+    way in, then the first client's second answer (so it has waited less than the probe).
+    A newcomer takes the answered client's slot, never the probe's: the probe gets 200."""
+    probes = Health().probes(max_connections=2)
+    probe_client, probe_server = trio.testing.memory_stream_pair()
+    held = HeldReceive(probe_server)
+    async with trio.open_nursery() as nursery:
+        pipelining = HttpClient(open_client(nursery, probes))
+        assert (await pipelining.get("/livez"))[0].status_code == 200
+        nursery.start_soon(probes.serve_stream, held)
+        await probe_client.send_all(request_bytes("GET", "/livez", "Connection: close"))
+        await held.arrived.wait()
+        assert (await pipelining.get("/livez"))[0].status_code == 200
+        newcomer = HttpClient(open_client(nursery, probes))
+        assert (await newcomer.get("/livez"))[0].status_code == 200
+        assert await read_to_eof(pipelining.stream) == b""
+        held.release.set()
+        ((response, body),) = parse_responses(await read_to_eof(probe_client))
+        assert (response.status_code, body) == (200, b"ok\n")
+        assert trio.current_time() == 0
+        assert probes.statistics().evicted == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_connection_answered_before_goes_first_while_a_later_answer_goes_out(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """max_connections=2: a client answered once, then a client that connects and sends
+    nothing, then the first client's second request, whose answer it does not read. A
+    newcomer takes the first client's slot (answered before, it goes first even while a
+    later answer is being written, though it waited less), and the idle client is served."""
+    probes = Health().probes(max_connections=2)
+    client, server = trio.testing.lockstep_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(probes.serve_stream, server)
+        assert (await HttpClient(client).get("/livez"))[0].status_code == 200
+        idle = HttpClient(open_client(nursery, probes))
+        await trio.testing.wait_all_tasks_blocked()
+        await client.send_all(request_bytes())
+        await trio.testing.wait_all_tasks_blocked()  # its answer is being written, unread
+        newcomer = HttpClient(open_client(nursery, probes))
+        assert (await newcomer.get("/livez"))[0].status_code == 200
+        assert (await idle.get("/livez"))[0].status_code == 200
+        assert probes.statistics().evicted == 1
+        await read_to_eof(client)  # closed: the stream ends
+        nursery.cancel_scope.cancel()
+    assert trio.current_time() == 0
+
+
+async def test_peer_lists_leave_a_slot_for_livez(autojump_clock: trio.testing.MockClock) -> None:
+    """max_connections=4, one client idle and three asking a long /peers at once: two lists are worked out
+    together; the third request is answered 503 with Retry-After: 1 before any list is done,
+    and its connection stays open (its /livez is answered). A kubelet coming while the two
+    are still worked out evicts that answered connection, not the idle one never answered,
+    and gets 200, where busy slots refused it. The
+    two get the whole list; nothing was refused at the cap."""
+    peers = BuiltOnDemand(10_000, StepCounter(None))
+    probes = ProbeServer(livez=lambda: True, readyz=lambda: True, peers=lambda: peers)
+    answers: list[tuple[int, h11.Response, bytes]] = []
+    refused = trio.Event()
+
+    async def ask(client: Client) -> None:
+        await client.send_all(request_bytes("GET", "/peers"))
+        response, body = await read_response(client, sent_get())
+        answers.append((len(peers.built), response, body))
+        if response.status_code == 503:
+            refused.set()
+            assert (await HttpClient(client).get("/livez"))[0].status_code == 200
+            assert len(peers.built) < 10_000
+            kubelet = open_client(nursery, probes)
+            await kubelet.send_all(request_bytes("GET", "/livez", "Connection: close"))
+            ((response, _),) = parse_responses(await read_to_eof(kubelet))
+            assert response.status_code == 200
+            assert len(peers.built) < 10_000  # no list done yet: two slots busy throughout
+            assert await read_to_eof(client) == b""  # its slot went to the kubelet
+
+    async with trio.open_nursery() as nursery:
+        open_client(nursery, probes)  # idle: the fourth slot is taken, never answered
+        await trio.testing.wait_all_tasks_blocked()
+        for _ in range(3):
+            nursery.start_soon(ask, open_client(nursery, probes))
+        await refused.wait()
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+    ((built, busy, body), *listed) = answers
+    assert built < 10_000  # before any list was done
+    assert (busy.status_code, body) == (503, b"too many /peers requests at once\n")
+    assert (header(busy, b"retry-after"), header(busy, b"connection")) == (b"1", None)
+    assert [(r.status_code, len(json.loads(body))) for _, r, body in listed] == [(200, 10_000)] * 2
+    assert len(peers.built) == 20_000
+    assert (probes.statistics().refused, probes.statistics().evicted) == (0, 1)
+    assert trio.current_time() == 0
+
+
+async def test_with_one_connection_peers_is_still_worked_out_and_a_newcomer_refused(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """max_connections=1: one /peers is worked out all the same (200, the whole list), and
+    a client that comes meanwhile finds the one slot busy: 503, Connection: close."""
+    peers = BuiltOnDemand(10_000, StepCounter(None))
+    probes = ProbeServer(
+        livez=lambda: True, readyz=lambda: True, peers=lambda: peers, max_connections=1
+    )
+    async with trio.open_nursery() as nursery:
+        client = open_client(nursery, probes)
+        await client.send_all(request_bytes("GET", "/peers", "Connection: close"))
+        for _ in range(20):  # the list is being worked out within a few steps
+            if peers.built:
+                break
+            await trio.lowlevel.checkpoint()
+        assert peers.built
+        late = open_client(nursery, probes)
+        ((response, body),) = parse_responses(await read_to_eof(late))
+        assert (response.status_code, body) == (503, b"too many probe connections\n")
+        assert header(response, b"connection") == b"close"
+        assert len(peers.built) < 10_000
+        ((response, body),) = parse_responses(await read_to_eof(client))
+    assert (response.status_code, len(json.loads(body))) == (200, 10_000)
+    assert probes.statistics().refused == 1
 
 
 @pytest.mark.parametrize("hog", ["idle", "a byte a second", "never reads"])
@@ -1327,6 +1458,62 @@ async def test_a_connection_evicted_while_its_request_comes_in_stops_unanswered(
             active=1, refused=0, responses={200: 1}, evicted=1
         )
         await newcomer.stream.aclose()
+    assert trio.current_time() == 0
+
+
+class HeldSend(HeldReceive):
+    """A stream whose ``send_all``, once the data is handed over, holds (shielded) until
+    released, as a socket's send yields after the bytes are out: the connection is evicted
+    while its answer is on its way out. Its next ``receive_some`` then holds until
+    ``resume`` is set, so the connection stays parked where it went on after the send."""
+
+    def __init__(self, inner: trio.abc.HalfCloseableStream) -> None:
+        super().__init__(inner)
+        self.resume = trio.Event()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self.release.is_set():
+            with trio.CancelScope(shield=True):
+                await self.resume.wait()
+        return bytes(await self.inner.receive_some(max_bytes))
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+        self.arrived.set()
+        with trio.CancelScope(shield=True):
+            await self.release.wait()
+
+
+async def test_a_connection_evicted_while_its_first_answer_goes_out_is_not_listed_again(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """max_connections=1: a newcomer evicts the connection whose first answer is being
+    handed over; that answer still reaches its client. The evicted connection, parked
+    before it ends, is not listed as waiting again: a third client evicts the newcomer,
+    and the count stays 1."""
+    probes = Health().probes(max_connections=1)
+    first_client, first_server = trio.testing.memory_stream_pair()
+    held = HeldSend(first_server)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(probes.serve_stream, held)
+        await first_client.send_all(request_bytes())
+        await held.arrived.wait()
+        newcomer = open_client(nursery, probes)
+        await trio.testing.wait_all_tasks_blocked()
+        held.release.set()
+        await trio.testing.wait_all_tasks_blocked()  # parked in its next receive
+        try:
+            third = HttpClient(open_client(nursery, probes))
+            assert (await third.get("/livez"))[0].status_code == 200
+            assert await read_to_eof(newcomer) == b""
+        finally:
+            held.resume.set()  # never left parked, even when the server failed
+        ((response, _),) = parse_responses(await read_to_eof(first_client))
+        assert response.status_code == 200
+        assert probes.statistics() == ProbeStatistics(
+            active=1, refused=0, responses={200: 2}, evicted=2
+        )
+        nursery.cancel_scope.cancel()
     assert trio.current_time() == 0
 
 

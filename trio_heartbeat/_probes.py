@@ -16,12 +16,19 @@ resource a client can take is bounded before the client gets it:
   connection is either *busy* (the server is working out its answer) or
   *waiting on its client*: for the next request, or the rest of one, or for
   the client to read the answer. When every slot is taken, a newcomer takes
-  the slot of the connection that has been waiting longest (since it
-  connected or since its last answer was worked out), which is closed without
-  a word. Only when every slot is busy is the newcomer answered ``503`` with
+  the slot of a waiting connection, which is closed without a word. One that
+  has been answered at least once (an answer handed over whole: keep-alive,
+  pipelining, or a later answer not read) goes first if any waits, the one
+  whose last answer is oldest; else one never answered (waiting for its
+  first request, or for its client to take its first answer), the one
+  waiting longest since it connected or since that answer was worked out.
+  Only when every slot is busy is the newcomer answered ``503`` with
   ``Connection: close``, at once, never queued: a probe that waits is worse
   than one that fails fast and is retried. At most a few refusals linger at a
-  time; past them a newcomer is closed without a word.
+  time; past them a newcomer is closed without a word. Only ``/peers`` keeps
+  a slot busy across steps of the loop, at most half of them (see below):
+  unless ``max_connections`` is 1, slots are always free or waiting, and
+  ``/livez`` is never refused because ``/peers`` is busy.
 
   So idle or slow connections cannot take the port: ``/livez`` is a liveness
   probe, and a few connections that send nothing, or a byte a second, or
@@ -29,10 +36,14 @@ resource a client can take is bounded before the client gets it:
   shorter timeout for idle connections would not do it: a client that
   reconnects at once holds every slot nearly all the time. Eviction bounds
   what such clients cost (they are closed as fast as they come) and keeps
-  the cap. What is left: a client must send its request within the arrival
-  of ``max_connections`` later connections (probes send it at once), and a
-  newcomer is refused while every slot works out an answer at the same time
-  (only ``/peers`` takes long enough for that to be seen, see below).
+  the cap, and clients that pipeline or ask ``/peers`` in a loop give their
+  slots up before any probe still waiting for its first answer. What is
+  left: a probe's request is read a step or two after it connects, and until
+  then it is one fresh connection among others. An attacker whose fresh
+  connections arrive faster than that, as many as there are slots not busy
+  (half while ``/peers`` fills the others) between a probe's connect and the
+  reading of its request, evicts it unanswered (probes send their request at
+  once, and a failed probe is retried).
 * **time**: each request must arrive whole within ``request_timeout`` of the
   moment the server starts waiting for it. A client that sent part of a request
   by then gets ``408``; one that sent nothing (an idle keep-alive connection)
@@ -48,7 +59,12 @@ resource a client can take is bounded before the client gets it:
 * **CPU**: the callables run on the event loop and must be quick (they read
   state the process keeps anyway). The one real cost is ``/peers``: it lists
   at most ``max_peers`` entries (10,000 by default, about 1.8 MB of JSON),
-  ``X-Total-Count`` saying how many there were. ``peers()`` returns a
+  ``X-Total-Count`` saying how many there were. At most
+  ``max(1, max_connections // 2)`` of its answers are worked out at once (two
+  by default; with one fewer slot left to the cheap probes, a few clients
+  reconnecting at once evicted a quarter of the kubelet's probes): one
+  more is answered ``503`` with ``Retry-After: 1`` at once, and its
+  connection goes back to waiting for its next request. ``peers()`` returns a
   sequence whose ``len()`` is that count; only the entries listed are read,
   64 at a time, each slice encoded at once with a checkpoint in between, and
   the body stays in those pieces, written 64 kB at a time. The registry's
@@ -150,6 +166,9 @@ _NOT_FOUND: Final = _text(404, "not found")
 _FAILED: Final = _text(500, "probe failed")
 _NOT_ALLOWED: Final = _Answer(405, b"method not allowed\n", headers=((b"Allow", b"GET, HEAD"),))
 _BUSY: Final = _text(503, "too many probe connections")
+_PEERS_BUSY: Final = _Answer(
+    503, b"too many /peers requests at once\n", headers=((b"Retry-After", b"1"),)
+)
 
 
 def _refusal(status: int) -> _Answer:
@@ -167,8 +186,9 @@ class ProbeServer:
     ``None``, lists and dicts of them), served by ``GET /peers`` as a JSON
     array of its first ``max_peers`` entries: only those are read, in order,
     so a sequence may build each as it is read (the registry's
-    :meth:`~trio_heartbeat.LivenessRegistry.json_entries` does). Without it
-    ``/peers`` is ``404``. ``HEAD`` is answered like ``GET`` without the
+    :meth:`~trio_heartbeat.LivenessRegistry.json_entries` does), at most
+    ``max(1, max_connections // 2)`` arrays at once (one more request is
+    answered ``503`` with ``Retry-After: 1``). Without it ``/peers`` is ``404``. ``HEAD`` is answered like ``GET`` without the
     body, any other method ``405``. The callables run on the event loop for
     each request and must be quick; one that raises is logged and answered
     ``500``.
@@ -221,9 +241,14 @@ class ProbeServer:
         if peers is not None:
             self._routes[b"/peers"] = self._peer_list
         # The connections served, and those of them waiting on their client,
-        # longest waiting first; each is its cancel scope, cancelled to evict it.
+        # longest waiting first: never answered yet, and answered at least once.
+        # Each is its cancel scope, cancelled to evict it.
         self._slots: dict[trio.CancelScope, None] = {}
-        self._waiting: dict[trio.CancelScope, None] = {}
+        self._fresh: dict[trio.CancelScope, None] = {}
+        self._answered: dict[trio.CancelScope, None] = {}
+        # How many /peers answers are being worked out, and how many may be at once.
+        self._building = 0
+        self._max_building = max(1, max_connections // 2)
         self._refusing = 0
         self._refused = 0
         self._evicted = 0
@@ -272,8 +297,9 @@ class ProbeServer:
         """Serve one client's connection until it ends, then close ``stream``.
 
         The connection counts against ``max_connections``; over it, it takes
-        the slot of the connection waiting longest on its client, or is refused
-        with ``503`` if none is. Never raises for anything the client does.
+        the slot of a connection waiting on its client (one already answered
+        first), or is refused with ``503`` if none is. Never raises for
+        anything the client does.
         """
         try:
             slot = self._take_slot()
@@ -283,7 +309,7 @@ class ProbeServer:
                         await self._converse(stream, slot)
                 finally:
                     self._slots.pop(slot, None)
-                    self._waiting.pop(slot, None)
+                    self._busy(slot)
             else:
                 self._refused += 1
                 if self._refusing < _MAX_REFUSING:
@@ -298,23 +324,32 @@ class ProbeServer:
     def _take_slot(self) -> trio.CancelScope | None:
         """A slot for a newcomer (evicting if need be), or ``None`` if every one is busy."""
         if len(self._slots) >= self.max_connections:
-            if not self._waiting:
+            # A connection already answered first, then one never answered; oldest first.
+            waiting = self._answered or self._fresh
+            if not waiting:
                 return None
-            victim = next(iter(self._waiting))
-            del self._waiting[victim], self._slots[victim]
+            victim = next(iter(waiting))
+            del waiting[victim], self._slots[victim]
             victim.cancel()
             self._evicted += 1
         slot = trio.CancelScope()
-        self._slots[slot] = self._waiting[slot] = None
+        self._slots[slot] = self._fresh[slot] = None
         return slot
 
     def _busy(self, slot: trio.CancelScope) -> None:
-        self._waiting.pop(slot, None)
+        self._fresh.pop(slot, None)
+        self._answered.pop(slot, None)
 
-    async def _wait(self, slot: trio.CancelScope) -> None:
+    async def _wait(self, slot: trio.CancelScope, *, answered: bool) -> None:
         # Evicted while its request was on its way in? Then it stops here, not listed again.
         await trio.lowlevel.checkpoint_if_cancelled()
-        self._waiting[slot] = None
+        (self._answered if answered else self._fresh)[slot] = None
+
+    def _sent(self, slot: trio.CancelScope) -> None:
+        # A first answer handed over (unless evicted meanwhile): among the answered now.
+        if slot in self._fresh:
+            del self._fresh[slot]
+            self._answered[slot] = None
 
     # -- one connection ---------------------------------------------------------
 
@@ -334,9 +369,10 @@ class ProbeServer:
                     answer = await self._answer(received.method, received.target)
                     head = received.method == b"HEAD"
                     close = answered + 1 == self.max_requests_per_connection
-                await self._wait(slot)
+                await self._wait(slot, answered=answered > 0)
                 if not await self._send(stream, conn, answer, head=head, close=close):
                     return
+                self._sent(slot)
                 answered += 1
                 if conn.our_state is h11.MUST_CLOSE:
                     await self._linger(stream)
@@ -460,6 +496,16 @@ class ProbeServer:
         return _OK if self._readyz() else _NOT_READY
 
     async def _peer_list(self) -> _Answer:
+        # One slot at least is never busy on /peers: /livez and /readyz always find a place.
+        if self._building >= self._max_building:
+            return _PEERS_BUSY
+        self._building += 1
+        try:
+            return await self._build_peer_list()
+        finally:
+            self._building -= 1
+
+    async def _build_peer_list(self) -> _Answer:
         assert self._peers is not None
         peers = self._peers()
         entries = iter(peers)
