@@ -32,7 +32,7 @@ import pytest
 import trio
 from helpers import client_hello
 
-from trio_heartbeat._cli import _lines, main, serve
+from trio_heartbeat._cli import _fit_file_limit, _lines, main, serve
 from trio_heartbeat._cli_args import build_parser
 from trio_heartbeat._client import open_connection
 from trio_heartbeat._config import Config
@@ -718,3 +718,80 @@ def test_serve_outlives_a_reader_of_its_stdout_that_left() -> None:
         _, err = server.communicate(timeout=30)
     assert server.returncode == 0, err
     assert "BrokenPipeError" not in err
+
+
+@pytest.mark.parametrize(
+    ("limits", "raised_to", "cap", "warned"),
+    [
+        ((1024, 1_000_000), 4160, 4096, False),  # raised as far as needed
+        ((1024, 2048), 2048, 1984, True),  # as far as the hard limit allows, then fitted
+        ((100, 100), None, 36, True),  # cannot be raised at all
+        ((5000, 5000), None, 4096, False),  # enough already
+    ],
+)
+def test_the_connection_cap_fits_the_file_limit(
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    limits: tuple[int, int],
+    raised_to: int | None,
+    cap: int,
+    warned: bool,
+) -> None:
+    """Past the file limit accept fails for everyone, the probes too: serve raises its soft
+    limit toward --max-connections + 64 (like Go's runtime) and else serves fewer."""
+    import resource
+
+    state = {"limits": limits}
+    calls: list[int] = []
+
+    def setrlimit(which: int, new: tuple[int, int]) -> None:
+        if new[0] > state["limits"][1]:
+            raise ValueError("over the hard limit")
+        calls.append(new[0])
+        state["limits"] = new
+
+    monkeypatch.setattr(resource, "getrlimit", lambda which: state["limits"])
+    monkeypatch.setattr(resource, "setrlimit", setrlimit)
+    assert _fit_file_limit(4096) == cap
+    assert calls == ([] if raised_to is None or raised_to == limits[0] else [raised_to])
+    assert any("more than the file limit allows" in m for m in caplog.messages) is warned
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_NOFILE")
+def test_peers_that_would_use_up_the_file_limit_leave_livez_answering() -> None:
+    """serve under a file limit of 100 with 150 raw connections held open: the cap (36)
+    refuses the rest and frees their descriptors, so /livez still answers 200 (with the
+    default cap of 4096 the probe listener's accept failed with EMFILE: probes timed out)."""
+    import resource
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (100, 100))
+
+    server = subprocess.Popen(
+        [*CLI, "serve", "--port", "0", "--health-port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        preexec_fn=limit,
+    )
+    conns: list[socket.socket] = []
+    try:
+        assert server.stdout is not None
+        port = int(server.stdout.readline().rsplit(":", 1)[1])
+        health_port = int(server.stdout.readline().rsplit(":", 1)[1])
+        for _ in range(150):
+            with suppress(OSError):
+                conns.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+        time.sleep(1.0)
+        # A kubelet's timeout: without the cap the probe waited for the handshake
+        # timeout to free descriptors (about 10 s).
+        with socket.create_connection(("127.0.0.1", health_port), timeout=3) as probe:
+            probe.sendall(b"GET /livez HTTP/1.1\r\nHost: k\r\n\r\n")
+            assert probe.recv(100).startswith(b"HTTP/1.1 200")
+    finally:
+        for conn in conns:
+            conn.close()
+        server.send_signal(signal.SIGTERM)
+        server.communicate(timeout=30)
+    assert server.returncode == 0

@@ -9,6 +9,7 @@ to stderr, one line per event.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -69,6 +70,41 @@ async def _echo(conn: Connection) -> None:
         await conn.send(message)
 
 
+#: File descriptors kept beyond the connections: listeners, the probes, logs, systemd.
+FD_RESERVE = 64
+
+
+def _fit_file_limit(max_connections: int) -> int:
+    """The connection cap the process's file limit can honour, raising its soft limit if need be.
+
+    Past the limit, ``accept`` fails for everyone, the probe port included
+    (``/livez`` then times out): the server's own cap must come first. Like
+    Go's runtime, the soft limit is raised as far as the hard one allows.
+    """
+    if sys.platform == "win32":  # pragma: no cover - no such limit
+        return max_connections
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = max_connections + FD_RESERVE
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        new_soft = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        if new_soft > soft:
+            with contextlib.suppress(OSError, ValueError):
+                resource.setrlimit(resource.RLIMIT_NOFILE, (new_soft, hard))
+                soft = new_soft
+        if soft < wanted:
+            fitted = max(1, soft - FD_RESERVE)
+            logger.warning(
+                "--max-connections %d is more than the file limit allows (%d): serving at most %d",
+                max_connections,
+                soft,
+                fitted,
+            )
+            return fitted
+    return max_connections
+
+
 def _announce(line: str) -> None:
     """A line for scripts on stdout: one that read what it needed and left (``| head -1``,
     to learn the port) is no reason to stop serving."""
@@ -126,7 +162,7 @@ async def serve(args: argparse.Namespace) -> int:
         _echo,
         config=config,
         options=_options(args),
-        max_connections=args.max_connections,
+        max_connections=_fit_file_limit(args.max_connections),
         drain_timeout=args.drain_timeout,
     )
     supervisors: list[ServiceSupervisor] = []
