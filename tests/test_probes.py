@@ -32,6 +32,7 @@ import math
 import socket
 from collections.abc import Callable, Sequence
 from typing import overload
+from unittest import mock
 
 import h11
 import pytest
@@ -825,21 +826,24 @@ async def test_a_probe_on_its_way_in_outlasts_a_pipelining_client_answered_after
     probe_client, probe_server = trio.testing.memory_stream_pair()
     held = HeldReceive(probe_server)
     async with trio.open_nursery() as nursery:
-        pipelining = HttpClient(open_client(nursery, probes))
-        assert (await pipelining.get("/livez"))[0].status_code == 200
-        nursery.start_soon(probes.serve_stream, held)
-        await probe_client.send_all(request_bytes("GET", "/livez", "Connection: close"))
-        await held.arrived.wait()
-        assert (await pipelining.get("/livez"))[0].status_code == 200
-        newcomer = HttpClient(open_client(nursery, probes))
-        assert (await newcomer.get("/livez"))[0].status_code == 200
-        assert await read_to_eof(pipelining.stream) == b""
-        held.release.set()
-        ((response, body),) = parse_responses(await read_to_eof(probe_client))
-        assert (response.status_code, body) == (200, b"ok\n")
-        assert trio.current_time() == 0
-        assert probes.statistics().evicted == 1
-        nursery.cancel_scope.cancel()
+        try:
+            pipelining = HttpClient(open_client(nursery, probes))
+            assert (await pipelining.get("/livez"))[0].status_code == 200
+            nursery.start_soon(probes.serve_stream, held)
+            await probe_client.send_all(request_bytes("GET", "/livez", "Connection: close"))
+            await held.arrived.wait()
+            assert (await pipelining.get("/livez"))[0].status_code == 200
+            newcomer = HttpClient(open_client(nursery, probes))
+            assert (await newcomer.get("/livez"))[0].status_code == 200
+            assert await read_to_eof(pipelining.stream) == b""
+            held.release.set()
+            ((response, body),) = parse_responses(await read_to_eof(probe_client))
+            assert (response.status_code, body) == (200, b"ok\n")
+            assert trio.current_time() == 0
+            assert probes.statistics().evicted == 1
+            nursery.cancel_scope.cancel()
+        finally:
+            held.let_go()  # never left held, even when the server failed
 
 
 async def test_a_connection_answered_before_goes_first_while_a_later_answer_goes_out(
@@ -937,6 +941,47 @@ async def test_with_one_connection_peers_is_still_worked_out_and_a_newcomer_refu
         ((response, body),) = parse_responses(await read_to_eof(client))
     assert (response.status_code, len(json.loads(body))) == (200, 10_000)
     assert probes.statistics().refused == 1
+
+
+async def test_three_connections_work_out_one_peer_list_at_a_time_and_count_it_back(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """max_connections=3: max(1, 3 // 2) is one list at a time (not 1.5, not 2). A list
+    asked alone is 200; then two asked at once: one gets the whole list, the other 503
+    with Retry-After: 1; then one alone is 200 again. So the count of lists worked out
+    goes back to exactly 0 after each (neither stuck at 1 nor run below 0)."""
+    peers = BuiltOnDemand(1000, StepCounter(None))  # 16 slices: a list spans many steps
+    probes = ProbeServer(
+        livez=lambda: True, readyz=lambda: True, peers=lambda: peers, max_connections=3
+    )
+
+    async def ask(clients: int) -> list[tuple[int, bytes, bytes | None, int]]:
+        streams = [open_client(nursery, probes) for _ in range(clients)]
+        for stream in streams:  # all sent before the server reads any
+            await stream.send_all(request_bytes("GET", "/peers", "Connection: close"))
+        answers = []
+        for stream in streams:
+            ((response, body),) = parse_responses(await read_to_eof(stream))
+            entries = len(json.loads(body)) if response.status_code == 200 else -1
+            answers.append((response.status_code, body, header(response, b"retry-after"), entries))
+            await stream.aclose()  # our EOF ends the server's lingering close
+        await trio.testing.wait_all_tasks_blocked()
+        assert probes.statistics().active == 0
+        return sorted(answers)
+
+    async with trio.open_nursery() as nursery:
+        assert await ask(1) == [(200, mock.ANY, None, 1000)]
+        assert await ask(2) == [
+            (200, mock.ANY, None, 1000),
+            (503, b"too many /peers requests at once\n", b"1", -1),
+        ]
+        assert await ask(1) == [(200, mock.ANY, None, 1000)]
+        assert trio.current_time() == 0
+        nursery.cancel_scope.cancel()
+    assert len(peers.built) == 3000
+    assert probes.statistics() == ProbeStatistics(
+        active=0, refused=0, responses={200: 3, 503: 1}, evicted=0
+    )
 
 
 @pytest.mark.parametrize("hog", ["idle", "a byte a second", "never reads"])
@@ -1415,6 +1460,11 @@ class HeldReceive(trio.abc.HalfCloseableStream):
         self.arrived = trio.Event()
         self.release = trio.Event()
 
+    def let_go(self) -> None:
+        """Release whatever is held; a test calls it on its way out, failed or not, so a
+        server that failed (its nursery cancelled) never leaves a task held for ever."""
+        self.release.set()
+
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         data = await self.inner.receive_some(max_bytes)
         if data:
@@ -1446,18 +1496,21 @@ async def test_a_connection_evicted_while_its_request_comes_in_stops_unanswered(
     victim_client, victim_server = trio.testing.memory_stream_pair()
     held = HeldReceive(victim_server)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(probes.serve_stream, held)
-        await victim_client.send_all(request_bytes())
-        await held.arrived.wait()
-        newcomer = HttpClient(open_client(nursery, probes))
-        await trio.testing.wait_all_tasks_blocked()
-        held.release.set()
-        assert await read_to_eof(victim_client) == b""
-        assert (await newcomer.get("/livez"))[0].status_code == 200
-        assert probes.statistics() == ProbeStatistics(
-            active=1, refused=0, responses={200: 1}, evicted=1
-        )
-        await newcomer.stream.aclose()
+        try:
+            nursery.start_soon(probes.serve_stream, held)
+            await victim_client.send_all(request_bytes())
+            await held.arrived.wait()
+            newcomer = HttpClient(open_client(nursery, probes))
+            await trio.testing.wait_all_tasks_blocked()
+            held.release.set()
+            assert await read_to_eof(victim_client) == b""
+            assert (await newcomer.get("/livez"))[0].status_code == 200
+            assert probes.statistics() == ProbeStatistics(
+                active=1, refused=0, responses={200: 1}, evicted=1
+            )
+            await newcomer.stream.aclose()
+        finally:
+            held.let_go()  # never left held, even when the server failed
     assert trio.current_time() == 0
 
 
@@ -1470,6 +1523,10 @@ class HeldSend(HeldReceive):
     def __init__(self, inner: trio.abc.HalfCloseableStream) -> None:
         super().__init__(inner)
         self.resume = trio.Event()
+
+    def let_go(self) -> None:
+        super().let_go()
+        self.resume.set()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if self.release.is_set():
@@ -1495,25 +1552,26 @@ async def test_a_connection_evicted_while_its_first_answer_goes_out_is_not_liste
     first_client, first_server = trio.testing.memory_stream_pair()
     held = HeldSend(first_server)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(probes.serve_stream, held)
-        await first_client.send_all(request_bytes())
-        await held.arrived.wait()
-        newcomer = open_client(nursery, probes)
-        await trio.testing.wait_all_tasks_blocked()
-        held.release.set()
-        await trio.testing.wait_all_tasks_blocked()  # parked in its next receive
         try:
+            nursery.start_soon(probes.serve_stream, held)
+            await first_client.send_all(request_bytes())
+            await held.arrived.wait()
+            newcomer = open_client(nursery, probes)
+            await trio.testing.wait_all_tasks_blocked()
+            held.release.set()
+            await trio.testing.wait_all_tasks_blocked()  # parked in its next receive
             third = HttpClient(open_client(nursery, probes))
             assert (await third.get("/livez"))[0].status_code == 200
             assert await read_to_eof(newcomer) == b""
+            held.resume.set()
+            ((response, _),) = parse_responses(await read_to_eof(first_client))
+            assert response.status_code == 200
+            assert probes.statistics() == ProbeStatistics(
+                active=1, refused=0, responses={200: 2}, evicted=2
+            )
+            nursery.cancel_scope.cancel()
         finally:
-            held.resume.set()  # never left parked, even when the server failed
-        ((response, _),) = parse_responses(await read_to_eof(first_client))
-        assert response.status_code == 200
-        assert probes.statistics() == ProbeStatistics(
-            active=1, refused=0, responses={200: 2}, evicted=2
-        )
-        nursery.cancel_scope.cancel()
+            held.let_go()  # never left held, even when the server failed
     assert trio.current_time() == 0
 
 
