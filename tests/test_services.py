@@ -9,8 +9,9 @@ deadline, restarted once it has ended, or abandoned after its shutdown
 timeout; backoff delays are exact and start over after a healthy run; the
 health board turns NOT_SERVING while a child is hung; leaving the block stops
 everything in reverse order, an outside cancellation ends everything, and no
-task is left; the events, the log and the counters. Times are exact
-(``autojump_clock``).
+task is left; the events, the log and the counters; the exact words of every
+refusal and give-up, and the task names (the last section holds what mutation
+testing showed unpinned). Times are exact (``autojump_clock``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import logging
 import math
 import pickle
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 import pytest
 import trio
@@ -162,9 +163,11 @@ async def test_one_for_all_stops_the_others_one_at_a_time_in_reverse_then_starts
 
 
 async def test_rest_for_one_restarts_the_child_and_those_started_after_it(
-    autojump_clock: MockClock,
+    autojump_clock: MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """b fails at 1: c is stopped and b, c start again; a is left alone."""
+    """b fails at 1: c is stopped and b, c start again; a is left alone. The log names
+    both restarted children in one line."""
+    caplog.set_level(logging.INFO, logger="trio_heartbeat")
     rec = Record()
     children = [spec(rec, "a"), spec(rec, "b", (1.0, "fail")), spec(rec, "c")]
     async with open_service_supervisor(
@@ -174,6 +177,8 @@ async def test_rest_for_one_restarts_the_child_and_those_started_after_it(
         assert rec.stops() == [(1.0, "c")]
         assert rec.starts()[3:] == [(1.0, "b"), (1.0, "c")]
         assert rec.of("a") == [(0.0, "start")]
+    restarting = [r.getMessage() for r in caplog.records if r.getMessage().startswith("restarting")]
+    assert restarting == ["restarting 'b', 'c' in 0 s"]
 
 
 # -- restart types ---------------------------------------------------------------------
@@ -241,6 +246,10 @@ async def test_the_restart_past_the_budget_stops_everyone_and_raises_one_error(
     error = caught.value
     assert type(error) is SupervisorGaveUp
     assert (error.child, error.kind) == ("bad", ExitKind.FAILED)
+    assert str(error) == (
+        "child 'bad' failed; 2 restart(s) within 10.0 s already, as many as the budget"
+        " allows: giving up"
+    )
     assert isinstance(error.error, Boom)
     assert error.__cause__ is error.error
     assert rec.starts() == [(0.0, "steady"), (0.0, "bad"), (1.0, "bad"), (2.0, "bad")]
@@ -566,15 +575,17 @@ async def test_backoff_delays_are_exact_and_start_over_after_a_healthy_run(
 
 
 async def test_a_backoff_that_runs_out_starts_over(autojump_clock: MockClock) -> None:
-    """Giving up is the budget's job: a spent backoff iterator begins again."""
+    """Giving up is the budget's job: a spent backoff iterator begins again. The three
+    failures are counted."""
     rec = Record()
     async with open_service_supervisor(
         [spec(rec, "x", *[(0.0, "fail")] * 3)],
         budget=ROOMY,
         backoff=ConstantBackoff(1.0, max_attempts=2),
         listeners=[rec],
-    ):
+    ) as sup:
         await trio.sleep(5.0)
+        assert sup.statistics().failed_exits == 3
     assert [t for t, _ in rec.starts()] == [0.0, 1.0, 2.0, 3.0]
 
 
@@ -714,13 +725,14 @@ async def test_bad_children_and_a_taken_health_name_are_refused(autojump_clock: 
     """Anything but a ChildSpec is a TypeError; a watched child whose name the monitor
     already holds is a ValueError, before anything starts."""
     rec = Record()
-    with pytest.raises(TypeError, match="ChildSpec"):
+    with pytest.raises(TypeError) as refused:
         async with open_service_supervisor(["x"]):  # type: ignore[list-item]
             pass  # pragma: no cover
+    assert str(refused.value) == "children must be ChildSpec objects, not 'x'"
     async with open_health_monitor() as health:
         health.register("w", 1.0)
         child = ChildSpec("w", checking_in(rec, "w", checks=0), check_in_period=2.0)
-        with pytest.raises(ValueError, match="already has a component"):
+        with pytest.raises(ValueError, match=r"^the health monitor already has a component 'w'$"):
             async with open_service_supervisor([child], health=health):
                 pass  # pragma: no cover
     assert rec.log == []
@@ -899,14 +911,207 @@ def test_an_iterator_is_refused_as_backoff() -> None:
     """A generator would give its delays once, and every later restart would be at once
     (6,600 starts in 2 s): a backoff is asked for its delays again, so it must be
     re-iterable."""
-    with pytest.raises(TypeError, match="re-iterable"):
+    with pytest.raises(TypeError) as caught:
         ServiceSupervisor([], Strategy.ONE_FOR_ONE, ROOMY, iter([0.1, 0.2]), None, ())
+    assert str(caught.value) == "backoff must be re-iterable (a policy, a list), not an iterator"
     ServiceSupervisor([], Strategy.ONE_FOR_ONE, ROOMY, [0.1, 0.2], None, ())
 
 
 def test_at_most_a_thousand_children() -> None:
     """Each step looks at every child: the count is bounded, and says so."""
     children = [ChildSpec(f"c{i}", trio.sleep_forever) for i in range(1001)]
-    with pytest.raises(ValueError, match="at most 1000 children, not 1001"):
+    with pytest.raises(ValueError, match=r"^at most 1000 children, not 1001$"):
         ServiceSupervisor(children, Strategy.ONE_FOR_ONE, ROOMY, NO_WAIT, None, ())
     ServiceSupervisor(children[:1000], Strategy.ONE_FOR_ONE, ROOMY, NO_WAIT, None, ())
+
+
+# -- pinned by mutation testing --------------------------------------------------------
+
+
+def test_a_bad_child_spec_is_refused_with_a_message_naming_what_was_wrong() -> None:
+    """Each refusal names the field and the value given, word for word."""
+
+    async def fn() -> None: ...
+
+    cases: list[tuple[dict[str, object], type[Exception], str]] = [
+        ({"name": ""}, ValueError, "a child's name must be a non-empty str, not ''"),
+        ({"name": 3}, ValueError, "a child's name must be a non-empty str, not 3"),
+        ({"fn": 3}, TypeError, "fn must be an async function, not 3"),
+        ({"restart": "x"}, TypeError, "restart must be from RestartType, not 'x'"),
+        (
+            {"check_in_period": -1.0},
+            ValueError,
+            "check_in_period must be positive seconds or None, not -1.0",
+        ),
+        (
+            {"shutdown_timeout": math.nan},
+            ValueError,
+            "shutdown_timeout must be 0 or more seconds, not nan",
+        ),
+        ({"args": [1]}, TypeError, "args must be a tuple, not [1]"),
+    ]
+    for bad, error, message in cases:
+        with pytest.raises(error) as caught:
+            ChildSpec(**{"name": "x", "fn": fn, **bad})  # type: ignore[arg-type]
+        assert str(caught.value) == message
+    assert ChildSpec("x", fn, check_in_period=1, shutdown_timeout=0).shutdown_timeout == 0
+
+
+async def test_state_of_an_unknown_child_is_a_key_error_naming_it(
+    autojump_clock: MockClock,
+) -> None:
+    """``state("nobody")`` raises ``KeyError("nobody")``."""
+    async with open_service_supervisor([spec(Record(), "a")]) as sup:
+        with pytest.raises(KeyError) as caught:
+            sup.state("nobody")
+        assert caught.value.args == ("nobody",)
+
+
+async def test_each_child_runs_in_a_task_named_after_it(autojump_clock: MockClock) -> None:
+    """The task of child "a" is "trio_heartbeat service a", beside the supervisor's loop."""
+    async with open_service_supervisor([spec(Record(), "a")]):
+        await trio.sleep(1.0)
+        names = task_names()
+        assert "trio_heartbeat service a" in names
+        assert "trio_heartbeat service supervisor" in names
+
+
+async def test_the_give_up_on_a_second_abandonment_says_why(
+    autojump_clock: MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The SupervisorGaveUp raised when a child is abandoned again while its first
+    abandoned run lingers has the exact message, the HUNG kind and no error; the log
+    says it once, at ERROR, message included."""
+    release = trio.Event()
+
+    async def stubborn(check_in: CheckIn) -> None:
+        with trio.CancelScope(shield=True):
+            await release.wait()
+
+    def on_event(event: ServiceEvent) -> None:
+        if isinstance(event, SupervisorStopped):
+            release.set()
+
+    child = ChildSpec("w", stubborn, check_in_period=2.0, shutdown_timeout=1.0)
+    with pytest.raises(SupervisorGaveUp) as caught:
+        async with open_service_supervisor([child], backoff=NO_WAIT, listeners=[on_event]):
+            await trio.sleep_forever()
+    assert str(caught.value) == (
+        "child 'w' was abandoned again while an earlier run of it was still running: giving up"
+    )
+    assert (caught.value.child, caught.value.kind, caught.value.error) == ("w", ExitKind.HUNG, None)
+    assert trio.current_time() == 6.0
+    gave_up = [(r.levelname, r.getMessage()) for r in caplog.records if "gave up" in r.getMessage()]
+    assert gave_up == [("ERROR", f"service supervisor gave up: {caught.value}")]
+
+
+async def test_an_abandoned_run_that_ended_no_longer_counts_against_its_child(
+    autojump_clock: MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Period 2, shutdown_timeout 1; the first two runs hang and clean up for 1.5 s. Run 1
+    is abandoned at 3 and ends at 3.5; run 2 (from 3) is abandoned at 6, when no earlier
+    run lingers any more: no give-up, a third run starts at 6 and runs on."""
+    rec = Record()
+    runs = 0
+
+    async def child(check_in: CheckIn) -> None:
+        nonlocal runs
+        runs += 1
+        rec.note("w", "start")
+        if runs > 2:
+            while True:
+                await trio.sleep(1.0)
+                check_in.check_in()
+        try:
+            await trio.sleep_forever()
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.sleep(1.5)
+            rec.note("w", "ended")
+
+    caplog.set_level(logging.INFO, logger="trio_heartbeat")
+    w = ChildSpec("w", child, check_in_period=2.0, shutdown_timeout=1.0)
+    async with open_service_supervisor([w], budget=ROOMY, backoff=NO_WAIT) as sup:
+        await trio.sleep(10.0)
+        assert sup.error is None
+        assert sup.statistics().abandoned == 2
+        assert sup.state("w") is ChildState.RUNNING
+    assert rec.of("w") == [(0.0, "start"), (3.0, "start"), (3.5, "ended"), (6.0, "start"),
+                           (6.5, "ended")]  # fmt: skip
+    late = [r.getMessage() for r in caplog.records if "ended at last" in r.getMessage()]
+    assert late == ["abandoned child 'w' ended at last"] * 2
+
+
+async def test_one_for_one_starts_a_later_child_due_before_an_earlier_one(
+    autojump_clock: MockClock,
+) -> None:
+    """Backoff 1 then 4. a fails at 0 (due at 1) and at 1 (due at 5); b fails at 2 (due at
+    3): under ONE_FOR_ONE b starts at 3, not behind a's later restart."""
+    rec = Record()
+    children = [spec(rec, "a", (0.0, "fail"), (0.0, "fail")), spec(rec, "b", (2.0, "fail"))]
+    async with open_service_supervisor(children, budget=ROOMY, backoff=[1.0, 4.0], listeners=[rec]):
+        await trio.sleep(6.0)
+    assert rec.starts() == [(0.0, "a"), (0.0, "b"), (1.0, "a"), (3.0, "b"), (5.0, "a")]
+
+
+async def test_each_child_has_a_backoff_of_its_own(autojump_clock: MockClock) -> None:
+    """a and b both fail at once: each waits the first delay (1 s), neither the second."""
+    rec = Record()
+    children = [spec(rec, name, (0.0, "fail")) for name in "ab"]
+    async with open_service_supervisor(children, budget=ROOMY, backoff=[1.0, 2.0], listeners=[rec]):
+        await trio.sleep(3.0)
+    assert rec.starts() == [(0.0, "a"), (0.0, "b"), (1.0, "a"), (1.0, "b")]
+    delays = [(e.name, e.delay) for _, e in rec.events if isinstance(e, ChildRestarting)]
+    assert sorted(delays) == [("a", 1.0), ("b", 1.0)]
+
+
+async def test_a_backoff_with_no_delays_restarts_at_once(autojump_clock: MockClock) -> None:
+    """An empty backoff (``[]``, or ``max_attempts=0``) has no delay to give: 0 s."""
+    empty: list[Iterable[float]] = [[], ConstantBackoff(1.0, max_attempts=0)]
+    for backoff in empty:
+        rec = Record()
+        async with open_service_supervisor(
+            [spec(rec, "x", (1.0, "fail"), (1.0, "fail"))],
+            budget=ROOMY,
+            backoff=backoff,
+            listeners=[rec],
+        ):
+            await trio.sleep(3.0)
+        assert [t - rec.starts()[0][0] for t, _ in rec.starts()] == [0.0, 1.0, 2.0]
+        delays = [e.delay for _, e in rec.events if isinstance(e, ChildRestarting)]
+        assert delays == [0.0, 0.0]
+
+
+async def test_a_normal_return_is_logged_at_info(
+    autojump_clock: MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A child that returns is no warning: its exit is logged at INFO, restarted or not."""
+    rec = Record()
+    children = [
+        spec(rec, "p", (1.0, "return")),
+        spec(rec, "t", (1.0, "return"), restart=RestartType.TRANSIENT),
+    ]
+    caplog.set_level(logging.INFO, logger="trio_heartbeat")
+    async with open_service_supervisor(children, backoff=NO_WAIT):
+        await trio.sleep(1.5)
+    exits = [(r.levelname, r.getMessage()) for r in caplog.records if "returned" in r.getMessage()]
+    assert sorted(exits) == [
+        ("INFO", "child 'p' returned; restarting 'p' (one_for_one)"),
+        ("INFO", "child 't' returned; it is transient: not restarted"),
+    ]
+
+
+async def test_a_cancelled_child_is_given_its_whole_shutdown_timeout(
+    autojump_clock: MockClock,
+) -> None:
+    """w hangs (period 1), is cancelled at 1 and cleans up for 1 s of its 2 s timeout; x's
+    failure at 1.5 wakes the loop meanwhile, which must not abandon w early: w ends at 2,
+    reported HUNG, and starts again then."""
+    rec = Record()
+    w = ChildSpec("w", checking_in(rec, "w", checks=0, cleanup=1.0), check_in_period=1.0,
+                  shutdown_timeout=2.0)  # fmt: skip
+    children = [w, spec(rec, "x", (1.5, "fail"))]
+    async with open_service_supervisor(children, budget=ROOMY, backoff=NO_WAIT, listeners=[rec]):
+        await trio.sleep(3.0)
+    assert not any(isinstance(e, ChildAbandoned) for _, e in rec.events)
+    assert rec.of("w")[:4] == [(0.0, "start"), (1.0, "cancelled"), (2.0, "ended"), (2.0, "start")]
