@@ -564,8 +564,8 @@ def test_connect_shows_the_peers_health_and_the_breakers_state_as_they_change() 
 @pytest.mark.slow
 def test_serve_health_port_answers_probes_and_refuses_garbage_without_harm() -> None:
     """``serve --health-port 0`` prints ``health on HOST:PORT``; /livez and /readyz are 200,
-    /peers lists a connected client; garbage on the probe port gets a 400, and the
-    heartbeat client stays connected throughout."""
+    /peers lists a connected client; garbage on the probe port gets a 400 and an oversized
+    head a 431, and the heartbeat client stays connected throughout."""
     with serving("--health-port", "0") as (port, server):
         assert server.stdout is not None
         line = server.stdout.readline()
@@ -608,6 +608,9 @@ def test_serve_health_port_answers_probes_and_refuses_garbage_without_harm() -> 
             with socket.create_connection(("127.0.0.1", probe_port), timeout=10) as probe:
                 probe.sendall(b"\x00\x01garbage\r\n\r\n")
                 assert probe.recv(65536).startswith(b"HTTP/1.1 400")
+            with socket.create_connection(("127.0.0.1", probe_port), timeout=10) as probe:
+                probe.sendall(b"GET /livez HTTP/1.1\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n")
+                assert probe.recv(65536).startswith(b"HTTP/1.1 431")  # over 8 KiB of head
             # The same connection, still there: nothing reached the heartbeats.
             (after,) = peers()
             since, since_after = peer["connected_since"], after["connected_since"]
