@@ -1272,3 +1272,27 @@ async def run_serve_process(log_dir: Path, *options: str) -> AsyncIterator[Serve
         yield ServeProcess(process, match[1].decode(), int(match[2]), stderr_path)
     finally:
         await reap(process)
+
+
+class SpinGuard(trio.abc.Instrument):
+    """Cancels ``scope`` once the task named ``task_name`` takes more than ``limit`` steps in
+    one instant of virtual time: a loop that spins (under autojump the clock would stop for
+    good) fails its test instead of hanging it. ``spun_at`` says when."""
+
+    def __init__(self, limit: int, task_name: str = "trio_heartbeat service supervisor") -> None:
+        self.scope = trio.CancelScope()
+        self.limit = limit
+        self.task_name = task_name
+        self.spun_at: float | None = None
+        self._at = -1.0
+        self._steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task.name != self.task_name:
+            return
+        now = trio.current_time()
+        self._steps = self._steps + 1 if now == self._at else 0
+        self._at = now
+        if self._steps > self.limit and self.spun_at is None:
+            self.spun_at = now
+            self.scope.cancel()

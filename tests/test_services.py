@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable, Iterable
 
 import pytest
 import trio
-from helpers import task_names
+from helpers import SpinGuard, task_names
 from trio.testing import MockClock
 
 from trio_heartbeat._backoff import ConstantBackoff, ExponentialBackoff
@@ -742,26 +742,6 @@ async def test_bad_children_and_a_taken_health_name_are_refused(autojump_clock: 
     assert rec.events[-1] == (1.0, SupervisorStopped(None))
 
 
-class LoopSteps(trio.abc.Instrument):
-    """Cancels ``scope`` once the supervisor's loop takes 1000 steps in one instant."""
-
-    def __init__(self, scope: trio.CancelScope) -> None:
-        self.scope = scope
-        self.spun_at: float | None = None
-        self._at = -1.0
-        self._steps = 0
-
-    def before_task_step(self, task: trio.lowlevel.Task) -> None:
-        if task.name != "trio_heartbeat service supervisor":
-            return
-        now = trio.current_time()
-        self._steps = self._steps + 1 if now == self._at else 0
-        self._at = now
-        if self._steps > 1000 and self.spun_at is None:
-            self.spun_at = now
-            self.scope.cancel()
-
-
 async def test_a_later_childs_earlier_backoff_does_not_spin_the_loop(
     autojump_clock: MockClock,
 ) -> None:
@@ -770,8 +750,8 @@ async def test_a_later_childs_earlier_backoff_does_not_spin_the_loop(
     spin (under autojump a spin stops the clock for ever): a and b start at 2.5."""
     rec = Record()
     children = [spec(rec, "a", (1.5, "fail")), spec(rec, "b", (1.0, "fail"))]
-    with trio.CancelScope() as scope:
-        steps = LoopSteps(scope)
+    steps = SpinGuard(1000)
+    with steps.scope:
         trio.lowlevel.add_instrument(steps)
         try:
             async with open_service_supervisor(

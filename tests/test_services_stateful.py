@@ -35,7 +35,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import trio
-from helpers import task_names
+from helpers import SpinGuard, task_names
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from trio.testing import MockClock
@@ -392,26 +392,6 @@ class Replay:
 # -- one example -----------------------------------------------------------------------
 
 
-class SpinGuard(trio.abc.Instrument):
-    """Cancels ``scope`` if the supervisor's loop takes :data:`SPIN` steps in one instant."""
-
-    def __init__(self) -> None:
-        self.scope = trio.CancelScope()
-        self.spun_at: float | None = None
-        self._at = -1.0
-        self._steps = 0
-
-    def before_task_step(self, task: trio.lowlevel.Task) -> None:
-        if task.name != "trio_heartbeat service supervisor":
-            return
-        now = trio.current_time()
-        self._steps = self._steps + 1 if now == self._at else 0
-        self._at = now
-        if self._steps > SPIN and self.spun_at is None:
-            self.spun_at = now
-            self.scope.cancel()
-
-
 async def run_scenario(scenario: Scenario, guard: SpinGuard) -> None:
     traces: dict[str, list[Trace]] = {child.name: [] for child in scenario.children}
     order = itertools.count()
@@ -548,7 +528,7 @@ def check_the_runs(scenario: Scenario, replay: Replay, traces: dict[str, list[Tr
 @given(scenarios())
 def test_the_supervisor_follows_its_plan_under_random_children(scenario: Scenario) -> None:
     """Every invariant of the module docstring holds for any drawn scenario."""
-    guard = SpinGuard()
+    guard = SpinGuard(SPIN)
     trio.run(
         run_scenario, scenario, guard, clock=MockClock(autojump_threshold=0), instruments=[guard]
     )
