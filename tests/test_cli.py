@@ -798,3 +798,39 @@ def test_peers_that_would_use_up_the_file_limit_leave_livez_answering() -> None:
         server.send_signal(signal.SIGTERM)
         server.communicate(timeout=30)
     assert server.returncode == 0
+
+
+async def test_a_signal_while_the_server_waits_for_its_restart_ends_serve_cleanly(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Serving fails, and SIGTERM comes before the restart (0.125 s later): the drain has
+    begun, so the port is not bound again and serve returns 0."""
+    ports: list[int] = []
+    failed = trio.Event()
+
+    async def failing(
+        self: Server,
+        listeners: list[trio.SocketListener],
+        *,
+        task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        ports.append(listeners[0].socket.getsockname()[1])
+        for listener in listeners:
+            await listener.aclose()
+        failed.set()
+        raise OSError(errno.EBADF, "accept failed")
+
+    monkeypatch.setattr(Server, "serve_listeners", failing)
+    args = build_parser().parse_args(["serve", "--host", "127.0.0.1", "--port", "0"])
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            statuses: list[int] = []
+
+            async def run() -> None:
+                statuses.append(await serve(args))
+
+            nursery.start_soon(run)
+            await failed.wait()
+            os.kill(os.getpid(), signal.SIGTERM)
+    assert statuses == [0]
+    assert len(ports) == 1

@@ -1095,3 +1095,12 @@ async def test_a_cancelled_child_is_given_its_whole_shutdown_timeout(
         await trio.sleep(3.0)
     assert not any(isinstance(e, ChildAbandoned) for _, e in rec.events)
     assert rec.of("w")[:4] == [(0.0, "start"), (1.0, "cancelled"), (2.0, "ended"), (2.0, "start")]
+
+
+@pytest.mark.parametrize("delay", [math.nan, math.inf, -1.0, "0.1", None])
+def test_a_backoff_whose_delays_are_not_seconds_is_refused(delay: object) -> None:
+    """Its first delay is looked at when the supervisor is made: nan or inf never restarted
+    the child, a string or None raised only at the first crash."""
+    delays: list[float] = [delay]  # type: ignore[list-item]
+    with pytest.raises(ValueError, match=r"^backoff delays must be finite seconds, not "):
+        ServiceSupervisor([], Strategy.ONE_FOR_ONE, ROOMY, delays, None, ())

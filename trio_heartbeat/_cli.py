@@ -185,9 +185,11 @@ async def serve(args: argparse.Namespace) -> int:
     drained = trio.Event()
 
     async def run_server() -> None:
-        # The listeners opened above; after a failure, the same port bound again.
-        current = first.pop() if first else await trio.open_tcp_listeners(port, host=args.host)
-        await server.serve_listeners(current)
+        # The listeners opened above; after a failure, the same port bound again,
+        # unless a drain began meanwhile (a signal while the restart waited).
+        if first or not server.draining:
+            current = first.pop() if first else await trio.open_tcp_listeners(port, host=args.host)
+            await server.serve_listeners(current)
         drained.set()
 
     child = ChildSpec("server", run_server, restart=RestartType.TRANSIENT)

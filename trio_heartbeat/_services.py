@@ -66,6 +66,7 @@ is not a health problem.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections import Counter, deque
@@ -249,6 +250,9 @@ class ServiceSupervisor:
             raise ValueError(f"at most {MAX_CHILDREN} children, not {len(specs)}")
         if iter(backoff) is backoff:  # it is asked for its delays again after each healthy run
             raise TypeError("backoff must be re-iterable (a policy, a list), not an iterator")
+        for delay in itertools.islice(backoff, 1):  # a policy's first delay, as a sample
+            if not (_seconds(delay) and delay >= 0):
+                raise ValueError(f"backoff delays must be finite seconds, not {delay!r}")
         for spec in specs:
             if not isinstance(spec, ChildSpec):
                 raise TypeError(f"children must be ChildSpec objects, not {spec!r}")
