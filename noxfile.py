@@ -27,6 +27,7 @@ SANS_IO = [
     "trio_heartbeat/_frames.py",
     "trio_heartbeat/_handshake.py",
     "trio_heartbeat/_health.py",
+    "trio_heartbeat/_leases.py",
     "trio_heartbeat/_pings.py",
     "trio_heartbeat/_protocol.py",
     "trio_heartbeat/_rate.py",
