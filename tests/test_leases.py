@@ -174,7 +174,7 @@ def test_the_bounds_and_refusals() -> None:
 )
 def test_limits_under_one_are_refused(name: str, value: int) -> None:
     with pytest.raises(ValueError, match=rf"^{name} must be at least 1, not 0$"):
-        LeaseStore(**{name: value})  # type: ignore[arg-type]
+        LeaseStore(**{name: value})
 
 
 @pytest.mark.parametrize("min_ttl", [0.0, -1.0, float("inf"), float("nan")])
