@@ -257,3 +257,45 @@ def test_replaying_changes_from_any_read_arrives_at_the_same_keys(
             else:
                 del keys[change.key]
         assert keys == fresh
+
+
+def test_the_default_bounds() -> None:
+    """1 s, 10,000 keys and leases, 64 KiB values, a history of 1,000 changes."""
+    store = LeaseStore()
+    assert (store.min_ttl, store.max_keys, store.max_leases, store.max_value_bytes) == (
+        1.0,
+        10_000,
+        10_000,
+        65_536,
+    )
+    for n in range(1_001):  # revisions 2 .. 1002
+        store.put("k", str(n).encode())
+    assert store.changes(1) is None
+    assert len(store.changes(2) or ()) == 1_000
+
+
+def test_lease_ids_count_up_from_one() -> None:
+    store = LeaseStore()
+    assert [store.grant(5.0, now=0.0) for _ in range(3)] == [1, 2, 3]
+
+
+def test_leases_that_run_out_together_are_all_expired_in_one_call() -> None:
+    store = LeaseStore()
+    first, second = store.grant(2.0, now=0.0), store.grant(3.0, now=0.0)
+    store.put("a", b"", lease=first)
+    store.put("b", b"", lease=second)
+    assert [c.key for c in store.expire(now=3.0)] == ["a", "b"]
+    assert len(store) == 0
+
+
+def test_changes_from_before_the_first_revision() -> None:
+    """``changes(0)`` asks for everything, which a young store still has."""
+    store = LeaseStore()
+    store.put("k", b"v")
+    assert store.changes(0) == (Change(ChangeKind.PUT, "k", b"v", 2),)
+
+
+@pytest.mark.parametrize("now", [float("-inf"), float("inf")])
+def test_an_infinite_now_is_refused(now: float) -> None:
+    with pytest.raises(ValueError, match=r"^now must be a finite time, not -?inf$"):
+        LeaseStore().grant(5.0, now=now)
