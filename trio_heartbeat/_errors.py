@@ -48,6 +48,7 @@ __all__ = [
     "UndeliveredMessages",
     "UnknownEndpoint",
     "UsageError",
+    "WatchCompacted",
     "describe_os_error",
 ]
 
@@ -278,6 +279,18 @@ class SupervisorGaveUp(HeartbeatError):
     def __reduce__(self) -> tuple[object, ...]:
         # ``args`` holds only the message; the default would call ``cls(message)``.
         return (type(self), (str(self), self.child, self.kind, self.error), self.__dict__)
+
+
+@final
+class WatchCompacted(HeartbeatError):
+    """A watch fell behind the store's history: read the range again and watch from there."""
+
+    def __init__(self, revision: int) -> None:
+        super().__init__(f"changes after revision {revision} are no longer kept")
+        self.revision = revision
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.revision,), self.__dict__)
 
 
 @final
