@@ -113,3 +113,24 @@ async def test_the_blocks_own_error_comes_out_as_itself(autojump_clock: MockCloc
         async with open_memory_store():
             raise Boom
     assert not [name for name in task_names() if "memory store" in name]
+
+
+async def test_a_watch_hears_a_delete_and_range_lists_every_key_by_default(
+    autojump_clock: MockClock,
+) -> None:
+    heard: list[tuple[float, tuple[Change, ...]]] = []
+    async with open_memory_store() as store, trio.open_nursery() as nursery:
+        await store.put("b", b"1")
+        await store.put("a", b"2")
+        assert [e.key for e in (await store.range())[0]] == ["a", "b"]
+
+        async def watch() -> None:
+            async for changes in store.watch("", after=store.revision):
+                heard.append((trio.current_time(), changes))
+
+        nursery.start_soon(watch)
+        await trio.sleep(2.0)
+        await store.delete("a")
+        await trio.sleep(1.0)
+        nursery.cancel_scope.cancel()
+    assert heard == [(2.0, (Change(ChangeKind.DELETE, "a", b"", 4),))]
