@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
@@ -636,15 +637,21 @@ def test_serve_health_port_already_taken_is_a_usage_error(
 # -- serve under its service supervisor ------------------------------------------------
 
 
-def failing_serve_listeners(
-    monkeypatch: pytest.MonkeyPatch, failures: int
-) -> tuple[list[int], trio.Event]:
+@dataclass
+class ServingRuns:
+    """What :func:`failing_serve_listeners` saw: the port of each run, and two moments."""
+
+    ports: list[int] = field(default_factory=list)
+    failed: trio.Event = field(default_factory=trio.Event)  # the first run has failed
+    restarted: trio.Event = field(default_factory=trio.Event)  # the second run began
+
+
+def failing_serve_listeners(monkeypatch: pytest.MonkeyPatch, failures: int) -> ServingRuns:
     """Make the first ``failures`` runs of Server.serve_listeners fail as an accept error
-    would (listeners closed, OSError raised); returns the ports each run was given, and
-    an event set at the second run."""
-    ports: list[int] = []
+    would (listeners closed, OSError raised)."""
+    runs = ServingRuns()
+    ports = runs.ports
     original = Server.serve_listeners
-    restarted = trio.Event()
 
     async def flaky(
         self: Server,
@@ -654,15 +661,16 @@ def failing_serve_listeners(
     ) -> None:
         ports.append(listeners[0].socket.getsockname()[1])
         if len(ports) == 2:
-            restarted.set()
+            runs.restarted.set()
         if len(ports) <= failures:
             for listener in listeners:
                 await listener.aclose()
+            runs.failed.set()
             raise OSError(errno.EBADF, "accept failed")
         await original(self, listeners, task_status=task_status)
 
     monkeypatch.setattr(Server, "serve_listeners", flaky)
-    return ports, restarted
+    return runs
 
 
 async def test_serve_restarts_a_failed_server_on_the_same_port(
@@ -670,12 +678,13 @@ async def test_serve_restarts_a_failed_server_on_the_same_port(
 ) -> None:
     """Serving fails once: the supervisor restarts the server 0.125 s later, bound to the
     port it had, and a client completes its handshake there."""
-    ports, restarted = failing_serve_listeners(monkeypatch, failures=1)
+    runs = failing_serve_listeners(monkeypatch, failures=1)
+    ports = runs.ports
     args = build_parser().parse_args(["serve", "--host", "127.0.0.1", "--port", "0"])
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(serve, args)
-            await restarted.wait()
+            await runs.restarted.wait()
             assert ports[0] == ports[1]
             async with open_connection("127.0.0.1", ports[1], config=Config()) as conn:
                 assert conn.peer is not None
@@ -688,7 +697,7 @@ async def test_serve_exits_1_once_its_supervisor_gives_up(
 ) -> None:
     """Serving fails every time: after 3 restarts within 5 s the supervisor gives up and
     serve returns 1, saying why."""
-    ports, _ = failing_serve_listeners(monkeypatch, failures=1_000)
+    ports = failing_serve_listeners(monkeypatch, failures=1_000).ports
     args = build_parser().parse_args(["serve", "--host", "127.0.0.1", "--port", "0"])
     with trio.fail_after(10):
         assert await serve(args) == 1
@@ -805,22 +814,7 @@ async def test_a_signal_while_the_server_waits_for_its_restart_ends_serve_cleanl
 ) -> None:
     """Serving fails, and SIGTERM comes before the restart (0.125 s later): the drain has
     begun, so the port is not bound again and serve returns 0."""
-    ports: list[int] = []
-    failed = trio.Event()
-
-    async def failing(
-        self: Server,
-        listeners: list[trio.SocketListener],
-        *,
-        task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
-        ports.append(listeners[0].socket.getsockname()[1])
-        for listener in listeners:
-            await listener.aclose()
-        failed.set()
-        raise OSError(errno.EBADF, "accept failed")
-
-    monkeypatch.setattr(Server, "serve_listeners", failing)
+    runs = failing_serve_listeners(monkeypatch, failures=1_000)
     args = build_parser().parse_args(["serve", "--host", "127.0.0.1", "--port", "0"])
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
@@ -830,7 +824,7 @@ async def test_a_signal_while_the_server_waits_for_its_restart_ends_serve_cleanl
                 statuses.append(await serve(args))
 
             nursery.start_soon(run)
-            await failed.wait()
+            await runs.failed.wait()
             os.kill(os.getpid(), signal.SIGTERM)
     assert statuses == [0]
-    assert len(ports) == 1
+    assert len(runs.ports) == 1

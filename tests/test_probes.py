@@ -1361,24 +1361,20 @@ def test_a_count_under_one_is_refused_by_name(name: str) -> None:
         Health().probes(**{name: 0})
 
 
-async def test_a_request_bound_of_exactly_256_bytes_is_accepted(
-    autojump_clock: trio.testing.MockClock,
+@pytest.mark.parametrize(
+    ("bound", "head"),
+    [
+        (256, 256),  # the smallest bound, and a head of just that size
+        (32768, 30_000),  # over h11's own default of 16 kB
+    ],
+)
+async def test_a_head_up_to_the_request_bound_is_served(
+    autojump_clock: trio.testing.MockClock, bound: int, head: int
 ) -> None:
-    """256 is the smallest bound: accepted, and a head of 256 bytes is served under it."""
+    """A bound is accepted, and a request head of ``head`` bytes is answered 200 under it."""
     async with trio.open_nursery() as nursery:
-        client = open_client(nursery, Health().probes(max_request_bytes=256))
-        await client.send_all(padded_request(256))
-        assert (await read_response(client, sent_get()))[0].status_code == 200
-        await client.aclose()
-
-
-async def test_a_head_longer_than_h11s_own_limit_is_served_under_a_larger_bound(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    """With max_request_bytes=32768, a 30,000-byte head (over h11's default of 16 kB) is 200."""
-    async with trio.open_nursery() as nursery:
-        client = open_client(nursery, Health().probes(max_request_bytes=32768))
-        await client.send_all(padded_request(30_000))
+        client = open_client(nursery, Health().probes(max_request_bytes=bound))
+        await client.send_all(padded_request(head))
         assert (await read_response(client, sent_get()))[0].status_code == 200
         await client.aclose()
 
