@@ -40,6 +40,7 @@ from trio_heartbeat import (
 from trio_heartbeat._errors import (
     Conviction,
     NoEndpointLeft,
+    StoreUnavailable,
     UsageError,
     WatchCompacted,
     describe_os_error,
@@ -76,6 +77,7 @@ INTERNAL_EXAMPLES: list[HeartbeatError] = [
     UsageError("--timeout must be longer than --interval"),
     # Not exported yet: the registry (#14) is not built.
     WatchCompacted(7),
+    StoreUnavailable("etcd did not answer within 2.0 s", "127.0.0.1:2379"),
 ]
 
 

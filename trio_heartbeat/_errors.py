@@ -44,6 +44,7 @@ __all__ = [
     "ProtocolError",
     "ReconnectFailed",
     "RemoteProtocolError",
+    "StoreUnavailable",
     "SupervisorGaveUp",
     "UndeliveredMessages",
     "UnknownEndpoint",
@@ -291,6 +292,21 @@ class WatchCompacted(HeartbeatError):
 
     def __reduce__(self) -> tuple[object, ...]:
         return (type(self), (self.revision,), self.__dict__)
+
+
+@final
+class StoreUnavailable(HeartbeatError):
+    """The registry's store (etcd) could not be reached or did not answer in time.
+
+    The registry retries with backoff; ``endpoint`` is the store it last tried.
+    """
+
+    def __init__(self, message: str, endpoint: str = "") -> None:
+        super().__init__(message)
+        self.endpoint = endpoint
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.args[0], self.endpoint), self.__dict__)
 
 
 @final

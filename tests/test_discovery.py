@@ -1,0 +1,338 @@
+"""Discovery (``_discovery.py``) over the embedded store, in virtual time, exact times.
+
+What it pins: the block starts with the live set read from the store; every
+registration, change of health, withdrawal and expiry comes out as one event,
+in order, at the instant it happens; ``initial`` lists the set first; a watch
+that fell behind the store's history is answered by a fresh read whose
+differences come out as events; a store that stops answering is noticed by
+the periodic check while the watch is quiet, the last set is kept and called
+stale, and the store's return brings a fresh read and the differences; a
+reader that fell behind the event history is told the differences instead of
+what it missed; the endpoint source gives live addresses in turn, SERVING
+ones first, waits while there are none, and never one that was dropped; a
+value that is not a record is counted and left out; bad arguments are refused;
+nothing is left running.
+"""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
+
+import pytest
+import trio
+import trio.testing
+from helpers import task_names
+from registry_helpers import FaultyStore
+from trio.testing import MockClock
+
+from trio_heartbeat import HealthStatus
+from trio_heartbeat._discovery import (
+    DiscoveryFresh,
+    DiscoveryNotice,
+    DiscoveryStale,
+    open_discovery,
+)
+from trio_heartbeat._errors import StoreUnavailable
+from trio_heartbeat._instances import (
+    Instance,
+    InstanceAdded,
+    InstanceChanged,
+    InstanceRemoved,
+    instance_key,
+)
+from trio_heartbeat._leases import Change
+from trio_heartbeat._memory_store import MemoryStore, open_memory_store
+
+A = Instance("echo", "a", "127.0.0.1:7400")
+B = Instance("echo", "b", "127.0.0.1:7401")
+C = Instance("echo", "c", "127.0.0.1:7402")
+
+
+async def register(store: MemoryStore, instance: Instance, ttl: float = 3.0) -> int:
+    lease = await store.grant(ttl)
+    await store.put(instance.key, instance.encode(), lease=lease)
+    return lease
+
+
+async def collect(
+    changes: AsyncIterator[DiscoveryNotice], into: list[tuple[float, DiscoveryNotice]]
+) -> None:
+    async for notice in changes:
+        into.append((trio.current_time(), notice))
+
+
+async def test_the_set_and_every_change_in_order_at_its_instant(autojump_clock: MockClock) -> None:
+    async with open_memory_store() as store:
+        await register(store, A)
+        await store.put(instance_key("other", "x"), B.encode())
+        async with open_discovery(store, "echo") as discovery, trio.open_nursery() as nursery:
+            assert discovery.instances == {"a": A}
+            assert discovery.revision == 3
+            assert not discovery.stale
+            assert discovery.malformed == 0
+            assert repr(discovery) == "<Discovery 'echo': 1 live>"
+            seen: list[tuple[float, DiscoveryNotice]] = []
+            nursery.start_soon(collect, discovery.changes(initial=True), seen)
+            await trio.sleep(1.0)
+            lease_b = await register(store, B, ttl=2.0)
+            await trio.sleep(0.5)
+            degraded = Instance("echo", "b", B.address, HealthStatus.DEGRADED)
+            await store.put(B.key, degraded.encode(), lease=lease_b)
+            await trio.sleep(5.0)  # A expires at 3.0, B at 3.0
+            await register(store, C)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+        assert seen == [
+            (0.0, InstanceAdded(A, 3)),
+            (1.0, InstanceAdded(B, 4)),
+            (1.5, InstanceChanged(degraded, B, 5)),
+            (3.0, InstanceRemoved(A, 6)),
+            (3.0, InstanceRemoved(degraded, 7)),
+            (6.5, InstanceAdded(C, 8)),
+        ]
+        assert discovery.instances == {"c": C}
+    assert not [name for name in task_names() if "discover" in name]
+
+
+async def test_a_compacted_watch_is_answered_by_a_fresh_read(autojump_clock: MockClock) -> None:
+    async with open_memory_store(history=4) as memory:
+        store = FaultyStore(memory)
+        async with open_discovery(store, "echo") as discovery, trio.open_nursery() as nursery:
+            seen: list[tuple[float, DiscoveryNotice]] = []
+            nursery.start_soon(collect, discovery.changes(), seen)
+            store.freeze()  # the watch's next batch waits: the history moves past it
+            for instance in (A, B, C):
+                await register(memory, instance)
+            await memory.delete(A.key)
+            for port in range(7, 10):
+                await memory.put(B.key, Instance("echo", "b", f"h:{port}").encode())
+            await trio.sleep(1.0)
+            store.thaw()
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+        assert discovery.instances == {"b": Instance("echo", "b", "h:9"), "c": C}
+        # the first batch was in hand (A added); the rest is the fresh read's differences
+        assert [type(n).__name__ for _, n in seen] == [
+            "InstanceAdded",
+            "InstanceRemoved",
+            "InstanceAdded",
+            "InstanceAdded",
+        ]
+        assert [t for t, _ in seen] == [1.0] * 4
+        assert store.times("range") == [0.0, 1.0]
+
+
+async def test_an_outage_keeps_the_last_set_and_says_it_is_stale(
+    autojump_clock: MockClock,
+) -> None:
+    async with open_memory_store() as memory:
+        store = FaultyStore(memory)
+        await register(memory, A, ttl=100.0)
+        async with (
+            open_discovery(store, "echo", check_interval=2.0, backoff=[1.0]) as discovery,
+            trio.open_nursery() as nursery,
+        ):
+            seen: list[tuple[float, DiscoveryNotice]] = []
+            nursery.start_soon(collect, discovery.changes(), seen)
+            await trio.sleep(0.5)
+            store.down = True
+            await trio.sleep(2.0)  # the quiet watch's check at 2.0 failed
+            assert discovery.stale
+            assert discovery.stale_since == 2.0
+            assert "down" in discovery.stale_reason
+            await memory.revoke(1)  # meanwhile, A goes away, and B comes
+            await register(memory, B, ttl=100.0)
+            assert discovery.instances == {"a": A}  # the last set known
+            assert repr(discovery) == "<Discovery 'echo': 1 live, stale>"
+            await trio.sleep(5.0)
+            store.down = False
+            await discovery.wait_for(lambda instances: "b" in instances)
+            assert trio.current_time() == 9.0  # retries at 3.0, then every check_interval
+            assert (discovery.stale, discovery.stale_reason) == (False, "")
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+        assert seen == [
+            (2.0, DiscoveryStale("the store is down (test)", 2.0)),
+            (9.0, InstanceRemoved(A, 4)),
+            (9.0, InstanceAdded(B, 4)),
+            (9.0, DiscoveryFresh(4, 7.0)),
+        ]
+
+
+async def test_a_store_unreachable_at_start_gives_an_empty_stale_set(
+    autojump_clock: MockClock,
+) -> None:
+    async with open_memory_store() as memory:
+        store = FaultyStore(memory)
+        store.down = True
+        await register(memory, A)
+        async with open_discovery(store, "echo", backoff=[0.25]) as discovery:
+            assert discovery.stale
+            assert discovery.instances == {}
+            store.down = False
+            assert await discovery.wait_for() == {"a": A}
+            assert trio.current_time() == 0.25
+
+
+async def test_a_reader_that_fell_behind_is_told_the_differences(
+    autojump_clock: MockClock,
+) -> None:
+    async with open_memory_store() as store, open_discovery(store, "echo", history=2) as discovery:
+        await register(store, A)
+        await trio.testing.wait_all_tasks_blocked()
+        changes = discovery.changes()
+        lease = await register(store, B)
+        await register(store, C)
+        await store.revoke(lease)
+        await store.delete(A.key)
+        await trio.testing.wait_all_tasks_blocked()
+        # four events, two kept: it hears that A left and C came, not B's visit
+        revision = discovery.revision
+        assert [await anext(changes), await anext(changes)] == [
+            InstanceRemoved(A, revision),
+            InstanceAdded(C, revision),
+        ]
+        await register(store, B)
+        await trio.testing.wait_all_tasks_blocked()
+        assert await anext(changes) == InstanceAdded(B, discovery.revision)  # in step again
+        for port in (1, 2, 3):
+            await store.put(C.key, Instance("echo", "c", f"h:{port}").encode())
+        await trio.testing.wait_all_tasks_blocked()
+        c3 = Instance("echo", "c", "h:3")
+        assert await anext(changes) == InstanceChanged(c3, C, discovery.revision)
+
+
+async def test_the_endpoints_rotate_over_live_instances_serving_first(
+    autojump_clock: MockClock,
+) -> None:
+    async with open_memory_store() as store, open_discovery(store, "echo") as discovery:
+        endpoints = discovery.endpoints()
+        assert aiter(endpoints) is endpoints
+        async with trio.open_nursery() as nursery:
+            got: list[tuple[float, str]] = []
+
+            async def first() -> None:
+                endpoint = await anext(endpoints)
+                got.append((trio.current_time(), endpoint))
+
+            nursery.start_soon(first)
+            await trio.sleep(2.0)
+            await register(store, A, ttl=100.0)
+        assert got == [(2.0, A.address)]
+        lease_b = await register(store, B, ttl=100.0)
+        await register(store, C, ttl=100.0)
+        await trio.testing.wait_all_tasks_blocked()
+        assert [await anext(endpoints) for _ in range(4)] == [
+            B.address,
+            C.address,
+            A.address,
+            B.address,
+        ]
+        await store.put(A.key, Instance("echo", "a", A.address, HealthStatus.DEGRADED).encode())
+        await store.revoke(lease_b)
+        await trio.testing.wait_all_tasks_blocked()
+        assert {await anext(endpoints) for _ in range(4)} == {C.address}
+        await store.delete(C.key)
+        await trio.testing.wait_all_tasks_blocked()
+        assert await anext(endpoints) == A.address  # DEGRADED, when it is all there is
+
+
+async def test_a_value_that_is_not_a_record_is_left_out_and_counted(
+    autojump_clock: MockClock,
+) -> None:
+    async with open_memory_store() as store:
+        await store.put(instance_key("echo", "x"), b"\x00 not json")
+        await register(store, A)
+        async with open_discovery(store, "echo") as discovery:
+            assert discovery.instances == {"a": A}
+            assert discovery.malformed == 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"check_interval": 0.0}, ValueError, r"^check_interval must be positive and finite"),
+        ({"check_interval": float("nan")}, ValueError, r"not nan$"),
+        ({"history": 0}, ValueError, r"^history must be a positive int, not 0$"),
+        ({"history": True}, ValueError, r"not True$"),
+        ({"backoff": iter([1.0])}, TypeError, r"^backoff must be re-iterable"),
+    ],
+)
+async def test_bad_arguments_are_refused(
+    kwargs: dict[str, object], error: type[Exception], message: str
+) -> None:
+    async with open_memory_store() as store:
+        with pytest.raises(error, match=message):
+            async with open_discovery(store, "echo", **kwargs):  # type: ignore[arg-type]
+                pass  # pragma: no cover
+        with pytest.raises(ValueError, match=r"^service must be 1 to 128"):
+            async with open_discovery(store, ""):
+                pass  # pragma: no cover
+
+
+async def test_the_blocks_own_error_comes_out_as_itself(autojump_clock: MockClock) -> None:
+    async with open_memory_store() as store:
+        with pytest.raises(StoreUnavailable, match=r"^mine$"):
+            async with open_discovery(store, "echo"):
+                raise StoreUnavailable("mine")
+
+
+async def test_an_ended_discovery_is_freed_without_the_collector(
+    autojump_clock: MockClock,
+) -> None:
+    async with open_memory_store() as store:
+        await register(store, A)
+        gc.collect()
+        gc.disable()
+        try:
+            async with open_discovery(store, "echo") as discovery:
+                changes = discovery.changes(initial=True)
+                assert await anext(changes) == InstanceAdded(A, 2)
+            ref = weakref.ref(discovery)
+            del discovery, changes
+            assert ref() is None
+        finally:
+            gc.enable()
+
+
+async def test_a_broken_watch_makes_the_set_stale_at_once(autojump_clock: MockClock) -> None:
+    async with open_memory_store() as memory:
+        store = FaultyStore(memory)
+        await register(memory, A)
+        async with open_discovery(store, "echo", backoff=[0.5]) as discovery:
+            await trio.sleep(1.0)
+            store.down = True
+            await memory.delete(A.key)  # the watch's next batch fails: the stream broke
+            await trio.testing.wait_all_tasks_blocked()
+            assert discovery.stale_since == 1.0
+            assert discovery.instances == {"a": A}
+            store.down = False
+            await discovery.wait_for(lambda instances: not instances)
+            assert trio.current_time() == 1.5
+            assert not discovery.stale
+
+
+class EndingWatch(FaultyStore):
+    """A watch that ends after its first batch (as a store may end a stream)."""
+
+    async def watch(self, prefix: str, after: int) -> AsyncGenerator[tuple[Change, ...], None]:
+        async with aclosing(self.store.watch(prefix, after)) as batches:
+            async for batch in batches:
+                yield batch
+                return
+
+
+async def test_a_watch_that_ends_is_followed_by_a_fresh_read(autojump_clock: MockClock) -> None:
+    async with open_memory_store() as memory:
+        store = EndingWatch(memory)
+        async with open_discovery(store, "echo") as discovery:
+            await trio.sleep(1.0)
+            await register(memory, A)
+            await trio.sleep(1.0)
+            await register(memory, B)
+            await discovery.wait_for(lambda instances: len(instances) == 2)
+            assert trio.current_time() == 2.0
+            assert store.times("range") == [0.0, 1.0, 2.0]
