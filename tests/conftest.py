@@ -2,13 +2,18 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 from collections.abc import Iterator
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import trio
 import trio.testing
 from hypothesis import HealthCheck, settings
+
+if TYPE_CHECKING:
+    from etcd_server import EtcdServer
 
 # Property tests judge behaviour, not speed: on a loaded 2-core CI machine under
 # coverage, data generation and single examples can be slow without anything
@@ -55,3 +60,23 @@ def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
 
         item.obj = bounded  # type: ignore[attr-defined]
     yield
+
+
+@pytest.fixture
+def etcd(tmp_path: Path) -> Iterator[EtcdServer]:
+    """A real etcd member of its own on loopback, stopped after the test (tests/etcd_server.py).
+
+    Skipped where etcd is not installed, except under CI (``CI`` set), where
+    it must be: the test fails and says how to install it.
+    """
+    from etcd_server import EtcdServer, find_etcd  # here: this file is also copied alone
+
+    binary = find_etcd()
+    if binary is None:
+        if os.environ.get("CI"):
+            pytest.fail(
+                "etcd-server is required under CI: apt-get install -y etcd-server", pytrace=False
+            )
+        pytest.skip("etcd is not installed (apt-get install -y etcd-server)")
+    with EtcdServer(tmp_path / "etcd", binary=binary) as server:
+        yield server

@@ -186,6 +186,7 @@ CROSS_CUTTING = {
     "test_tls": "servers and clients over TLS and mutual TLS",
     "test_benchmarks_smoke": "the benchmark harness still runs",
     "test_testing": "the test kit's user guide (docs/testing.md) runs",
+    "test_service_registry": "registration and discovery, one suite over both stores",
 }
 #: A second test module of one source module, for one kind of test: named for
 #: the module too, with what sets it apart.

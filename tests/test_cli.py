@@ -80,12 +80,12 @@ def usage_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
     return complaint
 
 
-def test_help_lists_the_three_commands(capsys: pytest.CaptureFixture[str]) -> None:
+def test_help_lists_the_four_commands(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for command in ("serve", "connect", "demo"):
+    for command in ("serve", "connect", "registry", "demo"):
         assert command in out
 
 
@@ -104,7 +104,6 @@ def test_help_lists_the_three_commands(capsys: pytest.CaptureFixture[str]) -> No
         (["serve", "--max-connections", "0"], "argument --max-connections: must be at least 1"),
         (["serve", "--max-connections", "1.5"], "not a whole number: '1.5'"),
         (["serve", "--verbose", "--quiet"], "unrecognized arguments: --quiet"),
-        (["connect"], "the following arguments are required: HOST:PORT"),
         (["connect", "--linger", "0", "127.0.0.1:7400"], "argument --linger: must be positive"),
         (["connect", "--backoff-cap", "x", "127.0.0.1:7400"], "not a number: 'x'"),
         (["demo", "--slow"], "unrecognized arguments: --slow"),

@@ -209,7 +209,7 @@ async def test_the_endpoints_rotate_over_live_instances_serving_first(
     autojump_clock: MockClock,
 ) -> None:
     async with open_memory_store() as store, open_discovery(store, "echo") as discovery:
-        endpoints = discovery.endpoints()
+        endpoints = discovery.endpoints(start=0)
         assert aiter(endpoints) is endpoints
         async with trio.open_nursery() as nursery:
             got: list[tuple[float, str]] = []
@@ -238,6 +238,14 @@ async def test_the_endpoints_rotate_over_live_instances_serving_first(
         await store.delete(C.key)
         await trio.testing.wait_all_tasks_blocked()
         assert await anext(endpoints) == A.address  # DEGRADED, when it is all there is
+        await register(store, B)
+        await trio.testing.wait_all_tasks_blocked()
+        firsts = {await anext(discovery.endpoints()) for _ in range(64)}
+        assert firsts == {B.address}  # SERVING first, whatever the start
+        await store.put(A.key, A.encode())
+        await trio.testing.wait_all_tasks_blocked()
+        firsts = {await anext(discovery.endpoints()) for _ in range(64)}
+        assert firsts == {A.address, B.address}  # each source starts somewhere of its own
 
 
 async def test_a_value_that_is_not_a_record_is_left_out_and_counted(
@@ -335,4 +343,5 @@ async def test_a_watch_that_ends_is_followed_by_a_fresh_read(autojump_clock: Moc
             await register(memory, B)
             await discovery.wait_for(lambda instances: len(instances) == 2)
             assert trio.current_time() == 2.0
+            await trio.testing.wait_all_tasks_blocked()
             assert store.times("range") == [0.0, 1.0, 2.0]

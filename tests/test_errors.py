@@ -32,17 +32,17 @@ from trio_heartbeat import (
     ProtocolError,
     ReconnectFailed,
     RemoteProtocolError,
+    StoreUnavailable,
     SupervisorGaveUp,
     UndeliveredMessages,
     UnknownEndpoint,
+    WatchCompacted,
     _errors,
 )
 from trio_heartbeat._errors import (
     Conviction,
     NoEndpointLeft,
-    StoreUnavailable,
     UsageError,
-    WatchCompacted,
     describe_os_error,
 )
 
@@ -69,15 +69,15 @@ EXAMPLES: list[HeartbeatError] = [
     UnknownEndpoint("db-7:5432"),
     SupervisorGaveUp("child db failed", "db", ExitKind.FAILED, KeyError("lost")),
     SupervisorGaveUp("child worker hung", "worker", ExitKind.HUNG, None),
+    WatchCompacted(7),
+    StoreUnavailable("etcd did not answer within 2.0 s", "127.0.0.1:2379"),
+    StoreUnavailable("no store answered"),
 ]
 
 #: The exceptions the package keeps to itself: not exported, still picklable.
 INTERNAL_EXAMPLES: list[HeartbeatError] = [
     NoEndpointLeft("the endpoint source ran dry"),
     UsageError("--timeout must be longer than --interval"),
-    # Not exported yet: the registry (#14) is not built.
-    WatchCompacted(7),
-    StoreUnavailable("etcd did not answer within 2.0 s", "127.0.0.1:2379"),
 ]
 
 

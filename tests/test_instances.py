@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from trio_heartbeat._frames import HealthStatus
 from trio_heartbeat._instances import (
-    DEFAULT_PREFIX,
+    DEFAULT_REGISTRY_PREFIX,
     MAX_NAME_LENGTH,
     MAX_VALUE_BYTES,
     Instance,
@@ -57,7 +57,7 @@ def test_an_instance_round_trips_through_its_stored_value() -> None:
     )
     assert Instance.decode("echo", "b", B.encode()) == B
     assert B.key == "trio-heartbeat/services/echo/b"
-    assert service_prefix("echo") == DEFAULT_PREFIX + "echo/"
+    assert service_prefix("echo") == DEFAULT_REGISTRY_PREFIX + "echo/"
     assert instance_key("echo", "a", "x/") == "x/echo/a"
     assert hash(B) == hash(Instance("echo", "b", "127.0.0.1:7401", HealthStatus.DEGRADED))
 
@@ -75,8 +75,9 @@ def test_metadata_is_copied_so_the_caller_cannot_change_it() -> None:
         ({"service": ""}, ValueError, r"^service must be 1 to 128 characters, not 0$"),
         ({"service": "x" * (MAX_NAME_LENGTH + 1)}, ValueError, r"not 129$"),
         ({"instance_id": "a/b"}, ValueError, r"^instance_id must be printable, without '/'"),
-        ({"instance_id": " a"}, ValueError, r"outer spaces: ' a'$"),
-        ({"instance_id": "a\n"}, ValueError, r"outer spaces"),
+        ({"instance_id": " a"}, ValueError, r"or spaces: ' a'$"),
+        ({"instance_id": "a b"}, ValueError, r"or spaces: 'a b'$"),
+        ({"instance_id": "a\n"}, ValueError, r"or spaces"),
         ({"instance_id": 3}, TypeError, r"^instance_id must be a str, not int$"),
         ({"address": ""}, ValueError, r"^address must be 1 to 300 printable characters$"),
         ({"address": "h:1\x00"}, ValueError, r"printable"),
@@ -182,7 +183,7 @@ def test_apply_skips_what_it_took_already_and_what_is_not_an_instance() -> None:
     live.reset([entry(A)], 10)
     events = live.apply(
         [
-            delete("a", 10),  # taken by the range read already
+            delete("a", 9),  # taken by the range read already
             put("b", B.encode(), 11, service="other"),
             Change(ChangeKind.PUT, service_prefix("echo") + "b/deeper", B.encode(), 12),
             Change(ChangeKind.PUT, service_prefix("echo"), B.encode(), 13),
@@ -193,6 +194,16 @@ def test_apply_skips_what_it_took_already_and_what_is_not_an_instance() -> None:
     assert live.revision == 14
     assert list(live.instances) == ["a"]
     assert live.malformed == 1
+
+
+def test_one_revision_may_remove_several_instances() -> None:
+    live = LiveSet("echo")
+    live.reset([entry(A), entry(B)], 3)
+    assert live.apply([delete("a", 4), delete("b", 4)]) == (
+        InstanceRemoved(A, 4),
+        InstanceRemoved(B, 4),
+    )
+    assert live.revision == 4
 
 
 def test_a_value_that_turns_malformed_removes_the_instance() -> None:

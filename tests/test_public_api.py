@@ -25,10 +25,16 @@ from typing import Any
 import pytest
 
 import trio_heartbeat
+import trio_heartbeat.etcd
 import trio_heartbeat.probes
 import trio_heartbeat.testing
 
-PUBLIC_MODULES = [trio_heartbeat, trio_heartbeat.testing, trio_heartbeat.probes]
+PUBLIC_MODULES = [
+    trio_heartbeat,
+    trio_heartbeat.testing,
+    trio_heartbeat.probes,
+    trio_heartbeat.etcd,
+]
 #: Base classes, protocols and enums: meant to be subclassed, implemented or
 #: are final by nature.
 #: Classes that are handed out, never constructed by users (their docstrings

@@ -342,3 +342,28 @@ async def test_the_blocks_own_error_comes_out_as_itself(autojump_clock: MockCloc
             async with open_registration(memory, A, ttl=3.0):
                 raise KeyError("mine")
         assert await record(memory) is None
+
+
+class SlowFirstRevoke(FaultyStore):
+    """The first revoke takes a second (etcd busy); later ones are prompt."""
+
+    revokes = 0
+
+    async def revoke(self, lease: int) -> None:
+        self.revokes += 1
+        if self.revokes == 1:
+            await trio.sleep(1.0)
+        await super().revoke(lease)
+
+
+async def test_a_withdrawal_cut_short_by_the_shutdown_is_revoked_by_the_shutdown(
+    autojump_clock: MockClock,
+) -> None:
+    async with open_memory_store() as memory, open_health_monitor() as health:
+        store = SlowFirstRevoke(memory)
+        async with open_registration(store, A, ttl=30.0, health=health):
+            health.set_status(HealthStatus.NOT_SERVING)  # the drain begins: withdraw...
+            await trio.sleep(0.5)  # ...and the process stops before the revoke answered
+        assert trio.current_time() == 0.5
+        assert store.times("revoke") == [0.5]  # the shutdown's own, at once
+        assert await record(memory) is None

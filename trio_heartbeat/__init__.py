@@ -34,6 +34,11 @@ from ._connection import EventListener as EventListener
 from ._detectors import FailureDetector as FailureDetector
 from ._detectors import FixedTimeout as FixedTimeout
 from ._detectors import PhiAccrualDetector as PhiAccrualDetector
+from ._discovery import Discovery as Discovery
+from ._discovery import DiscoveryFresh as DiscoveryFresh
+from ._discovery import DiscoveryNotice as DiscoveryNotice
+from ._discovery import DiscoveryStale as DiscoveryStale
+from ._discovery import open_discovery as open_discovery
 from ._endpoints import Endpoint as Endpoint
 from ._endpoints import EndpointSource as EndpointSource
 from ._errors import BrokenConnection as BrokenConnection
@@ -47,9 +52,11 @@ from ._errors import LocalProtocolError as LocalProtocolError
 from ._errors import ProtocolError as ProtocolError
 from ._errors import ReconnectFailed as ReconnectFailed
 from ._errors import RemoteProtocolError as RemoteProtocolError
+from ._errors import StoreUnavailable as StoreUnavailable
 from ._errors import SupervisorGaveUp as SupervisorGaveUp
 from ._errors import UndeliveredMessages as UndeliveredMessages
 from ._errors import UnknownEndpoint as UnknownEndpoint
+from ._errors import WatchCompacted as WatchCompacted
 from ._events import NEED_DATA as NEED_DATA
 from ._events import ConnectionEnded as ConnectionEnded
 from ._events import DataReceived as DataReceived
@@ -81,14 +88,28 @@ from ._health_monitor import HealthListener as HealthListener
 from ._health_monitor import HealthMonitor as HealthMonitor
 from ._health_monitor import HealthTarget as HealthTarget
 from ._health_monitor import open_health_monitor as open_health_monitor
+from ._instances import DEFAULT_REGISTRY_PREFIX as DEFAULT_REGISTRY_PREFIX
+from ._instances import DiscoveryEvent as DiscoveryEvent
+from ._instances import Instance as Instance
+from ._instances import InstanceAdded as InstanceAdded
+from ._instances import InstanceChanged as InstanceChanged
+from ._instances import InstanceRemoved as InstanceRemoved
+from ._instances import LiveSet as LiveSet
 from ._keepalive import KeepaliveOptions as KeepaliveOptions
 from ._keepalive import SupportsSockopt as SupportsSockopt
 from ._keepalive import apply_keepalive as apply_keepalive
 from ._keepalive import read_keepalive as read_keepalive
+from ._kv import KeyValueStore as KeyValueStore
+from ._leases import Change as Change
+from ._leases import ChangeKind as ChangeKind
+from ._leases import Entry as Entry
+from ._leases import LeaseStore as LeaseStore
 from ._liveness_breaker import LivenessBinding as LivenessBinding
 from ._liveness_breaker import bind_breaker as bind_breaker
 from ._local_health import LocalHealth as LocalHealth
 from ._local_health import local_health as local_health
+from ._memory_store import MemoryStore as MemoryStore
+from ._memory_store import open_memory_store as open_memory_store
 from ._options import ConnectionOptions as ConnectionOptions
 from ._outliers import EjectionEvent as EjectionEvent
 from ._outliers import OutlierEjection as OutlierEjection
@@ -104,6 +125,9 @@ from ._reconnect_events import Stopped as Stopped
 from ._reconnect_events import SupervisorEvent as SupervisorEvent
 from ._reconnect_events import SupervisorListener as SupervisorListener
 from ._reconnect_events import SupervisorState as SupervisorState
+from ._registration import Registration as Registration
+from ._registration import RegistrationState as RegistrationState
+from ._registration import open_registration as open_registration
 from ._registry import Departure as Departure
 from ._registry import LivenessRegistry as LivenessRegistry
 from ._registry import PeerInfo as PeerInfo
@@ -159,6 +183,8 @@ __all__ = [
     "BreakerTransition",
     "BrokenConnection",
     "BufferBudget",
+    "Change",
+    "ChangeKind",
     "CheckIn",
     "ChildAbandoned",
     "ChildExited",
@@ -189,15 +215,22 @@ __all__ = [
     "Decision",
     "DecorrelatedJitterBackoff",
     "DEFAULT_BACKOFF",
+    "DEFAULT_REGISTRY_PREFIX",
     "DEFAULT_RESTART_BUDGET",
     "DEFAULT_SERVICE_BACKOFF",
     "DEFAULT_STOP_CODES",
     "Departure",
     "Disconnected",
+    "Discovery",
+    "DiscoveryEvent",
+    "DiscoveryFresh",
+    "DiscoveryNotice",
+    "DiscoveryStale",
     "ejection_cap",
     "EjectionEvent",
     "Endpoint",
     "EndpointSource",
+    "Entry",
     "EqualJitterBackoff",
     "Event",
     "EventListener",
@@ -225,18 +258,29 @@ __all__ = [
     "HeartbeatProtocol",
     "HeartbeatTimeout",
     "Hello",
+    "Instance",
+    "InstanceAdded",
+    "InstanceChanged",
+    "InstanceRemoved",
     "KeepaliveOptions",
+    "KeyValueStore",
+    "LeaseStore",
     "Liveness",
     "LivenessBinding",
     "LivenessRegistry",
+    "LiveSet",
     "local_health",
     "LocalHealth",
     "LocalProtocolError",
+    "MemoryStore",
     "NEED_DATA",
     "notify_systemd",
     "open_connection",
+    "open_discovery",
     "open_health_monitor",
+    "open_memory_store",
     "open_reconnecting_client",
+    "open_registration",
     "open_service_supervisor",
     "open_stream_connection",
     "OutlierEjection",
@@ -255,6 +299,8 @@ __all__ = [
     "read_keepalive",
     "ReconnectFailed",
     "ReconnectingClient",
+    "Registration",
+    "RegistrationState",
     "RemoteProtocolError",
     "RestartBudget",
     "RestartPlan",
@@ -271,6 +317,7 @@ __all__ = [
     "SilenceRule",
     "State",
     "Stopped",
+    "StoreUnavailable",
     "Strategy",
     "SupervisorEvent",
     "SupervisorGaveUp",
@@ -281,6 +328,7 @@ __all__ = [
     "SystemdNotifier",
     "UndeliveredMessages",
     "UnknownEndpoint",
+    "WatchCompacted",
     "WindowKind",
 ]
 

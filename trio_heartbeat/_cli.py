@@ -25,8 +25,15 @@ from ._backoff import FullJitterBackoff
 from ._breaker import BreakerTransition
 from ._circuit import Breaker
 from ._cli_args import _config, _options, build_parser
+from ._cli_registry import (
+    check_registration,
+    discovered_endpoints,
+    registered,
+    run_registry_command,
+)
+from ._config import Config
 from ._connection import Connection
-from ._endpoints import parse_endpoint
+from ._endpoints import EndpointSource
 from ._errors import ReconnectFailed, SupervisorGaveUp, UndeliveredMessages, UsageError
 from ._events import (
     ConnectionEnded,
@@ -158,6 +165,7 @@ async def serve(args: argparse.Namespace) -> int:
     up, ``/livez`` answers 503, the watchdog pings stop and ``serve`` exits 1.
     """
     config = _config(args)
+    check_registration(args)
     server = Server(
         _echo,
         config=config,
@@ -195,8 +203,11 @@ async def serve(args: argparse.Namespace) -> int:
     child = ChildSpec("server", run_server, restart=RestartType.TRANSIENT)
     gave_up: list[SupervisorGaveUp] = []
     try:
-        async with trio.open_nursery() as nursery:
-            async with open_service_supervisor([child]) as supervisor:
+        async with (
+            registered(args, server, host, port) as registration,
+            trio.open_nursery() as nursery,
+        ):
+            async with open_service_supervisor([child, *registration]) as supervisor:
                 supervisors.append(supervisor)
                 _announce(f"listening on {host}:{port}")
                 if probes is not None:
@@ -316,11 +327,11 @@ async def connect(args: argparse.Namespace) -> int:
     a second one stops at once.
     """
     config = _config(args)
-    for endpoint in args.endpoints:
-        try:
-            parse_endpoint(endpoint)
-        except ValueError as exc:
-            raise UsageError(str(exc)) from None
+    async with discovered_endpoints(args) as endpoints:
+        return await _connect(args, config, endpoints)
+
+
+async def _connect(args: argparse.Namespace, config: Config, endpoints: EndpointSource) -> int:
     backoff = FullJitterBackoff(base=2.0, factor=2.0, cap=args.backoff_cap)
     out = sys.stdout.buffer
     status = 0
@@ -347,7 +358,7 @@ async def connect(args: argparse.Namespace) -> int:
             breaker.add_listener(_report_breaker)
             try:
                 async with open_reconnecting_client(
-                    args.endpoints,
+                    endpoints,
                     config=config,
                     options=_options(args),
                     backoff=backoff,
@@ -416,6 +427,22 @@ def _let_go_of_stdout() -> None:
     os.close(devnull)
 
 
+# -- registry -----------------------------------------------------------------------
+
+
+def _registry(args: argparse.Namespace) -> int:
+    """``registry list|watch``: 141, quietly, when stdout is closed under it."""
+
+    def emit(line: str) -> None:
+        print(line, flush=True)
+
+    try:
+        return trio.run(run_registry_command, args, emit)
+    except BrokenPipeError:
+        _let_go_of_stdout()
+        return 141
+
+
 # -- entry point ----------------------------------------------------------------------
 
 
@@ -431,6 +458,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return trio.run(serve, args)
         if args.command == "connect":
             return trio.run(connect, args)
+        if args.command == "registry":
+            return _registry(args)
         from ._demo import run_demo
 
         return trio.run(run_demo, args.fast)

@@ -162,6 +162,26 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST",
         help="address of the probes (default: 127.0.0.1)",
     )
+    registering = serve.add_argument_group("service registry")
+    registering.add_argument(
+        "--register",
+        metavar="etcd://HOST:PORT",
+        help="register in etcd while SERVING (several members comma-separated); withdrawn at "
+        "the drain, gone within the TTL if the process dies or hangs (needs the 'etcd' extra)",
+    )
+    registering.add_argument("--service", metavar="NAME", help="the service to register as")
+    registering.add_argument(
+        "--ttl",
+        type=_positive,
+        default=10.0,
+        metavar="S",
+        help="the registration's lease, renewed every S/3 (default: 10)",
+    )
+    registering.add_argument(
+        "--advertise",
+        metavar="HOST:PORT",
+        help="the address clients dial (default: the one listened on)",
+    )
     _add_common(serve)
 
     connect = commands.add_parser(
@@ -171,7 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
         "full-jitter backoff until interrupted.",
     )
     connect.add_argument(
-        "endpoints", nargs="+", metavar="HOST:PORT", help="server(s) to connect to"
+        "endpoints", nargs="*", metavar="HOST:PORT", help="server(s) to connect to"
+    )
+    connect.add_argument(
+        "--discover",
+        metavar="etcd://HOST:PORT/SERVICE",
+        help="dial the live instances of SERVICE registered in etcd, instead of HOST:PORT",
     )
     connect.add_argument(
         "--backoff-cap",
@@ -195,6 +220,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="at the end of input, close once no message has come for S seconds (default: 1)",
     )
     _add_common(connect)
+
+    registry = commands.add_parser(
+        "registry",
+        help="list or watch the live instances of a service in etcd",
+        description="list: one line per live instance (ID ADDRESS HEALTH); watch: the live "
+        "ones, then every change (added, changed, removed, stale) as it happens.",
+    )
+    registry.add_argument("action", choices=["list", "watch"], help="list once, or watch")
+    registry.add_argument("url", metavar="etcd://HOST:PORT/SERVICE", help="etcd and the service")
+    registry.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
 
     demo = commands.add_parser(
         "demo", help="watch failure detection and reconnection, in one process"

@@ -34,6 +34,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import random
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import aclosing, asynccontextmanager
@@ -47,7 +48,7 @@ from ._errors import StoreUnavailable, WatchCompacted
 from ._frames import HealthStatus
 from ._groups import reraise_single
 from ._instances import (
-    DEFAULT_PREFIX,
+    DEFAULT_REGISTRY_PREFIX,
     DiscoveryEvent,
     Instance,
     InstanceAdded,
@@ -175,13 +176,18 @@ class Discovery:
 
     def changes(self, *, initial: bool = False) -> AsyncIterator[DiscoveryNotice]:
         """Every notice from now on, in order; with ``initial``, an :class:`InstanceAdded`
-        for each instance live now comes first (at the current revision)."""
+        for each instance live now comes first (at the current revision), and a
+        :class:`DiscoveryStale` if the set is stale now."""
         return _Changes(self, initial)
 
-    def endpoints(self) -> AsyncIterator[str]:
+    def endpoints(self, *, start: int | None = None) -> AsyncIterator[str]:
         """An endpoint source for :func:`~trio_heartbeat.open_reconnecting_client`: the
-        address of the next live instance in turn, waiting while there is none."""
-        return _Rotation(self)
+        address of the next live instance in turn, waiting while there is none.
+
+        Each source starts at a random place in the turn (``start`` fixes it), so
+        that many clients starting together do not all dial the same instance.
+        """
+        return _Rotation(self, random.randrange(1 << 16) if start is None else start)
 
     # -- following the store ---------------------------------------------------------
 
@@ -275,6 +281,8 @@ class _Changes:
         if initial:
             revision = discovery.revision
             self._pending.extend(InstanceAdded(i, revision) for i in self._known.values())
+            if discovery.stale_since is not None:
+                self._pending.append(DiscoveryStale(discovery.stale_reason, discovery.stale_since))
 
     def __aiter__(self) -> _Changes:
         return self
@@ -327,9 +335,9 @@ class _Rotation:
 
     __slots__ = ("_discovery", "_turn")
 
-    def __init__(self, discovery: Discovery) -> None:
+    def __init__(self, discovery: Discovery, start: int) -> None:
         self._discovery = discovery
-        self._turn = 0
+        self._turn = start
 
     def __aiter__(self) -> _Rotation:
         return self
@@ -348,7 +356,7 @@ async def open_discovery(
     store: KeyValueStore,
     service: str,
     *,
-    prefix: str = DEFAULT_PREFIX,
+    prefix: str = DEFAULT_REGISTRY_PREFIX,
     backoff: Iterable[float] | None = None,
     check_interval: float = 5.0,
     history: int = 1000,

@@ -38,7 +38,7 @@ from ._frames import HealthStatus
 from ._leases import Change, ChangeKind, Entry
 
 __all__ = [
-    "DEFAULT_PREFIX",
+    "DEFAULT_REGISTRY_PREFIX",
     "MAX_NAME_LENGTH",
     "MAX_VALUE_BYTES",
     "DiscoveryEvent",
@@ -52,7 +52,7 @@ __all__ = [
 ]
 
 #: Where the registry keeps its keys, in etcd or the embedded store.
-DEFAULT_PREFIX: Final = "trio-heartbeat/services/"
+DEFAULT_REGISTRY_PREFIX: Final = "trio-heartbeat/services/"
 #: The longest service name or instance id, in characters.
 MAX_NAME_LENGTH: Final = 128
 #: The largest stored value (address, health and metadata as JSON), in bytes.
@@ -66,8 +66,8 @@ def _check_name(what: str, name: object) -> None:
         raise TypeError(f"{what} must be a str, not {type(name).__name__}")
     if not 1 <= len(name) <= MAX_NAME_LENGTH:
         raise ValueError(f"{what} must be 1 to {MAX_NAME_LENGTH} characters, not {len(name)}")
-    if "/" in name or not name.isprintable() or name != name.strip():
-        raise ValueError(f"{what} must be printable, without '/' or outer spaces: {name!r}")
+    if "/" in name or not name.isprintable() or any(c.isspace() for c in name):
+        raise ValueError(f"{what} must be printable, without '/' or spaces: {name!r}")
 
 
 @final
@@ -79,7 +79,7 @@ class Instance:
     {'zone': 'b'}
 
     ``service`` and ``instance_id`` are 1 to 128 printable characters without
-    ``/``; ``address`` is what clients dial (``host:port``); ``metadata`` maps
+    ``/`` or spaces; ``address`` is what clients dial (``host:port``); ``metadata`` maps
     strings to strings. :exc:`ValueError` (:exc:`TypeError` for a wrong type)
     for anything else, or when the encoded record would pass
     :data:`MAX_VALUE_BYTES`.
@@ -111,7 +111,7 @@ class Instance:
 
     @property
     def key(self) -> str:
-        """Its key in the store, under :data:`DEFAULT_PREFIX`."""
+        """Its key in the store, under :data:`DEFAULT_REGISTRY_PREFIX`."""
         return instance_key(self.service, self.instance_id)
 
     def encode(self) -> bytes:
@@ -145,13 +145,13 @@ class Instance:
             raise ValueError(str(exc)) from None
 
 
-def service_prefix(service: str, prefix: str = DEFAULT_PREFIX) -> str:
+def service_prefix(service: str, prefix: str = DEFAULT_REGISTRY_PREFIX) -> str:
     """The prefix under which every instance of ``service`` is kept."""
     _check_name("service", service)
     return f"{prefix}{service}/"
 
 
-def instance_key(service: str, instance_id: str, prefix: str = DEFAULT_PREFIX) -> str:
+def instance_key(service: str, instance_id: str, prefix: str = DEFAULT_REGISTRY_PREFIX) -> str:
     """The key of one instance."""
     _check_name("instance_id", instance_id)
     return service_prefix(service, prefix) + instance_id
@@ -195,7 +195,7 @@ class LiveSet:
 
     __slots__ = ("_instances", "_prefix", "malformed", "revision", "service")
 
-    def __init__(self, service: str, prefix: str = DEFAULT_PREFIX) -> None:
+    def __init__(self, service: str, prefix: str = DEFAULT_REGISTRY_PREFIX) -> None:
         self.service = service
         self._prefix = service_prefix(service, prefix)
         self._instances: dict[str, Instance] = {}
@@ -239,12 +239,13 @@ class LiveSet:
     def apply(self, changes: Iterable[Change]) -> tuple[DiscoveryEvent, ...]:
         """Take a batch of watched changes, oldest first: what happened, in that order.
 
-        A change at or before :attr:`revision` was already taken (a watch
-        resumed from an older revision) and is skipped.
+        A change before :attr:`revision` was already taken (a watch resumed
+        from an older revision) and is skipped; one revision may hold several
+        changes (a lease that ran out with several keys).
         """
         events: list[DiscoveryEvent] = []
         for change in changes:
-            if change.revision <= self.revision:
+            if change.revision < self.revision:
                 continue
             self.revision = change.revision
             instance_id = self._instance_id(change.key)

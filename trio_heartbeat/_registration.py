@@ -33,7 +33,6 @@ beside a block.
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import logging
 import math
@@ -49,7 +48,7 @@ from ._errors import StoreUnavailable
 from ._frames import HealthStatus
 from ._groups import reraise_single
 from ._health_monitor import HealthMonitor
-from ._instances import DEFAULT_PREFIX, Instance, instance_key
+from ._instances import DEFAULT_REGISTRY_PREFIX, Instance, instance_key
 from ._kv import KeyValueStore
 
 __all__ = ["RegistrationState", "Registration", "open_registration"]
@@ -116,7 +115,7 @@ class Registration:
         *,
         ttl: float = 10.0,
         health: HealthMonitor | None = None,
-        prefix: str = DEFAULT_PREFIX,
+        prefix: str = DEFAULT_REGISTRY_PREFIX,
         backoff: Iterable[float] | None = None,
         revoke_timeout: float = 2.0,
     ) -> None:
@@ -222,8 +221,13 @@ class Registration:
             if lease is not None:
                 with trio.move_on_after(self.revoke_timeout) as scope:
                     scope.shield = True
-                    with contextlib.suppress(StoreUnavailable):  # else it runs out by itself
+                    try:
                         await self._store.revoke(lease)
+                        logger.info("%s withdrawn: stopping", self._key)
+                    except StoreUnavailable:
+                        logger.warning("%s: not withdrawn; it runs out by itself", self._key)
+                if scope.cancelled_caught:
+                    logger.warning("%s: the revoke took too long; it runs out by itself", self._key)
             self._set_state(RegistrationState.STOPPED)
 
     # -- the steps -------------------------------------------------------------------
@@ -288,14 +292,17 @@ class Registration:
             next_renewal = trio.current_time() + self.renew_interval
 
     async def _withdraw(self) -> None:
-        lease, self._lease = self._lease, None
+        lease = self._lease
         if lease is not None:
+            # The lease is forgotten only once revoked: cancelled on the way (the
+            # process stopping), run's own revoke, shielded, tries again.
             try:
                 await self._store.revoke(lease)
             except StoreUnavailable:
                 logger.warning(
                     "%s: could not revoke lease %d; it runs out by itself", self._key, lease
                 )
+            self._lease = None
             logger.info("%s withdrawn: NOT_SERVING", self._key)
         self._set_state(RegistrationState.WITHDRAWN)
 
@@ -326,7 +333,7 @@ async def open_registration(
     *,
     ttl: float = 10.0,
     health: HealthMonitor | None = None,
-    prefix: str = DEFAULT_PREFIX,
+    prefix: str = DEFAULT_REGISTRY_PREFIX,
     backoff: Iterable[float] | None = None,
     revoke_timeout: float = 2.0,
 ) -> AsyncIterator[Registration]:
