@@ -43,7 +43,7 @@ from trio_heartbeat._instances import (
     InstanceRemoved,
     instance_key,
 )
-from trio_heartbeat._leases import Change
+from trio_heartbeat._leases import Change, Entry
 from trio_heartbeat._memory_store import MemoryStore, open_memory_store
 
 A = Instance("echo", "a", "127.0.0.1:7400")
@@ -345,3 +345,31 @@ async def test_a_watch_that_ends_is_followed_by_a_fresh_read(autojump_clock: Moc
             assert trio.current_time() == 2.0
             await trio.testing.wait_all_tasks_blocked()
             assert store.times("range") == [0.0, 1.0, 2.0]
+
+
+class RefusingStore(FaultyStore):
+    """Its first two ranges fail as a broken or hostile store's do: an answer over the
+    client's bound (ValueError), then a refusal nobody expected (RuntimeError)."""
+
+    failures: list[Exception]
+
+    async def range(self, prefix: str = "") -> tuple[list[Entry], int]:
+        if self.failures:
+            await trio.lowlevel.checkpoint()
+            raise self.failures.pop(0)
+        return await super().range(prefix)
+
+
+async def test_a_store_that_answers_nonsense_makes_the_set_stale_never_ends_it(
+    autojump_clock: MockClock,
+) -> None:
+    async with open_memory_store() as memory:
+        store = RefusingStore(memory)
+        store.failures = [ValueError("an answer over 16 MiB"), RuntimeError("etcd refused")]
+        await register(memory, A)
+        async with open_discovery(store, "echo", backoff=[0.25, 0.5]) as discovery:
+            assert discovery.stale
+            assert discovery.stale_reason == "an answer over 16 MiB"
+            assert await discovery.wait_for() == {"a": A}
+            assert trio.current_time() == 0.75
+            assert not discovery.stale

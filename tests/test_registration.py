@@ -266,6 +266,11 @@ async def test_one_registration_runs_once_at_a_time(autojump_clock: MockClock) -
         ({"backoff": iter([1.0])}, TypeError, r"^backoff must be re-iterable"),
         ({"instance": "a"}, TypeError, r"^instance must be an Instance, not str$"),
         ({"instance": Instance("echo", "a", "nowhere")}, ValueError, r"^endpoint must be"),
+        (
+            {"instance": Instance("echo", "a", "h:1", HealthStatus.NOT_SERVING)},
+            ValueError,
+            r"^a NOT_SERVING instance is never registered \(use a HealthMonitor\)$",
+        ),
     ],
 )
 async def test_bad_arguments_are_refused(
@@ -367,3 +372,37 @@ async def test_a_withdrawal_cut_short_by_the_shutdown_is_revoked_by_the_shutdown
         assert trio.current_time() == 0.5
         assert store.times("revoke") == [0.5]  # the shutdown's own, at once
         assert await record(memory) is None
+
+
+class RefusingStore(FaultyStore):
+    """Its first grants fail as a broken or hostile store's do (RuntimeError, ValueError)."""
+
+    failures: list[Exception]
+
+    async def grant(self, ttl: float) -> int:
+        if self.failures:
+            await trio.lowlevel.checkpoint()
+            raise self.failures.pop(0)
+        return await super().grant(ttl)
+
+
+async def test_a_store_that_answers_nonsense_is_an_outage_never_the_end(
+    autojump_clock: MockClock,
+) -> None:
+    async with open_memory_store() as memory:
+        store = RefusingStore(memory)
+        store.failures = [RuntimeError("etcd refused"), ValueError("an answer over 16 MiB")]
+        async with open_registration(store, A, ttl=3.0, backoff=[0.5, 0.25]) as registration:
+            assert where(registration) == (RegistrationState.OUTAGE, None, 0.0, 0)
+            await registration.wait_state(RegistrationState.REGISTERED)
+            assert trio.current_time() == 0.75
+            assert await record(memory) == A
+
+
+async def test_without_a_monitor_the_record_says_the_instances_own_health(
+    autojump_clock: MockClock,
+) -> None:
+    degraded = Instance("echo", "a", "127.0.0.1:7400", HealthStatus.DEGRADED)
+    async with open_memory_store() as memory, open_registration(memory, degraded, ttl=3.0):
+        await trio.sleep(5.0)
+        assert await record(memory) == degraded

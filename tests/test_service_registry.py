@@ -231,3 +231,45 @@ async def test_a_reconnecting_client_fails_over_to_a_live_instance(
         nursery.cancel_scope.cancel()
     dials = [(t, e.endpoint) for t, e in events if isinstance(e, AttemptStarted)]
     assert all(t < dropped_at for t, endpoint in dials if endpoint == a)
+
+
+# -- etcd itself failing ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fault", ["SIGSTOP", "SIGKILL"])
+async def test_etcd_stopped_and_back_instances_register_again_and_discovery_catches_up(
+    etcd: Any, fault: str
+) -> None:
+    """etcd frozen (SIGSTOP) or killed (SIGKILL) for longer than the TTL, then back: every
+    registration reports the outage and registers again, discovery says it is stale, keeps
+    its last set and catches up, and nothing raises meanwhile."""
+    from trio_heartbeat import RegistrationState
+    from trio_heartbeat.etcd import open_etcd_store
+
+    async with (
+        open_etcd_store([etcd.endpoint], timeout=0.5) as store,
+        open_registration(store, instance("a", 7400), ttl=TTL) as a,
+        open_registration(store, instance("b", 7401), ttl=TTL) as b,
+        open_discovery(store, "echo", check_interval=0.5) as discovery,
+    ):
+        await discovery.wait_for(lambda live: set(live) == {"a", "b"})
+        if fault == "SIGSTOP":
+            etcd.freeze()
+        else:
+            etcd.kill()
+        await until(lambda: discovery.stale, within=5.0)
+        await until(lambda: a.outage is not None and b.outage is not None, within=5.0)
+        assert set(discovery.instances) == {"a", "b"}  # the last set known, said to be stale
+        await trio.sleep(TTL * 2)  # longer than the leases
+        assert a.state is RegistrationState.OUTAGE
+        if fault == "SIGSTOP":
+            etcd.thaw()
+        else:
+            await trio.to_thread.run_sync(etcd.restart)
+        await until(lambda: a.outage is None and b.outage is None, within=15.0)
+        await until(lambda: not discovery.stale, within=15.0)
+        await trio.sleep(TTL * 2)  # and they stay: renewed under whatever lease they hold now
+        assert set(discovery.instances) == {"a", "b"}
+        assert {a.state, b.state} == {RegistrationState.REGISTERED}
+        entries, _ = await store.range("trio-heartbeat/services/echo/")
+        assert [entry.key.rsplit("/", 1)[1] for entry in entries] == ["a", "b"]

@@ -14,7 +14,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING
@@ -121,17 +121,27 @@ def _announce(line: str) -> None:
         _let_go_of_stdout()
 
 
-async def _drain_on_signal(server: Server, nursery: trio.Nursery) -> None:
+async def _drain_on_signal(
+    server: Server, nursery: trio.Nursery, withdraw: Callable[[], Awaitable[None]]
+) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        begun = False
         async for signum in signals:
             name = signal.Signals(signum).name
-            if server.draining:
+            if begun or server.draining:
                 logger.warning("second %s: stopping now", name)
                 nursery.cancel_scope.cancel()
                 return
+            begun = True
             logger.info("%s: draining %d connection(s)", name, len(server.registry))
-            # In the background, so that a second signal can cut the drain short.
-            nursery.start_soon(server.drain)
+            # In the background, so that a second signal can cut the drain short;
+            # out of the registry first, so that no client is sent back here.
+            nursery.start_soon(_withdraw_then_drain, server, withdraw)
+
+
+async def _withdraw_then_drain(server: Server, withdraw: Callable[[], Awaitable[None]]) -> None:
+    await withdraw()
+    await server.drain()
 
 
 async def _open_probes(
@@ -204,10 +214,10 @@ async def serve(args: argparse.Namespace) -> int:
     gave_up: list[SupervisorGaveUp] = []
     try:
         async with (
-            registered(args, server, host, port) as registration,
+            registered(args, server, host, port) as registry,
             trio.open_nursery() as nursery,
         ):
-            async with open_service_supervisor([child, *registration]) as supervisor:
+            async with open_service_supervisor([child, *registry.children]) as supervisor:
                 supervisors.append(supervisor)
                 _announce(f"listening on {host}:{port}")
                 if probes is not None:
@@ -215,7 +225,7 @@ async def serve(args: argparse.Namespace) -> int:
                         probes[0].serve_listeners, probes[1]
                     )
                     _announce(f"health on {probe_host}:{probe_port}")
-                nursery.start_soon(_drain_on_signal, server, nursery)
+                nursery.start_soon(_drain_on_signal, server, nursery, registry.withdraw)
                 # Under systemd (NOTIFY_SOCKET): READY, STATUS, the watchdog, STOPPING.
                 nursery.start_soon(partial(notify_systemd, server, healthy=alive))
                 await drained.wait()

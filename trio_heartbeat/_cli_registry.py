@@ -18,7 +18,7 @@ import signal
 import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, final
 
 import trio
 
@@ -29,7 +29,7 @@ from ._frames import HealthStatus
 from ._health_monitor import HealthMonitor
 from ._instances import Instance, InstanceAdded, InstanceChanged, InstanceRemoved, LiveSet
 from ._instances import service_prefix as _service_prefix
-from ._registration import MIN_TTL, Registration
+from ._registration import MIN_TTL, Registration, RegistrationState
 from ._restart import RestartType
 from ._server import Server
 from ._services import ChildSpec
@@ -38,6 +38,8 @@ if TYPE_CHECKING:
     from ._etcd import EtcdStore
 
 __all__ = [
+    "WITHDRAW_GRACE",
+    "Registered",
     "check_registration",
     "discovered_endpoints",
     "parse_etcd_url",
@@ -122,14 +124,46 @@ def check_registration(args: argparse.Namespace) -> None:
         raise UsageError(f"--register: {exc}") from None
 
 
+#: After the withdrawal and before the server says GOING_AWAY: time for the
+#: clients' watches to hear it, so that none reconnects to this server.
+WITHDRAW_GRACE = 0.5
+
+
+@final
+class Registered:
+    """What ``serve`` needs of its registration: the child that keeps it, and the withdrawal."""
+
+    def __init__(self, registration: Registration | None, health: HealthMonitor | None) -> None:
+        self._registration = registration
+        self._health = health
+        #: The service supervisor's children (none without ``--register``).
+        self.children: list[ChildSpec] = []
+        if registration is not None:
+            self.children.append(
+                ChildSpec("registration", registration.run, restart=RestartType.PERMANENT)
+            )
+
+    async def withdraw(self) -> None:
+        """Before a drain: say NOT_SERVING, wait (a little) for the record to go, then give
+        the clients' watches :data:`WITHDRAW_GRACE` to hear it."""
+        if self._registration is None or self._health is None:
+            return
+        self._health.set_status(HealthStatus.NOT_SERVING)
+        with trio.move_on_after(self._registration.revoke_timeout):
+            await self._registration.wait_state(
+                RegistrationState.WITHDRAWN, RegistrationState.OUTAGE, RegistrationState.STOPPED
+            )
+        await trio.sleep(WITHDRAW_GRACE)
+
+
 @asynccontextmanager
 async def registered(
     args: argparse.Namespace, server: Server, host: str, port: int
-) -> AsyncIterator[list[ChildSpec]]:
+) -> AsyncIterator[Registered]:
     """With ``--register`` (checked by :func:`check_registration`): the child that keeps
-    this server registered while it serves (withdrawn when the drain begins); else none."""
+    this server registered while it serves, and its withdrawal before the drain."""
     if args.register is None:
-        yield []
+        yield Registered(None, None)
         return
     endpoints, _ = parse_etcd_url(args.register, option="--register", service=False)
     address = args.advertise or format_endpoint(host, port)
@@ -138,12 +172,6 @@ async def registered(
         health = HealthMonitor()
         health.publish_to(server)
         registration = Registration(store, instance, ttl=args.ttl, health=health)
-
-        async def keep_registered() -> None:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_withdraw_at_drain, server, health)
-                await registration.run()
-
         logger.info(
             "registering %s as %s at %s (ttl %g s)",
             address,
@@ -151,12 +179,7 @@ async def registered(
             args.register,
             args.ttl,
         )
-        yield [ChildSpec("registration", keep_registered, restart=RestartType.PERMANENT)]
-
-
-async def _withdraw_at_drain(server: Server, health: HealthMonitor) -> None:
-    await server.wait_draining()
-    health.set_status(HealthStatus.NOT_SERVING)  # clients stop coming before we stop serving
+        yield Registered(registration, health)
 
 
 # -- connect --discover -----------------------------------------------------------
@@ -226,6 +249,9 @@ async def run_registry_command(args: argparse.Namespace, emit: Callable[[str], N
                 entries, revision = await store.range(_service_prefix(service))
             except StoreUnavailable as exc:
                 logger.error("cannot reach etcd: %s", exc)
+                return 1
+            except (ValueError, RuntimeError) as exc:  # an answer it would not read
+                logger.error("cannot read the service from etcd: %s", exc)
                 return 1
             live = LiveSet(service)
             live.reset(entries, revision)

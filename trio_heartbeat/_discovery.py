@@ -44,7 +44,7 @@ from typing import NoReturn, TypeAlias, final
 import trio
 
 from ._backoff import FullJitterBackoff
-from ._errors import StoreUnavailable, WatchCompacted
+from ._errors import WatchCompacted
 from ._frames import HealthStatus
 from ._groups import reraise_single
 from ._instances import (
@@ -57,7 +57,7 @@ from ._instances import (
     LiveSet,
     service_prefix,
 )
-from ._kv import KeyValueStore
+from ._kv import STORE_FAILURES, KeyValueStore
 
 __all__ = [
     "Discovery",
@@ -133,7 +133,7 @@ class Discovery:
         self._sequence = 0  # notices published so far
         self._changed = trio.Event()
         self._watch_scope: trio.CancelScope | None = None
-        self._watch_error: StoreUnavailable | None = None
+        self._watch_error: Exception | None = None
         #: Since when the set has been stale (``trio.current_time()``), or ``None``.
         self.stale_since: float | None = None
         #: Why it is stale, or ``""``.
@@ -208,7 +208,7 @@ class Discovery:
                 await self._watch()
             except WatchCompacted as exc:
                 logger.info("%s: watch compacted (%s); reading again", self._prefix, exc)
-            except StoreUnavailable as exc:
+            except STORE_FAILURES as exc:
                 self._now_stale(str(exc))
                 await trio.sleep(next(delays, self._check_interval))
 
@@ -234,7 +234,7 @@ class Discovery:
                 continue
             try:
                 await self._store.range(self._prefix)
-            except StoreUnavailable as exc:
+            except STORE_FAILURES as exc:
                 if scope is self._watch_scope:
                     self._watch_error = exc
                     scope.cancel()

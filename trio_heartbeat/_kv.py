@@ -17,18 +17,26 @@ The rules every implementation keeps:
   answers the revision it read at, and a watch from that revision hears every
   later change under the prefix, oldest first, or raises
   :exc:`~trio_heartbeat.WatchCompacted` when those changes are no longer kept;
-- a store that cannot be reached raises :exc:`~trio_heartbeat.StoreUnavailable`
-  (the registry retries with backoff); any other error is a bug or a misuse.
+- a store that cannot be reached raises :exc:`~trio_heartbeat.StoreUnavailable`;
+  one whose answer it refused to read (over its size bound, malformed) raises
+  :exc:`ValueError`, and one whose refusal it did not expect
+  :exc:`RuntimeError`. Registration and discovery take each of
+  :data:`STORE_FAILURES` as a failure of the store, and retry with backoff: a
+  hostile or broken store can make the registry stale, never end it.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator
-from typing import Protocol
+from typing import Final, Protocol
 
+from ._errors import StoreUnavailable
 from ._leases import Change, Entry
 
-__all__ = ["KeyValueStore"]
+__all__ = ["STORE_FAILURES", "KeyValueStore"]
+
+#: What the registry takes as a failure of the store (retried with backoff).
+STORE_FAILURES: Final = (StoreUnavailable, ValueError, RuntimeError)
 
 
 class KeyValueStore(Protocol):

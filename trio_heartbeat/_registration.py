@@ -49,7 +49,7 @@ from ._frames import HealthStatus
 from ._groups import reraise_single
 from ._health_monitor import HealthMonitor
 from ._instances import DEFAULT_REGISTRY_PREFIX, Instance, instance_key
-from ._kv import KeyValueStore
+from ._kv import STORE_FAILURES, KeyValueStore
 
 __all__ = ["RegistrationState", "Registration", "open_registration"]
 
@@ -85,7 +85,9 @@ class Registration:
     ...         async with open_registration(store, instance, ttl=3.0, health=health):
     ...             ...  # registered while SERVING or DEGRADED
 
-    ``ttl`` is at least 1 second (etcd may grant a little more than asked).
+    Without ``health``, the record says the instance's own health (SERVING
+    or DEGRADED) for as long as it runs. ``ttl`` is at least 1 second (etcd
+    may grant a little more than asked).
     ``backoff`` is an iterable of delays, started over after each success;
     by default full jitter from 0.1 s doubling to ``ttl / 3``.
     """
@@ -122,6 +124,8 @@ class Registration:
         if not isinstance(instance, Instance):
             raise TypeError(f"instance must be an Instance, not {type(instance).__name__}")
         parse_endpoint(instance.address)  # clients will dial it: it must be host:port
+        if instance.health is HealthStatus.NOT_SERVING:
+            raise ValueError("a NOT_SERVING instance is never registered (use a HealthMonitor)")
         if not (math.isfinite(ttl) and ttl >= MIN_TTL):
             raise ValueError(f"ttl must be at least {MIN_TTL:g} s and finite, not {ttl!r}")
         if not (math.isfinite(revoke_timeout) and revoke_timeout > 0):
@@ -211,7 +215,7 @@ class Registration:
                     delays = iter(self._backoff)
                     report_started()
                     await self._renew_while_healthy()
-                except StoreUnavailable as exc:
+                except STORE_FAILURES as exc:
                     self._outage_began(exc)
                     report_started()
                     await trio.sleep(next(delays, self.renew_interval))
@@ -224,7 +228,7 @@ class Registration:
                     try:
                         await self._store.revoke(lease)
                         logger.info("%s withdrawn: stopping", self._key)
-                    except StoreUnavailable:
+                    except STORE_FAILURES:
                         logger.warning("%s: not withdrawn; it runs out by itself", self._key)
                 if scope.cancelled_caught:
                     logger.warning("%s: the revoke took too long; it runs out by itself", self._key)
@@ -233,7 +237,7 @@ class Registration:
     # -- the steps -------------------------------------------------------------------
 
     def _status(self) -> HealthStatus:
-        return HealthStatus.SERVING if self._health is None else self._health.status
+        return self.instance.health if self._health is None else self._health.status
 
     def _record(self, status: HealthStatus) -> bytes:
         instance = self.instance
@@ -298,7 +302,7 @@ class Registration:
             # process stopping), run's own revoke, shielded, tries again.
             try:
                 await self._store.revoke(lease)
-            except StoreUnavailable:
+            except STORE_FAILURES:
                 logger.warning(
                     "%s: could not revoke lease %d; it runs out by itself", self._key, lease
                 )
@@ -306,7 +310,7 @@ class Registration:
             logger.info("%s withdrawn: NOT_SERVING", self._key)
         self._set_state(RegistrationState.WITHDRAWN)
 
-    def _outage_began(self, exc: StoreUnavailable) -> None:
+    def _outage_began(self, exc: Exception) -> None:
         if self.outage is None:
             self.outage = trio.current_time()
             logger.warning("%s: the store is unreachable (%s); retrying", self._key, exc)
