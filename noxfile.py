@@ -52,6 +52,7 @@ RUNTIME = [
     "trio_heartbeat/_outcome.py",
     "trio_heartbeat/_outliers.py",
     "trio_heartbeat/_probes.py",
+    "trio_heartbeat/_publisher.py",
     "trio_heartbeat/_reader.py",
     "trio_heartbeat/_registration.py",
     "trio_heartbeat/_registry.py",

@@ -74,8 +74,13 @@ def test_malformed_etcd_urls_are_usage_errors(text: str, service: bool, message:
     [
         (["serve", "--register", "memory", "--service", "e"], "not meaningful across processes"),
         (["serve", "--register", "etcd://a:1"], "--register needs --service NAME"),
-        (["serve", "--service", "e"], "--service and --advertise need --register"),
-        (["serve", "--advertise", "a:1"], "--service and --advertise need --register"),
+        (["serve", "--service", "e"], "--service, --advertise and --publish-peers need --register"),
+        (["serve", "--advertise", "a:1"], "--service, --advertise and --publish-peers need"),
+        (["serve", "--publish-peers", "w"], "--service, --advertise and --publish-peers need"),
+        (
+            ["serve", "--register", "etcd://a:1", "--service", "e", "--publish-peers", "w/x"],
+            "--register: service must be printable, without '/'",
+        ),
         (["serve", "--register", "etcd://a:1", "--service", "e", "--ttl", "0.5"], "--ttl must be"),
         (
             ["serve", "--register", "etcd://a:1", "--service", "e", "--host", "0.0.0.0"],
@@ -143,12 +148,12 @@ def wait_until(condition: Callable[[], bool], within: float) -> float:
 
 @contextmanager
 def registered_serve(
-    etcd: EtcdServer, name: str, ttl: float = TTL
+    etcd: EtcdServer, name: str, ttl: float = TTL, *options: str
 ) -> Iterator[tuple[subprocess.Popen[str], str]]:
     """``serve --register`` as instance ``name``; its address. Ended (thawed first) afterwards."""
     registering = ["--register", f"etcd://{etcd.endpoint}", "--service", "echo", "--ttl", str(ttl)]
     server = subprocess.Popen(
-        [*CLI, "serve", "--port", "0", *registering, "--id", name],
+        [*CLI, "serve", "--port", "0", *registering, "--id", name, *options],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -323,3 +328,27 @@ def test_a_draining_server_is_out_of_the_registry_before_it_sends_its_clients_aw
             dialled = [line.split()[-1] for line in after.splitlines() if "connecting to" in line]
             assert dialled == [second_address]
             assert connected_to(err) == [first_address, second_address]
+
+
+def test_serve_publishes_its_peers_under_its_own_lease(etcd: EtcdServer) -> None:
+    with registered_serve(etcd, "hub", TTL, "--publish-peers", "workers") as (hub, address):
+        client = subprocess.Popen(
+            [*CLI, "connect", address, "--id", "w1"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            wait_until(lambda: len(registry_list(etcd, "workers")) == 1, within=10)
+            [row] = registry_list(etcd, "workers")
+            assert row[0] == "w1"
+            assert row[1].startswith("127.0.0.1:")
+            assert row[2] == "SERVING"
+            client.communicate(timeout=30)  # the end of input: it closes
+            wait_until(lambda: registry_list(etcd, "workers") == [], within=5)
+        finally:
+            if client.returncode is None:
+                client.kill()
+                client.communicate()
+        hub.send_signal(signal.SIGKILL)  # the hub's lease carries its peers' records too

@@ -252,3 +252,20 @@ def test_watched_changes_and_a_range_read_agree(ops: list[tuple[str, str | None]
     read.reset([entry(instance) for instance in state.values()], len(ops) + 1)
     assert watched.instances == read.instances == dict(sorted(state.items()))
     assert replayed == state
+
+
+def test_the_bounds_are_inclusive_and_the_record_canonical() -> None:
+    assert Instance("e", "a", "h").address == "h"  # one character
+    assert len(Instance("e", "a", "h" * 300).address) == 300
+    shuffled = Instance("e", "a", "h:1", metadata={"z": "1", "a": "2"})
+    assert shuffled.encode().endswith(b'"metadata":{"a":"2","z":"1"}}')  # the same bytes always
+    padding = MAX_VALUE_BYTES - len(Instance("e", "a", "h:1", metadata={"k": ""}).encode())
+    largest = Instance("e", "a", "h:1", metadata={"k": "v" * padding})
+    assert Instance.decode("e", "a", largest.encode()) == largest  # 4096 bytes exactly
+
+
+def test_keys_name_what_is_wrong_with_them() -> None:
+    with pytest.raises(ValueError, match=r"^service must be printable"):
+        service_prefix("a/b")
+    with pytest.raises(ValueError, match=r"^instance_id must be printable"):
+        instance_key("echo", "a/b")

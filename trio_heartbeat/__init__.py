@@ -116,6 +116,7 @@ from ._outliers import OutlierEjection as OutlierEjection
 from ._outliers import OutlierStatistics as OutlierStatistics
 from ._outliers import ejection_cap as ejection_cap
 from ._protocol import HeartbeatProtocol as HeartbeatProtocol
+from ._publisher import publish_peers as publish_peers
 from ._reconnect_events import AttemptFailed as AttemptFailed
 from ._reconnect_events import AttemptStarted as AttemptStarted
 from ._reconnect_events import BackingOff as BackingOff
@@ -296,6 +297,7 @@ __all__ = [
     "Pong",
     "PongReceived",
     "ProtocolError",
+    "publish_peers",
     "read_keepalive",
     "ReconnectFailed",
     "ReconnectingClient",

@@ -178,6 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="the registration's lease, renewed every S/3 (default: 10)",
     )
     registering.add_argument(
+        "--publish-peers",
+        metavar="SERVICE",
+        help="also publish the connected peers (those with an --id) as instances of SERVICE, "
+        "under this server's lease",
+    )
+    registering.add_argument(
         "--advertise",
         metavar="HOST:PORT",
         help="the address clients dial (default: the one listened on)",

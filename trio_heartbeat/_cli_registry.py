@@ -16,8 +16,9 @@ import logging
 import math
 import signal
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
+from functools import partial
 from typing import TYPE_CHECKING, final
 
 import trio
@@ -29,6 +30,7 @@ from ._frames import HealthStatus
 from ._health_monitor import HealthMonitor
 from ._instances import Instance, InstanceAdded, InstanceChanged, InstanceRemoved, LiveSet
 from ._instances import service_prefix as _service_prefix
+from ._publisher import publish_peers
 from ._registration import MIN_TTL, Registration, RegistrationState
 from ._restart import RestartType
 from ._server import Server
@@ -105,8 +107,10 @@ async def _etcd(endpoints: list[str]) -> AsyncIterator[EtcdStore]:
 def check_registration(args: argparse.Namespace) -> None:
     """Refuse ``serve``'s registry options that cannot work, before anything is opened."""
     if args.register is None:
-        if args.service is not None or args.advertise is not None:
-            raise UsageError("--service and --advertise need --register etcd://HOST:PORT")
+        if args.service is not None or args.advertise is not None or args.publish_peers:
+            raise UsageError(
+                "--service, --advertise and --publish-peers need --register etcd://HOST:PORT"
+            )
         return
     parse_etcd_url(args.register, option="--register", service=False)
     if args.service is None:
@@ -120,6 +124,8 @@ def check_registration(args: argparse.Namespace) -> None:
         if args.advertise is not None:
             parse_endpoint(args.advertise)
         Instance(args.service, args.id or "x", args.advertise or "x:1")
+        if args.publish_peers is not None:
+            _service_prefix(args.publish_peers)
     except (TypeError, ValueError) as exc:
         raise UsageError(f"--register: {exc}") from None
 
@@ -133,7 +139,12 @@ WITHDRAW_GRACE = 0.5
 class Registered:
     """What ``serve`` needs of its registration: the child that keeps it, and the withdrawal."""
 
-    def __init__(self, registration: Registration | None, health: HealthMonitor | None) -> None:
+    def __init__(
+        self,
+        registration: Registration | None = None,
+        health: HealthMonitor | None = None,
+        publisher: Callable[[], Awaitable[object]] | None = None,
+    ) -> None:
         self._registration = registration
         self._health = health
         #: The service supervisor's children (none without ``--register``).
@@ -141,6 +152,10 @@ class Registered:
         if registration is not None:
             self.children.append(
                 ChildSpec("registration", registration.run, restart=RestartType.PERMANENT)
+            )
+        if publisher is not None:
+            self.children.append(
+                ChildSpec("peer publisher", publisher, restart=RestartType.PERMANENT)
             )
 
     async def withdraw(self) -> None:
@@ -163,7 +178,7 @@ async def registered(
     """With ``--register`` (checked by :func:`check_registration`): the child that keeps
     this server registered while it serves, and its withdrawal before the drain."""
     if args.register is None:
-        yield Registered(None, None)
+        yield Registered()
         return
     endpoints, _ = parse_etcd_url(args.register, option="--register", service=False)
     address = args.advertise or format_endpoint(host, port)
@@ -179,7 +194,12 @@ async def registered(
             args.register,
             args.ttl,
         )
-        yield Registered(registration, health)
+        publisher = None
+        if args.publish_peers is not None:
+            publisher = partial(
+                publish_peers, server.registry, store, args.publish_peers, ttl=args.ttl
+            )
+        yield Registered(registration, health, publisher)
 
 
 # -- connect --discover -----------------------------------------------------------

@@ -62,7 +62,7 @@ class KeyValueStore(Protocol):
         """Delete ``key``, if there is one."""
         ...
 
-    async def range(self, prefix: str = "") -> tuple[list[Entry], int]:
+    async def range(self, prefix: str = "") -> tuple[list[Entry], int]:  # pragma: no mutate
         """Every entry whose key starts with ``prefix``, in key order, and the revision read at."""
         ...
 
