@@ -13,18 +13,26 @@ here with real exception groups (as a nursery raises them) and real
 
 :func:`single_exception` counts an object once however often it appears, and
 :func:`only_cancelled` tells a cancellation (or a group of nothing else) from
-an error.
+an error. :func:`open_background`'s tasks end with the block, and what comes
+out of it is one exception.
 """
 
 from __future__ import annotations
 
 import doctest
+from collections.abc import Awaitable, Callable
 
 import pytest
 import trio
+import trio.testing
 
 from trio_heartbeat import _groups
-from trio_heartbeat._groups import only_cancelled, reraise_single, single_exception
+from trio_heartbeat._groups import (
+    only_cancelled,
+    open_background,
+    reraise_single,
+    single_exception,
+)
 
 
 async def cancelled() -> trio.Cancelled:
@@ -163,3 +171,35 @@ def test_doctests() -> None:
     results = doctest.testmod(_groups)
     assert results.attempted > 0
     assert results.failed == 0
+
+
+async def test_background_tasks_end_with_the_block_and_errors_come_out_single(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    ended: list[float] = []
+
+    async def forever() -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            ended.append(trio.current_time())
+
+    async def fails() -> None:
+        await trio.sleep(0.5)
+        raise ValueError("theirs")
+
+    async def block(task: Callable[[], Awaitable[None]], error: Exception | None) -> None:
+        async with open_background() as nursery:
+            nursery.start_soon(task)
+            await trio.sleep(1.0)
+            if error is not None:
+                raise error
+
+    await block(forever, None)
+    assert ended == [1.0]
+    with pytest.raises(KeyError, match=r"^'mine'$"):  # the block's own, never in a group
+        await block(forever, KeyError("mine"))
+    assert ended == [1.0, 2.0]
+    with pytest.raises(ValueError, match=r"^theirs$"):  # a task's failure, as itself
+        await block(fails, None)
+    assert trio.current_time() == 2.5

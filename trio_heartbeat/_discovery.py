@@ -46,7 +46,7 @@ import trio
 from ._backoff import FullJitterBackoff
 from ._errors import WatchCompacted
 from ._frames import HealthStatus
-from ._groups import reraise_single
+from ._groups import open_background
 from ._instances import (
     DEFAULT_REGISTRY_PREFIX,
     DiscoveryEvent,
@@ -386,18 +386,7 @@ async def open_discovery(
         check_interval=check_interval,
         history=history,
     )
-    raised: BaseException | None = None
-    try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(discovery._follow)
-            nursery.start_soon(discovery._check_forever)
-            try:
-                yield discovery
-            except BaseException as exc:
-                raised = exc
-                raise
-            nursery.cancel_scope.cancel()
-    except BaseExceptionGroup as group:
-        reraise_single(group, raised)
-    finally:
-        raised = None
+    async with open_background() as nursery:
+        await nursery.start(discovery._follow)
+        nursery.start_soon(discovery._check_forever)
+        yield discovery

@@ -76,7 +76,7 @@ from ._etcd_json import (
     revision,
     watch_changes,
 )
-from ._groups import reraise_single
+from ._groups import open_background
 from ._leases import Change, Entry
 
 __all__ = ["MAX_ANSWER_BYTES", "MAX_WATCH_LINE_BYTES", "EtcdStore", "open_etcd_store"]
@@ -477,22 +477,9 @@ async def open_etcd_store(
         if not (0 < value < math.inf):
             raise ValueError(f"{name} must be positive and finite seconds, not {value!r}")
     client = httpx.AsyncClient(transport=_transport, timeout=timeout, trust_env=False)
-    raised: BaseException | None = None
-    async with client:
+    async with client, open_background() as nursery:
+        store = EtcdStore(client, endpoints, nursery, timeout=timeout, watch_idle=watch_idle)
         try:
-            async with trio.open_nursery() as nursery:
-                store = EtcdStore(
-                    client, endpoints, nursery, timeout=timeout, watch_idle=watch_idle
-                )
-                try:
-                    yield store
-                except BaseException as exc:
-                    raised = exc
-                    raise
-                finally:
-                    store._closed = True
-                nursery.cancel_scope.cancel()
-        except BaseExceptionGroup as group:
-            reraise_single(group, raised)  # the block's own error, as it was raised
+            yield store
         finally:
-            raised = None  # no cycle through this frame
+            store._closed = True

@@ -13,6 +13,8 @@ several real failures is passed on, without the cancellations.
 from __future__ import annotations
 
 import traceback
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import NoReturn
 
 import trio
@@ -20,6 +22,7 @@ import trio
 __all__ = [
     "forget_frames",
     "only_cancelled",
+    "open_background",
     "reraise_single",
     "single_exception",
 ]
@@ -133,3 +136,26 @@ def only_cancelled(exc: BaseException) -> bool:
     if isinstance(exc, BaseExceptionGroup):
         return all(only_cancelled(inner) for inner in exc.exceptions)
     return isinstance(exc, trio.Cancelled)
+
+
+@asynccontextmanager
+async def open_background() -> AsyncIterator[trio.Nursery]:
+    """A nursery for tasks that run beside the block and end with it.
+
+    However the block ends, the tasks are cancelled; what comes out is
+    :func:`reraise_single`'s one exception, the block's own as it was raised.
+    """
+    raised: BaseException | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            try:
+                yield nursery
+            except BaseException as exc:
+                raised = exc
+                raise
+            finally:
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        reraise_single(group, raised)  # the block's own error, as it was raised
+    finally:
+        raised = None  # no cycle through this frame

@@ -37,7 +37,7 @@ from typing import NoReturn, final
 import trio
 
 from ._errors import WatchCompacted
-from ._groups import reraise_single
+from ._groups import open_background
 from ._leases import Change, Entry, LeaseStore
 
 __all__ = ["MemoryStore", "open_memory_store"]
@@ -159,17 +159,6 @@ async def open_memory_store(
     """
     leases = LeaseStore(min_ttl=min_ttl, max_keys=max_keys, max_leases=max_leases, history=history)
     store = MemoryStore(leases)
-    raised: BaseException | None = None
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(store._expire_forever, name="trio_heartbeat memory store expiry")
-            try:
-                yield store
-            except BaseException as exc:
-                raised = exc
-                raise
-            nursery.cancel_scope.cancel()
-    except BaseExceptionGroup as group:
-        reraise_single(group, raised)  # the block's own error, as it was raised
-    finally:
-        raised = None  # no cycle through this frame
+    async with open_background() as nursery:
+        nursery.start_soon(store._expire_forever, name="trio_heartbeat memory store expiry")
+        yield store

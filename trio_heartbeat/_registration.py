@@ -46,7 +46,7 @@ from ._backoff import FullJitterBackoff
 from ._endpoints import parse_endpoint
 from ._errors import StoreUnavailable
 from ._frames import HealthStatus
-from ._groups import reraise_single
+from ._groups import open_background
 from ._health_monitor import HealthMonitor
 from ._instances import DEFAULT_REGISTRY_PREFIX, Instance, instance_key
 from ._kv import STORE_FAILURES, KeyValueStore
@@ -355,17 +355,6 @@ async def open_registration(
         backoff=backoff,
         revoke_timeout=revoke_timeout,
     )
-    raised: BaseException | None = None
-    try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(registration.run)
-            try:
-                yield registration
-            except BaseException as exc:
-                raised = exc
-                raise
-            nursery.cancel_scope.cancel()
-    except BaseExceptionGroup as group:
-        reraise_single(group, raised)
-    finally:
-        raised = None
+    async with open_background() as nursery:
+        await nursery.start(registration.run)
+        yield registration
