@@ -373,3 +373,32 @@ async def test_a_store_that_answers_nonsense_makes_the_set_stale_never_ends_it(
             assert await discovery.wait_for() == {"a": A}
             assert trio.current_time() == 0.75
             assert not discovery.stale
+
+
+async def test_readers_and_waiters_are_let_go_when_the_block_ends(
+    autojump_clock: MockClock,
+) -> None:
+    async with open_memory_store() as store:
+        await register(store, A)
+        async with open_discovery(store, "echo") as discovery:
+            changes = discovery.changes(initial=True)
+            endpoints = discovery.endpoints()
+            assert await anext(changes) == InstanceAdded(A, 2)
+        with pytest.raises(StopAsyncIteration):
+            await anext(changes)
+        assert await anext(endpoints) == A.address  # the last set, still there
+        await store.delete(A.key)
+        let_go: list[tuple[str, float]] = []
+
+        async def wait_on(name: str, iterator: AsyncIterator[object]) -> None:
+            with pytest.raises(StopAsyncIteration):  # nothing to give, and nothing will come
+                await anext(iterator)
+            let_go.append((name, trio.current_time()))
+
+        async with trio.open_nursery() as outside, open_discovery(store, "echo") as empty:
+            outside.start_soon(wait_on, "endpoints", empty.endpoints())
+            outside.start_soon(wait_on, "changes", empty.changes())
+            await trio.sleep(1.0)
+        assert sorted(let_go) == [("changes", 1.0), ("endpoints", 1.0)]
+        with pytest.raises(trio.ClosedResourceError, match=r"^this discovery has ended$"):
+            await empty.wait_for()

@@ -101,6 +101,7 @@ class Discovery:
         "_backoff",
         "_changed",
         "_check_interval",
+        "_closed",
         "_history",
         "_live",
         "_prefix",
@@ -134,6 +135,7 @@ class Discovery:
         self._changed = trio.Event()
         self._watch_scope: trio.CancelScope | None = None
         self._watch_error: Exception | None = None
+        self._closed = False  # the block has ended: readers and waiters are let go
         #: Since when the set has been stale (``trio.current_time()``), or ``None``.
         self.stale_since: float | None = None
         #: Why it is stale, or ``""``.
@@ -167,22 +169,26 @@ class Discovery:
         self, predicate: Callable[[dict[str, Instance]], object] = bool
     ) -> dict[str, Instance]:
         """Sleep until ``predicate(instances)`` is true (by default: until any instance is
-        live); return the instances."""
-        check = predicate
+        live); return the instances. :exc:`trio.ClosedResourceError` once the
+        discovery's block has ended."""
         await trio.lowlevel.checkpoint()
-        while not check(instances := self.instances):
+        while not predicate(instances := self.instances):
+            if self._closed:
+                raise trio.ClosedResourceError("this discovery has ended")
             await self._changed.wait()
         return instances
 
     def changes(self, *, initial: bool = False) -> AsyncIterator[DiscoveryNotice]:
         """Every notice from now on, in order; with ``initial``, an :class:`InstanceAdded`
         for each instance live now comes first (at the current revision), and a
-        :class:`DiscoveryStale` if the set is stale now."""
+        :class:`DiscoveryStale` if the set is stale now. It ends when the
+        discovery's block ends."""
         return _Changes(self, initial)
 
     def endpoints(self, *, start: int | None = None) -> AsyncIterator[str]:
         """An endpoint source for :func:`~trio_heartbeat.open_reconnecting_client`: the
-        address of the next live instance in turn, waiting while there is none.
+        address of the next live instance in turn, waiting while there is none;
+        it ends (the client gives up) when the discovery's block ends.
 
         Each source starts at a random place in the turn (``start`` fixes it), so
         that many clients starting together do not all dial the same instance.
@@ -302,6 +308,8 @@ class _Changes:
                         self._pending.append(notice)
                         self._learn(notice)
                 self._sequence = discovery._sequence
+            elif discovery._closed:
+                raise StopAsyncIteration
             else:
                 await discovery._changed.wait()
         return self._pending.popleft()
@@ -343,7 +351,10 @@ class _Rotation:
         return self
 
     async def __anext__(self) -> str:
-        instances = await self._discovery.wait_for()
+        try:
+            instances = await self._discovery.wait_for()
+        except trio.ClosedResourceError:
+            raise StopAsyncIteration from None
         serving = [i for i in instances.values() if i.health is HealthStatus.SERVING]
         choices = serving or list(instances.values())
         choice = choices[self._turn % len(choices)]
@@ -386,7 +397,11 @@ async def open_discovery(
         check_interval=check_interval,
         history=history,
     )
-    async with open_background() as nursery:
-        await nursery.start(discovery._follow)
-        nursery.start_soon(discovery._check_forever)
-        yield discovery
+    try:
+        async with open_background() as nursery:
+            await nursery.start(discovery._follow)
+            nursery.start_soon(discovery._check_forever)
+            yield discovery
+    finally:
+        discovery._closed = True
+        discovery._changed.set()  # readers and waiters: there is nothing more
