@@ -17,6 +17,7 @@ PYTHON = os.environ.get("NOX_PYTHON") or None
 #: Modules with no I/O: their coverage must stay at 100% of statements and branches.
 SANS_IO = [
     "trio_heartbeat/_adaptive.py",
+    "trio_heartbeat/_address.py",
     "trio_heartbeat/_backoff.py",
     "trio_heartbeat/_breaker.py",
     "trio_heartbeat/_budget.py",

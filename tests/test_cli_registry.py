@@ -14,6 +14,7 @@ list`` says so and exits 1 when etcd does not answer.
 
 from __future__ import annotations
 
+import base64
 import os
 import select
 import signal
@@ -25,11 +26,12 @@ from contextlib import ExitStack, contextmanager
 from typing import IO
 
 import pytest
-from etcd_server import EtcdServer, free_port
+from etcd_server import EtcdServer, b64, free_port
 
 from trio_heartbeat._cli import main
 from trio_heartbeat._cli_registry import parse_etcd_url
 from trio_heartbeat._errors import UsageError
+from trio_heartbeat._instances import Instance
 
 CLI = [sys.executable, "-m", "trio_heartbeat"]
 #: The registrations' lease in these tests (etcd's minimum is 1 s in the fixture's fast mode).
@@ -56,6 +58,8 @@ def test_etcd_urls(text: str, service: bool, expected: tuple[list[str], str]) ->
     [
         ("memory", False, r"^--x memory is not meaningful across processes: .* library feature"),
         ("http://a:1", False, r"^--x must be etcd://HOST:PORT, not 'http://a:1'$"),
+        ("etcd://a:1/echo?x", True, r"^--x must be etcd://HOST:PORT/SERVICE, not"),
+        ("etcd://user@a:1", False, r"^--x must be etcd://HOST:PORT, not"),
         ("etcd://a:1", True, r"^--x needs the service: etcd://HOST:PORT/SERVICE"),
         ("etcd://a:1/echo", False, r"^--x takes no service in the URL \(use --service\)"),
         ("etcd://a", False, r"^--x: endpoint must be 'host:port'"),
@@ -82,6 +86,10 @@ def test_malformed_etcd_urls_are_usage_errors(text: str, service: bool, message:
             "--register: service must be printable, without '/'",
         ),
         (["serve", "--register", "etcd://a:1", "--service", "e", "--ttl", "0.5"], "--ttl must be"),
+        (
+            ["serve", "--register", "etcd://a:1", "--service", "e", "--ttl", "1e10"],
+            "--ttl must be 1 to 9e+09 s, not 1e+10",
+        ),
         (
             ["serve", "--register", "etcd://a:1", "--service", "e", "--host", "0.0.0.0"],
             "--register with --host 0.0.0.0 needs --advertise HOST:PORT",
@@ -352,3 +360,30 @@ def test_serve_publishes_its_peers_under_its_own_lease(etcd: EtcdServer) -> None
                 client.kill()
                 client.communicate()
         hub.send_signal(signal.SIGKILL)  # the hub's lease carries its peers' records too
+
+
+def test_registry_watch_whose_reader_stopped_reading_still_stops_on_sigterm(
+    etcd: EtcdServer,
+) -> None:
+    """A full pipe blocks the write (in a thread), never the loop: SIGTERM still ends it."""
+    read, write = os.pipe()
+    try:
+        watch = subprocess.Popen(
+            [*CLI, "registry", "watch", f"etcd://{etcd.endpoint}/echo"],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for n in range(250):  # about 95 kB of lines (long ids and hosts): more than a pipe holds
+            record = Instance("echo", f"{n:03d}" + "i" * 120, "h" * 250 + f":{n + 1}")
+            value = base64.b64encode(record.encode()).decode()
+            etcd.post("/v3/kv/put", {"key": b64(record.key), "value": value})
+        time.sleep(2.0)  # the watch is stuck writing
+        assert watch.poll() is None
+        watch.send_signal(signal.SIGTERM)
+        _, err = watch.communicate(timeout=10)
+        assert watch.returncode == 0, err
+        assert "Traceback" not in err
+    finally:
+        os.close(read)
+        os.close(write)

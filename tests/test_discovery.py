@@ -1,22 +1,27 @@
 """Discovery (``_discovery.py``) over the embedded store, in virtual time, exact times.
 
-What it pins: the block starts with the live set read from the store; every
-registration, change of health, withdrawal and expiry comes out as one event,
-in order, at the instant it happens; ``initial`` lists the set first; a watch
-that fell behind the store's history is answered by a fresh read whose
-differences come out as events; a store that stops answering is noticed by
-the periodic check while the watch is quiet, the last set is kept and called
-stale, and the store's return brings a fresh read and the differences; a
+What it pins: the block starts with the live set read from the store (under
+its own prefix); every registration, change of health, withdrawal and expiry
+comes out as one event, in order, at the instant it happens; ``initial`` lists
+the set first, and says if it is stale; a watch that fell behind the store's
+history is answered by a fresh read whose differences come out as events; a
+store that stops answering is noticed by the periodic check while the watch is
+quiet (a check that fails once is enough), the last set is kept and called
+stale, and the store's return brings a fresh read, after the backoff, and the
+differences; a store down at the start is retried at the backoff's pace and
+checked once it is watched; each of these says so in the registry's log; a
 reader that fell behind the event history is told the differences instead of
-what it missed; the endpoint source gives live addresses in turn, SERVING
-ones first, waits while there are none, and never one that was dropped; a
-value that is not a record is counted and left out; bad arguments are refused;
-nothing is left running.
+what it missed, and one exactly at the history's edge is told every event;
+the endpoint source gives live addresses in turn, from the place ``start``
+fixes, SERVING ones first, waits while there are none, and never one that was
+dropped; a value that is not a record is counted and left out; bad arguments
+are refused; nothing is left running.
 """
 
 from __future__ import annotations
 
 import gc
+import logging
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
@@ -71,7 +76,11 @@ async def test_the_set_and_every_change_in_order_at_its_instant(autojump_clock: 
         async with open_discovery(store, "echo") as discovery, trio.open_nursery() as nursery:
             assert discovery.instances == {"a": A}
             assert discovery.revision == 3
-            assert not discovery.stale
+            assert (discovery.stale, discovery.stale_since, discovery.stale_reason) == (
+                False,
+                None,
+                "",
+            )
             assert discovery.malformed == 0
             assert repr(discovery) == "<Discovery 'echo': 1 live>"
             seen: list[tuple[float, DiscoveryNotice]] = []
@@ -97,7 +106,19 @@ async def test_the_set_and_every_change_in_order_at_its_instant(autojump_clock: 
     assert not [name for name in task_names() if "discover" in name]
 
 
-async def test_a_compacted_watch_is_answered_by_a_fresh_read(autojump_clock: MockClock) -> None:
+def registry_log(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str]]:
+    """What the operator read in the registry's log: (level, message)."""
+    return [
+        (record.levelname, record.getMessage())
+        for record in caplog.records
+        if record.name == "trio_heartbeat.registry"
+    ]
+
+
+async def test_a_compacted_watch_is_answered_by_a_fresh_read(
+    autojump_clock: MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "trio_heartbeat.registry")
     async with open_memory_store(history=4) as memory:
         store = FaultyStore(memory)
         async with open_discovery(store, "echo") as discovery, trio.open_nursery() as nursery:
@@ -123,11 +144,19 @@ async def test_a_compacted_watch_is_answered_by_a_fresh_read(autojump_clock: Moc
         ]
         assert [t for t, _ in seen] == [1.0] * 4
         assert store.times("range") == [0.0, 1.0]
+        assert registry_log(caplog) == [
+            (
+                "INFO",
+                "trio-heartbeat/services/echo/: watch compacted"
+                " (changes after revision 2 are no longer kept); reading again",
+            )
+        ]
 
 
 async def test_an_outage_keeps_the_last_set_and_says_it_is_stale(
-    autojump_clock: MockClock,
+    autojump_clock: MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, "trio_heartbeat.registry")
     async with open_memory_store() as memory:
         store = FaultyStore(memory)
         await register(memory, A, ttl=100.0)
@@ -147,6 +176,11 @@ async def test_an_outage_keeps_the_last_set_and_says_it_is_stale(
             await register(memory, B, ttl=100.0)
             assert discovery.instances == {"a": A}  # the last set known
             assert repr(discovery) == "<Discovery 'echo': 1 live, stale>"
+            late = discovery.changes(initial=True)  # a reader that starts now is told both
+            assert [await anext(late), await anext(late)] == [
+                InstanceAdded(A, 2),
+                DiscoveryStale("the store is down (test)", 2.0),
+            ]
             await trio.sleep(5.0)
             store.down = False
             await discovery.wait_for(lambda instances: "b" in instances)
@@ -160,6 +194,34 @@ async def test_an_outage_keeps_the_last_set_and_says_it_is_stale(
             (9.0, InstanceAdded(B, 4)),
             (9.0, DiscoveryFresh(4, 7.0)),
         ]
+        assert registry_log(caplog) == [
+            (
+                "WARNING",
+                "trio-heartbeat/services/echo/: the store is unreachable"
+                " (the store is down (test)); keeping the last set",
+            ),
+            ("INFO", "trio-heartbeat/services/echo/: the store is back after 7.0 s"),
+        ]
+
+
+async def test_a_store_down_at_start_is_retried_at_the_backoffs_pace_then_checked(
+    autojump_clock: MockClock,
+) -> None:
+    async with open_memory_store() as memory:
+        store = FaultyStore(memory)
+        store.down = True
+        await register(memory, A, ttl=100.0)
+        async with open_discovery(store, "echo", check_interval=2.0, backoff=[5.0]) as discovery:
+            await trio.sleep(4.5)  # checks at 2.0 and 4.0: nothing to check without a watch
+            assert (discovery.stale_since, discovery.instances) == (0.0, {})
+            store.down = False
+            assert await discovery.wait_for() == {"a": A}
+            assert trio.current_time() == 5.0
+            await trio.sleep(3.5)
+            assert store.times("range") == [5.0, 6.0, 8.0]  # the watch is checked from now on
+            store.down = True
+            await trio.sleep(2.0)
+            assert discovery.stale_since == 10.0
 
 
 async def test_a_store_unreachable_at_start_gives_an_empty_stale_set(
@@ -195,14 +257,30 @@ async def test_a_reader_that_fell_behind_is_told_the_differences(
             InstanceRemoved(A, revision),
             InstanceAdded(C, revision),
         ]
-        await register(store, B)
+        lease = await register(store, B)
         await trio.testing.wait_all_tasks_blocked()
         assert await anext(changes) == InstanceAdded(B, discovery.revision)  # in step again
-        for port in (1, 2, 3):
+        # exactly as far behind as the history reaches: every event, none folded
+        c1, c2 = Instance("echo", "c", "h:1"), Instance("echo", "c", "h:2")
+        first = await store.put(C.key, c1.encode())
+        second = await store.put(C.key, c2.encode())
+        await trio.testing.wait_all_tasks_blocked()
+        assert [await anext(changes), await anext(changes)] == [
+            InstanceChanged(c1, C, first),
+            InstanceChanged(c2, c1, second),
+        ]
+        await store.revoke(lease)
+        await trio.testing.wait_all_tasks_blocked()
+        assert await anext(changes) == InstanceRemoved(B, discovery.revision)
+        for port in (3, 4, 5):
             await store.put(C.key, Instance("echo", "c", f"h:{port}").encode())
         await trio.testing.wait_all_tasks_blocked()
-        c3 = Instance("echo", "c", "h:3")
-        assert await anext(changes) == InstanceChanged(c3, C, discovery.revision)
+        # behind again: the one difference from what it was told (B's leaving is not news)
+        c5 = Instance("echo", "c", "h:5")
+        assert await anext(changes) == InstanceChanged(c5, c2, discovery.revision)
+        await register(store, A)
+        await trio.testing.wait_all_tasks_blocked()
+        assert await anext(changes) == InstanceAdded(A, discovery.revision)
 
 
 async def test_the_endpoints_rotate_over_live_instances_serving_first(
@@ -231,6 +309,9 @@ async def test_the_endpoints_rotate_over_live_instances_serving_first(
             A.address,
             B.address,
         ]
+        # a given start fixes the place: source k starts at the k-th instance, in id order
+        started = [await anext(discovery.endpoints(start=k)) for k in range(12)]
+        assert started == [A.address, B.address, C.address] * 4
         await store.put(A.key, Instance("echo", "a", A.address, HealthStatus.DEGRADED).encode())
         await store.revoke(lease_b)
         await trio.testing.wait_all_tasks_blocked()
@@ -246,6 +327,24 @@ async def test_the_endpoints_rotate_over_live_instances_serving_first(
         await trio.testing.wait_all_tasks_blocked()
         firsts = {await anext(discovery.endpoints()) for _ in range(64)}
         assert firsts == {A.address, B.address}  # each source starts somewhere of its own
+
+
+async def test_a_registry_under_another_prefix_is_followed_there(
+    autojump_clock: MockClock,
+) -> None:
+    async with open_memory_store() as memory:
+        store = FaultyStore(memory)
+        await memory.put(instance_key("echo", "a", "fleet/"), A.encode())
+        await memory.put(B.key, B.encode())  # the same service under the default prefix
+        async with open_discovery(store, "echo", prefix="fleet/") as discovery:
+            assert discovery.instances == {"a": A}
+            await memory.put(C.key, C.encode())
+            await memory.put(instance_key("echo", "c", "fleet/"), C.encode())
+            await discovery.wait_for(lambda instances: len(instances) == 2)
+            assert discovery.instances == {"a": A, "c": C}
+            assert [call for call in store.calls if call[1] == "range"] == [
+                (0.0, "range", "fleet/echo/")
+            ]
 
 
 async def test_a_value_that_is_not_a_record_is_left_out_and_counted(
@@ -366,13 +465,24 @@ async def test_a_store_that_answers_nonsense_makes_the_set_stale_never_ends_it(
     async with open_memory_store() as memory:
         store = RefusingStore(memory)
         store.failures = [ValueError("an answer over 16 MiB"), RuntimeError("etcd refused")]
-        await register(memory, A)
+        await register(memory, A, ttl=100.0)
         async with open_discovery(store, "echo", backoff=[0.25, 0.5]) as discovery:
             assert discovery.stale
             assert discovery.stale_reason == "an answer over 16 MiB"
             assert await discovery.wait_for() == {"a": A}
             assert trio.current_time() == 0.75
-            assert not discovery.stale
+            assert (discovery.stale, discovery.stale_reason) == (False, "")
+            # a check that gets nonsense back makes the set stale too, even if the
+            # next read works: that read waits for the backoff, from its start again
+            changes = discovery.changes()
+            store.failures = [RuntimeError("etcd refused again")]
+            assert await anext(changes) == DiscoveryStale("etcd refused again", 5.0)
+            assert await anext(changes) == DiscoveryFresh(discovery.revision, 0.25)
+            assert trio.current_time() == 5.25
+            store.failures = [StoreUnavailable("down for a moment", "test:1")]
+            assert await anext(changes) == DiscoveryStale("down for a moment", 10.0)
+            assert await anext(changes) == DiscoveryFresh(discovery.revision, 0.25)
+            assert trio.current_time() == 10.25  # checked on, after the failed check too
 
 
 async def test_readers_and_waiters_are_let_go_when_the_block_ends(
@@ -402,3 +512,51 @@ async def test_readers_and_waiters_are_let_go_when_the_block_ends(
         assert sorted(let_go) == [("changes", 1.0), ("endpoints", 1.0)]
         with pytest.raises(trio.ClosedResourceError, match=r"^this discovery has ended$"):
             await empty.wait_for()
+
+
+class Replaceable(FaultyStore):
+    """A store whose data can be swapped for another's: etcd restored, or started afresh."""
+
+
+async def test_a_store_whose_history_started_again_is_read_afresh(
+    autojump_clock: MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "trio_heartbeat.registry")
+    async with open_memory_store() as old, open_memory_store() as fresh:
+        for port in range(1, 30):  # the old history is long: revision 30
+            await old.put(A.key, Instance("echo", "a", f"h:{port}").encode())
+        store = Replaceable(old)
+        async with open_discovery(store, "echo", check_interval=2.0) as discovery:
+            assert discovery.revision == 30
+            await trio.sleep(0.5)
+            store.store = fresh  # etcd came back with a fresh data dir: revision 1 again
+            await register(fresh, B)
+            await trio.sleep(0.1)
+            lease = await register(fresh, C)
+            await discovery.wait_for(lambda live: set(live) == {"b", "c"})
+            assert trio.current_time() == 2.0  # the next check saw the revision go back
+            await fresh.revoke(lease)  # and the watch from the new history hears the rest
+            await discovery.wait_for(lambda live: set(live) == {"b"})
+            assert trio.current_time() == 2.0
+            assert discovery.revision == 4
+        assert registry_log(caplog) == [
+            (
+                "WARNING",
+                "trio-heartbeat/services/echo/: the store's revision went back from 30 to 3"
+                " (its history started again); reading it afresh",
+            )
+        ]
+
+
+async def test_a_not_serving_record_is_listed_but_never_dialled(autojump_clock: MockClock) -> None:
+    async with open_memory_store() as store, open_discovery(store, "echo") as discovery:
+        down = Instance("echo", "a", A.address, HealthStatus.NOT_SERVING)
+        await store.put(A.key, down.encode())  # written by someone else: we never do
+        await trio.testing.wait_all_tasks_blocked()
+        assert discovery.instances == {"a": down}
+        endpoints = discovery.endpoints()
+        with trio.move_on_after(5.0):
+            await anext(endpoints)
+            pytest.fail("a NOT_SERVING instance was given to dial")  # pragma: no cover
+        await register(store, B)
+        assert await anext(endpoints) == B.address

@@ -7,13 +7,19 @@ at once or ``min_interval`` after a burst began; a peer that leaves is
 deleted at once, as is one whose connection dies; a
 change of health is written again; ids that cannot be keys and peers without
 an id are left out; the lease is renewed every TTL/3; a lease found gone is
-granted again and everything written anew; a failing store is retried on the
-backoff; leaving revokes every record at once; and a publisher that hangs
-leaves the records to vanish with its lease.
+granted again and everything written anew, while a lease that outlived an
+outage is kept; a failing store is retried on the backoff (by default full
+jitter from 0.1 s doubling to TTL/3, then every TTL/3 once a given backoff runs
+out); leaving revokes every record at once, a revoke that hangs is abandoned
+after ``revoke_timeout``; a publisher that hangs leaves the records to vanish
+with its lease; a prefix of its own keys every record under it; bad arguments
+are refused at the call; and its warnings are pinned word for word.
 """
 
 from __future__ import annotations
 
+import itertools
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
@@ -30,6 +36,7 @@ from trio_heartbeat import (
     Connection,
     HealthStatus,
     Instance,
+    LivenessRegistry,
     open_discovery,
     open_memory_store,
     open_stream_connection,
@@ -63,6 +70,18 @@ async def published(store: MemoryStore) -> dict[str, Instance]:
         )
         for entry in entries
     }
+
+
+def warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The registry's warnings so far."""
+    return [
+        line.getMessage()
+        for line in caplog.records
+        if line.name == "trio_heartbeat.registry" and line.levelno == logging.WARNING
+    ]
+
+
+DOWN = "the store is down (test)"
 
 
 async def test_peers_are_published_and_withdrawn_as_they_come_and_go(
@@ -140,7 +159,7 @@ async def test_leaving_withdraws_every_record_at_once(autojump_clock: MockClock)
 
 
 async def test_a_publisher_that_hangs_leaves_its_records_to_run_out(
-    autojump_clock: MockClock,
+    autojump_clock: MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
     async with (
         open_memory_store() as memory,
@@ -163,6 +182,16 @@ async def test_a_publisher_that_hangs_leaves_its_records_to_run_out(
             store.thaw()  # back: the lease is gone, so it is granted again and all rewritten
             await discovery.wait_for()
             assert store.times("grant") == [0.0, 5.0]
+            # renewed at 1.0 and 2.0; the renewal held up since 3.0 finds the lease
+            # gone, and the next step is a new grant, not another question
+            assert [(t, op) for t, op, _ in store.calls if op != "put"] == [
+                (0.0, "grant"),
+                (1.0, "keepalive"),
+                (2.0, "keepalive"),
+                (5.0, "keepalive"),
+                (5.0, "grant"),
+            ]
+            assert warnings(caplog) == ["workers: the peers' lease ran out; publishing them again"]
             nursery.cancel_scope.cancel()
 
 
@@ -202,26 +231,28 @@ async def test_peers_without_a_usable_id_are_left_out(autojump_clock: MockClock)
     ("kwargs", "error", "message"),
     [
         ({"ttl": 0.5}, ValueError, r"^ttl must be at least 1 s and finite, not 0.5$"),
+        ({"ttl": float("inf")}, ValueError, r"^ttl must be at least 1 s and finite, not inf$"),
+        ({"ttl": float("nan")}, ValueError, r"^ttl must be at least 1 s and finite, not nan$"),
         ({"min_interval": -1.0}, ValueError, r"^min_interval must be 0 or more"),
+        ({"min_interval": float("inf")}, ValueError, r"^min_interval must be 0 or more"),
         ({"revoke_timeout": 0.0}, ValueError, r"^revoke_timeout must be positive"),
+        ({"revoke_timeout": float("inf")}, ValueError, r"^revoke_timeout must be positive"),
         ({"backoff": iter([1.0])}, TypeError, r"^backoff must be re-iterable"),
         ({"service": "a b"}, ValueError, r"^service must be printable"),
     ],
 )
-async def test_bad_arguments_are_refused(
-    kwargs: dict[str, object], error: type[Exception], message: str
+async def test_bad_arguments_are_refused_at_the_call(
+    autojump_clock: MockClock, kwargs: dict[str, object], error: type[Exception], message: str
 ) -> None:
     arguments: dict[str, object] = {"service": "workers"}
     arguments.update(kwargs)
-    async with open_memory_store() as memory, open_memory_network() as network:
-        host = network.listen("hub:1", idle)
-        assert host.server is not None
-        with pytest.raises(error, match=message):
-            await publish_peers(host.server.registry, memory, **arguments)  # type: ignore[arg-type]
+    async with open_memory_store() as memory:
+        with trio.fail_after(1.0), pytest.raises(error, match=message):
+            await publish_peers(LivenessRegistry(), memory, **arguments)  # type: ignore[arg-type]
 
 
 async def test_a_lease_lost_in_an_outage_is_granted_again_and_all_rewritten(
-    autojump_clock: MockClock,
+    autojump_clock: MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
     async with open_memory_store() as memory, open_memory_network() as network:
         store = FaultyStore(memory)
@@ -244,6 +275,12 @@ async def test_a_lease_lost_in_an_outage_is_granted_again_and_all_rewritten(
         assert sorted(await published(memory)) == ["w1"]
         await trio.sleep(3.0)
         assert await published(memory) == {}
+        failed = f"workers: publishing peers failed ({DOWN}); retrying"
+        assert warnings(caplog) == [
+            *[failed] * 4,  # the renewal at 1.0, the retries at 2.0, 3.0 and 4.0
+            "workers: the peers' lease ran out; publishing them again",
+            f"workers: peers not withdrawn ({DOWN}); they run out",
+        ]
 
 
 class SlowPuts(FaultyStore):
@@ -275,3 +312,113 @@ async def test_a_peer_that_arrives_while_others_are_written_is_not_missed(
             await trio.sleep(1.5)  # w2 is written at once (by 2.0), not at the next change
             assert sorted(await published(memory)) == ["w1", "w2"]
             nursery.cancel_scope.cancel()
+
+
+async def test_a_lease_that_outlives_an_outage_is_kept_and_nothing_rewritten(
+    autojump_clock: MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with open_memory_store() as memory, open_memory_network() as network:
+        store = FaultyStore(memory)
+        host = network.listen("hub:1", idle)
+        assert host.server is not None
+        publish = partial(publish_peers, ttl=9.0, min_interval=0.0, backoff=[0.5, 1.0])
+        async with peer(network, "w1"), trio.open_nursery() as nursery:
+            await nursery.start(publish, host.server.registry, store, "workers")
+            await trio.sleep(2.0)
+            store.down = True  # the renewal at 3.0 fails: retried at 3.5, 4.5, then every 3 s
+            await trio.sleep(5.0)
+            assert sorted(await published(memory)) == ["w1"]  # the lease lives until 9.0
+            store.down = False
+            await trio.sleep(4.0)  # back at 7.5, renewed on time at 10.5
+            assert [(t, op, arg) for t, op, arg in store.calls if op != "put"] == [
+                (0.0, "grant", 9.0),
+                (7.5, "keepalive", 1),
+                (10.5, "keepalive", 1),
+            ]
+            assert store.times("put") == [0.0]  # what the store holds was not written again
+            nursery.cancel_scope.cancel()
+    assert warnings(caplog) == [f"workers: publishing peers failed ({DOWN}); retrying"] * 3
+
+
+@pytest.mark.parametrize(("revoke_timeout", "left_at"), [(None, 2.0), (0.5, 0.5)])
+async def test_a_revoke_that_hangs_is_abandoned_after_revoke_timeout(
+    autojump_clock: MockClock,
+    caplog: pytest.LogCaptureFixture,
+    revoke_timeout: float | None,
+    left_at: float,
+) -> None:
+    async with open_memory_store() as memory, open_memory_network() as network:
+        store = FaultyStore(memory)
+        host = network.listen("hub:1", idle)
+        assert host.server is not None
+        publish = partial(publish_peers, ttl=1.0, min_interval=0.0)  # the shortest TTL
+        if revoke_timeout is not None:  # else the default's
+            publish = partial(publish, revoke_timeout=revoke_timeout)
+        async with peer(network, "w1"):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(publish, host.server.registry, store, "workers")
+                assert sorted(await published(memory)) == ["w1"]
+                store.freeze()  # the store stops answering; then the publisher is stopped
+                nursery.cancel_scope.cancel()
+            assert trio.current_time() == left_at
+            assert warnings(caplog) == ["workers: the revoke took too long; the peers run out"]
+            await trio.sleep(1.0)
+            assert await published(memory) == {}  # the records ran out with the lease, at 1.0
+
+
+async def test_a_prefix_of_its_own_keys_every_record_under_it(autojump_clock: MockClock) -> None:
+    async with open_memory_store() as memory, open_memory_network() as network:
+        host = network.listen("hub:1", idle)
+        assert host.server is not None
+        publish = partial(publish_peers, prefix="fleet/", min_interval=0.0)
+        async with peer(network, "w1"), trio.open_nursery() as nursery:
+            await nursery.start(publish, host.server.registry, memory, "workers")
+            entries, _ = await memory.range("")
+            assert [entry.key for entry in entries] == ["fleet/workers/w1"]
+            assert list(peer_records(host.server.registry, "workers", "fleet/")) == [
+                "fleet/workers/w1"
+            ]
+            nursery.cancel_scope.cancel()
+
+
+class RefusalsNoted(FaultyStore):
+    """Also notes when each call was tried while the store was down (and refused)."""
+
+    def __init__(self, store: MemoryStore) -> None:
+        super().__init__(store)
+        self.refused: list[float] = []
+
+    async def _enter(self, operation: str, argument: object) -> None:
+        if self.down:
+            self.refused.append(trio.current_time())
+        await super()._enter(operation, argument)
+
+
+async def test_the_default_backoff_is_full_jitter_from_a_tenth_of_a_second_to_a_third_of_the_ttl(
+    autojump_clock: MockClock,
+) -> None:
+    # Twenty outages of 12 s each, with a TTL of 3 s: the n-th retry of an
+    # outage (from 0) comes at most min(1 s, 0.1 s * 2**n) after the one before,
+    # and the capped delays fill the whole range from 0 to 1 s. Random, but a
+    # policy with another base, factor or cap fails this all but surely.
+    outages: list[list[float]] = []
+    async with open_memory_store() as memory, trio.open_nursery() as nursery:
+        store = RefusalsNoted(memory)
+        publish = partial(publish_peers, ttl=3.0)
+        await nursery.start(publish, LivenessRegistry(), store, "workers")
+        for _ in range(20):
+            store.down = True
+            store.refused.clear()
+            await trio.sleep(13.0)  # the renewal within 1 s fails, then 12 s of retries or more
+            store.down = False
+            tried = store.refused.copy()  # the failed renewal, then each retry
+            outages.append([later - earlier for earlier, later in itertools.pairwise(tried)])
+            await trio.sleep(1.0)  # the next retry, at most 1 s later, finds the store back
+        nursery.cancel_scope.cancel()
+    for delays in outages:
+        for n, delay in enumerate(delays):
+            assert 0.0 <= delay <= min(1.0, 0.1 * 2**n) + 1e-9, (n, delays)
+    capped = [delay for delays in outages for delay in delays[4:]]
+    assert len(capped) >= 200
+    assert min(capped) < 0.1
+    assert max(capped) > 0.9

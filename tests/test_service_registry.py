@@ -273,3 +273,31 @@ async def test_etcd_stopped_and_back_instances_register_again_and_discovery_catc
         assert {a.state, b.state} == {RegistrationState.REGISTERED}
         entries, _ = await store.range("trio-heartbeat/services/echo/")
         assert [entry.key.rsplit("/", 1)[1] for entry in entries] == ["a", "b"]
+
+
+async def test_etcd_back_with_a_fresh_data_dir_is_followed_from_its_new_history(
+    etcd: Any,
+) -> None:
+    """etcd restored or started afresh: revisions begin at 1 again. Discovery, which had
+    read at a later revision, notices the revision go back and reads the new history."""
+    import shutil
+
+    from trio_heartbeat.etcd import open_etcd_store
+
+    async with open_etcd_store([etcd.endpoint], timeout=0.5) as store:
+        for n in range(100):  # a long history: the revision passes 100
+            await store.put(f"elsewhere/{n}", b"x")
+        async with (
+            open_registration(store, instance("a", 7400), ttl=TTL) as a,
+            open_discovery(store, "echo", check_interval=0.5) as discovery,
+        ):
+            await discovery.wait_for(lambda live: set(live) == {"a"})
+            old_revision = discovery.revision
+            assert old_revision > 100
+            etcd.kill()
+            shutil.rmtree(etcd.data_dir)
+            await trio.to_thread.run_sync(etcd.start)
+            async with open_registration(store, instance("b", 7401), ttl=TTL):
+                await until(lambda: set(discovery.instances) == {"a", "b"}, within=15.0)
+                assert discovery.revision < old_revision
+                assert a.registrations == 2  # its lease was gone with the data: granted anew

@@ -442,15 +442,24 @@ def _let_go_of_stdout() -> None:
 
 def _registry(args: argparse.Namespace) -> int:
     """``registry list|watch``: 141, quietly, when stdout is closed under it."""
-
-    def emit(line: str) -> None:
-        print(line, flush=True)
-
     try:
-        return trio.run(run_registry_command, args, emit)
+        return trio.run(run_registry_command, args, _emit)
     except BrokenPipeError:
         _let_go_of_stdout()
         return 141
+
+
+async def _emit(line: str) -> None:
+    # A write in a thread, abandoned on cancel: a reader that stopped reading
+    # (a full pipe) blocks the thread, never the loop, so a signal still stops it.
+    data = (line + "\n").encode("utf-8", "backslashreplace")
+    await trio.to_thread.run_sync(_write_stdout, data, abandon_on_cancel=True)
+
+
+def _write_stdout(data: bytes) -> None:
+    fd = sys.stdout.fileno()
+    while data:
+        data = data[os.write(fd, data) :]
 
 
 # -- entry point ----------------------------------------------------------------------

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import signal
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -31,7 +30,7 @@ from ._health_monitor import HealthMonitor
 from ._instances import Instance, InstanceAdded, InstanceChanged, InstanceRemoved, LiveSet
 from ._instances import service_prefix as _service_prefix
 from ._publisher import publish_peers
-from ._registration import MIN_TTL, Registration, RegistrationState
+from ._registration import MAX_TTL, MIN_TTL, Registration, RegistrationState
 from ._restart import RestartType
 from ._server import Server
 from ._services import ChildSpec
@@ -67,7 +66,7 @@ def parse_etcd_url(text: str, *, option: str, service: bool) -> tuple[list[str],
             f"{option} memory is not meaningful across processes: the embedded registry is a "
             f"library feature (trio_heartbeat.open_memory_store); use {shape}"
         )
-    if not text.startswith(_SCHEME):
+    if not text.startswith(_SCHEME) or any(c in text for c in "?#@"):
         raise UsageError(f"{option} must be {shape}, not {text!r}")
     members, _, name = text[len(_SCHEME) :].partition("/")
     name = name.rstrip("/")
@@ -115,8 +114,8 @@ def check_registration(args: argparse.Namespace) -> None:
     parse_etcd_url(args.register, option="--register", service=False)
     if args.service is None:
         raise UsageError("--register needs --service NAME")
-    if not (math.isfinite(args.ttl) and args.ttl >= MIN_TTL):
-        raise UsageError(f"--ttl must be at least {MIN_TTL:g} s, not {args.ttl:g}")
+    if not MIN_TTL <= args.ttl <= MAX_TTL:
+        raise UsageError(f"--ttl must be {MIN_TTL:g} to {MAX_TTL:g} s, not {args.ttl:g}")
     if args.advertise is None and args.host in _WILDCARDS:
         shown = args.host or "''"
         raise UsageError(f"--register with --host {shown} needs --advertise HOST:PORT")
@@ -257,7 +256,9 @@ def _row(instance: Instance) -> str:
 # -- registry list | watch --------------------------------------------------------
 
 
-async def run_registry_command(args: argparse.Namespace, emit: Callable[[str], None]) -> int:
+async def run_registry_command(
+    args: argparse.Namespace, emit: Callable[[str], Awaitable[None]]
+) -> int:
     """``registry list URL``: the live instances, one ``ID ADDRESS HEALTH`` line each;
     ``registry watch URL``: the live ones as ``added`` lines, then each change as it
     happens, until interrupted. 1 if etcd cannot be reached (``list``)."""
@@ -276,7 +277,7 @@ async def run_registry_command(args: argparse.Namespace, emit: Callable[[str], N
             live = LiveSet(service)
             live.reset(entries, revision)
             for instance in live.instances.values():
-                emit(_row(instance))
+                await emit(_row(instance))
             return 0
         discovery = await stack.enter_async_context(open_discovery(store, service))
         broken: BrokenPipeError | None = None  # raised once out of the nursery: not in a group
@@ -290,7 +291,7 @@ async def run_registry_command(args: argparse.Namespace, emit: Callable[[str], N
                 nursery.start_soon(stop_on_signal)
                 try:
                     async for notice in discovery.changes(initial=True):
-                        emit(describe(notice))
+                        await emit(describe(notice))
                 except BrokenPipeError as exc:
                     broken = exc
                     nursery.cancel_scope.cancel()

@@ -233,17 +233,30 @@ class Discovery:
         # A watch that ended by itself is followed by a fresh read.
 
     async def _check_forever(self) -> NoReturn:
+        """While a watch runs: every ``check_interval``, make sure the store answers, and that
+        its history did not start again (a revision older than ours: a watch from ours
+        would hear nothing until the new history caught up)."""
         while True:
             await trio.sleep(self._check_interval)
             scope = self._watch_scope
             if scope is None:
                 continue
             try:
-                await self._store.range(self._prefix)
+                _, revision = await self._store.range(self._prefix)
             except STORE_FAILURES as exc:
                 if scope is self._watch_scope:
                     self._watch_error = exc
                     scope.cancel()
+                continue
+            if revision < self._live.revision and scope is self._watch_scope:
+                logger.warning(
+                    "%s: the store's revision went back from %d to %d (its history started "
+                    "again); reading it afresh",
+                    self._prefix,
+                    self._live.revision,
+                    revision,
+                )
+                scope.cancel()  # the watch ends; the loop reads the range again
 
     def _now_stale(self, reason: str) -> None:
         if self.stale_since is None:
@@ -337,6 +350,12 @@ class _Changes:
         self._known = live
 
 
+def _dialable(instances: dict[str, Instance]) -> bool:
+    """Whether any instance is SERVING or DEGRADED (a NOT_SERVING record, written by
+    someone else, is listed but never dialled)."""
+    return any(instance.health is not HealthStatus.NOT_SERVING for instance in instances.values())
+
+
 @final
 class _Rotation:
     """The endpoints of :meth:`Discovery.endpoints`: the live instances in turn."""
@@ -352,11 +371,11 @@ class _Rotation:
 
     async def __anext__(self) -> str:
         try:
-            instances = await self._discovery.wait_for()
+            instances = await self._discovery.wait_for(_dialable)
         except trio.ClosedResourceError:
             raise StopAsyncIteration from None
         serving = [i for i in instances.values() if i.health is HealthStatus.SERVING]
-        choices = serving or list(instances.values())
+        choices = serving or [i for i in instances.values() if i.health is HealthStatus.DEGRADED]
         choice = choices[self._turn % len(choices)]
         self._turn += 1
         return choice.address

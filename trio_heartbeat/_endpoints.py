@@ -1,9 +1,7 @@
 """Endpoints: how servers are named, parsed and printed, and where a client finds the next one.
 
-One spelling everywhere: ``host:port``, with an IPv6 host in brackets
-(``[::1]:7400``). The server prints its peers this way, the command line parses
-it, the reconnecting client and the test kit's memory network name hosts with
-it. :class:`EndpointCycle` turns any :data:`EndpointSource` (a list, a
+The spelling, ``host:port`` with an IPv6 host in brackets (``[::1]:7400``),
+is :mod:`~trio_heartbeat._address`'s, re-exported here. :class:`EndpointCycle` turns any :data:`EndpointSource` (a list, a
 function, an async iterable such as a service-discovery stream) into "the next
 endpoint to try".
 """
@@ -16,6 +14,7 @@ from typing import TypeAlias, final
 
 import trio
 
+from ._address import Endpoint, format_endpoint, is_single_endpoint, parse_endpoint
 from ._errors import NoEndpointLeft
 
 __all__ = [
@@ -27,8 +26,6 @@ __all__ = [
     "peer_address",
 ]
 
-#: A server address: ``(host, port)``, or ``"host:port"``.
-Endpoint: TypeAlias = tuple[str, int] | str
 #: Where endpoints come from: a fixed list, a function called for a fresh list
 #: whenever the last one is used up (sync or async), or an async iterable that
 #: yields the next endpoint to try each time (service discovery).
@@ -37,58 +34,6 @@ EndpointSource: TypeAlias = (
     | Callable[[], Sequence[Endpoint] | Awaitable[Sequence[Endpoint]]]
     | AsyncIterable[Endpoint]
 )
-
-
-def parse_endpoint(endpoint: Endpoint) -> tuple[str, int]:
-    """``(host, port)`` from ``"host:port"``, ``"[v6]:port"`` or a tuple.
-
-    >>> parse_endpoint("[::1]:7400"), parse_endpoint(("example.org", 80))
-    (('::1', 7400), ('example.org', 80))
-
-    The host must not be empty and the port must be 1 to 65535. Raises
-    :exc:`ValueError` for anything else (:exc:`TypeError` for a tuple that is
-    not ``(str, int)``).
-    """
-    if isinstance(endpoint, tuple):
-        if not _is_single(endpoint):
-            raise TypeError(f"an endpoint tuple must be (host, port), not {endpoint!r}")
-        host, port = endpoint
-        spelled = f"{endpoint!r}"
-    else:
-        host, sep, digits = endpoint.rpartition(":")
-        spelled = repr(endpoint)
-        if not sep or not (digits.isascii() and digits.isdigit()):
-            raise ValueError(f"endpoint must be 'host:port' or (host, port), not {spelled}")
-        port = int(digits)
-        if host.startswith("[") or host.endswith("]"):
-            if not (host.startswith("[") and host.endswith("]")):
-                raise ValueError(f"unbalanced brackets in the endpoint {spelled}")
-            host = host[1:-1]
-    if not host:
-        raise ValueError(f"no host in the endpoint {spelled}")
-    if not 1 <= port <= 0xFFFF:
-        raise ValueError(f"port must be 1 to 65535 in the endpoint {spelled}")
-    return host, port
-
-
-def _is_single(value: object) -> bool:
-    # ("host", 80) is one endpoint; ("a:1", "b:2") is a list of them.
-    return (
-        isinstance(value, tuple)
-        and len(value) == 2
-        and isinstance(value[0], str)
-        and isinstance(value[1], int)
-        and not isinstance(value[1], bool)
-    )
-
-
-def format_endpoint(host: str, port: int) -> str:
-    """``"host:port"``, with an IPv6 host in brackets.
-
-    >>> format_endpoint("::1", 7400)
-    '[::1]:7400'
-    """
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def peer_address(stream: trio.abc.Stream) -> str | None:
@@ -125,7 +70,7 @@ class EndpointCycle:
         self._source = source
         self._pending: deque[Endpoint] = deque()
         self._iterator: AsyncIterator[Endpoint] | None = None
-        if isinstance(source, str) or _is_single(source):
+        if isinstance(source, str) or is_single_endpoint(source):
             raise TypeError(f"endpoints must be a list of endpoints, not one endpoint: {source!r}")
         if isinstance(source, AsyncIterable):
             self._iterator = aiter(source)

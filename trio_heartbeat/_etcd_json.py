@@ -187,12 +187,14 @@ def watch_changes(after: int, response: JSON) -> tuple[Change, ...]:
 
 
 def _change(event: JSON) -> Change:
-    kv = _field(event, "kv", dict, {})
+    kv = event.get("kv")
+    if not isinstance(kv, dict):
+        raise ValueError("an event without its kv")
     kind = event.get("type", "PUT")
     if kind in ("PUT", 0):
-        return Change(ChangeKind.PUT, _key(kv), _blob(kv, "value"), _number(kv, "mod_revision"))
+        return Change(ChangeKind.PUT, _key(kv), _blob(kv, "value"), _positive(kv, "mod_revision"))
     if kind in ("DELETE", 1):
-        return Change(ChangeKind.DELETE, _key(kv), b"", _number(kv, "mod_revision"))
+        return Change(ChangeKind.DELETE, _key(kv), b"", _positive(kv, "mod_revision"))
     raise ValueError(f"an event of type {kind!r}")
 
 

@@ -34,6 +34,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Final, TypeAlias, final
 
+from ._address import parse_endpoint
 from ._frames import HealthStatus
 from ._leases import Change, ChangeKind, Entry
 
@@ -79,9 +80,10 @@ class Instance:
     {'zone': 'b'}
 
     ``service`` and ``instance_id`` are 1 to 128 printable characters without
-    ``/`` or spaces; ``address`` is what clients dial (``host:port``); ``metadata`` maps
-    strings to strings. :exc:`ValueError` (:exc:`TypeError` for a wrong type)
-    for anything else, or when the encoded record would pass
+    ``/`` or spaces; ``address`` is what clients dial (``host:port``, an IPv6
+    host in brackets, at most 300 characters); ``metadata`` maps strings to
+    strings. :exc:`ValueError` (:exc:`TypeError` for a wrong type) for
+    anything else, or when the encoded record would pass
     :data:`MAX_VALUE_BYTES`.
     """
 
@@ -96,8 +98,9 @@ class Instance:
         _check_name("instance_id", self.instance_id)
         if not isinstance(self.address, str):
             raise TypeError(f"address must be a str, not {type(self.address).__name__}")
-        if not 1 <= len(self.address) <= _MAX_ADDRESS_LENGTH or not self.address.isprintable():
-            raise ValueError(f"address must be 1 to {_MAX_ADDRESS_LENGTH} printable characters")
+        if len(self.address) > _MAX_ADDRESS_LENGTH or not self.address.isprintable():
+            raise ValueError(f"address must be at most {_MAX_ADDRESS_LENGTH} printable characters")
+        parse_endpoint(self.address)  # clients dial it: host:port, or it is not an instance
         if not isinstance(self.health, HealthStatus):
             raise TypeError(f"health must be a HealthStatus, not {self.health!r}")
         if not isinstance(self.metadata, Mapping) or not all(
@@ -126,7 +129,7 @@ class Instance:
             raise ValueError(f"a record of {len(value)} bytes, over {MAX_VALUE_BYTES}")
         try:
             record = json.loads(value)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise ValueError(f"not a JSON record: {exc}") from None
         if not isinstance(record, dict):
             raise ValueError("the record is not a JSON object")
@@ -216,7 +219,12 @@ class LiveSet:
         return dict(sorted(self._instances.items()))
 
     def reset(self, entries: Iterable[Entry], revision: int) -> tuple[DiscoveryEvent, ...]:
-        """Take a fresh range read at ``revision``: the events that turn the old set into it."""
+        """Take a fresh range read at ``revision``: the events that turn the old set into it.
+
+        The set is then current at ``revision``, even one older than
+        :attr:`revision`: the store's history started again (etcd restored,
+        or started afresh), and changes are numbered from there now.
+        """
         fresh: dict[str, Instance] = {}
         for entry in entries:
             instance = self._read(entry.key, entry.value)
@@ -233,7 +241,7 @@ class LiveSet:
             elif old_or_none != new:
                 events.append(InstanceChanged(new, old_or_none, revision))
         self._instances = fresh
-        self.revision = max(self.revision, revision)
+        self.revision = revision
         return tuple(events)
 
     def apply(self, changes: Iterable[Change]) -> tuple[DiscoveryEvent, ...]:

@@ -187,6 +187,7 @@ class _Publisher:
                 continue
             assert self.lease is not None
             if await self.store.keepalive(self.lease) is None:
+                logger.warning("%s: the peers' lease ran out; publishing them again", self.service)
                 self.lease = None
                 return
             self.renew_at = trio.current_time() + self.ttl / 3
@@ -201,3 +202,5 @@ class _Publisher:
                 await self.store.revoke(lease)
             except STORE_FAILURES as exc:
                 logger.warning("%s: peers not withdrawn (%s); they run out", self.service, exc)
+        if scope.cancelled_caught:
+            logger.warning("%s: the revoke took too long; the peers run out", self.service)

@@ -43,7 +43,6 @@ from typing import NoReturn, final
 import trio
 
 from ._backoff import FullJitterBackoff
-from ._endpoints import parse_endpoint
 from ._errors import StoreUnavailable
 from ._frames import HealthStatus
 from ._groups import open_background
@@ -57,6 +56,8 @@ logger = logging.getLogger("trio_heartbeat.registry")
 
 #: The shortest TTL a registration may ask for, in seconds.
 MIN_TTL = 1.0
+#: The longest TTL a registration may ask for: etcd's own maximum, about 285 years.
+MAX_TTL = 9_000_000_000.0
 _HEALTHY = (HealthStatus.SERVING, HealthStatus.DEGRADED)
 
 
@@ -123,11 +124,10 @@ class Registration:
     ) -> None:
         if not isinstance(instance, Instance):
             raise TypeError(f"instance must be an Instance, not {type(instance).__name__}")
-        parse_endpoint(instance.address)  # clients will dial it: it must be host:port
         if instance.health is HealthStatus.NOT_SERVING:
             raise ValueError("a NOT_SERVING instance is never registered (use a HealthMonitor)")
-        if not (math.isfinite(ttl) and ttl >= MIN_TTL):
-            raise ValueError(f"ttl must be at least {MIN_TTL:g} s and finite, not {ttl!r}")
+        if not MIN_TTL <= ttl <= MAX_TTL:  # nan is neither
+            raise ValueError(f"ttl must be {MIN_TTL:g} to {MAX_TTL:g} s, not {ttl!r}")
         if not (math.isfinite(revoke_timeout) and revoke_timeout > 0):
             raise ValueError(f"revoke_timeout must be positive and finite, not {revoke_timeout!r}")
         if isinstance(backoff, Iterator):
@@ -210,11 +210,11 @@ class Registration:
                         await self._withdraw()
                         report_started()
                         await self._health.wait_status(*_HEALTHY)
-                    await self._register()
+                    published = await self._register()
                     self._outage_over()
                     delays = iter(self._backoff)
                     report_started()
-                    await self._renew_while_healthy()
+                    await self._renew_while_healthy(published)
                 except STORE_FAILURES as exc:
                     self._outage_began(exc)
                     report_started()
@@ -247,8 +247,9 @@ class Registration:
             )
         return instance.encode()
 
-    async def _register(self) -> None:
-        """Put the record under the lease it holds if that still lives, else under a new one."""
+    async def _register(self) -> HealthStatus:
+        """Put the record under the lease it holds if that still lives, else under a new one;
+        the health the record says (it may have changed while the store answered)."""
         status = self._status()
         if self._lease is not None and await self._store.keepalive(self._lease) is None:
             logger.info("%s: lease %d is gone; registering again", self._key, self._lease)
@@ -261,14 +262,13 @@ class Registration:
         except ValueError:  # the lease ran out between the grant and the put
             self._lease = None
             raise StoreUnavailable("the lease ran out before the record was put") from None
-        if self.state is not RegistrationState.REGISTERED:
-            logger.info("%s registered (%s, ttl %g s)", self._key, status, self.ttl)
+        logger.info("%s registered (%s, ttl %g s)", self._key, status, self.ttl)
         self._set_state(RegistrationState.REGISTERED)
+        return status
 
-    async def _renew_while_healthy(self) -> None:
+    async def _renew_while_healthy(self, published: HealthStatus) -> None:
         """Renew every TTL/3 and rewrite the record when the health changes; return when the
         lease is gone (register again) or after a withdrawal (NOT_SERVING)."""
-        published = self._status()
         next_renewal = trio.current_time() + self.renew_interval
         while True:
             status = published
