@@ -312,7 +312,7 @@ class _Changes:
         while not self._pending:
             history = discovery._history
             if discovery._sequence > self._sequence:
-                oldest = history[0][0] if history else discovery._sequence + 1
+                oldest = history[0][0]  # not empty: a notice came after this reader's last
                 if oldest > self._sequence + 1:
                     self._pending.extend(self._catch_up())
                 else:
