@@ -29,6 +29,8 @@ class FaultyStore:
         self._thawed.set()
         #: (time, operation, first argument) of every call passed on.
         self.calls: list[tuple[float, str, object]] = []
+        #: When each call was tried while the store was down (and refused).
+        self.refused: list[float] = []
 
     @property
     def frozen(self) -> bool:
@@ -44,6 +46,7 @@ class FaultyStore:
     async def _enter(self, operation: str, argument: object) -> None:
         await self._thawed.wait()
         if self.down:
+            self.refused.append(trio.current_time())
             await trio.lowlevel.checkpoint()
             raise StoreUnavailable("the store is down (test)", "test:1")
         self.calls.append((trio.current_time(), operation, argument))
@@ -81,3 +84,17 @@ class FaultyStore:
             async for batch in batches:
                 await self._enter("watched", batch)
                 yield batch
+
+
+def assert_full_jitter(outages: list[list[float]]) -> None:
+    """The delays between the retries of each outage (from the first, numbered 0) are
+    the registry's default backoff with a TTL of 3 s: each at most min(1 s, 0.1 s * 2**n),
+    and the capped ones spread over the whole range from 0 to 1 s. Random: a policy with
+    another base, factor or cap fails this all but surely over twenty outages."""
+    for delays in outages:
+        for n, delay in enumerate(delays):
+            assert 0.0 <= delay <= min(1.0, 0.1 * 2**n) + 1e-9, (n, delays)
+    capped = [delay for delays in outages for delay in delays[4:]]
+    assert len(capped) >= 200
+    assert min(capped) < 0.1
+    assert max(capped) > 0.9

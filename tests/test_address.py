@@ -51,6 +51,9 @@ def test_parse_endpoint_refuses_what_is_not_host_and_port(endpoint: str) -> None
         (("h", "80"), TypeError, "an endpoint tuple must be \\(host, port\\)"),
         (("h", True), TypeError, "an endpoint tuple must be \\(host, port\\)"),
         (("h", 80, 1), TypeError, "an endpoint tuple must be \\(host, port\\)"),
+        (("", 80), ValueError, "^no host in the endpoint \\('', 80\\)$"),
+        (("h", 0), ValueError, "^port must be 1 to 65535 in the endpoint \\('h', 0\\)$"),
+        ("::1]:7400", ValueError, "^unbalanced brackets in the endpoint '::1]:7400'$"),
     ],
     ids=[
         "port-0",
@@ -62,6 +65,9 @@ def test_parse_endpoint_refuses_what_is_not_host_and_port(endpoint: str) -> None
         "str-port",
         "bool-port",
         "triple",
+        "tuple-no-host",
+        "tuple-port-0",
+        "unbalanced-closing",
     ],
 )
 def test_parse_endpoint_says_what_is_wrong(

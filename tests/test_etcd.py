@@ -24,6 +24,7 @@ import base64
 import gc
 import json
 import math
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing, asynccontextmanager
 from pathlib import Path
@@ -37,7 +38,7 @@ from helpers import task_names
 from trio.testing import MockClock
 
 from trio_heartbeat._errors import StoreUnavailable, WatchCompacted
-from trio_heartbeat._etcd import MAX_ANSWER_BYTES, MAX_WATCH_LINE_BYTES, EtcdStore
+from trio_heartbeat._etcd import MAX_ANSWER_BYTES, MAX_REQUESTS, MAX_WATCH_LINE_BYTES, EtcdStore
 from trio_heartbeat._kv import KeyValueStore
 from trio_heartbeat._leases import Change, ChangeKind, Entry
 from trio_heartbeat.etcd import open_etcd_store
@@ -403,15 +404,21 @@ async def test_a_lease_not_found_is_no_error_for_a_revoke_and_a_value_error_for_
         with pytest.raises(ValueError, match=r"^lease 0 not found$"):
             await store.put("k", b"v", lease=0)  # etcd would read 0 as no lease at all
         assert len(sent) == 2
+        with pytest.raises(ValueError, match=r"^lease 1 not found$"):
+            await store.put("k", b"v", lease=1)  # the first lease etcd grants: asked about
+        assert body(sent[2])["lease"] == "1"
         with pytest.raises(RuntimeError, match=r"lease not found"):
             await store.delete("k")  # a NotFound where no lease is named: a refusal
+    # Read raw, so asked for without compression.
+    assert sent[1].headers["accept-encoding"] == "identity"
+    assert sent[1].headers["content-type"] == "application/json"
 
 
 async def test_a_refusal_is_the_callers_mistake_and_tried_nowhere_else(
     autojump_clock: MockClock,
 ) -> None:
     async def handler(request: httpx.Request) -> httpx.Response:
-        if request.url.path == "/v3/kv/put":
+        if request.url.path in ("/v3/kv/put", "/v3/watch"):
             message = "etcdserver: key is not provided"
             return reply({"error": message, "code": 3, "message": message}, 400)
         return reply(
@@ -429,7 +436,10 @@ async def test_a_refusal_is_the_callers_mistake_and_tried_nowhere_else(
             await store.put("", b"")
         with pytest.raises(RuntimeError, match=r"permission denied \(gRPC code 7, HTTP 403\)$"):
             await store.range()
-        assert [where(request) for request in sent] == ["a:1", "a:1"]
+        refused = "etcd at a:1 refused /v3/watch: etcdserver: key is not provided"
+        with pytest.raises(ValueError, match=rf"^{refused} \(gRPC code 3, HTTP 400\)$"):
+            await collect(store, "", 0, count=1)
+        assert [where(request) for request in sent] == ["a:1", "a:1", "a:1"]
 
 
 async def test_failures_move_on_to_the_next_endpoint_and_all_of_them_are_reported(
@@ -453,6 +463,7 @@ async def test_failures_move_on_to_the_next_endpoint_and_all_of_them_are_reporte
     async with scripted(handler, ("a:1", "b:2", "c:3")) as (store, sent):
         assert await store.range() == ([], 4)
         assert store.endpoint == "c:3"
+        assert repr(store) == "<EtcdStore a:1, b:2, c:3, next c:3>"
         assert await store.range() == ([], 4)
         assert [where(request) for request in sent] == ["a:1", "b:2", "c:3", "c:3"]
         healthy.clear()
@@ -539,6 +550,30 @@ async def test_answers_and_watch_lines_are_bounded_in_bytes(autojump_clock: Mock
             await collect(store, "", 0, count=1)
 
 
+def padded(message: object, size: int) -> bytes:
+    """``message`` as JSON, padded with spaces to exactly ``size`` bytes."""
+    text = json.dumps(message).encode()
+    return text + b" " * (size - len(text))
+
+
+async def test_an_answer_and_a_watch_line_exactly_at_their_bounds_are_read(
+    autojump_clock: MockClock,
+) -> None:
+    """The bounds are inclusive; a blank line before the longest line counts for nothing."""
+    event = {"result": {**header(), "events": [{"kv": {"key": b64("k"), "mod_revision": "4"}}]}}
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v3/watch":
+            created = lines({"result": {**header(), "created": True}})
+            longest = padded(event, MAX_WATCH_LINE_BYTES)
+            return httpx.Response(200, content=watch_script(created + b"\n" + longest + b"\n")())
+        return streamed(padded(header(5), MAX_ANSWER_BYTES))
+
+    async with scripted(handler) as (store, _):
+        assert await store.range() == ([], 5)
+        assert await collect(store, "", 3, count=1) == [Change(PUT, "k", b"", 4)]
+
+
 def watch_script(*chunks: bytes, then: str = "end") -> Callable[[], AsyncIterator[bytes]]:
     async def stream() -> AsyncIterator[bytes]:
         for chunk in chunks:
@@ -611,6 +646,15 @@ async def test_a_watch_passes_on_events_only_and_resumes_after_the_last_one(
             "progress_notify": True,
         }
     }
+    assert sent[0].headers["accept-encoding"] == "identity"
+    assert sent[0].headers["content-type"] == "application/json"
+    # Bounded while it starts, but a stream may then be quiet for long: no read timeout.
+    assert sent[0].extensions["timeout"] == {
+        "connect": 2.0,
+        "read": None,
+        "write": 2.0,
+        "pool": 2.0,
+    }
 
 
 @pytest.mark.parametrize(
@@ -647,7 +691,7 @@ async def test_a_watch_passes_on_events_only_and_resumes_after_the_last_one(
                 lines({"result": {**header(), "events": [{"type": "EXPIRE", "kv": {}}]}}),
             ],
             StoreUnavailable,
-            r"an event of type 'EXPIRE'",
+            r"^a:1 answered /v3/watch with what etcd does not send \(.*an event of type 'EXPIRE'",
         ),
         (
             [lines({"result": {**header(), "created": True}})],
@@ -708,8 +752,9 @@ async def test_a_last_line_without_a_newline_is_read(autojump_clock: MockClock) 
     async with scripted(handler) as (store, _):
         changes = store.watch("", 3)
         assert await changes.__anext__() == (Change(PUT, "k", b"", 4),)
-        with pytest.raises(StoreUnavailable, match=r"^a:1 ended the watch stream$"):
+        with pytest.raises(StoreUnavailable, match=r"^a:1 ended the watch stream$") as caught:
             await changes.__anext__()
+        assert caught.value.endpoint == "a:1"
 
 
 async def test_a_watch_starts_on_the_next_endpoint_when_one_refuses_to(
@@ -737,6 +782,23 @@ async def test_a_watch_starts_on_the_next_endpoint_when_one_refuses_to(
         assert store.endpoint == "c:3"
 
 
+async def test_a_watch_no_endpoint_starts_says_why_for_each(autojump_clock: MockClock) -> None:
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if where(request) == "a:1":
+            raise httpx.ConnectError("[Errno 111] Connection refused")
+        await trio.sleep_forever()
+        raise AssertionError("never answers")  # pragma: no cover
+
+    async with scripted(handler, ("a:1", "b:2"), timeout=2.0) as (store, _):
+        with pytest.raises(StoreUnavailable) as caught:
+            await collect(store, "", 3, count=1)
+    assert str(caught.value) == (
+        "no etcd endpoint started the watch: a:1: [Errno 111] Connection refused; "
+        "b:2 did not start the watch within 2 s"
+    )
+    assert caught.value.endpoint == "b:2"
+
+
 async def test_a_silent_watch_makes_sure_of_its_member(autojump_clock: MockClock) -> None:
     """Silent for watch_idle (10 s): a count of the prefix's keys from the same member.
     Two answers, then none within the timeout (2 s): unavailable at 10+10+10+2 = 32 s."""
@@ -760,8 +822,29 @@ async def test_a_silent_watch_makes_sure_of_its_member(autojump_clock: MockClock
     assert str(caught.value) == (
         "a watch heard nothing for 10 s, and b:2 did not answer /v3/kv/range within 2 s"
     )
+    assert caught.value.endpoint == "b:2"
+    cause = caught.value.__cause__
+    assert isinstance(cause, StoreUnavailable)  # the check that failed, as itself
+    assert cause.endpoint == "b:2"
     count = {"key": b64("svc/"), "range_end": b64("svc0"), "count_only": True}
     assert probes == [(10.0, "b:2", count), (20.0, "b:2", count), (30.0, "b:2", count)]
+
+
+async def test_a_watch_slow_to_start_is_not_taken_for_a_silent_one(
+    autojump_clock: MockClock,
+) -> None:
+    """Starting is bounded by the timeout (5 s), not by watch_idle (1 s): no check meanwhile."""
+    event = {"result": {**header(), "events": [{"kv": {"key": b64("k"), "mod_revision": "4"}}]}}
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        assert request.url.path == "/v3/watch", "no check before the watch has started"
+        await trio.sleep(3.0)
+        return httpx.Response(200, content=watch_script(lines(event), then="hang")())
+
+    async with scripted(handler, watch_idle=1.0, timeout=5.0) as (store, sent):
+        assert await collect(store, "", 3, count=1) == [Change(PUT, "k", b"", 4)]
+        assert trio.current_time() == 3.0
+        assert len(sent) == 1
 
 
 async def test_a_consumer_that_does_not_ask_stops_the_reading(autojump_clock: MockClock) -> None:
@@ -782,8 +865,27 @@ async def test_a_consumer_that_does_not_ask_stops_the_reading(autojump_clock: Mo
         changes = store.watch("", 3)
         assert [c.revision for c in await changes.__anext__()] == [4]
         await trio.sleep(100)
-        assert served <= 3
+        assert served == 2  # the batch taken, and the one waiting to be taken
         assert [c.revision for c in await changes.__anext__()] == [5]
+        await changes.aclose()
+        await trio.sleep(1)
+        assert not [name for name in task_names() if "etcd watch" in name]
+
+
+async def test_a_watch_closed_while_its_stream_has_ended_closes_quietly(
+    autojump_clock: MockClock,
+) -> None:
+    """The reader holds how the stream ended, for a consumer that closes the watch instead."""
+    event = {"result": {**header(), "events": [{"kv": {"key": b64("k"), "mod_revision": "4"}}]}}
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=watch_script(lines(event))())
+
+    async with scripted(handler) as (store, _):
+        changes = store.watch("", 3)
+        assert await changes.__anext__() == (Change(PUT, "k", b"", 4),)
+        await trio.sleep(10)  # the stream ended at 1 s: its reader waits to tell
+        assert [name for name in task_names() if "etcd watch" in name]
         await changes.aclose()
         await trio.sleep(1)
         assert not [name for name in task_names() if "etcd watch" in name]
@@ -803,9 +905,9 @@ async def test_a_closed_store_refuses_and_its_watches_end(autojump_clock: MockCl
     assert repr(store) == "<EtcdStore a:1, next a:1, closed>"
     with pytest.raises(trio.ClosedResourceError, match=r"^the etcd store is closed$"):
         await changes.__anext__()
-    with pytest.raises(trio.ClosedResourceError):
+    with pytest.raises(trio.ClosedResourceError, match=r"^the etcd store is closed$"):
         await store.range()
-    with pytest.raises(trio.ClosedResourceError):
+    with pytest.raises(trio.ClosedResourceError, match=r"^the etcd store is closed$"):
         await collect(store, "", 0, count=1)
 
 
@@ -880,3 +982,70 @@ async def test_a_send_that_fails_while_sending_the_body_leaves_nothing_to_finali
             await store.put("k", b"v")
         del sent[:]
     gc.collect()
+
+
+async def test_a_request_cancelled_mid_answer_still_closes_its_connection(
+    autojump_clock: MockClock,
+) -> None:
+    """Closing a connection takes a checkpoint (as a socket's does): the caller's cancel
+    must not stop it, or the connection stays open and httpx's generators suspended."""
+    closed = trio.Event()
+
+    class Connection(httpx.AsyncByteStream):
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            yield b'{"header": '
+            await closed.wait()  # then the socket reports it was closed
+
+        async def aclose(self) -> None:
+            await trio.lowlevel.checkpoint()
+            closed.set()
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, stream=Connection())
+
+    async with scripted(handler, timeout=2.0) as (store, _):
+        with trio.move_on_after(1.0):
+            await store.range()
+        assert closed.is_set()
+        assert trio.current_time() == 1.0
+
+
+async def test_failed_calls_leave_no_cycle_to_keep_the_store_alive(
+    autojump_clock: MockClock,
+) -> None:
+    async def refused(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("[Errno 111] Connection refused")
+
+    gc.collect()
+    gc.disable()
+    try:
+        async with scripted(refused, ("a:1", "b:2")) as (store, _):
+            for _ in range(3):
+                with pytest.raises(StoreUnavailable, match=r"^no etcd endpoint answered"):
+                    await store.range("x/")
+            ref = weakref.ref(store)
+        del store
+        assert ref() is None  # freed at once, without a collection
+    finally:
+        gc.enable()
+
+
+async def test_a_thousand_requests_at_once_wait_their_turn_and_none_times_out(
+    autojump_clock: MockClock,
+) -> None:
+    """Requests beyond MAX_REQUESTS wait for a turn before their deadline starts: a burst
+    of them (a thousand registrations renewing together) all succeed, none times out."""
+    in_flight: list[int] = [0, 0]  # now, most
+
+    async def slow(request: httpx.Request) -> httpx.Response:
+        in_flight[0] += 1
+        in_flight[1] = max(in_flight)
+        await trio.sleep(1.0)
+        in_flight[0] -= 1
+        return reply({**header(), "kvs": []})
+
+    async with scripted(slow, timeout=2.0) as (store, _), trio.open_nursery() as nursery:
+        for _ in range(1000):
+            nursery.start_soon(store.range, "x/")
+    assert in_flight[1] == MAX_REQUESTS
+    assert trio.current_time() == math.ceil(1000 / MAX_REQUESTS) * 1.0

@@ -79,7 +79,13 @@ from ._etcd_json import (
 from ._groups import open_background
 from ._leases import Change, Entry
 
-__all__ = ["MAX_ANSWER_BYTES", "MAX_WATCH_LINE_BYTES", "EtcdStore", "open_etcd_store"]
+__all__ = [
+    "MAX_ANSWER_BYTES",
+    "MAX_REQUESTS",
+    "MAX_WATCH_LINE_BYTES",
+    "EtcdStore",
+    "open_etcd_store",
+]
 
 _T = TypeVar("_T")
 #: What a watch's reader task hands over: a response's changes (none for
@@ -90,6 +96,11 @@ _WatchMessage: TypeAlias = tuple[str, tuple[Change, ...]] | Exception
 MAX_ANSWER_BYTES: Final = 16 * 1024 * 1024
 #: The longest line of a watch stream (one watch response), in bytes.
 MAX_WATCH_LINE_BYTES: Final = 4 * 1024 * 1024
+#: Requests (other than watches) in flight at once on one store; the others wait their
+#: turn, and each one's ``timeout`` runs from when it goes out. Unbounded, a thousand
+#: registrations renewing together queue inside httpx's pool of connections, where the
+#: wait counts against their deadlines: they time out, retry, and queue again.
+MAX_REQUESTS: Final = 32
 _HEADERS: Final = {"accept-encoding": "identity", "content-type": "application/json"}
 
 
@@ -225,6 +236,7 @@ class EtcdStore:
         self._watch_idle = watch_idle
         self._current = 0
         self._closed = False
+        self._requests = trio.CapacityLimiter(MAX_REQUESTS)
 
     def __repr__(self) -> str:
         state = ", closed" if self._closed else ""
@@ -308,18 +320,18 @@ class EtcdStore:
     ) -> tuple[str, _T]:
         """``attempt`` on each endpoint in turn, from the current one, until one does not
         raise :exc:`StoreUnavailable`: that endpoint (now the current one), and its result."""
-        failures: list[StoreUnavailable] = []
+        reasons: list[str] = []  # not the exceptions: their tracebacks hold this frame
         for step in range(len(self._endpoints)):
             index = (self._current + step) % len(self._endpoints)
             try:
                 result = await attempt(self._endpoints[index])
             except StoreUnavailable as exc:
-                failures.append(exc)
+                reasons.append(str(exc))
                 continue
             self._current = index
             return self._endpoints[index], result
-        reasons = "; ".join(str(failure) for failure in failures)
-        raise StoreUnavailable(f"no etcd endpoint {what}: {reasons}", failures[-1].endpoint)
+        last = self._endpoints[(self._current - 1) % len(self._endpoints)]
+        raise StoreUnavailable(f"no etcd endpoint {what}: {'; '.join(reasons)}", last)
 
     async def _call(
         self,
@@ -332,10 +344,11 @@ class EtcdStore:
         if self._closed:
             raise trio.ClosedResourceError("the etcd store is closed")
         content = json.dumps(body).encode()
-        _, result = await self._any_endpoint(
-            lambda endpoint: self._call_at(endpoint, path, content, parse, lease_missing),
-            "answered",
-        )
+        async with self._requests:
+            _, result = await self._any_endpoint(
+                lambda endpoint: self._call_at(endpoint, path, content, parse, lease_missing),
+                "answered",
+            )
         return result
 
     async def _call_at(
