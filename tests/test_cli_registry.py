@@ -82,13 +82,17 @@ def test_malformed_etcd_urls_are_usage_errors(text: str, service: bool, message:
         (["serve", "--advertise", "a:1"], "--service, --advertise and --publish-peers need"),
         (["serve", "--publish-peers", "w"], "--service, --advertise and --publish-peers need"),
         (
+            ["serve", "--register", "etcd://a:1", "--service", "e", "--publish-peers", "e"],
+            "--publish-peers needs a service of its own",
+        ),
+        (
             ["serve", "--register", "etcd://a:1", "--service", "e", "--publish-peers", "w/x"],
             "--register: service must be printable, without '/'",
         ),
         (["serve", "--register", "etcd://a:1", "--service", "e", "--ttl", "0.5"], "--ttl must be"),
         (
             ["serve", "--register", "etcd://a:1", "--service", "e", "--ttl", "1e10"],
-            "--ttl must be 1 to 9e+09 s, not 1e+10",
+            "--ttl must be 1 to 9000000000 s, not 10000000000.0",
         ),
         (
             ["serve", "--register", "etcd://a:1", "--service", "e", "--host", "0.0.0.0"],

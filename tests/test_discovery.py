@@ -40,7 +40,7 @@ from trio_heartbeat._discovery import (
     DiscoveryStale,
     open_discovery,
 )
-from trio_heartbeat._errors import StoreUnavailable
+from trio_heartbeat._errors import StoreUnavailable, WatchCompacted
 from trio_heartbeat._instances import (
     Instance,
     InstanceAdded,
@@ -496,7 +496,10 @@ async def test_readers_and_waiters_are_let_go_when_the_block_ends(
             assert await anext(changes) == InstanceAdded(A, 2)
         with pytest.raises(StopAsyncIteration):
             await anext(changes)
-        assert await anext(endpoints) == A.address  # the last set, still there
+        with pytest.raises(StopAsyncIteration):  # nothing after the block: not the last set
+            await anext(endpoints)
+        with pytest.raises(trio.ClosedResourceError, match=r"^this discovery has ended$"):
+            await discovery.wait_for()  # even though an instance was live at the end
         await store.delete(A.key)
         let_go: list[tuple[str, float]] = []
 
@@ -560,3 +563,49 @@ async def test_a_not_serving_record_is_listed_but_never_dialled(autojump_clock: 
             pytest.fail("a NOT_SERVING instance was given to dial")  # pragma: no cover
         await register(store, B)
         assert await anext(endpoints) == B.address
+
+
+class SlowRanges(FaultyStore):
+    """Each range's answer takes half a second to arrive (a store under load)."""
+
+    async def range(self, prefix: str = "") -> tuple[list[Entry], int]:
+        answer = await super().range(prefix)
+        await trio.sleep(0.5)
+        return answer
+
+
+async def test_writes_during_a_check_are_no_history_started_again(
+    autojump_clock: MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The watch moves past the revision a slow check read at: that is the store going on,
+    not going back, and the watch is kept."""
+    async with open_memory_store() as memory:
+        store = SlowRanges(memory)
+        async with open_discovery(store, "echo", check_interval=1.0) as discovery:
+            for n in range(40):  # a write every 0.1 s, throughout the checks
+                await memory.put(A.key, Instance("echo", "a", f"h:{n + 1}").encode())
+                await trio.sleep(0.1)
+            assert discovery.instances == {"a": Instance("echo", "a", "h:40")}
+        assert store.times("watch") == [0.5]  # never torn down and started again
+        assert not [r for r in caplog.records if "went back" in r.getMessage()]
+
+
+class CompactedAtOnce(FaultyStore):
+    """Every watch fails at once as compacted (a store gone wrong, or a hostile one)."""
+
+    async def watch(self, prefix: str, after: int) -> AsyncGenerator[tuple[Change, ...], None]:
+        await trio.lowlevel.checkpoint()
+        if after >= 0:  # always: an async generator that yields nothing
+            raise WatchCompacted(after)
+        yield ()  # pragma: no cover
+
+
+async def test_watches_compacted_at_once_are_retried_on_the_backoff_not_in_a_spin(
+    autojump_clock: MockClock,
+) -> None:
+    async with open_memory_store() as memory:
+        store = CompactedAtOnce(memory)
+        async with open_discovery(store, "echo", backoff=[0.5, 1.0], check_interval=2.0):
+            await trio.sleep(10.0)
+        # a read at 0; then each compacted watch waits the backoff: 0.5, 1.0, then 2.0 each
+        assert store.times("range") == [0.0, 0.5, 1.5, 3.5, 5.5, 7.5, 9.5]

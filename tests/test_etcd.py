@@ -1037,15 +1037,49 @@ async def test_a_thousand_requests_at_once_wait_their_turn_and_none_times_out(
     of them (a thousand registrations renewing together) all succeed, none times out."""
     in_flight: list[int] = [0, 0]  # now, most
 
-    async def slow(request: httpx.Request) -> httpx.Response:
+    async def prompt(request: httpx.Request) -> httpx.Response:
         in_flight[0] += 1
         in_flight[1] = max(in_flight)
-        await trio.sleep(1.0)
+        await trio.sleep(0.05)
         in_flight[0] -= 1
         return reply({**header(), "kvs": []})
 
-    async with scripted(slow, timeout=2.0) as (store, _), trio.open_nursery() as nursery:
+    async with scripted(prompt, timeout=2.0) as (store, _), trio.open_nursery() as nursery:
         for _ in range(1000):
             nursery.start_soon(store.range, "x/")
     assert in_flight[1] == MAX_REQUESTS
-    assert trio.current_time() == math.ceil(1000 / MAX_REQUESTS) * 1.0
+    assert trio.current_time() == pytest.approx(math.ceil(1000 / MAX_REQUESTS) * 0.05)
+
+
+async def test_the_wait_for_a_turn_is_bounded_by_the_timeout_too(
+    autojump_clock: MockClock,
+) -> None:
+    """etcd frozen, and more callers than turns: those in flight fail at the timeout, and
+    those still waiting for a turn fail then too, not a timeout later (a registration must
+    learn of an outage on time)."""
+
+    async def frozen(request: httpx.Request) -> httpx.Response:
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    failed: list[tuple[float, str]] = []
+
+    async def call(store: EtcdStore) -> None:
+        try:
+            await store.range("x/")
+        except StoreUnavailable as exc:
+            failed.append((trio.current_time(), str(exc)))
+
+    async with scripted(frozen, timeout=2.0) as (store, _), trio.open_nursery() as nursery:
+        for _ in range(MAX_REQUESTS + 8):
+            nursery.start_soon(call, store)
+    assert [t for t, _ in failed] == [2.0] * (MAX_REQUESTS + 8)
+    waited = [m for _, m in failed if "still under way" in m]
+    assert (
+        waited
+        == [
+            f"{MAX_REQUESTS} requests to etcd were still under way after 2 s (etcd is slow, "
+            "or overloaded)"
+        ]
+        * 8
+    )

@@ -21,7 +21,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from functools import partial
 
 import pytest
@@ -400,3 +400,34 @@ async def test_the_default_backoff_is_full_jitter_from_a_tenth_of_a_second_to_a_
             await trio.sleep(1.0)  # the next retry, at most 1 s later, finds the store back
         nursery.cancel_scope.cancel()
     assert_full_jitter(outages)
+
+
+class TenthSecondPuts(FaultyStore):
+    """Each put takes a tenth of a second (a store a little far away)."""
+
+    async def put(self, key: str, value: bytes, *, lease: int | None = None) -> int:
+        await trio.sleep(0.1)
+        return await super().put(key, value, lease=lease)
+
+
+async def test_a_burst_longer_than_a_renewal_is_written_whole_and_the_lease_kept(
+    autojump_clock: MockClock,
+) -> None:
+    """Forty peers at once take 4 s to write, past the renewals at 1.0, 2.0 and 3.0: the
+    renewals happen on time beside the write, and the write is never cut short (every
+    peer is published, with no later change needed to finish)."""
+    async with open_memory_store() as memory, open_memory_network() as network:
+        store = TenthSecondPuts(memory)
+        host = network.listen("hub:1", idle)
+        assert host.server is not None
+        publish = partial(publish_peers, ttl=3.0, min_interval=0.0)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(publish, host.server.registry, store, "workers")
+            async with AsyncExitStack() as peers:
+                for n in range(40):
+                    await peers.enter_async_context(peer(network, f"w{n}"))
+                await trio.sleep(10.0)
+                assert len(await published(memory)) == 40
+                assert store.times("keepalive")[:3] == [1.0, 2.0, 3.0]
+                assert store.times("grant") == [0.0]  # the lease never ran out
+            nursery.cancel_scope.cancel()

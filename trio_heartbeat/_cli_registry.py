@@ -115,7 +115,12 @@ def check_registration(args: argparse.Namespace) -> None:
     if args.service is None:
         raise UsageError("--register needs --service NAME")
     if not MIN_TTL <= args.ttl <= MAX_TTL:
-        raise UsageError(f"--ttl must be {MIN_TTL:g} to {MAX_TTL:g} s, not {args.ttl:g}")
+        raise UsageError(f"--ttl must be {MIN_TTL:g} to {MAX_TTL:.0f} s, not {args.ttl!r}")
+    if args.publish_peers is not None and args.publish_peers == args.service:
+        raise UsageError(
+            "--publish-peers needs a service of its own: a peer with this server's id "
+            "would take its record over"
+        )
     if args.advertise is None and args.host in _WILDCARDS:
         shown = args.host or "''"
         raise UsageError(f"--register with --host {shown} needs --advertise HOST:PORT")

@@ -102,6 +102,7 @@ class Discovery:
         "_changed",
         "_check_interval",
         "_closed",
+        "_delivered",
         "_history",
         "_live",
         "_prefix",
@@ -136,6 +137,7 @@ class Discovery:
         self._watch_scope: trio.CancelScope | None = None
         self._watch_error: Exception | None = None
         self._closed = False  # the block has ended: readers and waiters are let go
+        self._delivered = False  # the last watch gave at least one batch
         #: Since when the set has been stale (``trio.current_time()``), or ``None``.
         self.stale_since: float | None = None
         #: Why it is stale, or ``""``.
@@ -172,11 +174,12 @@ class Discovery:
         live); return the instances. :exc:`trio.ClosedResourceError` once the
         discovery's block has ended."""
         await trio.lowlevel.checkpoint()
-        while not predicate(instances := self.instances):
+        while True:
             if self._closed:
                 raise trio.ClosedResourceError("this discovery has ended")
+            if predicate(instances := self.instances):
+                return instances
             await self._changed.wait()
-        return instances
 
     def changes(self, *, initial: bool = False) -> AsyncIterator[DiscoveryNotice]:
         """Every notice from now on, in order; with ``initial``, an :class:`InstanceAdded`
@@ -200,6 +203,7 @@ class Discovery:
     async def _follow(self, *, task_status: trio.TaskStatus[None]) -> NoReturn:
         started = False
         delays = iter(self._backoff)
+        compactions = iter(self._backoff)  # paces watches compacted before they gave anything
         while True:
             try:
                 try:
@@ -214,17 +218,23 @@ class Discovery:
                 await self._watch()
             except WatchCompacted as exc:
                 logger.info("%s: watch compacted (%s); reading again", self._prefix, exc)
+                if self._delivered:
+                    compactions = iter(self._backoff)
+                else:  # compacted at once, again: a store gone wrong; no spinning on it
+                    await trio.sleep(next(compactions, self._check_interval))
             except STORE_FAILURES as exc:
                 self._now_stale(str(exc))
                 await trio.sleep(next(delays, self._check_interval))
 
     async def _watch(self) -> None:
         self._watch_error = None
+        self._delivered = False
         try:
             with trio.CancelScope() as self._watch_scope:
                 watch = self._store.watch(self._prefix, self._live.revision)
                 async with aclosing(watch) as batches:
                     async for batch in batches:
+                        self._delivered = True
                         self._publish(self._live.apply(batch))
         finally:
             self._watch_scope = None
@@ -241,6 +251,7 @@ class Discovery:
             scope = self._watch_scope
             if scope is None:
                 continue
+            before = self._live.revision  # the watch may move past the read meanwhile
             try:
                 _, revision = await self._store.range(self._prefix)
             except STORE_FAILURES as exc:
@@ -248,12 +259,12 @@ class Discovery:
                     self._watch_error = exc
                     scope.cancel()
                 continue
-            if revision < self._live.revision and scope is self._watch_scope:
+            if revision < before and scope is self._watch_scope:
                 logger.warning(
                     "%s: the store's revision went back from %d to %d (its history started "
                     "again); reading it afresh",
                     self._prefix,
-                    self._live.revision,
+                    before,
                     revision,
                 )
                 scope.cancel()  # the watch ends; the loop reads the range again

@@ -97,9 +97,10 @@ MAX_ANSWER_BYTES: Final = 16 * 1024 * 1024
 #: The longest line of a watch stream (one watch response), in bytes.
 MAX_WATCH_LINE_BYTES: Final = 4 * 1024 * 1024
 #: Requests (other than watches) in flight at once on one store; the others wait their
-#: turn, and each one's ``timeout`` runs from when it goes out. Unbounded, a thousand
-#: registrations renewing together queue inside httpx's pool of connections, where the
-#: wait counts against their deadlines: they time out, retry, and queue again.
+#: turn, at most ``timeout`` (then StoreUnavailable), and each one's ``timeout`` runs
+#: from when it goes out. Unbounded, a thousand registrations renewing together queue
+#: inside httpx's pool of connections, where the wait counts against their deadlines:
+#: they time out, retry, and queue again.
 MAX_REQUESTS: Final = 32
 _HEADERS: Final = {"accept-encoding": "identity", "content-type": "application/json"}
 
@@ -344,11 +345,23 @@ class EtcdStore:
         if self._closed:
             raise trio.ClosedResourceError("the etcd store is closed")
         content = json.dumps(body).encode()
-        async with self._requests:
+        acquired = False
+        with trio.move_on_after(self._timeout):  # the wait for a turn is bounded too
+            await self._requests.acquire()
+            acquired = True
+        if not acquired:
+            raise StoreUnavailable(
+                f"{MAX_REQUESTS} requests to etcd were still under way after "
+                f"{self._timeout:g} s (etcd is slow, or overloaded)",
+                self.endpoint,
+            )
+        try:
             _, result = await self._any_endpoint(
                 lambda endpoint: self._call_at(endpoint, path, content, parse, lease_missing),
                 "answered",
             )
+        finally:
+            self._requests.release()
         return result
 
     async def _call_at(

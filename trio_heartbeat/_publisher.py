@@ -36,6 +36,7 @@ import trio
 
 from ._backoff import FullJitterBackoff
 from ._frames import HealthStatus
+from ._groups import open_background
 from ._instances import DEFAULT_REGISTRY_PREFIX, Instance, instance_key, service_prefix
 from ._kv import STORE_FAILURES, KeyValueStore
 from ._registry import LivenessRegistry
@@ -147,7 +148,8 @@ class _Publisher:
         self.ttl = ttl
         self.min_interval = min_interval
         self.lease: int | None = None
-        self.written: dict[str, bytes] = {}  # what the store holds under the lease
+        #: What the store holds under the lease, by key (``None``: a request under way).
+        self.written: dict[str, bytes | None] = {}
         self.version = -1  # the registry's version that was written
         self.renew_at = math.inf
 
@@ -163,34 +165,45 @@ class _Publisher:
         self.renew_at = trio.current_time() + self.ttl / 3
 
     async def write(self) -> None:
-        """Put what changed and delete who left."""
+        """Put what changed and delete who left. A key is marked unsure (``None``) before
+        its request goes out and written only once answered: a put or delete cut short
+        (cancelled, failed) is done again at the next write, never forgotten."""
         assert self.lease is not None
         self.version = self.registry.version  # a change from now on is written again
         wanted = peer_records(self.registry, self.service, self.prefix)
         for key in [key for key in self.written if key not in wanted]:
+            self.written[key] = None
             await self.store.delete(key)
             del self.written[key]
         for key, value in wanted.items():
-            if self.written.get(key) != value:
+            if self.written.get(key, b"") != value:
+                self.written[key] = None
                 await self.store.put(key, value, lease=self.lease)
                 self.written[key] = value
 
     async def follow(self) -> None:
-        """Write at each change (a burst at a time), renew on time; return when the lease
+        """Write at each change (a burst at a time) and renew on time, each in a task of
+        its own, so that neither holds up or cuts short the other; return when the lease
         is gone."""
+        async with open_background() as nursery:
+            nursery.start_soon(self._write_at_each_change)
+            while True:
+                await trio.sleep_until(self.renew_at)
+                assert self.lease is not None
+                if await self.store.keepalive(self.lease) is None:
+                    logger.warning(
+                        "%s: the peers' lease ran out; publishing them again", self.service
+                    )
+                    self.lease = None
+                    return  # the writer is cancelled with the block
+                self.renew_at = trio.current_time() + self.ttl / 3
+
+    async def _write_at_each_change(self) -> NoReturn:
         while True:
-            with trio.move_on_at(self.renew_at):
-                if self.registry.version == self.version:  # no change since: wait for one
-                    await self.registry.wait_changed()
-                await trio.sleep(self.min_interval)
-                await self.write()
-                continue
-            assert self.lease is not None
-            if await self.store.keepalive(self.lease) is None:
-                logger.warning("%s: the peers' lease ran out; publishing them again", self.service)
-                self.lease = None
-                return
-            self.renew_at = trio.current_time() + self.ttl / 3
+            if self.registry.version == self.version:  # no change since: wait for one
+                await self.registry.wait_changed()
+            await trio.sleep(self.min_interval)
+            await self.write()
 
     async def revoke(self, within: float) -> None:
         lease, self.lease = self.lease, None
