@@ -48,7 +48,7 @@ from trio_heartbeat._instances import (
     InstanceRemoved,
     instance_key,
 )
-from trio_heartbeat._leases import Change, Entry
+from trio_heartbeat._leases import Change, ChangeKind, Entry
 from trio_heartbeat._memory_store import MemoryStore, open_memory_store
 
 A = Instance("echo", "a", "127.0.0.1:7400")
@@ -609,3 +609,29 @@ async def test_watches_compacted_at_once_are_retried_on_the_backoff_not_in_a_spi
             await trio.sleep(10.0)
         # a read at 0; then each compacted watch waits the backoff: 0.5, 1.0, then 2.0 each
         assert store.times("range") == [0.0, 0.5, 1.5, 3.5, 5.5, 7.5, 9.5]
+
+
+class CompactedAfterOneBatch(FaultyStore):
+    """The first watch gives one batch and is then compacted; every later one is compacted
+    at once."""
+
+    watches = 0
+
+    async def watch(self, prefix: str, after: int) -> AsyncGenerator[tuple[Change, ...], None]:
+        self.watches += 1
+        await self._enter("watch", after)
+        if self.watches == 1:
+            yield (Change(ChangeKind.PUT, A.key, A.encode(), after + 1),)
+        raise WatchCompacted(after)
+
+
+async def test_a_compaction_after_a_batch_is_read_again_at_once_and_the_next_paced(
+    autojump_clock: MockClock,
+) -> None:
+    async with open_memory_store() as memory:
+        store = CompactedAfterOneBatch(memory)
+        async with open_discovery(store, "echo", backoff=[0.5, 1.0], check_interval=2.0):
+            await trio.sleep(4.0)
+        # the watch that gave a batch is read again at once (0.0); the ones compacted at
+        # once wait the backoff, from its start: 0.5, then 1.0, then check_interval
+        assert store.times("range") == [0.0, 0.0, 0.5, 1.5, 3.5]

@@ -1063,12 +1063,14 @@ async def test_the_wait_for_a_turn_is_bounded_by_the_timeout_too(
         raise AssertionError("unreachable")  # pragma: no cover
 
     failed: list[tuple[float, str]] = []
+    endpoints: set[str] = set()
 
     async def call(store: EtcdStore) -> None:
         try:
             await store.range("x/")
         except StoreUnavailable as exc:
             failed.append((trio.current_time(), str(exc)))
+            endpoints.add(exc.endpoint)
 
     async with scripted(frozen, timeout=2.0) as (store, _), trio.open_nursery() as nursery:
         for _ in range(MAX_REQUESTS + 8):
@@ -1083,3 +1085,4 @@ async def test_the_wait_for_a_turn_is_bounded_by_the_timeout_too(
         ]
         * 8
     )
+    assert endpoints == {"a:1"}  # the store it waited on, in flight or for a turn

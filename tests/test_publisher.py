@@ -41,6 +41,7 @@ from trio_heartbeat import (
     open_memory_store,
     open_stream_connection,
 )
+from trio_heartbeat._errors import StoreUnavailable
 from trio_heartbeat._memory_store import MemoryStore
 from trio_heartbeat._publisher import peer_records, publish_peers
 from trio_heartbeat.testing import MemoryNetwork, open_memory_network
@@ -430,4 +431,36 @@ async def test_a_burst_longer_than_a_renewal_is_written_whole_and_the_lease_kept
                 assert len(await published(memory)) == 40
                 assert store.times("keepalive")[:3] == [1.0, 2.0, 3.0]
                 assert store.times("grant") == [0.0]  # the lease never ran out
+            nursery.cancel_scope.cancel()
+
+
+class AnswerLost(FaultyStore):
+    """The first put is done, but its answer never comes back (StoreUnavailable)."""
+
+    lost = False
+
+    async def put(self, key: str, value: bytes, *, lease: int | None = None) -> int:
+        revision = await super().put(key, value, lease=lease)
+        if not self.lost:
+            self.lost = True
+            raise StoreUnavailable("the answer was lost", "test:1")
+        return revision
+
+
+async def test_a_put_whose_answer_was_lost_is_deleted_when_its_peer_leaves(
+    autojump_clock: MockClock,
+) -> None:
+    """The store did the put but the publisher never heard so: the key is unsure, and a
+    peer that leaves before the retry still has its record deleted (no ghost)."""
+    async with open_memory_store() as memory, open_memory_network() as network:
+        host = network.listen("hub:1", idle)
+        assert host.server is not None
+        publish = partial(publish_peers, ttl=60.0, min_interval=0.0, backoff=[1.0])
+        async with trio.open_nursery() as nursery:
+            await nursery.start(publish, host.server.registry, AnswerLost(memory), "workers")
+            async with peer(network, "w1"):
+                await trio.sleep(0.5)
+                assert sorted(await published(memory)) == ["w1"]  # done, though unheard
+            await trio.sleep(1.0)  # the retry, at 1.0, finds w1 gone: its key is deleted
+            assert await published(memory) == {}
             nursery.cancel_scope.cancel()

@@ -176,7 +176,7 @@ class _Publisher:
             await self.store.delete(key)
             del self.written[key]
         for key, value in wanted.items():
-            if self.written.get(key, b"") != value:
+            if self.written.get(key) != value:
                 self.written[key] = None
                 await self.store.put(key, value, lease=self.lease)
                 self.written[key] = value
