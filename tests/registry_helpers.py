@@ -3,8 +3,9 @@
 :class:`FaultyStore` wraps any :class:`~trio_heartbeat.KeyValueStore` and,
 while ``down``, answers every call with :exc:`StoreUnavailable` (an etcd that
 cannot be reached); while ``frozen``, every call blocks until it is thawed (the
-caller's process hung: nothing it sends arrives). It records each call it
-passes on, with the time, so a test can assert when renewals happened.
+caller's process hung: nothing it sends arrives); with ``put_delay``, each
+put takes that long first. It records each call it passes on, with the time,
+so a test can assert when renewals happened.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ class FaultyStore:
         self.calls: list[tuple[float, str, object]] = []
         #: When each call was tried while the store was down (and refused).
         self.refused: list[float] = []
+        #: How long each put takes before it reaches the store (a store far away).
+        self.put_delay = 0.0
 
     @property
     def frozen(self) -> bool:
@@ -67,6 +70,8 @@ class FaultyStore:
         await self.store.revoke(lease)
 
     async def put(self, key: str, value: bytes, *, lease: int | None = None) -> int:
+        if self.put_delay:
+            await trio.sleep(self.put_delay)
         await self._enter("put", value)
         return await self.store.put(key, value, lease=lease)
 

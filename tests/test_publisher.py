@@ -284,14 +284,6 @@ async def test_a_lease_lost_in_an_outage_is_granted_again_and_all_rewritten(
         ]
 
 
-class SlowPuts(FaultyStore):
-    """Each put takes a second (a store far away)."""
-
-    async def put(self, key: str, value: bytes, *, lease: int | None = None) -> int:
-        await trio.sleep(1.0)
-        return await super().put(key, value, lease=lease)
-
-
 async def test_a_peer_that_arrives_while_others_are_written_is_not_missed(
     autojump_clock: MockClock,
 ) -> None:
@@ -307,7 +299,9 @@ async def test_a_peer_that_arrives_while_others_are_written_is_not_missed(
 
         async with peer(network, "w1"), trio.open_nursery() as nursery:
             nursery.start_soon(second_peer)
-            await nursery.start(publish, host.server.registry, SlowPuts(memory), "workers")
+            store = FaultyStore(memory)
+            store.put_delay = 1.0  # a store far away
+            await nursery.start(publish, host.server.registry, store, "workers")
             assert trio.current_time() == 1.0
             assert sorted(await published(memory)) == ["w1"]
             await trio.sleep(1.5)  # w2 is written at once (by 2.0), not at the next change
@@ -403,14 +397,6 @@ async def test_the_default_backoff_is_full_jitter_from_a_tenth_of_a_second_to_a_
     assert_full_jitter(outages)
 
 
-class TenthSecondPuts(FaultyStore):
-    """Each put takes a tenth of a second (a store a little far away)."""
-
-    async def put(self, key: str, value: bytes, *, lease: int | None = None) -> int:
-        await trio.sleep(0.1)
-        return await super().put(key, value, lease=lease)
-
-
 async def test_a_burst_longer_than_a_renewal_is_written_whole_and_the_lease_kept(
     autojump_clock: MockClock,
 ) -> None:
@@ -418,7 +404,8 @@ async def test_a_burst_longer_than_a_renewal_is_written_whole_and_the_lease_kept
     renewals happen on time beside the write, and the write is never cut short (every
     peer is published, with no later change needed to finish)."""
     async with open_memory_store() as memory, open_memory_network() as network:
-        store = TenthSecondPuts(memory)
+        store = FaultyStore(memory)
+        store.put_delay = 0.1
         host = network.listen("hub:1", idle)
         assert host.server is not None
         publish = partial(publish_peers, ttl=3.0, min_interval=0.0)

@@ -633,20 +633,13 @@ async def test_a_registration_that_failed_runs_again_when_its_supervisor_restart
         assert store.times("grant") == [0.0, 1.25]
 
 
-class SlowPut(FaultyStore):
-    """Each put takes 50 ms (a store far away): the health may change meanwhile."""
-
-    async def put(self, key: str, value: bytes, *, lease: int | None = None) -> int:
-        await trio.sleep(0.05)
-        return await super().put(key, value, lease=lease)
-
-
 @pytest.mark.parametrize("status", [HealthStatus.NOT_SERVING, HealthStatus.DEGRADED])
 async def test_a_health_change_while_the_first_record_is_written_is_not_lost(
     autojump_clock: MockClock, status: HealthStatus
 ) -> None:
     async with open_memory_store() as memory, open_health_monitor() as health:
-        store = SlowPut(memory)
+        store = FaultyStore(memory)
+        store.put_delay = 0.05  # the health may change meanwhile
         async with trio.open_nursery() as nursery:
             registration = Registration(store, A, ttl=9.0, health=health)
             nursery.start_soon(registration.run)
