@@ -590,46 +590,39 @@ async def test_writes_during_a_check_are_no_history_started_again(
         assert not [r for r in caplog.records if "went back" in r.getMessage()]
 
 
-class CompactedAtOnce(FaultyStore):
-    """Every watch fails at once as compacted (a store gone wrong, or a hostile one)."""
+class Compacting(FaultyStore):
+    """Every watch is compacted at once (a store gone wrong, or a hostile one), except the
+    first, which gives one batch first when ``first_batch`` is set."""
+
+    def __init__(self, store: MemoryStore, *, first_batch: bool = False) -> None:
+        super().__init__(store)
+        self.first_batch = first_batch
+        self.watches = 0
 
     async def watch(self, prefix: str, after: int) -> AsyncGenerator[tuple[Change, ...], None]:
-        await trio.lowlevel.checkpoint()
-        if after >= 0:  # always: an async generator that yields nothing
-            raise WatchCompacted(after)
-        yield ()  # pragma: no cover
+        self.watches += 1
+        await self._enter("watch", after)
+        if self.first_batch and self.watches == 1:
+            yield (Change(ChangeKind.PUT, A.key, A.encode(), after + 1),)
+        raise WatchCompacted(after)
 
 
 async def test_watches_compacted_at_once_are_retried_on_the_backoff_not_in_a_spin(
     autojump_clock: MockClock,
 ) -> None:
     async with open_memory_store() as memory:
-        store = CompactedAtOnce(memory)
+        store = Compacting(memory)
         async with open_discovery(store, "echo", backoff=[0.5, 1.0], check_interval=2.0):
             await trio.sleep(10.0)
         # a read at 0; then each compacted watch waits the backoff: 0.5, 1.0, then 2.0 each
         assert store.times("range") == [0.0, 0.5, 1.5, 3.5, 5.5, 7.5, 9.5]
 
 
-class CompactedAfterOneBatch(FaultyStore):
-    """The first watch gives one batch and is then compacted; every later one is compacted
-    at once."""
-
-    watches = 0
-
-    async def watch(self, prefix: str, after: int) -> AsyncGenerator[tuple[Change, ...], None]:
-        self.watches += 1
-        await self._enter("watch", after)
-        if self.watches == 1:
-            yield (Change(ChangeKind.PUT, A.key, A.encode(), after + 1),)
-        raise WatchCompacted(after)
-
-
 async def test_a_compaction_after_a_batch_is_read_again_at_once_and_the_next_paced(
     autojump_clock: MockClock,
 ) -> None:
     async with open_memory_store() as memory:
-        store = CompactedAfterOneBatch(memory)
+        store = Compacting(memory, first_batch=True)
         async with open_discovery(store, "echo", backoff=[0.5, 1.0], check_interval=2.0):
             await trio.sleep(4.0)
         # the watch that gave a batch is read again at once (0.0); the ones compacted at
